@@ -1,0 +1,68 @@
+"""Agent configuration and the defaults that tools, docs and tests share."""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+DEFAULT_CONTROLLER_URL = "http://127.0.0.1:8470"
+DEFAULT_BROKER_URL = "mqtt://127.0.0.1:1884"  # the controller's embedded broker
+DEFAULT_SERVE_ADDRESS = "127.0.0.1:8471"      # the agent's local inference server
+DEFAULT_STATE_DIR = Path("/var/lib/edgefleet-agent")
+
+
+def fleet_home() -> Path:
+    """``$EDGEFLEET_HOME``, else ``~/.edgefleet``."""
+    return Path(os.environ.get("EDGEFLEET_HOME") or Path.home() / ".edgefleet")
+
+
+@dataclass
+class AgentConfig:
+    device_id: str = ""
+    state_dir: Path = DEFAULT_STATE_DIR
+    controller_url: str = DEFAULT_CONTROLLER_URL
+    broker_url: str = DEFAULT_BROKER_URL
+    mqtt_username: str = ""
+    mqtt_password: str = ""
+    device_token: str = ""                  # bearer token for the controller's device API
+    serve: str = DEFAULT_SERVE_ADDRESS      # HOST:PORT, or unix:/path/to/socket
+    intra_op_threads: int = 1               # small shared devices: do not take every core
+    inter_op_threads: int = 1
+    allow_spinning: bool = False            # ORT busy-wait threads burn CPU on shared devices
+    heartbeat_s: float = 30.0
+    download_timeout_s: float = 30.0        # a stalled download is abandoned after this, resumed later
+    max_request_bytes: int = 16 * 1024 * 1024
+    offline_queue_max: int = 1000           # reports kept while the broker is unreachable
+    sample_buffer_bytes: int = 64 * 1024 * 1024
+    hardware_override: dict = field(default_factory=dict)  # simulator / tests: fake profile fields
+
+    @classmethod
+    def load(cls, path: Path) -> "AgentConfig":
+        """Read a TOML file; unknown keys are an error that names the key."""
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"cannot read agent config {path}: {e}") from None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"agent config {path}: unknown key(s) {', '.join(unknown)}")
+        if "state_dir" in data:
+            data["state_dir"] = Path(data["state_dir"])
+        return cls(**data)
+
+    def to_toml(self) -> str:
+        lines = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, dict):
+                continue
+            if isinstance(value, bool):
+                lines.append(f"{f.name} = {'true' if value else 'false'}")
+            elif isinstance(value, (int, float)):
+                lines.append(f"{f.name} = {value}")
+            else:
+                escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+                lines.append(f'{f.name} = "{escaped}"')
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,191 @@
+"""Hardware profiles (what a device is) and requirements (what a variant needs).
+
+Shared by the agent, which probes and reports its profile, the bundle builder,
+which declares each variant's requirements, and the controller, which matches
+the two to pick a variant per device.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8l": "aarch64"}
+
+
+def normalize_arch(arch: str) -> str:
+    arch = arch.lower()
+    return ARCH_ALIASES.get(arch, arch)
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    arch: str
+    cpu_model: str = ""
+    cpu_features: tuple[str, ...] = ()     # normalized: avx2, avx512f, avx512_vnni, neon, dotprod, ...
+    cpu_count: int = 1
+    memory_mb: int = 0
+    os: str = ""
+    device_model: str = ""                 # device tree model, e.g. "Raspberry Pi 4 Model B Rev 1.4"
+    jetson: dict[str, str] = field(default_factory=dict)  # l4t release, module
+    gpu: str = ""
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)  # ORT providers that create a session
+
+    @property
+    def hardware_class(self) -> str:
+        """A coarse grouping used for evidence and stage spreading."""
+        if self.jetson:
+            return f"jetson-{self.jetson.get('module', 'unknown')}".lower().replace(" ", "-")
+        if "raspberry pi" in self.device_model.lower():
+            match = re.search(r"raspberry pi (\d+|zero[ 0-9w]*)", self.device_model.lower())
+            return f"rpi-{match.group(1).replace(' ', '') if match else 'unknown'}"
+        gpu = "-cuda" if "CUDAExecutionProvider" in self.providers else ""
+        return f"{self.arch}{gpu}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["cpu_features"] = list(self.cpu_features)
+        data["providers"] = list(self.providers)
+        data["hardware_class"] = self.hardware_class
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HardwareProfile":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["arch"] = normalize_arch(str(known.get("arch", "unknown")))
+        known["cpu_features"] = tuple(known.get("cpu_features", ()))
+        known["providers"] = tuple(known.get("providers", ("CPUExecutionProvider",)))
+        known["jetson"] = dict(known.get("jetson") or {})
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What a variant needs from a device. Empty fields mean "anything"."""
+
+    arch: tuple[str, ...] = ()             # any of these
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)  # all of these must work
+    cpu_features: tuple[str, ...] = ()     # all of these
+    min_memory_mb: int = 0
+
+    def unmet(self, profile: HardwareProfile) -> list[str]:
+        """Reasons the profile does not meet these requirements (empty when it does)."""
+        reasons = []
+        if self.arch and profile.arch not in self.arch:
+            reasons.append(f"arch {profile.arch} is not one of {', '.join(self.arch)}")
+        missing = [p for p in self.providers if p not in profile.providers]
+        if missing:
+            reasons.append(f"execution provider {', '.join(missing)} not available")
+        features = [f for f in self.cpu_features if f not in profile.cpu_features]
+        if features:
+            reasons.append(f"CPU lacks {', '.join(features)}")
+        if self.min_memory_mb and profile.memory_mb < self.min_memory_mb:
+            reasons.append(f"memory {profile.memory_mb} MB is below {self.min_memory_mb} MB")
+        return reasons
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "arch": list(self.arch),
+            "providers": list(self.providers),
+            "cpu_features": list(self.cpu_features),
+            "min_memory_mb": self.min_memory_mb,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Requirements":
+        return cls(
+            arch=tuple(normalize_arch(a) for a in data.get("arch", ())),
+            providers=tuple(data.get("providers", ("CPUExecutionProvider",))),
+            cpu_features=tuple(data.get("cpu_features", ())),
+            min_memory_mb=int(data.get("min_memory_mb", 0)),
+        )
+
+
+# --- probing ---------------------------------------------------------------
+
+# /proc/cpuinfo flag -> normalized feature name (x86 "flags", Arm "Features").
+_FEATURES = {
+    "avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c",
+    "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512_vnni": "avx512_vnni",
+    "avx_vnni": "avx_vnni", "amx_int8": "amx_int8",
+    "neon": "neon", "asimd": "neon", "asimddp": "dotprod", "asimdhp": "fp16", "i8mm": "i8mm", "sve": "sve",
+}
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(errors="replace").strip("\x00\n ")
+    except OSError:
+        return ""
+
+
+def _cpuinfo() -> tuple[str, tuple[str, ...]]:
+    model, flags = "", set()
+    for line in _read("/proc/cpuinfo").splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "hardware", "cpu model") and not model:
+            model = value.strip()
+        elif key in ("flags", "features"):
+            flags.update(value.split())
+    return model or platform.processor(), tuple(sorted({_FEATURES[f] for f in flags if f in _FEATURES}))
+
+
+def _memory_mb() -> int:
+    for line in _read("/proc/meminfo").splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def _jetson() -> dict[str, str]:
+    release = _read("/etc/nv_tegra_release")
+    if not release:
+        return {}
+    match = re.search(r"R(\d+).*REVISION:\s*([\d.]+)", release)
+    info = {"l4t": f"{match.group(1)}.{match.group(2)}" if match else release.splitlines()[0]}
+    model = _read("/proc/device-tree/model")
+    if model:
+        info["module"] = model.replace("NVIDIA ", "").replace(" Developer Kit", "")
+    return info
+
+
+def working_providers(candidates: list[str] | None = None) -> tuple[str, ...]:
+    """ORT execution providers that actually create a session, not merely listed ones."""
+    import onnxruntime as ort
+
+    from . import _probe_model
+
+    model = _probe_model.tiny_model_bytes()
+    working = []
+    for provider in candidates or ort.get_available_providers():
+        if provider == "AzureExecutionProvider":
+            continue  # a remote-inference shim, never a local device capability
+        try:
+            session = ort.InferenceSession(model, providers=[provider])
+        except Exception:  # noqa: BLE001 - any failure means "not usable here"
+            continue
+        if provider in session.get_providers():
+            working.append(provider)
+    return tuple(working)
+
+
+def probe() -> HardwareProfile:
+    cpu_model, features = _cpuinfo()
+    jetson = _jetson()
+    gpu = jetson.get("module", "") if jetson else ""
+    return HardwareProfile(
+        arch=normalize_arch(platform.machine()),
+        cpu_model=cpu_model,
+        cpu_features=features,
+        cpu_count=os.cpu_count() or 1,
+        memory_mb=_memory_mb(),
+        os=f"{platform.system()} {platform.release()}",
+        device_model=_read("/proc/device-tree/model"),
+        jetson=jetson,
+        gpu=gpu,
+        providers=working_providers(),
+    )

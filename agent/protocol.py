@@ -1,0 +1,472 @@
+"""The wire contract between controller and agents (v1).
+
+Topics, message schemas and their validation, and the custom fields that
+edgefleet puts in TUF targets. The controller imports this module; the agent
+never imports the controller.
+
+Every message is a JSON object with ``"v": 1``. Parsing is strict: unknown
+fields, wrong types, oversized payloads and messages whose ``device`` does not
+match the topic raise :class:`ProtocolError`, and callers drop the message.
+An MQTT message is a hint, never trust: whatever ``desired`` names, the agent
+installs only what TUF metadata signs.
+"""
+from __future__ import annotations
+
+import enum
+import json
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, ClassVar, Self
+
+VERSION = 1
+TOPIC_ROOT = "edgefleet/v1"
+MAX_MESSAGE_BYTES = 64 * 1024  # a larger MQTT payload is dropped unread
+DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the wire contract."""
+
+
+class Channel(str, enum.Enum):
+    DESIRED = "desired"      # controller -> agent, QoS 1, retained
+    REPORTED = "reported"    # agent -> controller, QoS 1, retained
+    EVENTS = "events"        # agent -> controller, QoS 1
+    TELEMETRY = "telemetry"  # agent -> controller, QoS 0/1
+    STATUS = "status"        # agent -> controller, QoS 1, retained; will = offline
+
+
+RETAINED = {Channel.DESIRED, Channel.REPORTED, Channel.STATUS}
+
+
+def topic(device: str, channel: Channel) -> str:
+    check_device_id(device)
+    return f"{TOPIC_ROOT}/{device}/{channel.value}"
+
+
+def subscription(channel: Channel, share_group: str | None = None) -> str:
+    """Wildcard subscription for one channel of every device.
+
+    With ``share_group`` (MQTT 5) replicas split the load: ``$share/GROUP/...``.
+    """
+    pattern = f"{TOPIC_ROOT}/+/{channel.value}"
+    return f"$share/{share_group}/{pattern}" if share_group else pattern
+
+
+def parse_topic(name: str) -> tuple[str, Channel]:
+    parts = name.split("/")
+    if len(parts) != 4 or "/".join(parts[:2]) != TOPIC_ROOT:
+        raise ProtocolError(f"topic {name!r} is not under {TOPIC_ROOT}/DEVICE/CHANNEL")
+    try:
+        channel = Channel(parts[3])
+    except ValueError:
+        raise ProtocolError(f"topic {name!r} names unknown channel {parts[3]!r}") from None
+    return check_device_id(parts[2]), channel
+
+
+def check_device_id(device: str) -> str:
+    if not isinstance(device, str) or not DEVICE_ID.match(device):
+        raise ProtocolError(
+            f"device id {device!r} is invalid: use 1-63 letters, digits, '.', '_' or '-'"
+        )
+    return device
+
+
+class ExecutionState(str, enum.Enum):
+    """Per-device update execution states (AWS IoT Jobs vocabulary where it fits)."""
+
+    QUEUED = "QUEUED"
+    DOWNLOADING = "DOWNLOADING"
+    VERIFYING = "VERIFYING"
+    STAGED = "STAGED"
+    WAITING_WINDOW = "WAITING_WINDOW"  # staged; activation held until the maintenance window
+    ACTIVATING = "ACTIVATING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    ROLLED_BACK = "ROLLED_BACK"
+    REJECTED = "REJECTED"
+    TIMED_OUT = "TIMED_OUT"  # controller-set
+    CANCELED = "CANCELED"    # controller-set
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset(
+    {
+        ExecutionState.SUCCEEDED,
+        ExecutionState.FAILED,
+        ExecutionState.ROLLED_BACK,
+        ExecutionState.REJECTED,
+        ExecutionState.TIMED_OUT,
+        ExecutionState.CANCELED,
+    }
+)
+
+
+# --- schema machinery ------------------------------------------------------
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "dict": (dict,),
+    "list": (list,),
+}
+
+
+def _check_type(cls_name: str, name: str, value: Any, type_name: str) -> None:
+    optional = type_name.endswith("| None")
+    base = type_name.removesuffix("| None").strip()
+    if value is None:
+        if optional:
+            return
+        raise ProtocolError(f"{cls_name}.{name} is required")
+    expected = _JSON_TYPES.get(base.split("[")[0])
+    if expected is None:  # nested message type, validated by its own from_dict
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{cls_name}.{name} must be an object")
+        return
+    if isinstance(value, bool) and bool not in expected:
+        raise ProtocolError(f"{cls_name}.{name} must be {base}, not a boolean")
+    if not isinstance(value, expected):
+        raise ProtocolError(f"{cls_name}.{name} must be {base}, got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of every wire message: strict JSON (de)serialization."""
+
+    NESTED: ClassVar[dict[str, type["Message"]]] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": VERSION, **asdict(self)}
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True).encode()
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Self:
+        if not isinstance(data, dict):
+            raise ProtocolError(f"{cls.__name__} must be a JSON object")
+        data = dict(data)
+        version = data.pop("v", VERSION)
+        if version != VERSION:
+            raise ProtocolError(f"{cls.__name__} has wire version {version!r}; this side speaks {VERSION}")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ProtocolError(f"{cls.__name__} has unknown field(s) {', '.join(unknown)}")
+        values: dict[str, Any] = {}
+        for name, f in known.items():
+            if name not in data:
+                if f.default is not MISSING or f.default_factory is not MISSING:
+                    continue
+                raise ProtocolError(f"{cls.__name__}.{name} is required")
+            value = data[name]
+            _check_type(cls.__name__, name, value, str(f.type))
+            nested = cls.NESTED.get(name)
+            if nested is not None and value is not None:
+                value = nested.from_dict(value)
+            values[name] = value
+        try:
+            message = cls(**values)
+        except TypeError as e:
+            raise ProtocolError(f"{cls.__name__}: {e}") from None
+        message.validate()
+        return message
+
+    @classmethod
+    def from_json(cls, payload: bytes | str) -> Self:
+        if len(payload) > MAX_MESSAGE_BYTES:
+            raise ProtocolError(
+                f"{cls.__name__} payload is {len(payload)} bytes; the limit is {MAX_MESSAGE_BYTES}"
+            )
+        try:
+            data = json.loads(payload)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ProtocolError(f"{cls.__name__} is not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+    def validate(self) -> None:
+        """Cross-field checks; override to add."""
+
+
+def _non_negative(cls: str, **values: int | float | None) -> None:
+    for name, value in values.items():
+        if value is not None and value < 0:
+            raise ProtocolError(f"{cls}.{name} must be >= 0, got {value}")
+
+
+# --- messages --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingPolicy(Message):
+    """How the agent samples production inputs/outputs for retraining."""
+
+    enabled: bool = False
+    rate: float = 0.0                          # fraction of requests kept at random
+    reservoir_per_window: int = 0              # uniform reservoir kept per window
+    window_s: int = 3600
+    low_confidence_below: float | None = None  # keep if top-1 probability < this
+    low_margin_below: float | None = None      # keep if top1 - top2 < this
+    max_per_hour: int = 100
+    max_bytes_per_day: int = 50 * 1024 * 1024
+
+    def validate(self) -> None:
+        if not 0.0 <= self.rate <= 1.0:
+            raise ProtocolError(f"SamplingPolicy.rate must be within 0..1, got {self.rate}")
+        for name in ("low_confidence_below", "low_margin_below"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ProtocolError(f"SamplingPolicy.{name} must be within 0..1, got {value}")
+        if self.window_s <= 0:
+            raise ProtocolError("SamplingPolicy.window_s must be > 0")
+        _non_negative(
+            "SamplingPolicy",
+            reservoir_per_window=self.reservoir_per_window,
+            max_per_hour=self.max_per_hour,
+            max_bytes_per_day=self.max_bytes_per_day,
+        )
+
+
+@dataclass(frozen=True)
+class Gate(Message):
+    """On-device activation gate sent with the desired state."""
+
+    p99_budget_ms: float | None = None   # absolute latency budget
+    max_p99_regression: float = 0.5      # vs. the previous version on this device (0.5 = +50%)
+    bench_seconds: float = 1.0
+    bench_min_queries: int = 20
+
+    def validate(self) -> None:
+        _non_negative(
+            "Gate",
+            p99_budget_ms=self.p99_budget_ms,
+            max_p99_regression=self.max_p99_regression,
+            bench_seconds=self.bench_seconds,
+            bench_min_queries=self.bench_min_queries,
+        )
+
+
+@dataclass(frozen=True)
+class Window(Message):
+    """Maintenance window: activation waits until the cron opens it (device local time)."""
+
+    cron: str
+    duration_s: int
+
+    def validate(self) -> None:
+        if len(self.cron.split()) != 5:
+            raise ProtocolError(f"Window.cron {self.cron!r} must have 5 fields (min hour dom mon dow)")
+        if self.duration_s <= 0:
+            raise ProtocolError("Window.duration_s must be > 0")
+
+
+class Action(str, enum.Enum):
+    INSTALL = "install"    # converge on model/version/variant
+    ROLLBACK = "rollback"  # reactivate the previous slot (cloud-initiated rollback)
+    NONE = "none"          # nothing desired (device unassigned)
+
+
+@dataclass(frozen=True)
+class Desired(Message):
+    """Controller -> agent: what the device should run. Retained, QoS 1."""
+
+    NESTED: ClassVar[dict[str, type[Message]]] = {"sampling": SamplingPolicy, "gate": Gate, "window": Window}
+
+    device: str
+    generation: int                 # increases with every new desired state for this device
+    action: str = Action.INSTALL.value
+    deployment: str | None = None   # rollout/execution id the events refer to
+    model: str | None = None
+    version: str | None = None
+    variant: str | None = None
+    target: str | None = None       # TUF target path of the variant's model file
+    sampling: SamplingPolicy = field(default_factory=SamplingPolicy)
+    gate: Gate = field(default_factory=Gate)
+    window: Window | None = None
+
+    def validate(self) -> None:
+        check_device_id(self.device)
+        _non_negative("Desired", generation=self.generation)
+        try:
+            action = Action(self.action)
+        except ValueError:
+            raise ProtocolError(f"Desired.action {self.action!r} is not one of install, rollback, none") from None
+        if action is Action.INSTALL:
+            for name in ("model", "version", "variant", "target"):
+                if not getattr(self, name):
+                    raise ProtocolError(f"Desired.{name} is required for action install")
+        for name in ("model", "version", "variant"):
+            value = getattr(self, name)
+            if value is not None and not NAME.match(value):
+                raise ProtocolError(f"Desired.{name} {value!r} has characters outside [A-Za-z0-9_.-]")
+
+
+@dataclass(frozen=True)
+class ModelRef(Message):
+    model: str
+    version: str
+    variant: str
+    release: int = 0
+
+
+@dataclass(frozen=True)
+class Reported(Message):
+    """Agent -> controller: what the device runs now. Retained, QoS 1."""
+
+    NESTED: ClassVar[dict[str, type[Message]]] = {"active": ModelRef, "previous": ModelRef}
+
+    device: str
+    boot: int
+    seq: int
+    generation: int                 # generation of the desired state last acted on
+    active: ModelRef | None = None
+    previous: ModelRef | None = None
+    hardware: dict | None = None    # HardwareProfile.to_dict()
+    agent_version: str = ""
+
+    def validate(self) -> None:
+        check_device_id(self.device)
+        _non_negative("Reported", boot=self.boot, seq=self.seq, generation=self.generation)
+
+
+@dataclass(frozen=True)
+class Event(Message):
+    """Agent -> controller: one update-execution transition. QoS 1."""
+
+    device: str
+    boot: int
+    seq: int
+    generation: int
+    state: str
+    deployment: str | None = None
+    model: str | None = None
+    version: str | None = None
+    variant: str | None = None
+    detail: str = ""
+    data: dict = field(default_factory=dict)  # e.g. gate measurements
+    ts: float = 0.0
+
+    def validate(self) -> None:
+        check_device_id(self.device)
+        _non_negative("Event", boot=self.boot, seq=self.seq, generation=self.generation)
+        try:
+            ExecutionState(self.state)
+        except ValueError:
+            raise ProtocolError(f"Event.state {self.state!r} is not an execution state") from None
+        if len(self.detail) > 2000:
+            raise ProtocolError("Event.detail is longer than 2000 characters")
+
+
+class TelemetryKind(str, enum.Enum):
+    HEARTBEAT = "heartbeat"
+    BENCHMARK = "benchmark"
+    COUNTERS = "counters"
+
+
+@dataclass(frozen=True)
+class Telemetry(Message):
+    """Agent -> controller: heartbeat, benchmark result, inference counters."""
+
+    device: str
+    boot: int
+    seq: int
+    kind: str
+    data: dict = field(default_factory=dict)
+    ts: float = 0.0
+
+    def validate(self) -> None:
+        check_device_id(self.device)
+        _non_negative("Telemetry", boot=self.boot, seq=self.seq)
+        try:
+            TelemetryKind(self.kind)
+        except ValueError:
+            raise ProtocolError(f"Telemetry.kind {self.kind!r} is not one of heartbeat, benchmark, counters") from None
+
+
+@dataclass(frozen=True)
+class Status(Message):
+    """Agent -> controller: online/offline. The MQTT will carries online=False
+    with the boot sequence, so a late will cannot mark a fresh session offline."""
+
+    device: str
+    boot: int
+    online: bool
+    ts: float = 0.0
+
+    def validate(self) -> None:
+        check_device_id(self.device)
+        _non_negative("Status", boot=self.boot)
+
+
+SCHEMAS: dict[Channel, type[Message]] = {
+    Channel.DESIRED: Desired,
+    Channel.REPORTED: Reported,
+    Channel.EVENTS: Event,
+    Channel.TELEMETRY: Telemetry,
+    Channel.STATUS: Status,
+}
+
+
+def decode(topic_name: str, payload: bytes) -> tuple[str, Channel, Message]:
+    """Parse and validate one MQTT message; the device in the body must match the topic."""
+    device, channel = parse_topic(topic_name)
+    message = SCHEMAS[channel].from_json(payload)
+    if getattr(message, "device") != device:
+        raise ProtocolError(
+            f"message on {topic_name!r} names device {getattr(message, 'device')!r}; dropped"
+        )
+    return device, channel, message
+
+
+# --- TUF target custom fields ---------------------------------------------
+
+CUSTOM_KEY = "edgefleet"
+
+
+def target_path(model: str, version: str, variant: str, suffix: str = ".onnx") -> str:
+    """TUF target path of one variant's file (model or golden set)."""
+    return f"{model}/{version}/{variant}{suffix}"
+
+
+def golden_path(model: str, version: str, variant: str) -> str:
+    return target_path(model, version, variant, ".golden.npz")
+
+
+@dataclass(frozen=True)
+class TargetInfo(Message):
+    """The ``custom.edgefleet`` object of a model target, signed by the targets role."""
+
+    model: str
+    version: str
+    variant: str
+    release: int                  # per-model counter; an agent never installs a lower one
+    requirements: dict            # hardware.Requirements.to_dict()
+    golden: str                   # TUF target path of the golden set
+    golden_sha256: str            # digest of the golden set file
+    accuracy: dict = field(default_factory=dict)  # top1, agreement, max_abs_diff vs fp32
+    preference: int = 0           # lower is preferred when there is no evidence
+    p99_ms: float | None = None   # latency measured at build time (reference machine)
+
+    def validate(self) -> None:
+        for name in ("model", "version", "variant"):
+            if not NAME.match(getattr(self, name)):
+                raise ProtocolError(f"TargetInfo.{name} {getattr(self, name)!r} is invalid")
+        _non_negative("TargetInfo", release=self.release)
+        if not re.fullmatch(r"[0-9a-f]{64}", self.golden_sha256):
+            raise ProtocolError("TargetInfo.golden_sha256 must be 64 hex digits")
+
+    def to_custom(self) -> dict[str, Any]:
+        return {CUSTOM_KEY: self.to_dict()}
+
+    @classmethod
+    def from_custom(cls, custom: dict[str, Any] | None) -> "TargetInfo":
+        if not custom or CUSTOM_KEY not in custom:
+            raise ProtocolError("target has no edgefleet custom fields")
+        return cls.from_dict(custom[CUSTOM_KEY])

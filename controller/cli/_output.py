@@ -1,0 +1,44 @@
+"""Output formats shared by every noun: human tables by default, ``-o json`` for scripts."""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Sequence
+
+import click
+
+output_option = click.option(
+    "-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True,
+    help="Output format.",
+)
+
+
+def emit(data: Any, output: str, columns: Sequence[str] | None = None) -> None:
+    """Print ``data`` (a dict or a list of dicts) as JSON or as a table of ``columns``."""
+    if output == "json":
+        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+        return
+    rows = data if isinstance(data, list) else [data]
+    if columns is None:
+        columns = list(rows[0]) if rows else []
+    click.echo(table(rows, columns))
+
+
+def table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    line: Callable[[Sequence[str]], str] = lambda values: "  ".join(
+        v.ljust(w) for v, w in zip(values, widths)
+    ).rstrip()
+    return "\n".join([line([c.upper() for c in columns])] + [line(r) for r in cells])
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)

@@ -1,0 +1,74 @@
+"""The artifact store: TUF metadata, targets and uploaded samples.
+
+One narrow interface, two backends: a local directory (default) and S3.
+Keys are '/'-separated relative paths such as ``repository/metadata/timestamp.json``.
+"""
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from ..config import ControllerConfig
+from ..errors import NotFound, Unavailable  # noqa: F401  (re-exported for backends)
+
+REPOSITORY_PREFIX = "repository"
+SAMPLES_PREFIX = "samples"
+
+
+class ArtifactStore(abc.ABC):
+    @abc.abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Write atomically: readers see the old object or the whole new one."""
+
+    @abc.abstractmethod
+    def put_file(self, key: str, path: Path) -> None: ...
+
+    @abc.abstractmethod
+    def get_bytes(self, key: str) -> bytes:
+        """Raise NotFound when absent, Unavailable when the store cannot be reached."""
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    def size(self, key: str) -> int: ...
+
+    @abc.abstractmethod
+    def open_range(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """Stream bytes [start, end] inclusive (HTTP Range semantics)."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str) -> list[str]: ...
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    def download_url(self, key: str) -> str | None:
+        """A URL devices can fetch directly (presigned), or None to stream via the API."""
+        return None
+
+    def download_to(self, key: str, dest: BinaryIO) -> None:
+        for chunk in self.open_range(key):
+            dest.write(chunk)
+
+
+def check_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise NotFound(f"invalid object key {key!r}")
+    return key
+
+
+def open_store(config: ControllerConfig) -> ArtifactStore:
+    if config.store.kind == "local":
+        from .local import LocalStore
+
+        return LocalStore(config.store_path)
+    if config.store.kind == "s3":
+        from .s3 import S3Store
+
+        return S3Store(config.store)
+    from ..errors import InvalidInput
+
+    raise InvalidInput(f"store kind {config.store.kind!r} is unknown: use 'local' or 's3'")
