@@ -1,0 +1,35 @@
+"""The installed layout: namespaced packages, every folder listed, agent extras small."""
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def test_every_package_folder_is_installed_under_edgefleet():
+    mapping = PYPROJECT["tool"]["setuptools"]["package-dir"]
+    listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
+    found = set()
+    for name, folder in mapping.items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(REPO / folder).parts
+            found.add(".".join((name, *rel)))
+    assert found == listed, f"pyproject packages out of date: missing {found - listed}, extra {listed - found}"
+    assert all(p.startswith("edgefleet.") for p in listed)
+
+
+def test_agent_extra_pulls_nothing_of_the_controller():
+    agent = " ".join(PYPROJECT["project"]["optional-dependencies"]["agent"]).lower()
+    for heavy in ("sqlalchemy", "alembic", "boto3", "fastapi", "click", "onnx>"):
+        assert heavy not in agent
+
+
+def test_agent_never_imports_the_controller():
+    offenders = [
+        str(p.relative_to(REPO))
+        for p in (REPO / "agent").rglob("*.py")
+        if "controller" in "".join(
+            line for line in p.read_text().splitlines() if line.lstrip().startswith(("import ", "from "))
+        )
+    ]
+    assert offenders == []
