@@ -1,0 +1,167 @@
+"""The database: engine, unit of work, and schema version (Alembic) control.
+
+Data functions take a Session; only :meth:`Database.unit_of_work` opens, commits
+and rolls back, and it is the one place database exceptions become the
+controller's errors (Unavailable, Conflict).
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+import sqlalchemy as sa
+from sqlalchemy import event, exc
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..errors import Conflict, InvalidInput, Unavailable
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000   # writers wait this long for the single SQLite write lock
+CONNECT_TIMEOUT_S = 5             # PostgreSQL: fail fast when the server is down
+VERSION_TABLE = "alembic_version"
+
+
+def normalize_url(url: str) -> str:
+    """Plain ``postgresql://`` (and ``postgres://``) URLs use psycopg 3."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def migrations_dir() -> Path:
+    from edgefleet import migrations
+
+    return Path(migrations.__file__).resolve().parent
+
+
+def _first_line(error: BaseException) -> str:
+    original = getattr(error, "orig", None) or error
+    text = str(original).strip().splitlines()
+    return text[0] if text else type(original).__name__
+
+
+class Database:
+    def __init__(self, url: str, echo: bool = False):
+        self.url = normalize_url(url)
+        try:
+            parsed = make_url(self.url)
+        except exc.ArgumentError as e:
+            raise InvalidInput(f"database URL {url!r} is not valid: use sqlite:///PATH or postgresql://…") from e
+        self.dialect = parsed.get_backend_name()
+        if self.dialect == "sqlite":
+            self.engine = self._sqlite_engine(parsed, echo)
+        elif self.dialect == "postgresql":
+            self.engine = sa.create_engine(
+                self.url, echo=echo, pool_pre_ping=True,
+                connect_args={"connect_timeout": CONNECT_TIMEOUT_S},
+            )
+        else:
+            raise InvalidInput(f"database {self.dialect!r} is not supported: use SQLite or PostgreSQL")
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @staticmethod
+    def _sqlite_engine(parsed: sa.URL, echo: bool) -> sa.Engine:
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(parsed, echo=echo, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection, _record) -> None:
+            # SQLAlchemy emits BEGIN itself (below), so pysqlite must not.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: sa.Connection) -> None:
+            # IMMEDIATE takes the write lock up front: a read-then-write unit then
+            # waits its turn (busy timeout) instead of failing on lock upgrade.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+
+    def __repr__(self) -> str:
+        return f"Database({make_url(self.url).render_as_string(hide_password=True)!r})"
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    @contextlib.contextmanager
+    def unit_of_work(self) -> Iterator[Session]:
+        """A Session in one transaction: committed on success, rolled back on any error."""
+        with translate_errors():
+            with self._sessions() as session, session.begin():
+                yield session
+
+    @contextlib.contextmanager
+    def connect(self) -> Iterator[sa.Connection]:
+        """A Core connection in one transaction (for bulk statements and locks)."""
+        with translate_errors():
+            with self.engine.begin() as connection:
+                yield connection
+
+    # --- schema version -------------------------------------------------
+
+    def _alembic_config(self, connection: sa.Connection | None = None):
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", str(migrations_dir()))
+        config.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        config.attributes["connection"] = connection
+        return config
+
+    def current_revision(self) -> str | None:
+        from alembic.runtime.migration import MigrationContext
+
+        with translate_errors(), self.engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+
+    def head_revision(self) -> str:
+        from alembic.script import ScriptDirectory
+
+        head = ScriptDirectory.from_config(self._alembic_config()).get_current_head()
+        assert head is not None, "migrations/versions holds no revision"
+        return head
+
+    def check_schema(self) -> None:
+        """Refuse to run on a schema other than the code's newest revision."""
+        current, head = self.current_revision(), self.head_revision()
+        if current != head:
+            raise Unavailable(
+                f"database schema is at {current or 'nothing (empty database)'}, code needs {head}: "
+                "run `fleetctl db upgrade`"
+            )
+
+    def upgrade(self, revision: str = "head") -> None:
+        self._migrate("upgrade", revision)
+
+    def downgrade(self, revision: str) -> None:
+        self._migrate("downgrade", revision)
+
+    def _migrate(self, direction: str, revision: str) -> None:
+        from alembic import command
+        from alembic.util import CommandError
+
+        with translate_errors(), self.engine.begin() as connection:
+            try:
+                getattr(command, direction)(self._alembic_config(connection), revision)
+            except CommandError as e:
+                raise InvalidInput(f"cannot {direction} to {revision!r}: {_first_line(e)}") from e
+
+
+@contextlib.contextmanager
+def translate_errors() -> Iterator[None]:
+    """Database exceptions -> the controller's error tree, one line each."""
+    try:
+        yield
+    except exc.IntegrityError as e:
+        raise Conflict(f"conflicts with existing data: {_first_line(e)}") from e
+    except (exc.OperationalError, exc.InterfaceError, exc.DisconnectionError, exc.TimeoutError) as e:
+        raise Unavailable(f"database unreachable: {_first_line(e)}") from e
