@@ -149,11 +149,28 @@ class Database:
         from alembic import command
         from alembic.util import CommandError
 
-        with translate_errors(), self.engine.begin() as connection:
+        with translate_errors(), self.engine.connect() as connection:
+            # SQLite batch migrations copy and drop tables; with foreign keys on, the
+            # drop would cascade into children. The pragma only works outside a transaction.
+            self._sqlite_foreign_keys(connection, False)
             try:
-                getattr(command, direction)(self._alembic_config(connection), revision)
+                with connection.begin():
+                    getattr(command, direction)(self._alembic_config(connection), revision)
+                    self._sqlite_check_foreign_keys(connection)
             except CommandError as e:
                 raise InvalidInput(f"cannot {direction} to {revision!r}: {_first_line(e)}") from e
+            finally:
+                self._sqlite_foreign_keys(connection, True)
+
+    def _sqlite_foreign_keys(self, connection: sa.Connection, on: bool) -> None:
+        if self.dialect == "sqlite":
+            connection.connection.driver_connection.execute(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}")
+
+    def _sqlite_check_foreign_keys(self, connection: sa.Connection) -> None:
+        if self.dialect == "sqlite":
+            broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                raise Conflict(f"migration left {len(broken)} row(s) with dangling foreign keys, e.g. {broken[0]}")
 
 
 @contextlib.contextmanager
