@@ -1,0 +1,349 @@
+"""Installed model versions on disk, switched atomically.
+
+Layout under ``state_dir``::
+
+    slots/<name>/model.onnx, golden.npz, meta.json   one installed, verified version
+    slots/.staging/<name>/                           downloads in progress
+    slots/pointer.json                               {"active": name, "previous": name}
+    journal.json                                     the update step in progress
+    releases.json                                    highest release ever activated per model
+
+A slot directory appears under ``slots/`` only by an atomic rename of a fully
+written, fsynced staging directory, and the pointer only ever names such
+directories; so a crash at any instant leaves the pointer naming a complete,
+verified version. Every write is temp + fsync + ``os.replace`` + fsync(dir).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+from .errors import AgentError, StorageError
+from .protocol import Desired, ModelRef, ProtocolError, TargetInfo
+from .state import LOOP_LIMIT, State
+
+MODEL_FILE = "model.onnx"
+GOLDEN_FILE = "golden.npz"
+META_FILE = "meta.json"
+STAGING = ".staging"
+MAX_META_BYTES = 1024 * 1024  # our own files, still bounded before parsing
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+Writer = Callable[[BinaryIO, bytes], Any]
+
+
+def storage_error(e: OSError, what: str) -> StorageError:
+    """Translate a failed write into the agent's error, one line."""
+    if e.errno in _DISK_FULL:
+        return StorageError(f"disk full while writing {what}: free space on the device and retry")
+    return StorageError(f"cannot write {what}: {e.strerror or e}")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, writer: Writer | None = None) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            (writer or type(f).write)(f, data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise storage_error(e, str(path)) from e
+
+
+def read_json(path: Path) -> Any | None:
+    """Our own small JSON files; missing or unreadable means absent."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_META_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    if len(data) > MAX_META_BYTES:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
+
+
+def slot_name(ref: ModelRef) -> str:
+    """Deterministic slot name: re-running a step writes the same place."""
+    # '+' is outside the protocol's name alphabet, so the name is unambiguous.
+    return f"{ref.model}+{ref.version}+{ref.variant}+r{ref.release}"
+
+
+@dataclass(frozen=True)
+class SlotMeta:
+    """meta.json of an installed slot."""
+
+    ref: ModelRef
+    target: TargetInfo
+    model_sha256: str
+    installed: float
+    p99_ms: float | None = None   # measured by the gate on this device
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "ref": self.ref.to_dict(),
+                "target": self.target.to_dict(),
+                "model_sha256": self.model_sha256,
+                "installed": self.installed,
+                "p99_ms": self.p99_ms,
+            },
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SlotMeta":
+        return cls(
+            ref=ModelRef.from_dict(data["ref"]),
+            target=TargetInfo.from_dict(data["target"]),
+            model_sha256=str(data["model_sha256"]),
+            installed=float(data["installed"]),
+            p99_ms=None if data.get("p99_ms") is None else float(data["p99_ms"]),
+        )
+
+
+@dataclass(frozen=True)
+class Slot:
+    name: str
+    path: Path
+    meta: SlotMeta
+
+    @property
+    def model(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @property
+    def golden(self) -> Path:
+        return self.path / GOLDEN_FILE
+
+
+@dataclass(frozen=True)
+class Pointer:
+    active: str | None = None
+    previous: str | None = None
+
+
+@dataclass
+class Journal:
+    """The update execution in progress, saved before each step acts."""
+
+    desired: Desired
+    state: State
+    slot: str | None = None
+    detail: str = ""
+    entries: dict[str, int] = field(default_factory=dict)  # loop guard: times each state was entered
+
+    @property
+    def generation(self) -> int:
+        return self.desired.generation
+
+    def enter(self, state: State, detail: str = "") -> bool:
+        """Move to ``state``; False when the loop guard trips."""
+        self.state, self.detail = state, detail
+        self.entries[state.value] = self.entries.get(state.value, 0) + 1
+        return self.entries[state.value] <= LOOP_LIMIT
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "desired": self.desired.to_dict(),
+                "state": self.state.value,
+                "slot": self.slot,
+                "detail": self.detail,
+                "entries": self.entries,
+            },
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Journal":
+        return cls(
+            desired=Desired.from_dict(data["desired"]),
+            state=State(data["state"]),
+            slot=data.get("slot"),
+            detail=str(data.get("detail", "")),
+            entries={str(k): int(v) for k, v in dict(data.get("entries", {})).items()},
+        )
+
+
+class Slots:
+    """The slots of one agent state directory."""
+
+    def __init__(self, state_dir: Path, writer: Writer | None = None) -> None:
+        self.state_dir = Path(state_dir)
+        self.root = self.state_dir / "slots"
+        self.staging_root = self.root / STAGING
+        self._writer = writer
+        try:
+            self.staging_root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise storage_error(e, str(self.staging_root)) from e
+
+    def _write(self, path: Path, data: bytes) -> None:
+        atomic_write(path, data, self._writer)
+
+    # --- pointer ----------------------------------------------------------
+
+    def pointer(self) -> Pointer:
+        data = read_json(self.root / "pointer.json") or {}
+        return Pointer(active=data.get("active"), previous=data.get("previous"))
+
+    def _set_pointer(self, pointer: Pointer) -> None:
+        body = json.dumps({"active": pointer.active, "previous": pointer.previous}).encode()
+        self._write(self.root / "pointer.json", body)
+
+    def get(self, name: str | None) -> Slot | None:
+        """An installed slot, or None when absent or its metadata is unreadable."""
+        if not name:
+            return None
+        path = self.root / name
+        data = read_json(path / META_FILE)
+        if data is None or not (path / MODEL_FILE).is_file():
+            return None
+        try:
+            return Slot(name, path, SlotMeta.from_dict(data))
+        except (KeyError, TypeError, ValueError, ProtocolError):
+            return None
+
+    def active(self) -> Slot | None:
+        return self.get(self.pointer().active)
+
+    def previous(self) -> Slot | None:
+        return self.get(self.pointer().previous)
+
+    def activate(self, name: str) -> Pointer:
+        """Make an installed slot active; the one it replaces becomes previous."""
+        slot = self.get(name)
+        if slot is None:
+            raise AgentError(f"slot {name} is not installed; run the update again")
+        current = self.pointer()
+        if current.active == name:
+            return current
+        pointer = Pointer(active=name, previous=current.active or current.previous)
+        self._set_pointer(pointer)
+        self._raise_release(slot.meta.ref)
+        return pointer
+
+    def rollback(self) -> Pointer:
+        """Swap active and previous (instant: both are installed and verified)."""
+        current = self.pointer()
+        if self.get(current.previous) is None:
+            raise AgentError("no previous model is installed to roll back to")
+        pointer = Pointer(active=current.previous, previous=current.active)
+        self._set_pointer(pointer)
+        return pointer
+
+    # --- staging and install ---------------------------------------------
+
+    def staging(self, name: str) -> Path:
+        path = self.staging_root / name
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise storage_error(e, str(path)) from e
+        return path
+
+    def install(self, name: str, meta: SlotMeta) -> Slot:
+        """Turn a verified staging directory into an installed slot (idempotent)."""
+        existing = self.get(name)
+        if existing is not None:
+            shutil.rmtree(self.staging_root / name, ignore_errors=True)
+            return existing
+        staged = self.staging_root / name
+        if not (staged / MODEL_FILE).is_file():
+            raise AgentError(f"staging for {name} is incomplete; download it again")
+        self._write(staged / META_FILE, meta.to_json())
+        try:
+            for child in staged.iterdir():
+                with open(child, "rb") as f:
+                    os.fsync(f.fileno())
+            fsync_dir(staged)
+            target = self.root / name
+            if target.exists():  # an unreadable leftover of an earlier life: replace it
+                shutil.rmtree(target)
+            os.rename(staged, target)
+            fsync_dir(self.root)
+            fsync_dir(self.staging_root)
+        except OSError as e:
+            raise storage_error(e, f"slot {name}") from e
+        slot = self.get(name)
+        assert slot is not None
+        return slot
+
+    def record_p99(self, name: str, p99_ms: float) -> None:
+        slot = self.get(name)
+        if slot is not None:
+            meta = SlotMeta(slot.meta.ref, slot.meta.target, slot.meta.model_sha256, slot.meta.installed, p99_ms)
+            self._write(slot.path / META_FILE, meta.to_json())
+
+    def discard(self, name: str) -> None:
+        """Remove a slot that failed its gate (never the active or previous one)."""
+        pointer = self.pointer()
+        if name in (pointer.active, pointer.previous):
+            return
+        shutil.rmtree(self.root / name, ignore_errors=True)
+        shutil.rmtree(self.staging_root / name, ignore_errors=True)
+
+    def gc(self, keep_staging: str | None = None) -> list[str]:
+        """Remove slots that are neither active nor previous, and stale staging dirs."""
+        pointer = self.pointer()
+        keep = {pointer.active, pointer.previous, STAGING}
+        removed = []
+        for child in self.root.iterdir():
+            if child.is_dir() and child.name not in keep:
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child.name)
+            elif child.is_file() and child.name.startswith("."):  # temp of an interrupted write
+                child.unlink(missing_ok=True)
+        for child in self.staging_root.iterdir():
+            if child.name != keep_staging:
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+                removed.append(f"{STAGING}/{child.name}")
+        return removed
+
+    # --- release high-water mark -----------------------------------------
+
+    def highest_release(self, model: str) -> int:
+        data = read_json(self.state_dir / "releases.json") or {}
+        value = data.get(model, 0)
+        return value if isinstance(value, int) else 0
+
+    def _raise_release(self, ref: ModelRef) -> None:
+        data = read_json(self.state_dir / "releases.json") or {}
+        if ref.release > data.get(ref.model, 0):
+            data[ref.model] = ref.release
+            self._write(self.state_dir / "releases.json", json.dumps(data, sort_keys=True).encode())
+
+    # --- journal ----------------------------------------------------------
+
+    def journal(self) -> Journal | None:
+        data = read_json(self.state_dir / "journal.json")
+        if data is None:
+            return None
+        try:
+            return Journal.from_dict(data)
+        except (KeyError, TypeError, ValueError, ProtocolError):
+            return None
+
+    def save_journal(self, journal: Journal) -> None:
+        self._write(self.state_dir / "journal.json", journal.to_json())

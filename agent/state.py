@@ -1,0 +1,139 @@
+"""Named update states and the transition table: the one place that decides
+the next state. No I/O.
+
+Modelled on Mender's client: each state is a tiny handler (in reconcile.py)
+that does its work and posts one :class:`Outcome`; :func:`next_state` looks the
+pair up in :data:`TRANSITIONS`. The state is journalled before its handler
+acts, so a crash or power cut resumes it, and a loop guard stops a state that
+keeps being re-entered (a model that crashes the process on load, say).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from .protocol import Action, Desired, ExecutionState, ModelRef
+
+
+class State(str, enum.Enum):
+    """Where one update execution is. Non-terminal states have a handler."""
+
+    DOWNLOAD = "download"        # TUF refresh + resumable download into staging
+    VERIFY = "verify"            # staged bytes match the signed metadata; release not lower
+    STAGE = "stage"              # staged directory becomes an installed slot
+    WAIT_WINDOW = "wait_window"  # installed; activation held for the maintenance window
+    ACTIVATE = "activate"        # new session beside the old one, gate, swap, commit
+    ROLLBACK = "rollback"        # operator/controller asked for the previous slot
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
+    REJECTED = "rejected"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+    @property
+    def reported(self) -> ExecutionState:
+        """The wire state announced when this state is entered."""
+        return _REPORTED[self]
+
+
+class Outcome(str, enum.Enum):
+    """What a handler posts when it is done."""
+
+    DONE = "done"                    # step finished; go on
+    RETRY = "retry"                  # transport trouble; stay, try again after a backoff
+    WINDOW_CLOSED = "window_closed"  # activation must wait for the maintenance window
+    FAILED = "failed"                # the remote sent something unusable, or the disk is full
+    REJECTED = "rejected"            # this device cannot run the variant
+    GATE_FAILED = "gate_failed"      # the model loaded but failed its golden set or benchmark
+
+
+_TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.ROLLED_BACK, State.REJECTED})
+
+_REPORTED = {
+    State.DOWNLOAD: ExecutionState.DOWNLOADING,
+    State.VERIFY: ExecutionState.VERIFYING,
+    State.STAGE: ExecutionState.STAGED,
+    State.WAIT_WINDOW: ExecutionState.WAITING_WINDOW,
+    State.ACTIVATE: ExecutionState.ACTIVATING,
+    State.ROLLBACK: ExecutionState.ACTIVATING,
+    State.SUCCEEDED: ExecutionState.SUCCEEDED,
+    State.FAILED: ExecutionState.FAILED,
+    State.ROLLED_BACK: ExecutionState.ROLLED_BACK,
+    State.REJECTED: ExecutionState.REJECTED,
+}
+
+TRANSITIONS: dict[tuple[State, Outcome], State] = {
+    (State.DOWNLOAD, Outcome.DONE): State.VERIFY,
+    (State.DOWNLOAD, Outcome.RETRY): State.DOWNLOAD,
+    (State.DOWNLOAD, Outcome.FAILED): State.FAILED,
+    (State.DOWNLOAD, Outcome.REJECTED): State.REJECTED,
+    (State.VERIFY, Outcome.DONE): State.STAGE,
+    (State.VERIFY, Outcome.RETRY): State.DOWNLOAD,  # staged bytes gone or corrupt: fetch again
+    (State.VERIFY, Outcome.FAILED): State.FAILED,
+    (State.STAGE, Outcome.DONE): State.ACTIVATE,
+    (State.STAGE, Outcome.WINDOW_CLOSED): State.WAIT_WINDOW,
+    (State.STAGE, Outcome.FAILED): State.FAILED,
+    (State.WAIT_WINDOW, Outcome.DONE): State.ACTIVATE,
+    (State.WAIT_WINDOW, Outcome.WINDOW_CLOSED): State.WAIT_WINDOW,
+    (State.ACTIVATE, Outcome.DONE): State.SUCCEEDED,
+    (State.ACTIVATE, Outcome.RETRY): State.VERIFY,  # the installed slot vanished: re-check from staging
+    (State.ACTIVATE, Outcome.GATE_FAILED): State.ROLLED_BACK,
+    (State.ACTIVATE, Outcome.FAILED): State.FAILED,
+    (State.ROLLBACK, Outcome.DONE): State.ROLLED_BACK,
+    (State.ROLLBACK, Outcome.FAILED): State.FAILED,
+}
+
+# A state entered this many times for one execution (across restarts) fails it.
+LOOP_LIMIT = 5
+
+
+class TransitionError(RuntimeError):
+    """A handler posted an outcome the table does not allow (a programming error)."""
+
+
+def next_state(state: State, outcome: Outcome) -> State:
+    try:
+        return TRANSITIONS[(state, outcome)]
+    except KeyError:
+        raise TransitionError(f"no transition from {state.value} on {outcome.value}") from None
+
+
+def same_model(ref: ModelRef | None, desired: Desired) -> bool:
+    """Does ``ref`` run what ``desired`` installs (release aside)?"""
+    return ref is not None and (ref.model, ref.version, ref.variant) == (
+        desired.model,
+        desired.version,
+        desired.variant,
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one reconcile pass should do for a desired state."""
+
+    state: State | None   # first state of a new execution; None = nothing to do
+    converged: bool       # already running what is desired (report only)
+
+
+def plan(desired: Desired | None, active: ModelRef | None, finished_generation: int | None) -> Plan:
+    """Level-triggered comparison of desired and actual state.
+
+    ``finished_generation`` is the generation whose execution already reached a
+    terminal state: a failed or rejected generation is not retried until the
+    controller sends a new one.
+    """
+    if desired is None:
+        return Plan(None, True)
+    action = Action(desired.action)
+    if action is Action.NONE:
+        return Plan(None, True)
+    if finished_generation is not None and desired.generation <= finished_generation:
+        return Plan(None, action is Action.INSTALL and same_model(active, desired))
+    if action is Action.ROLLBACK:
+        return Plan(State.ROLLBACK, False)
+    if same_model(active, desired):
+        return Plan(State.SUCCEEDED, True)
+    return Plan(State.DOWNLOAD, False)

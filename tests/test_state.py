@@ -1,0 +1,103 @@
+"""The transition table, the level-triggered plan and the maintenance-window cron."""
+from datetime import datetime
+
+import pytest
+
+from edgefleet.agent.protocol import Desired, ExecutionState, ModelRef, ProtocolError, Window
+from edgefleet.agent.state import (
+    TRANSITIONS,
+    Outcome,
+    State,
+    TransitionError,
+    next_state,
+    plan,
+)
+from edgefleet.agent.window import Cron, is_open
+
+
+def desired(generation=1, action="install", version="1.0.0") -> Desired:
+    return Desired(
+        device="dev-1", generation=generation, action=action, model="digits", version=version,
+        variant="cpu-fp32", target=f"digits/{version}/cpu-fp32.onnx",
+    )
+
+
+def test_happy_path_walks_download_to_succeeded():
+    state, seen = State.DOWNLOAD, []
+    while not state.terminal:
+        seen.append(state.reported)
+        state = next_state(state, Outcome.DONE)
+    assert seen == [ExecutionState.DOWNLOADING, ExecutionState.VERIFYING, ExecutionState.STAGED,
+                    ExecutionState.ACTIVATING]
+    assert state is State.SUCCEEDED
+
+
+@pytest.mark.parametrize(
+    "state,outcome,expected",
+    [
+        (State.DOWNLOAD, Outcome.RETRY, State.DOWNLOAD),
+        (State.DOWNLOAD, Outcome.REJECTED, State.REJECTED),
+        (State.DOWNLOAD, Outcome.FAILED, State.FAILED),
+        (State.VERIFY, Outcome.RETRY, State.DOWNLOAD),
+        (State.STAGE, Outcome.WINDOW_CLOSED, State.WAIT_WINDOW),
+        (State.WAIT_WINDOW, Outcome.WINDOW_CLOSED, State.WAIT_WINDOW),
+        (State.WAIT_WINDOW, Outcome.DONE, State.ACTIVATE),
+        (State.ACTIVATE, Outcome.GATE_FAILED, State.ROLLED_BACK),
+        (State.ROLLBACK, Outcome.DONE, State.ROLLED_BACK),
+    ],
+)
+def test_table(state, outcome, expected):
+    assert next_state(state, outcome) is expected
+
+
+def test_terminal_states_have_no_way_out_and_unknown_pairs_raise():
+    assert not any(s.terminal for s, _ in TRANSITIONS)
+    with pytest.raises(TransitionError, match="no transition from succeeded"):
+        next_state(State.SUCCEEDED, Outcome.DONE)
+    with pytest.raises(TransitionError):
+        next_state(State.VERIFY, Outcome.GATE_FAILED)
+
+
+def test_every_non_terminal_state_is_reachable_and_can_finish():
+    reachable = {State.DOWNLOAD, State.ROLLBACK} | set(TRANSITIONS.values())
+    assert set(State) == reachable
+    for state in State:
+        if not state.terminal:
+            assert any(s is state for s, _ in TRANSITIONS), state
+
+
+def test_plan_is_level_triggered():
+    v1 = ModelRef("digits", "1.0.0", "cpu-fp32", 1)
+    assert plan(None, v1, None).state is None
+    assert plan(desired(), None, None).state is State.DOWNLOAD
+    # already running it: the execution is immediately done
+    assert plan(desired(), v1, None) .state is State.SUCCEEDED
+    assert plan(desired(version="2.0.0"), v1, None).state is State.DOWNLOAD
+    # a finished generation (failed, say) is not retried until a newer one arrives
+    assert plan(desired(generation=3, version="2.0.0"), v1, 3).state is None
+    assert plan(desired(generation=4, version="2.0.0"), v1, 3).state is State.DOWNLOAD
+    assert plan(desired(generation=5, action="rollback"), v1, 4).state is State.ROLLBACK
+    assert plan(Desired(device="dev-1", generation=6, action="none"), v1, 5).state is None
+
+
+def test_cron_fields():
+    cron = Cron.parse("*/15 2-4 * * 1-5")
+    assert cron.matches(datetime(2026, 11, 23, 3, 30))      # Monday 03:30
+    assert not cron.matches(datetime(2026, 11, 22, 3, 30))  # Sunday
+    assert not cron.matches(datetime(2026, 11, 23, 3, 31))
+    sunday = Cron.parse("0 0 * * 7")
+    assert sunday.matches(datetime(2026, 11, 22, 0, 0))
+    both = Cron.parse("0 0 1 * 1")  # the 1st OR a Monday, as Vixie cron does
+    assert both.matches(datetime(2026, 11, 23, 0, 0)) and both.matches(datetime(2026, 12, 1, 0, 0))
+    for bad in ("* * *", "61 * * * *", "a * * * *", "*/0 * * * *"):
+        with pytest.raises(ProtocolError):
+            Cron.parse(bad)
+
+
+def test_window_open_for_its_duration():
+    window = Window(cron="0 2 * * *", duration_s=3600)
+    assert is_open(window, datetime(2026, 11, 23, 2, 0))
+    assert is_open(window, datetime(2026, 11, 23, 2, 59, 30))
+    assert not is_open(window, datetime(2026, 11, 23, 3, 1))
+    assert not is_open(window, datetime(2026, 11, 23, 1, 59))
+    assert is_open(None)
