@@ -1,0 +1,430 @@
+"""The rollout planner: pure decisions, no I/O.
+
+Given a spec and plain views of devices, variants, evidence and stage
+observations, it decides stage membership, the variant per device (and why),
+the gate verdicts of a stage, and the next rollout state (the one transition
+table). The engine reads the database, calls these, and writes the results.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+from edgefleet.agent.hardware import HardwareProfile, Requirements
+from edgefleet.agent.protocol import ExecutionState
+
+from ..db.models import RolloutState, Verdict
+from ..errors import Conflict
+from .selector import Selector
+from .spec import RolloutSpec, percent
+
+# Device-set terminal states that count against the new version (TIMED_OUT: it never proved healthy).
+FAILURE_STATES = frozenset(
+    {ExecutionState.FAILED, ExecutionState.ROLLED_BACK, ExecutionState.REJECTED, ExecutionState.TIMED_OUT}
+)
+
+
+# --- inputs ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    id: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    hardware: Mapping[str, Any] = field(default_factory=dict)   # HardwareProfile.to_dict()
+    hardware_class: str = "unknown"
+    online: bool = False
+    model: str | None = None      # what it runs now (reported)
+    version: str | None = None
+    variant: str | None = None
+
+    @property
+    def profile(self) -> HardwareProfile:
+        return HardwareProfile.from_dict(dict(self.hardware) or {"arch": "unknown"})
+
+
+@dataclass(frozen=True)
+class VariantView:
+    """One signed variant of the version being rolled out (a TUF target)."""
+
+    variant: str
+    target: str
+    requirements: Mapping[str, Any] = field(default_factory=dict)
+    preference: int = 0
+    accuracy: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def within_accuracy_bound(self) -> bool:
+        """The bundle records the drop and, when it set one, the bound it was built against."""
+        drop, bound = self.accuracy.get("top1_drop"), self.accuracy.get("max_top1_drop")
+        if self.accuracy.get("within_bound") is False:
+            return False
+        return drop is None or bound is None or float(drop) <= float(bound)
+
+
+@dataclass(frozen=True)
+class VariantChoice:
+    device: str
+    hardware_class: str
+    variant: str | None     # None: no variant fits
+    target: str | None
+    reason: str
+
+
+# --- selection and stage membership -------------------------------------------
+
+
+def select(selector: str, devices: Iterable[DeviceView]) -> list[DeviceView]:
+    parsed = Selector.parse(selector)
+    return [d for d in devices if parsed.matches(d.labels, {**d.hardware, "hardware_class": d.hardware_class})]
+
+
+def stable_rank(rollout_id: str, device_id: str) -> str:
+    """A device's place in a rollout: stable across restarts, different per rollout."""
+    return hashlib.sha256(f"{rollout_id}\0{device_id}".encode()).hexdigest()
+
+
+def spread_order(rollout_id: str, devices: Sequence[DeviceView]) -> list[DeviceView]:
+    """Devices of one hardware class in rollout order, alternating between label groups
+    so that early stages see every site/environment, not the first one hashed."""
+    groups: dict[tuple, list[DeviceView]] = defaultdict(list)
+    for device in devices:
+        groups[tuple(sorted(device.labels.items()))].append(device)
+    queues = [sorted(g, key=lambda d: stable_rank(rollout_id, d.id)) for g in groups.values()]
+    queues.sort(key=lambda q: stable_rank(rollout_id, q[0].id))
+    ordered: list[DeviceView] = []
+    while any(queues):
+        for queue in queues:
+            if queue:
+                ordered.append(queue.pop(0))
+    return ordered
+
+
+def stage_quota(total: int, stages: Sequence[float], min_per_stage: int) -> list[int]:
+    """Cumulative devices of one class through each stage: the stage share, but at least
+    ``min_per_stage`` more than the previous stage while devices remain."""
+    quota, done = [], 0
+    for share in stages:
+        done = min(total, max(math.ceil(share * total - 1e-9), done + min_per_stage))
+        quota.append(done)
+    quota[-1] = total
+    return quota
+
+
+def by_class(devices: Iterable[DeviceView]) -> dict[str, list[DeviceView]]:
+    classes: dict[str, list[DeviceView]] = defaultdict(list)
+    for device in devices:
+        classes[device.hardware_class].append(device)
+    return dict(sorted(classes.items()))
+
+
+def stage_members(
+    rollout_id: str, spec: RolloutSpec, devices: Sequence[DeviceView], stage: int, started: Iterable[str] = ()
+) -> list[DeviceView]:
+    """Devices (not yet started) that join through ``stage``: per class, in rollout order,
+    until the class's cumulative quota counts the devices already started too."""
+    started = set(started)
+    members: list[DeviceView] = []
+    for devices_of_class in by_class(devices).values():
+        quota = stage_quota(len(devices_of_class), spec.stages, spec.min_devices_per_stage)[stage]
+        have = sum(1 for d in devices_of_class if d.id in started)
+        for device in spread_order(rollout_id, devices_of_class):
+            if have >= quota:
+                break
+            if device.id not in started:
+                members.append(device)
+                have += 1
+    return members
+
+
+# --- variant choice --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Measured on-device latency of one variant on one hardware class."""
+
+    hardware_class: str
+    variant: str
+    p99_ms: float
+    devices: int = 1
+
+
+def choose_variant(
+    device: DeviceView,
+    variants: Sequence[VariantView],
+    evidence: Iterable[Evidence] = (),
+    bad: Iterable[tuple[str, str]] = (),
+) -> VariantChoice:
+    """Among the variants the device can run (requirements met, within the accuracy bound,
+    not marked bad for its class), the lowest measured p99 on its class; without
+    evidence, the declared preference order."""
+    bad = set(bad)
+    profile = device.profile
+    cls = device.hardware_class
+    fitting, refused = [], []
+    for v in sorted(variants, key=lambda v: (v.preference, v.variant)):
+        unmet = Requirements.from_dict(dict(v.requirements)).unmet(profile)
+        if (v.variant, cls) in bad:
+            refused.append(f"{v.variant}: marked bad on {cls}")
+        elif unmet:
+            refused.append(f"{v.variant}: {'; '.join(unmet)}")
+        elif not v.within_accuracy_bound:
+            refused.append(f"{v.variant}: outside the accuracy bound")
+        else:
+            fitting.append(v)
+    if not fitting:
+        why = " | ".join(refused) if refused else "the version has no variants"
+        return VariantChoice(device.id, cls, None, None, f"no variant fits: {why}")
+    measured = {e.variant: e for e in evidence if e.hardware_class == cls}
+    timed = sorted((measured[v.variant].p99_ms, v.preference, v.variant, v) for v in fitting if v.variant in measured)
+    if timed:
+        best = timed[0][3]
+        others = ", ".join(f"{name} {p99:.3g} ms" for p99, _, name, _ in timed[1:])
+        reason = f"lowest measured p99 on {cls}: {timed[0][0]:.3g} ms over {measured[best.variant].devices} device(s)"
+        return VariantChoice(device.id, cls, best.variant, best.target, reason + (f" (vs {others})" if others else ""))
+    best = fitting[0]
+    rest = ", ".join(v.variant for v in fitting[1:])
+    reason = f"no evidence on {cls} yet; declared preference {best.preference}" + (f" (before {rest})" if rest else "")
+    return VariantChoice(device.id, cls, best.variant, best.target, reason)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stage: int
+    share: float
+    choices: list[VariantChoice]
+
+
+@dataclass(frozen=True)
+class Plan:
+    rollout_id: str
+    stages: list[StagePlan]
+    unfit: list[VariantChoice]       # selected devices no variant fits
+
+    @property
+    def device_count(self) -> int:
+        return sum(len(s.choices) for s in self.stages)
+
+    def to_dict(self) -> dict[str, Any]:
+        def choice(c: VariantChoice) -> dict[str, Any]:
+            return {"device": c.device, "hardware_class": c.hardware_class, "variant": c.variant, "reason": c.reason}
+
+        return {
+            "rollout": self.rollout_id,
+            "stages": [
+                {"stage": s.stage, "share": s.share, "devices": [choice(c) for c in s.choices]} for s in self.stages
+            ],
+            "unfit": [choice(c) for c in self.unfit],
+        }
+
+
+def plan(
+    rollout_id: str,
+    spec: RolloutSpec,
+    devices: Sequence[DeviceView],
+    variants: Sequence[VariantView],
+    evidence: Iterable[Evidence] = (),
+    bad: Iterable[tuple[str, str]] = (),
+) -> Plan:
+    """The whole rollout as it would go now (what --dry-run prints)."""
+    evidence, bad = list(evidence), set(bad)
+    choices = {d.id: choose_variant(d, variants, evidence, bad) for d in devices}
+    fit = [d for d in devices if choices[d.id].variant is not None]
+    started: set[str] = set()
+    stages = []
+    for index, share in enumerate(spec.stages):
+        members = stage_members(rollout_id, spec, fit, index, started)
+        started.update(d.id for d in members)
+        stages.append(StagePlan(index, share, [choices[d.id] for d in members]))
+    unfit = [choices[d.id] for d in devices if choices[d.id].variant is None]
+    return Plan(rollout_id, stages, unfit)
+
+
+# --- gates ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExecutionView:
+    device: str
+    hardware_class: str
+    state: ExecutionState
+
+
+@dataclass(frozen=True)
+class ClassObservation:
+    """What one hardware class showed during a stage."""
+
+    p99_new: Sequence[float] = ()         # on-device benchmark p99 (ms) of the new version
+    p99_previous: Sequence[float] = ()    # same class, the version it replaces
+    requests: int = 0                     # inference counters of the new version
+    errors: int = 0
+    confidence_new: tuple[float, int] = (0.0, 0)       # (mean top-1 confidence, samples)
+    confidence_previous: tuple[float, int] = (0.0, 0)
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    gate: str
+    hardware_class: str | None
+    value: float | None
+    threshold: float
+    verdict: Verdict
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict is not Verdict.FAIL
+
+    def describe(self) -> str:
+        value = "no data" if self.value is None else f"{self.value:.3g}"
+        return f"{self.gate} on {self.hardware_class or 'all'}: {value} (limit {self.threshold:.3g}) {self.verdict.value}"
+
+
+class StageDecision(str, enum.Enum):
+    WAIT = "wait"
+    PASS = "pass"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    decision: StageDecision
+    verdicts: list[GateVerdict]
+    reason: str
+
+
+def _judge(gate: str, cls: str, value: float | None, threshold: float) -> GateVerdict:
+    if value is None:
+        return GateVerdict(gate, cls, None, threshold, Verdict.NO_DATA)
+    return GateVerdict(gate, cls, value, threshold, Verdict.PASS if value <= threshold else Verdict.FAIL)
+
+
+def gate_verdicts(
+    spec: RolloutSpec, executions: Sequence[ExecutionView], observations: Mapping[str, ClassObservation]
+) -> list[GateVerdict]:
+    """Every gate per hardware class present in the stage. A gate without data is
+    NO_DATA (shown, not failing): e.g. no previous version to compare with."""
+    verdicts = []
+    classes = sorted({e.hardware_class for e in executions})
+    for cls in classes:
+        mine = [e for e in executions if e.hardware_class == cls and e.state is not ExecutionState.CANCELED]
+        failed = sum(1 for e in mine if e.state in FAILURE_STATES)
+        verdicts.append(_judge("failure_rate", cls, failed / len(mine) if mine else None, spec.max_failure_rate))
+        seen = observations.get(cls, ClassObservation())
+        regression = None
+        if seen.p99_new and seen.p99_previous:
+            regression = statistics.median(seen.p99_new) / statistics.median(seen.p99_previous) - 1
+        verdicts.append(_judge("p99_regression", cls, regression, spec.max_p99_regression))
+        error_rate = seen.errors / seen.requests if seen.requests else None
+        verdicts.append(_judge("error_rate", cls, error_rate, spec.max_error_rate))
+        shift = None
+        if seen.confidence_new[1] and seen.confidence_previous[1]:
+            shift = abs(seen.confidence_new[0] - seen.confidence_previous[0])
+        verdicts.append(_judge("confidence_shift", cls, shift, spec.max_confidence_shift))
+    return verdicts
+
+
+def decide_stage(
+    spec: RolloutSpec,
+    executions: Sequence[ExecutionView],
+    observations: Mapping[str, ClassObservation],
+    seconds_since_finished: float | None,
+) -> StageOutcome:
+    """WAIT until every device of the stage is terminal and the bake time passed; then
+    PASS or FAIL on the gates. A failure rate that pending devices can no longer bring
+    under the limit fails the stage at once."""
+    pending = [e for e in executions if not e.state.terminal]
+    if pending:
+        early = [
+            v for v in gate_verdicts(spec, executions, {})
+            if v.gate == "failure_rate" and v.verdict is Verdict.FAIL
+        ]
+        if early:
+            return StageOutcome(StageDecision.FAIL, early, "; ".join(v.describe() for v in early))
+        return StageOutcome(StageDecision.WAIT, [], f"{len(pending)} device(s) still updating")
+    if seconds_since_finished is not None and seconds_since_finished < spec.bake_s:
+        left = spec.bake_s - seconds_since_finished
+        return StageOutcome(StageDecision.WAIT, [], f"baking, {left:.0f}s left")
+    verdicts = gate_verdicts(spec, executions, observations)
+    failed = [v for v in verdicts if not v.passed]
+    if failed:
+        return StageOutcome(StageDecision.FAIL, verdicts, "; ".join(v.describe() for v in failed))
+    return StageOutcome(StageDecision.PASS, verdicts, "all gates hold")
+
+
+def failed_classes(verdicts: Iterable[GateVerdict]) -> list[str]:
+    return sorted({v.hardware_class for v in verdicts if not v.passed and v.hardware_class})
+
+
+# --- the rollout state table -------------------------------------------------------
+
+
+class Trigger(str, enum.Enum):
+    START = "start"
+    STAGE_PASSED = "stage-passed"
+    GATE_FAILED = "gate-failed"
+    PAUSE = "pause"
+    RESUME = "resume"
+    PROMOTE = "promote"
+    ABORT = "abort"
+    ROLLBACK = "rollback"
+    SUPERSEDE = "supersede"
+
+
+S = RolloutState
+# (state, trigger) -> next state. STAGE_PASSED/PROMOTE on the last stage end in SUCCEEDED.
+TRANSITIONS: dict[tuple[RolloutState, Trigger], RolloutState] = {
+    (S.PENDING, Trigger.START): S.RUNNING,
+    (S.RUNNING, Trigger.STAGE_PASSED): S.RUNNING,
+    (S.RUNNING, Trigger.GATE_FAILED): S.FAILED,
+    (S.PENDING, Trigger.PAUSE): S.PAUSED,
+    (S.RUNNING, Trigger.PAUSE): S.PAUSED,
+    (S.PAUSED, Trigger.RESUME): S.RUNNING,
+    (S.RUNNING, Trigger.PROMOTE): S.RUNNING,
+    (S.PAUSED, Trigger.PROMOTE): S.PAUSED,
+    (S.PENDING, Trigger.ABORT): S.ABORTED,
+    (S.RUNNING, Trigger.ABORT): S.ABORTED,
+    (S.PAUSED, Trigger.ABORT): S.ABORTED,
+    (S.RUNNING, Trigger.ROLLBACK): S.ROLLED_BACK,
+    (S.PAUSED, Trigger.ROLLBACK): S.ROLLED_BACK,
+    (S.FAILED, Trigger.ROLLBACK): S.ROLLED_BACK,
+    (S.SUCCEEDED, Trigger.ROLLBACK): S.ROLLED_BACK,
+    (S.ABORTED, Trigger.ROLLBACK): S.ROLLED_BACK,
+    (S.PENDING, Trigger.SUPERSEDE): S.SUPERSEDED,
+    (S.RUNNING, Trigger.SUPERSEDE): S.SUPERSEDED,
+    (S.PAUSED, Trigger.SUPERSEDE): S.SUPERSEDED,
+}
+# Where the rollout's devices must go back to their previous version.
+ROLLING_BACK = frozenset({S.FAILED, S.ROLLED_BACK})
+# Where executions are still created and published.
+ACTIVE = frozenset({S.PENDING, S.RUNNING})
+
+
+@dataclass(frozen=True)
+class Step:
+    state: RolloutState
+    stage: int
+    stage_advanced: bool
+
+
+def transition(state: RolloutState, trigger: Trigger, stage: int, stages: int) -> Step:
+    """The next (state, stage), or Conflict naming what is allowed."""
+    target = TRANSITIONS.get((state, trigger))
+    if target is None:
+        allowed = sorted(t.value for (s, t) in TRANSITIONS if s is state and t is not Trigger.STAGE_PASSED)
+        hint = f"allowed: {', '.join(allowed)}" if allowed else "it is finished"
+        raise Conflict(f"rollout is {state.value}; cannot {trigger.value} it ({hint})")
+    if trigger in (Trigger.STAGE_PASSED, Trigger.PROMOTE):
+        if stage + 1 >= stages:
+            return Step(S.SUCCEEDED, stage, False)
+        return Step(target, stage + 1, True)
+    return Step(target, stage, False)
+
+
+def stage_label(spec: RolloutSpec, stage: int) -> str:
+    return f"{stage + 1}/{len(spec.stages)} ({percent(spec.stages[stage])})"
