@@ -25,7 +25,12 @@ class AgentConfig:
     broker_url: str = DEFAULT_BROKER_URL
     mqtt_username: str = ""
     mqtt_password: str = ""
+    mqtt_ca_file: str = ""                  # CA bundle for mqtts:// (empty: the system trust store)
+    reconnect_min_s: float = 0.5            # broker reconnect backoff (exponential, full jitter)
+    reconnect_max_s: float = 60.0
     device_token: str = ""                  # bearer token for the controller's device API
+    metadata_url: str = ""                  # TUF metadata; empty: {controller_url}/repository/metadata/
+    target_base_url: str = ""               # TUF targets; empty: {controller_url}/repository/targets/
     serve: str = DEFAULT_SERVE_ADDRESS      # HOST:PORT, or unix:/path/to/socket
     intra_op_threads: int = 1               # small shared devices: do not take every core
     inter_op_threads: int = 1
@@ -36,6 +41,14 @@ class AgentConfig:
     offline_queue_max: int = 1000           # reports kept while the broker is unreachable
     sample_buffer_bytes: int = 64 * 1024 * 1024
     hardware_override: dict = field(default_factory=dict)  # simulator / tests: fake profile fields
+
+    @property
+    def tuf_metadata_url(self) -> str:
+        return self.metadata_url or f"{self.controller_url.rstrip('/')}/repository/metadata/"
+
+    @property
+    def tuf_target_base_url(self) -> str:
+        return self.target_base_url or f"{self.controller_url.rstrip('/')}/repository/targets/"
 
     @classmethod
     def load(cls, path: Path) -> "AgentConfig":
