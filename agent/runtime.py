@@ -1,0 +1,425 @@
+"""ONNX Runtime sessions for the agent: load, validate inputs, infer, hot-swap.
+
+A swap never fails or drops a request: each request pins the ``LoadedModel``
+it started on (an in-flight counter), new requests take whatever is active
+when they start, and a swapped-out model releases its session the moment its
+last in-flight request finishes. When memory cannot hold two sessions the
+runtime swaps resource-preserving: new requests wait while the old session
+drains and the new one loads.
+"""
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+
+from .config import AgentConfig
+from .errors import ModelError, RequestError
+from .protocol import ModelRef
+
+# ORT element type -> (Open Inference Protocol datatype, numpy dtype)
+_TYPES: dict[str, tuple[str, np.dtype]] = {
+    "tensor(bool)": ("BOOL", np.dtype(np.bool_)),
+    "tensor(uint8)": ("UINT8", np.dtype(np.uint8)),
+    "tensor(uint16)": ("UINT16", np.dtype(np.uint16)),
+    "tensor(uint32)": ("UINT32", np.dtype(np.uint32)),
+    "tensor(uint64)": ("UINT64", np.dtype(np.uint64)),
+    "tensor(int8)": ("INT8", np.dtype(np.int8)),
+    "tensor(int16)": ("INT16", np.dtype(np.int16)),
+    "tensor(int32)": ("INT32", np.dtype(np.int32)),
+    "tensor(int64)": ("INT64", np.dtype(np.int64)),
+    "tensor(float16)": ("FP16", np.dtype(np.float16)),
+    "tensor(float)": ("FP32", np.dtype(np.float32)),
+    "tensor(double)": ("FP64", np.dtype(np.float64)),
+}
+DATATYPES: dict[str, np.dtype] = {name: dtype for name, dtype in _TYPES.values()}
+"""Open Inference Protocol datatype -> numpy dtype, for the tensor types the runtime serves."""
+
+
+class NotServingError(ModelError):
+    """No model is active right now (none loaded yet, or a resource-preserving swap ran long)."""
+
+
+LATENCY_BUCKETS_MS: tuple[float, ...] = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Session settings. Defaults suit a small device shared with other work."""
+
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    allow_spinning: bool = False             # busy-waiting pool threads burn CPU that others need
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    parallel_execution: bool = False         # ORT_PARALLEL only helps graphs with many branches
+    memory_margin_bytes: int = 64 * 1024 * 1024  # free memory kept back when loading beside a session
+    session_memory_factor: float = 2.0       # a session takes about this many times its file size
+    hold_timeout_s: float = 30.0             # longest a request waits out a resource-preserving swap
+
+    @classmethod
+    def from_config(cls, config: AgentConfig, providers: tuple[str, ...] | None = None) -> "RuntimeOptions":
+        return cls(
+            intra_op_threads=config.intra_op_threads,
+            inter_op_threads=config.inter_op_threads,
+            allow_spinning=config.allow_spinning,
+            providers=providers or cls.providers,
+        )
+
+    def session_options(self):  # -> onnxruntime.SessionOptions
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.intra_op_threads
+        so.inter_op_num_threads = self.inter_op_threads
+        so.execution_mode = (
+            ort.ExecutionMode.ORT_PARALLEL if self.parallel_execution else ort.ExecutionMode.ORT_SEQUENTIAL
+        )
+        spin = "1" if self.allow_spinning else "0"
+        so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        so.log_severity_level = 3  # errors only: warnings would flood a device's journal
+        return so
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output: ``None`` in ``shape`` is a dynamic dimension."""
+
+    name: str
+    datatype: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]
+
+    def to_dict(self) -> dict:
+        """Open Inference Protocol tensor metadata (-1 marks a dynamic dimension)."""
+        return {"name": self.name, "datatype": self.datatype, "shape": [-1 if d is None else d for d in self.shape]}
+
+    def check(self, value: np.ndarray) -> None:
+        """Raise RequestError unless ``value`` has this tensor's dtype and a compatible shape."""
+        if value.dtype != self.dtype:
+            got = _DATATYPE_OF.get(value.dtype, str(value.dtype))
+            raise RequestError(f"input {self.name!r} has datatype {got}; the model expects {self.datatype}")
+        if value.ndim != len(self.shape) or any(
+            want is not None and got != want for got, want in zip(value.shape, self.shape)
+        ):
+            raise RequestError(
+                f"input {self.name!r} has shape {list(value.shape)}; the model expects "
+                f"{self.to_dict()['shape']} (-1 = any size)"
+            )
+
+
+_DATATYPE_OF = {dtype: name for name, dtype in DATATYPES.items()}
+
+
+def _spec(arg) -> TensorSpec | None:
+    known = _TYPES.get(arg.type)
+    if known is None:
+        return None  # sequences, maps, strings: not served over the tensor protocol
+    shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in (arg.shape or ()))
+    return TensorSpec(arg.name, known[0], known[1], shape)
+
+
+class LoadedModel:
+    """An ONNX Runtime session plus what the server and gate need to know about it.
+
+    The session is released once the model is retired (swapped out or discarded)
+    and its last in-flight request has finished.
+    """
+
+    def __init__(self, session, path: Path, ref: ModelRef | None, load_ms: float) -> None:
+        self.session = session
+        self.path = path
+        self.ref = ref
+        self.load_ms = load_ms  # untimed-phase figure for the benchmark's cold start
+        self.size_bytes = path.stat().st_size
+        self.provider = session.get_providers()[0]
+        inputs = [_spec(a) for a in session.get_inputs()]
+        if any(spec is None for spec in inputs):
+            bad = [a.name for a, s in zip(session.get_inputs(), inputs) if s is None]
+            raise ModelError(f"model {path.name} has non-tensor input(s) {', '.join(bad)}; only tensor inputs are served")
+        self.inputs: tuple[TensorSpec, ...] = tuple(inputs)  # type: ignore[arg-type]
+        self.outputs: tuple[TensorSpec, ...] = tuple(s for s in map(_spec, session.get_outputs()) if s is not None)
+        self._output_names = [s.name for s in self.outputs]
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self._retired = False
+        self._released = threading.Event()
+
+    @property
+    def name(self) -> str:
+        return self.ref.model if self.ref else self.path.stem
+
+    @property
+    def version(self) -> str:
+        return self.ref.version if self.ref else "1"
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    @property
+    def released(self) -> bool:
+        return self._released.is_set()
+
+    def validate(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        expected = {spec.name: spec for spec in self.inputs}
+        unknown = sorted(set(inputs) - set(expected))
+        if unknown:
+            raise RequestError(f"unknown input(s) {', '.join(unknown)}; the model takes {', '.join(expected)}")
+        missing = [name for name in expected if name not in inputs]
+        if missing:
+            raise RequestError(f"missing input(s) {', '.join(missing)}")
+        checked = {}
+        for name, spec in expected.items():
+            value = inputs[name]
+            if not isinstance(value, np.ndarray):
+                raise RequestError(f"input {name!r} must be a numpy array")
+            spec.check(value)
+            checked[name] = value
+        return checked
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Validate and run on this model's session (no swap protection: use ModelRuntime.infer to serve)."""
+        feed = self.validate(inputs)
+        session = self.session
+        if session is None:
+            raise ModelError(f"model {self.name} {self.version} was released; run it through the active runtime")
+        import onnxruntime as ort
+
+        try:
+            values = session.run(self._output_names, feed)
+        except ort.capi.onnxruntime_pybind11_state.InvalidArgument as e:
+            raise RequestError(f"model {self.name} rejected the input: {_first_line(e)}") from e
+        except Exception as e:  # noqa: BLE001 - ORT raises many unrelated types for one failure
+            raise ModelError(f"model {self.name} {self.version} failed to run: {_first_line(e)}") from e
+        return dict(zip(self._output_names, values))
+
+    def retire(self) -> None:
+        """Release the session once in-flight requests drain (at once if none)."""
+        with self._lock:
+            self._retired = True
+            self._release_if_drained()
+
+    def wait_released(self, timeout: float | None = None) -> bool:
+        return self._released.wait(timeout)
+
+    def _enter(self) -> None:
+        with self._lock:
+            self._inflight += 1
+
+    def _exit(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+            self._release_if_drained()
+
+    def _release_if_drained(self) -> None:
+        if self._retired and self._inflight == 0 and self.session is not None:
+            self.session = None  # the last reference: ORT frees the session's memory here
+            self._released.set()
+
+    def __repr__(self) -> str:
+        return f"<LoadedModel {self.name} {self.version} {self.provider} inflight={self._inflight}>"
+
+
+@dataclass
+class Counters:
+    """Inference counters for telemetry (cumulative since the runtime started)."""
+
+    requests: int = 0   # every request that reached a model, good or bad
+    rejected: int = 0   # bad requests (RequestError)
+    failures: int = 0   # the model failed to run
+    latency_buckets_ms: tuple[float, ...] = LATENCY_BUCKETS_MS
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
+
+    def observe(self, seconds: float) -> None:
+        self.latency_counts[bisect.bisect_left(self.latency_buckets_ms, seconds * 1000.0)] += 1
+
+    def to_dict(self) -> dict:
+        return {
+            "requests": self.requests,
+            "rejected": self.rejected,
+            "failures": self.failures,
+            "latency_buckets_ms": list(self.latency_buckets_ms),  # upper bounds; the last count is +Inf
+            "latency_counts": list(self.latency_counts),
+        }
+
+
+@dataclass(frozen=True)
+class SwapOutcome:
+    loaded: LoadedModel
+    previous: ModelRef | None
+    preserved: bool  # True: requests were held while the old session made room for the new one
+
+
+def available_memory() -> int:
+    """MemAvailable in bytes (0 when unknown, which forces a resource-preserving swap)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class ModelRuntime:
+    def __init__(
+        self, options: RuntimeOptions | None = None, free_memory: Callable[[], int] = available_memory
+    ) -> None:
+        self.options = options or RuntimeOptions()
+        self._free_memory = free_memory
+        self._cond = threading.Condition()
+        self._active: LoadedModel | None = None
+        self._held = False
+        self._counters = Counters()
+        self._counter_lock = threading.Lock()
+
+    @property
+    def active(self) -> LoadedModel | None:
+        return self._active
+
+    def load(self, path: Path, ref: ModelRef | None = None) -> LoadedModel:
+        import onnxruntime as ort
+
+        path = Path(path)
+        available = ort.get_available_providers()
+        providers = [p for p in self.options.providers if p in available] or ["CPUExecutionProvider"]
+        started = time.perf_counter()
+        try:
+            session = ort.InferenceSession(str(path), self.options.session_options(), providers=providers)
+        except Exception as e:  # noqa: BLE001 - ORT raises many unrelated types for one failure
+            raise ModelError(f"cannot load model {path.name}: {_first_line(e)}") from e
+        return LoadedModel(session, path, ref, (time.perf_counter() - started) * 1000.0)
+
+    def swap(self, new: LoadedModel) -> LoadedModel | None:
+        """Make ``new`` active; the old model drains and releases its session. Returns the old one."""
+        with self._cond:
+            old, self._active = self._active, new
+            self._cond.notify_all()
+        if old is not None and old is not new:
+            old.retire()
+        return old
+
+    def fits_beside(self, path: Path) -> bool:
+        """Whether a second session for ``path`` fits in free memory with the configured margin."""
+        need = Path(path).stat().st_size * self.options.session_memory_factor + self.options.memory_margin_bytes
+        return self._free_memory() >= need
+
+    def replace(
+        self, path: Path, ref: ModelRef | None, check: Callable[[LoadedModel], None] | None = None
+    ) -> SwapOutcome:
+        """Load ``path``, run ``check`` on it (raise to refuse), and make it active.
+
+        Loads beside the serving session when memory allows, else swaps
+        resource-preserving. A failed load or check leaves the old model serving.
+        """
+        if self._active is None or self.fits_beside(path):
+            new = self.load(path, ref)
+            try:
+                if check is not None:
+                    check(new)
+            except BaseException:
+                new.retire()
+                raise
+            old = self.swap(new)
+            return SwapOutcome(new, old.ref if old else None, preserved=False)
+        return self.swap_preserving(path, ref, check)
+
+    def swap_preserving(
+        self, path: Path, ref: ModelRef | None, check: Callable[[LoadedModel], None] | None = None
+    ) -> SwapOutcome:
+        """Hold new requests, drain and release the old session, load (and check) the new one, resume.
+
+        If the new model fails to load or its check raises, the old model is
+        loaded again from its file before requests resume, and the error is re-raised.
+        """
+        with self._cond:
+            self._held = True
+            old, self._active = self._active, None
+        try:
+            if old is not None:
+                old.retire()
+                old.wait_released()
+            try:
+                new = self.load(path, ref)
+                if check is not None:
+                    check(new)
+            except BaseException:
+                if old is not None:
+                    self._set_active(self.load(old.path, old.ref))
+                raise
+            self._set_active(new)
+            return SwapOutcome(new, old.ref if old else None, preserved=True)
+        finally:
+            with self._cond:
+                self._held = False
+                self._cond.notify_all()
+
+    def _set_active(self, loaded: LoadedModel) -> None:
+        with self._cond:
+            self._active = loaded
+            self._cond.notify_all()
+
+    def _acquire(self) -> LoadedModel:
+        """Count a request on the active model, waiting out a resource-preserving swap."""
+        with self._cond:
+            if self._held and not self._cond.wait_for(lambda: not self._held, self.options.hold_timeout_s):
+                raise NotServingError("the model is being replaced and did not come back in time; retry")
+            loaded = self._active
+            if loaded is None:
+                raise NotServingError("no model is loaded; wait for the agent to install one")
+            loaded._enter()
+            return loaded
+
+    @contextmanager
+    def pinned(self) -> Iterator[LoadedModel]:
+        """The active model, kept from release until the block ends, however many swaps happen meanwhile."""
+        loaded = self._acquire()
+        try:
+            yield loaded
+        finally:
+            loaded._exit()
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], LoadedModel]:
+        with self.pinned() as loaded:
+            started = time.perf_counter()
+            try:
+                outputs = loaded.run(inputs)
+            except RequestError:
+                self._count(rejected=1)
+                raise
+            except ModelError:
+                self._count(failures=1)
+                raise
+        self._count(seconds=time.perf_counter() - started)
+        return outputs, loaded
+
+    def _count(self, rejected: int = 0, failures: int = 0, seconds: float | None = None) -> None:
+        with self._counter_lock:
+            self._counters.requests += 1
+            self._counters.rejected += rejected
+            self._counters.failures += failures
+            if seconds is not None:
+                self._counters.observe(seconds)
+
+    def counters(self) -> dict:
+        with self._counter_lock:
+            return self._counters.to_dict()
+
+    def close(self) -> None:
+        with self._cond:
+            old, self._active = self._active, None
+        if old is not None:
+            old.retire()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]

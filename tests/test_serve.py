@@ -1,0 +1,181 @@
+"""The Open Inference Protocol server, over real TCP and Unix sockets, with a standard client."""
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import socket
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+
+from edgefleet.agent.protocol import ModelRef
+from edgefleet.agent.runtime import ModelRuntime
+from edgefleet.agent.serve import InferenceServer
+
+X = np.random.default_rng(1).random((2, 64), dtype=np.float32)
+LIMIT = 64 * 1024
+BINARY_HEADER = json.dumps({"inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32",
+                                        "parameters": {"binary_data_size": 512}}]}).encode()
+
+
+@pytest.fixture
+def runtime(digits):
+    runtime = ModelRuntime()
+    runtime.swap(runtime.load(digits.model, ModelRef(model="digits", version="3", variant="cpu-fp32")))
+    yield runtime
+    runtime.close()
+
+
+@pytest.fixture
+def server(runtime):
+    seen = []
+    with InferenceServer(runtime, "127.0.0.1:0", LIMIT, on_inference=lambda i, o, m: seen.append((i, o, m))) as srv:
+        srv.seen = seen
+        yield srv
+
+
+def expected(runtime) -> np.ndarray:
+    return runtime.active.run({"input": X})["probabilities"]
+
+
+def json_infer_body(data=None, shape=(2, 64), datatype="FP32", **extra) -> bytes:
+    tensor = {"name": "input", "shape": list(shape), "datatype": datatype,
+              "data": X.reshape(-1).tolist() if data is None else data}
+    return json.dumps({"inputs": [tensor], **extra}).encode()
+
+
+def post(server, path, body: bytes, headers: dict | None = None) -> tuple[int, dict, http.client.HTTPResponse]:
+    host, port = server.url[len("http://"):].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+    response = conn.getresponse()
+    raw = response.read()
+    conn.close()
+    return response.status, json.loads(raw) if raw.startswith(b"{") else {}, response
+
+
+def assert_still_serving(server, runtime) -> None:
+    client = triton.InferenceServerClient(server.url[len("http://"):])
+    try:
+        assert client.is_server_live()
+        tensor = triton.InferInput("input", list(X.shape), "FP32")
+        tensor.set_data_from_numpy(X)
+        assert np.allclose(client.infer("digits", [tensor]).as_numpy("probabilities"), expected(runtime), atol=1e-6)
+    finally:
+        client.close()
+
+
+def test_standard_client_health_metadata_and_infer_json_and_binary(server, runtime):
+    client = triton.InferenceServerClient(server.url[len("http://"):])
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("digits") and client.is_model_ready("digits", "3")
+        assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+        meta = client.get_model_metadata("digits")
+        assert meta["versions"] == ["3"]
+        assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
+        for binary in (False, True):
+            tensor = triton.InferInput("input", list(X.shape), "FP32")
+            tensor.set_data_from_numpy(X, binary_data=binary)
+            wanted = [triton.InferRequestedOutput("probabilities", binary_data=binary)]
+            result = client.infer("digits", [tensor], outputs=wanted, request_id="r1", model_version="3")
+            assert np.allclose(result.as_numpy("probabilities"), expected(runtime), atol=1e-6)
+            assert result.get_response()["id"] == "r1"
+            assert ("parameters" in result.get_response()["outputs"][0]) is binary
+        # no outputs named: the client asks for every output in binary
+        result = client.infer("digits", [tensor])
+        assert result.as_numpy("label").dtype == np.int64 and result.as_numpy("label").shape == (2,)
+        # a gzip-compressed request body
+        result = client.infer("digits", [tensor], request_compression_algorithm="gzip")
+        assert np.allclose(result.as_numpy("probabilities"), expected(runtime), atol=1e-6)
+    finally:
+        client.close()
+    assert len(server.seen) == 4
+    inputs, outputs, loaded = server.seen[0]
+    assert np.array_equal(inputs["input"], X) and loaded.ref.version == "3" and "probabilities" in outputs
+
+
+def test_unix_socket(runtime, tmp_path):
+    path = tmp_path / "oip.sock"
+    with InferenceServer(runtime, f"unix:{path}", LIMIT):
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), base_url="http://agent") as client:
+            assert client.get("/v2/health/ready").status_code == 200
+            assert client.get("/v2/models/digits").json()["name"] == "digits"
+            response = client.post("/v2/models/digits/infer", content=json_infer_body())
+            assert response.status_code == 200, response.text
+            out = {o["name"]: o for o in response.json()["outputs"]}
+            got = np.array(out["probabilities"]["data"], np.float32).reshape(out["probabilities"]["shape"])
+            assert np.allclose(got, expected(runtime), atol=1e-6)
+    assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    "path, body, headers, status, message",
+    [
+        ("/v2/models/digits/infer", json_infer_body(shape=(2, 63), data=[0.0] * 126), {}, 400, "shape [2, 63]"),
+        ("/v2/models/digits/infer", json_infer_body(datatype="FP64"), {}, 400, "datatype FP64"),
+        ("/v2/models/digits/infer", json_infer_body(datatype="COMPLEX"), {}, 400, "datatype 'COMPLEX'"),
+        ("/v2/models/digits/infer", json_infer_body(data=[1.0, 2.0]), {}, 400, "has 2 values"),
+        ("/v2/models/digits/infer", json_infer_body(data=["a"] * 128), {}, 400, "does not convert"),
+        ("/v2/models/digits/infer", b'{"inputs": [', {}, 400, "not valid JSON"),
+        ("/v2/models/digits/infer", b"[]", {}, 400, "JSON object"),
+        ("/v2/models/digits/infer", json_infer_body(outputs=[{"name": "nope"}]), {}, 400, "unknown output 'nope'"),
+        ("/v2/models/digits/infer", BINARY_HEADER + b"\0" * 100,
+         {"Inference-Header-Content-Length": str(len(BINARY_HEADER))}, 400, "declares 512 binary bytes"),
+        ("/v2/models/digits/infer", json_infer_body(), {"Inference-Header-Content-Length": "99999"}, 400,
+         "exceeds the body"),
+        ("/v2/models/digits/infer", b"x" * 10, {"Content-Encoding": "br"}, 415, "Content-Encoding 'br'"),
+        ("/v2/models/digits/infer", gzip.compress(b" " * (LIMIT + 10)), {"Content-Encoding": "gzip"}, 413,
+         "decompressed request exceeds"),
+        ("/v2/models/other/infer", json_infer_body(), {}, 404, "unknown model 'other'"),
+        ("/v2/models/digits/versions/9/infer", json_infer_body(), {}, 404, "no version '9'"),
+        ("/v2/nothing", b"{}", {}, 404, "no such endpoint"),
+    ],
+)
+def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, runtime, path, body, headers, status, message):
+    code, answer, _ = post(server, path, body, headers)
+    assert code == status
+    assert message in answer["error"] and "\n" not in answer["error"]
+    assert_still_serving(server, runtime)
+
+
+def test_oversized_body_is_refused_from_content_length_without_reading_it(server, runtime):
+    host, port = server.url[len("http://"):].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        # Announce far more than the limit and send almost nothing: the answer must come anyway.
+        sock.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: 1000000000\r\n\r\n{")
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+        reply = reply.decode()
+    assert reply.startswith("HTTP/1.1 413") and "limit is 65536" in reply and "Connection: close" in reply
+    assert_still_serving(server, runtime)
+
+
+def test_chunked_body_is_refused(server, runtime):
+    host, port = server.url[len("http://"):].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("POST", "/v2/models/digits/infer", body=iter([json_infer_body()]), encode_chunked=True)
+    response = conn.getresponse()
+    assert response.status == 411 and "Content-Length" in json.loads(response.read())["error"]
+    conn.close()
+    assert_still_serving(server, runtime)
+
+
+def test_not_ready_without_a_model(tmp_path):
+    with InferenceServer(ModelRuntime(), "127.0.0.1:0", LIMIT) as srv:
+        with httpx.Client(base_url=srv.url) as client:
+            assert client.get("/v2/health/live").status_code == 200
+            assert client.get("/v2/health/ready").status_code == 503
+            assert client.get("/v2/models/digits/ready").status_code == 404
+
+
+def test_address_in_use_is_one_clear_error(runtime):
+    with InferenceServer(runtime, "127.0.0.1:0", LIMIT) as first:
+        port = first.url.rsplit(":", 1)[1]
+        with pytest.raises(Exception, match=f"cannot serve on 127.0.0.1:{port}"):
+            InferenceServer(runtime, f"127.0.0.1:{port}", LIMIT).start()
