@@ -1,0 +1,221 @@
+"""The on-device benchmark, one protocol for `fleet-agent bench` and the activation gate.
+
+Modelled on MLPerf Inference's SingleStream scenario: session creation and
+warm-up are timed apart (cold start), then queries are issued one after the
+other, each as soon as the previous one returns, until both the minimum
+duration and the minimum query count are reached. An Offline figure (batched
+throughput) follows when a batch size is given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+
+from .errors import AgentError
+from .runtime import LoadedModel, ModelRuntime, RuntimeOptions, TensorSpec
+
+WARMUP_QUERIES = 5
+OFFLINE_SHARE = 0.5  # the Offline run lasts this share of the SingleStream duration
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    model: str
+    version: str
+    provider: str
+    session_create_ms: float      # cold start, part 1: InferenceSession creation
+    first_query_ms: float         # cold start, part 2: the first (warm-up) query
+    warmup_queries: int
+    queries: int                  # SingleStream queries timed
+    duration_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    mean_ms: float
+    throughput_qps: float         # SingleStream: queries / duration
+    offline_batch: int            # 0 when the Offline run was skipped
+    offline_samples_per_s: float | None
+    peak_rss_mb: float            # of this process (VmHWM), model and all
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        rows = [
+            ("model", f"{self.model} {self.version}"),
+            ("provider", self.provider),
+            ("session create", f"{self.session_create_ms:.1f} ms"),
+            ("first query", f"{self.first_query_ms:.2f} ms"),
+            ("queries", f"{self.queries} in {self.duration_s:.2f} s"),
+            ("latency p50/p90/p99/max", f"{self.p50_ms:.3f} / {self.p90_ms:.3f} / {self.p99_ms:.3f} / {self.max_ms:.3f} ms"),
+            ("SingleStream throughput", f"{self.throughput_qps:.1f} queries/s"),
+            ("Offline throughput", "skipped" if self.offline_samples_per_s is None
+             else f"{self.offline_samples_per_s:.1f} samples/s (batch {self.offline_batch})"),
+            ("peak RSS", f"{self.peak_rss_mb:.1f} MiB"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def synthesize(specs: tuple[TensorSpec, ...], batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs from the model's metadata: dynamic dimensions become ``batch`` (first) or 1."""
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for spec in specs:
+        shape = tuple((batch if i == 0 else 1) if d is None else d for i, d in enumerate(spec.shape))
+        if spec.dtype.kind == "f":
+            inputs[spec.name] = rng.random(shape).astype(spec.dtype)
+        elif spec.dtype.kind == "b":
+            inputs[spec.name] = rng.random(shape) < 0.5
+        else:
+            inputs[spec.name] = np.zeros(shape, spec.dtype)
+    return inputs
+
+
+def batched(inputs: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """Repeat samples along axis 0 up to ``batch`` rows."""
+    out = {}
+    for name, array in inputs.items():
+        reps = -(-batch // len(array))
+        out[name] = np.concatenate([array] * reps)[:batch]
+    return out
+
+
+def peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _time(run: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+def _percentile(sorted_ms: np.ndarray, q: float) -> float:
+    # MLPerf takes the sample at ceil(q * n): never under-reports the tail
+    index = min(len(sorted_ms) - 1, max(0, int(np.ceil(q / 100.0 * len(sorted_ms))) - 1))
+    return float(sorted_ms[index])
+
+
+def run_benchmark(
+    loaded: LoadedModel,
+    seconds: float = 1.0,
+    min_queries: int = 20,
+    batch: int = 8,
+    inputs: Mapping[str, np.ndarray] | None = None,
+) -> BenchmarkResult:
+    """Benchmark ``loaded`` directly (not through the serving runtime).
+
+    ``inputs`` holds samples along axis 0 (a golden set's, say); SingleStream
+    cycles through them one sample at a time. Without them inputs are
+    synthesized. ``batch`` 0 skips the Offline run.
+    """
+    pool = dict(inputs) if inputs else synthesize(loaded.inputs, batch=1)
+    samples = min(len(a) for a in pool.values())
+    queries_pool = [{k: v[i:i + 1] for k, v in pool.items()} for i in range(samples)]
+    first_ms = _time(lambda: loaded.run(queries_pool[0])) * 1000.0
+    for i in range(1, WARMUP_QUERIES):
+        loaded.run(queries_pool[i % samples])
+
+    latencies: list[float] = []
+    started = time.perf_counter()
+    while len(latencies) < min_queries or time.perf_counter() - started < seconds:
+        query = queries_pool[len(latencies) % samples]
+        latencies.append(_time(lambda: loaded.run(query)))
+    duration = time.perf_counter() - started
+    ms = np.sort(np.asarray(latencies) * 1000.0)
+
+    offline = _offline(loaded, pool, batch, seconds * OFFLINE_SHARE) if batch > 0 else None
+    return BenchmarkResult(
+        model=loaded.name,
+        version=loaded.version,
+        provider=loaded.provider,
+        session_create_ms=loaded.load_ms,
+        first_query_ms=first_ms,
+        warmup_queries=WARMUP_QUERIES,
+        queries=len(ms),
+        duration_s=duration,
+        p50_ms=_percentile(ms, 50),
+        p90_ms=_percentile(ms, 90),
+        p99_ms=_percentile(ms, 99),
+        max_ms=float(ms[-1]),
+        mean_ms=float(ms.mean()),
+        throughput_qps=len(ms) / duration,
+        offline_batch=batch if offline is not None else 0,
+        offline_samples_per_s=offline,
+        peak_rss_mb=peak_rss_mb(),
+    )
+
+
+def _offline(loaded: LoadedModel, pool: Mapping[str, np.ndarray], batch: int, seconds: float) -> float | None:
+    """Samples per second with ``batch`` samples per call; None if the model's batch dimension is fixed."""
+    if any(spec.shape and spec.shape[0] is not None and spec.shape[0] != batch for spec in loaded.inputs):
+        return None
+    feed = batched(pool, batch)
+    loaded.run(feed)  # warm-up: the first batch of a new size allocates
+    calls, started = 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - started < seconds:
+        loaded.run(feed)
+        calls += 1
+    return calls * batch / (time.perf_counter() - started)
+
+
+# --- `fleet-agent bench` -----------------------------------------------------
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(
+        prog="fleet-agent bench",
+        description="Benchmark an ONNX model the way the activation gate does (MLPerf SingleStream + Offline).",
+        epilog="example: fleet-agent bench model.onnx --seconds 5 --json",
+    )
+    parser.add_argument("model", nargs="?", type=Path, help="ONNX model file (default: the agent's active model)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="minimum SingleStream duration (default: 5)")
+    parser.add_argument("--min-queries", type=int, default=100, help="minimum SingleStream queries (default: 100)")
+    parser.add_argument("--batch", type=int, default=8, help="Offline batch size; 0 skips Offline (default: 8)")
+    parser.add_argument("--golden", type=Path, help="take inputs from this golden set instead of synthesizing them")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default: 1)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    return parser
+
+
+def bench_command(args: argparse.Namespace, default_model: Callable[[], Path] | None = None) -> int:
+    """Run ``fleet-agent bench``; ``default_model`` finds the active model when none is given."""
+    from .golden import GoldenSet
+
+    try:
+        model = args.model or (default_model() if default_model else None)
+        if model is None:
+            raise AgentError("no MODEL given and no active model to default to; pass a path to an .onnx file")
+        loaded = ModelRuntime(RuntimeOptions(intra_op_threads=args.threads)).load(model)
+        inputs = GoldenSet.load(args.golden).inputs if args.golden else None
+        result = run_benchmark(loaded, args.seconds, args.min_queries, args.batch, inputs)
+    except AgentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    return 0
+
+
+def main(argv: list[str] | None = None, default_model: Callable[[], Path] | None = None) -> int:
+    return bench_command(build_parser().parse_args(argv), default_model)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

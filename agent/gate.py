@@ -1,0 +1,66 @@
+"""The activation gate: a freshly loaded model must pass its golden set, then the benchmark.
+
+The benchmark fails a model whose p99 exceeds the declared budget, or exceeds
+the previous version's p99 on this device by more than the allowed regression.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .bench import run_benchmark
+from .errors import AgentError
+from .golden import GoldenSet
+from .protocol import Gate
+from .runtime import LoadedModel
+
+# Scheduler and timer jitter on a small shared device is a few hundred microseconds;
+# a regression smaller than this is noise, however large as a ratio for a very fast model.
+NOISE_FLOOR_MS = 0.25
+
+
+@dataclass(frozen=True)
+class GateResult:
+    passed: bool
+    reason: str                       # one line, for the event's detail
+    data: dict = field(default_factory=dict)  # measured numbers, for the event's data
+
+
+def run_gate(
+    loaded: LoadedModel,
+    golden_path: Path,
+    gate: Gate,
+    previous_p99_ms: float | None,
+    noise_floor_ms: float = NOISE_FLOOR_MS,
+) -> GateResult:
+    data: dict = {"p99_budget_ms": gate.p99_budget_ms, "max_p99_regression": gate.max_p99_regression,
+                  "previous_p99_ms": previous_p99_ms}
+    try:
+        golden = GoldenSet.load(golden_path)
+        verdict = golden.check(loaded.run)
+    except (AgentError, OSError) as e:
+        return GateResult(False, f"golden set could not run: {e}", data)
+    data.update(golden_passed=verdict.passed, max_abs_diff=verdict.max_abs_diff,
+                atol=golden.atol, rtol=golden.rtol, golden_samples=golden.samples)
+    if not verdict.passed:
+        return GateResult(False, f"golden set failed: {verdict.detail}", data)
+
+    try:
+        result = run_benchmark(loaded, gate.bench_seconds, gate.bench_min_queries, batch=0, inputs=golden.inputs)
+    except AgentError as e:
+        return GateResult(False, f"benchmark could not run: {e}", data)
+    data.update(p50_ms=result.p50_ms, p99_ms=result.p99_ms, max_ms=result.max_ms, benchmark=result.to_dict())
+
+    if gate.p99_budget_ms is not None and result.p99_ms > gate.p99_budget_ms:
+        return GateResult(False, f"p99 {result.p99_ms:.3f} ms is over the budget of {gate.p99_budget_ms:g} ms", data)
+    if previous_p99_ms is not None:
+        limit = max(previous_p99_ms * (1 + gate.max_p99_regression), previous_p99_ms + noise_floor_ms)
+        data["p99_limit_ms"] = limit
+        if result.p99_ms > limit:
+            return GateResult(
+                False,
+                f"p99 {result.p99_ms:.3f} ms regresses past {limit:.3f} ms "
+                f"(previous {previous_p99_ms:.3f} ms + {gate.max_p99_regression:.0%})",
+                data,
+            )
+    return GateResult(True, f"golden set passed ({verdict.detail}); p99 {result.p99_ms:.3f} ms", data)
