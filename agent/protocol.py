@@ -463,10 +463,22 @@ class TargetInfo(Message):
             raise ProtocolError("TargetInfo.golden_sha256 must be 64 hex digits")
 
     def to_custom(self) -> dict[str, Any]:
-        return {CUSTOM_KEY: self.to_dict()}
+        # TUF signs canonical JSON, which has no floats: they travel as decimal strings.
+        data = self.to_dict()
+        data["accuracy"] = {k: repr(v) if isinstance(v, float) else v for k, v in self.accuracy.items()}
+        data["p99_ms"] = None if self.p99_ms is None else repr(float(self.p99_ms))
+        return {CUSTOM_KEY: data}
 
     @classmethod
     def from_custom(cls, custom: dict[str, Any] | None) -> "TargetInfo":
-        if not custom or CUSTOM_KEY not in custom:
+        if not custom or not isinstance(custom.get(CUSTOM_KEY), dict):
             raise ProtocolError("target has no edgefleet custom fields")
-        return cls.from_dict(custom[CUSTOM_KEY])
+        data = dict(custom[CUSTOM_KEY])
+        try:
+            if isinstance(data.get("accuracy"), dict):
+                data["accuracy"] = {k: float(v) if isinstance(v, str) else v for k, v in data["accuracy"].items()}
+            if isinstance(data.get("p99_ms"), str):
+                data["p99_ms"] = float(data["p99_ms"])
+        except ValueError as e:
+            raise ProtocolError(f"TargetInfo has a malformed number: {e}") from None
+        return cls.from_dict(data)

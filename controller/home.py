@@ -1,0 +1,80 @@
+"""The fleet home ($EDGEFLEET_HOME, else ~/.edgefleet): config, signing keys, local store.
+
+``init_home`` is what ``fleetctl init`` does before the API helper adds its
+own pieces (operator token, database).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import fields
+from pathlib import Path
+
+from edgefleet.agent.errors import StorageError
+from edgefleet.agent.slots import atomic_write
+
+from .config import ControllerConfig, StoreConfig
+from .errors import Conflict, Unavailable
+from .signing import REPOSITORY_PREFIX, Expiry, Repository
+from .store import open_store
+
+CONFIG_HEADER = """\
+# edgefleet controller configuration. Every key is optional: the commented
+# values are the defaults. Uncomment and edit to change one.
+"""
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def config_template() -> str:
+    """config.toml with every key commented out at its default."""
+    defaults = ControllerConfig(home=Path("HOME"))
+    lines = [CONFIG_HEADER]
+    for f in fields(ControllerConfig):
+        if f.name not in ("home", "store"):
+            lines.append(f"# {f.name} = {_toml_value(getattr(defaults, f.name))}")
+    lines += ["", "# [store]  # kind: \"local\" (a directory, default HOME/store) or \"s3\""]
+    for f in fields(StoreConfig):
+        lines.append(f"# {f.name} = {_toml_value(getattr(defaults.store, f.name))}")
+    return "\n".join(lines) + "\n"
+
+
+def is_initialized(home: Path) -> bool:
+    return (home / "config.toml").exists() or (home / "keys").exists()
+
+
+def init_home(home: Path, root_threshold: int = 1, root_keys: int = 1, force: bool = False) -> ControllerConfig:
+    """Create a fleet home: config.toml, TUF keys and initial metadata in the local store.
+
+    With ``force`` an existing home's config, keys and repository metadata are
+    replaced (the old config is kept as config.toml.bak); devices enrolled
+    against the old root must be enrolled again.
+    """
+    home = Path(home)
+    if is_initialized(home) and not force:
+        raise Conflict(f"{home} is already a fleet home; use `fleetctl init --force` to replace its keys and metadata")
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        config_path = home / "config.toml"
+        if force and config_path.exists():
+            os.replace(config_path, home / "config.toml.bak")
+        if force:
+            shutil.rmtree(home / "keys", ignore_errors=True)
+        atomic_write(config_path, config_template().encode())
+    except (OSError, StorageError) as e:
+        raise Unavailable(f"cannot create fleet home {home}: {e}") from e
+    config = ControllerConfig.load(home)
+    store = open_store(config)
+    if force:
+        for key in store.list(REPOSITORY_PREFIX):
+            store.delete(key)
+    Repository.create(home, store, root_threshold, root_keys, Expiry.from_config(config))
+    return config
+
