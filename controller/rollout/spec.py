@@ -132,7 +132,8 @@ class RolloutSpec:
         if (self.window_cron is None) != (self.window_duration_s is None):
             raise InvalidInput("a maintenance window needs both --window CRON and --window-duration")
         try:
-            self.window
+            if self.window is not None:
+                self.window.validate()
         except ProtocolError as e:
             raise InvalidInput(str(e)) from None
 
@@ -239,10 +240,11 @@ def schema() -> dict[str, Any]:
 def validate_manifest(manifest: Any, source: str = "manifest") -> None:
     """Raise InvalidInput naming the JSON path of the first bad field."""
     validator = jsonschema.Draft202012Validator(schema())
-    errors = sorted(validator.iter_errors(manifest), key=lambda e: (list(e.absolute_path), e.message))
+    errors = list(validator.iter_errors(manifest))
     if not errors:
         return
-    error = jsonschema.exceptions.best_match(errors)
+    # The deepest error is the most specific; oneOf alternatives are explained by the description.
+    error = max(errors, key=lambda e: (len(e.absolute_path), e.message))
     path, message = error.json_path, error.message
     if error.validator == "additionalProperties":
         known = set(error.schema.get("properties", {}))

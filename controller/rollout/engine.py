@@ -1,0 +1,552 @@
+"""The rollout engine: level-triggered stepping of every rollout from database state.
+
+``step_all(db, publisher, now)`` is run by the scheduler. Each pass re-reads the
+rollouts, their executions and the evidence, asks the planner what comes next,
+writes it, and then publishes the desired states that the database says are
+still owed. Every write is idempotent: executions are UNIQUE per (rollout,
+device), a desired state is published only while the database shows it owed,
+and a republished one carries the same generation. A controller restart
+therefore continues where the last pass stopped and applies nothing twice.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import statistics
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Iterable, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from edgefleet.agent.hardware import HardwareProfile
+from edgefleet.agent.protocol import Action, Desired, ExecutionState, ModelRef, ProtocolError, target_path
+
+from ..db.models import (
+    BadVariant, Benchmark, Device, Execution, GateResult, Rollout, RolloutState, Sample, TelemetryRecord,
+    Variant, utcnow,
+)
+from ..db.session import Database
+from ..errors import Conflict, ControllerError, InvalidInput, NotFound
+from . import planner
+from .planner import ClassObservation, DeviceView, Evidence, ExecutionView, StageDecision, Trigger, VariantView
+from .spec import RolloutSpec
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 3600.0
+# Stopped rollouts are revisited this long for devices that still owe a rollback or hold.
+SETTLE_HORIZON = timedelta(days=1)
+# Non-terminal states that time out; WAITING_WINDOW waits for its maintenance window on purpose.
+HURRIED = [s for s in ExecutionState if not s.terminal and s is not ExecutionState.WAITING_WINDOW]
+
+
+class Publisher(Protocol):
+    """What the engine needs of the MQTT bridge (controller/broker.py ``Bridge``)."""
+
+    def publish_desired(self, desired: Desired) -> None: ...
+
+
+# --- reading the database into planner views -------------------------------------
+
+
+def device_view(device: Device) -> DeviceView:
+    active = (device.reported or {}).get("active") or {}
+    hardware = dict(device.hardware or {})
+    cls = device.hardware_class or (HardwareProfile.from_dict(hardware).hardware_class if hardware else "unknown")
+    return DeviceView(
+        id=device.id, labels=dict(device.labels or {}), hardware=hardware, hardware_class=cls,
+        online=device.online, model=active.get("model"), version=active.get("version"),
+        variant=active.get("variant"),
+    )
+
+
+def variant_views(session: Session, model: str, version: str) -> list[VariantView]:
+    rows = session.scalars(
+        sa.select(Variant).where(Variant.model == model, Variant.version == version).order_by(Variant.preference)
+    )
+    return [
+        VariantView(r.variant, r.target_path, dict(r.requirements), r.preference, dict(r.accuracy)) for r in rows
+    ]
+
+
+def evidence(session: Session, model: str, version: str) -> list[Evidence]:
+    """Median on-device p99 per (hardware class, variant) of this version."""
+    rows = session.execute(
+        sa.select(Benchmark.hardware_class, Benchmark.variant, Benchmark.device_id, Benchmark.p99_ms)
+        .where(Benchmark.model == model, Benchmark.version == version)
+    )
+    grouped: dict[tuple[str, str], list[float]] = defaultdict(list)
+    devices: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for cls, variant, device, p99 in rows:
+        grouped[(cls, variant)].append(p99)
+        devices[(cls, variant)].add(device)
+    return [
+        Evidence(cls, variant, statistics.median(values), len(devices[(cls, variant)]))
+        for (cls, variant), values in sorted(grouped.items())
+    ]
+
+
+def bad_variants(session: Session, model: str, version: str) -> set[tuple[str, str]]:
+    rows = session.execute(
+        sa.select(BadVariant.variant, BadVariant.hardware_class)
+        .where(BadVariant.model == model, BadVariant.version == version)
+    )
+    return {(variant, cls) for variant, cls in rows}
+
+
+def all_devices(session: Session) -> list[DeviceView]:
+    return [device_view(d) for d in session.scalars(sa.select(Device).order_by(Device.id))]
+
+
+# --- creating a rollout -----------------------------------------------------------
+
+
+def version_key(version: str) -> tuple:
+    """Order versions like 1.9.0 < 1.10.0; non-numeric parts compare as text after numbers."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.\-+_]", version))
+
+
+def new_rollout_id(spec: RolloutSpec) -> str:
+    base = re.sub(r"[^A-Za-z0-9-]+", "-", f"{spec.model}-{spec.version}").strip("-")[:50]
+    return f"{base}-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class Created:
+    rollout_id: str
+    plan: planner.Plan
+    superseded: list[str] = field(default_factory=list)
+    created: bool = True
+
+
+def create_rollout(
+    session: Session, spec: RolloutSpec, actor: str, rollout_id: str | None = None, dry_run: bool = False,
+    now: datetime | None = None,
+) -> Created:
+    """Check the spec against the fleet and store the rollout (or only plan it, for a dry run).
+
+    Refuses: an unknown model or version, a selector that matches nothing or only
+    devices no variant fits, a downgrade without ``allow_downgrade``, and devices
+    that another active rollout holds unless ``supersede``.
+    """
+    now = now or utcnow()
+    rollout_id = rollout_id or new_rollout_id(spec)
+    variants = variant_views(session, spec.model, spec.version)
+    if not variants:
+        known = sorted(
+            {v for (v,) in session.execute(sa.select(Variant.version).where(Variant.model == spec.model))},
+            key=version_key,
+        )
+        if not known:
+            raise NotFound(f"model {spec.model!r} is not published; see `fleetctl models list`")
+        raise NotFound(f"model {spec.model} has no version {spec.version!r}; published: {', '.join(known)}")
+    devices = planner.select(spec.selector, all_devices(session))
+    if not devices:
+        raise InvalidInput(
+            f"selector {spec.selector!r} matches no device; no rollout created (see `fleetctl devices list`)"
+        )
+    plan = planner.plan(
+        rollout_id, spec, devices, variants, evidence(session, spec.model, spec.version),
+        bad_variants(session, spec.model, spec.version),
+    )
+    if plan.device_count == 0:
+        raise InvalidInput(
+            f"no variant of {spec.model}:{spec.version} fits the {len(devices)} selected device(s): "
+            f"{plan.unfit[0].reason}; no rollout created"
+        )
+    _check_downgrade(spec, devices)
+    overlapping = _overlapping(session, spec, devices, rollout_id)
+    if overlapping and not spec.supersede:
+        raise Conflict(
+            f"devices are already in active rollout(s) {', '.join(overlapping)}; "
+            "wait, abort them, or pass --supersede"
+        )
+    if dry_run:
+        return Created(rollout_id, plan, overlapping, created=False)
+    if session.get(Rollout, rollout_id) is not None:
+        raise Conflict(f"rollout {rollout_id!r} exists; choose another name")
+    for other_id in overlapping:
+        _apply(session, session.get(Rollout, other_id), Trigger.SUPERSEDE, f"superseded by {rollout_id}", now)
+    session.add(Rollout(
+        id=rollout_id, model=spec.model, version=spec.version, selector=spec.selector,
+        spec=spec.to_manifest(rollout_id), state=RolloutState.PENDING, stage=0, created_by=actor,
+        created_at=now, supersedes=overlapping[0] if overlapping else None,
+        detail=f"planned {plan.device_count} device(s) in {len(spec.stages)} stage(s)"
+        + (f"; {len(plan.unfit)} device(s) no variant fits" if plan.unfit else ""),
+    ))
+    session.flush()
+    return Created(rollout_id, plan, overlapping)
+
+
+def _check_downgrade(spec: RolloutSpec, devices: list[DeviceView]) -> None:
+    if spec.allow_downgrade:
+        return
+    newer = [d for d in devices if d.model == spec.model and d.version
+             and version_key(d.version) > version_key(spec.version)]
+    if newer:
+        raise InvalidInput(
+            f"{spec.model} {spec.version} is older than {newer[0].version} running on {len(newer)} selected "
+            "device(s); pass --allow-downgrade to go back on purpose"
+        )
+
+
+def _overlapping(session: Session, spec: RolloutSpec, devices: list[DeviceView], rollout_id: str) -> list[str]:
+    mine = {d.id for d in devices}
+    everyone = all_devices(session)
+    overlapping = []
+    active = session.scalars(
+        sa.select(Rollout).where(Rollout.state.in_(list(planner.ACTIVE | {RolloutState.PAUSED})))
+        .where(Rollout.id != rollout_id).order_by(Rollout.created_at)
+    )
+    for other in active:
+        theirs = {d.id for d in planner.select(other.selector, everyone)}
+        if theirs & mine:
+            overlapping.append(other.id)
+    return overlapping
+
+
+# --- operator controls -------------------------------------------------------------
+
+
+def control(session: Session, rollout_id: str, trigger: Trigger, actor: str, now: datetime | None = None) -> Rollout:
+    """pause / resume / promote / abort / rollback, as the state table allows."""
+    rollout = session.get(Rollout, rollout_id, with_for_update=True)
+    if rollout is None:
+        raise NotFound(f"rollout {rollout_id!r} not found; see `fleetctl rollout list`")
+    _apply(session, rollout, trigger, f"{trigger.value} by {actor}", now or utcnow())
+    return rollout
+
+
+def _apply(session: Session, rollout: Rollout, trigger: Trigger, detail: str, now: datetime) -> None:
+    spec = RolloutSpec.from_stored(rollout.spec)
+    step = planner.transition(rollout.state, trigger, rollout.stage, len(spec.stages))
+    rollout.state, rollout.stage, rollout.detail = step.state, step.stage, detail
+    if step.stage_advanced or trigger is Trigger.START:
+        rollout.stage_started_at = now
+    if step.state.terminal:
+        _cancel_pending(session, rollout, detail, unsent_only=step.state in planner.ROLLING_BACK)
+
+
+def _cancel_pending(session: Session, rollout: Rollout, detail: str, unsent_only: bool) -> None:
+    """A stopped rollout sends nothing more. Executions already sent are settled by the
+    hold/rollback publishes when rolling back; otherwise they are canceled here."""
+    for execution in session.scalars(_executions(rollout.id)):
+        if not execution.state.terminal and not (unsent_only and execution.generation):
+            execution.state, execution.detail = ExecutionState.CANCELED, detail
+
+
+def _executions(rollout_id: str, stage: int | None = None) -> sa.Select:
+    query = sa.select(Execution).where(Execution.rollout_id == rollout_id).order_by(Execution.id)
+    return query if stage is None else query.where(Execution.stage == stage)
+
+
+# --- stepping ---------------------------------------------------------------------------
+
+
+@dataclass
+class PassReport:
+    """What one pass did (for logs and tests)."""
+
+    created: int = 0
+    published: int = 0
+    timed_out: int = 0
+    retried: int = 0
+    transitions: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def step_all(db: Database, publisher: Publisher, now: datetime | None = None) -> PassReport:
+    """One pass over every rollout that still has work: decide, then publish what is owed."""
+    now = now or utcnow()
+    report = PassReport()
+    with db.unit_of_work() as session:
+        ids = list(session.scalars(
+            sa.select(Rollout.id).where(sa.or_(
+                Rollout.state.in_(list(planner.ACTIVE)),
+                sa.and_(Rollout.state.in_(list(planner.ROLLING_BACK | {RolloutState.ABORTED})),
+                        Rollout.updated_at >= now - SETTLE_HORIZON),
+            )).order_by(Rollout.created_at)
+        ))
+    for rollout_id in ids:
+        try:
+            step_rollout(db, publisher, rollout_id, now, report)
+        except ControllerError as e:  # one broken rollout must not stall the others
+            log.warning("rollout %s: %s", rollout_id, e)
+            report.errors.append(f"{rollout_id}: {e}")
+    return report
+
+
+def step_rollout(
+    db: Database, publisher: Publisher, rollout_id: str, now: datetime | None = None,
+    report: PassReport | None = None,
+) -> PassReport:
+    now = now or utcnow()
+    report = report or PassReport()
+    with db.unit_of_work() as session:
+        rollout = session.get(Rollout, rollout_id, with_for_update=True)
+        if rollout is None:
+            raise NotFound(f"rollout {rollout_id!r} not found")
+        _decide(session, rollout, now, report)
+    for execution_id in _owed(db, rollout_id, now):
+        _publish_one(db, publisher, execution_id, now, report)
+    return report
+
+
+def _decide(session: Session, rollout: Rollout, now: datetime, report: PassReport) -> None:
+    spec = RolloutSpec.from_stored(rollout.spec)
+    if rollout.state is RolloutState.PENDING:
+        _apply(session, rollout, Trigger.START, "started", now)
+        report.transitions.append(f"{rollout.id}: started")
+    if rollout.state is not RolloutState.RUNNING:
+        return
+    _expire(session, rollout, spec, now, report)
+    _add_members(session, rollout, spec, now, report)
+    stage_execs = list(session.scalars(_executions(rollout.id, rollout.stage)))
+    classes = {d: c for d, c in session.execute(
+        sa.select(Device.id, Device.hardware_class).where(Device.id.in_([e.device_id for e in stage_execs]))
+    )}
+    views = [ExecutionView(e.device_id, classes.get(e.device_id) or "unknown", e.state) for e in stage_execs]
+    finished = max((e.updated_at for e in stage_execs), default=None)
+    since = (now - finished).total_seconds() if finished and all(e.state.terminal for e in stage_execs) else None
+    outcome = planner.decide_stage(spec, views, _observe(session, rollout, stage_execs, classes), since)
+    if outcome.decision is StageDecision.WAIT:
+        return
+    for verdict in outcome.verdicts:
+        session.add(GateResult(
+            rollout_id=rollout.id, stage=rollout.stage, hardware_class=verdict.hardware_class, gate=verdict.gate,
+            value=verdict.value, threshold=verdict.threshold, verdict=verdict.verdict, ts=now,
+        ))
+    label = planner.stage_label(spec, rollout.stage)
+    if outcome.decision is StageDecision.PASS:
+        _apply(session, rollout, Trigger.STAGE_PASSED, f"stage {label} passed: {outcome.reason}", now)
+    else:
+        _apply(session, rollout, Trigger.GATE_FAILED, f"stage {label} failed: {outcome.reason}", now)
+        _mark_bad(session, rollout, stage_execs, classes, planner.failed_classes(outcome.verdicts), outcome.reason, now)
+    report.transitions.append(f"{rollout.id}: {rollout.detail}")
+
+
+def _expire(session: Session, rollout: Rollout, spec: RolloutSpec, now: datetime, report: PassReport) -> None:
+    """Per-device timeouts: retry with doubling backoff while retries last, then TIMED_OUT."""
+    overdue = session.scalars(
+        _executions(rollout.id).where(Execution.deadline_at.is_not(None), Execution.deadline_at < now)
+        .where(Execution.state.in_(HURRIED))
+    )
+    for execution in overdue:
+        execution.deadline_at = None
+        if execution.attempt < spec.max_retries:
+            execution.attempt += 1
+            delay = min(MAX_BACKOFF_S, spec.retry_backoff_s * 2 ** (execution.attempt - 1))
+            execution.state, execution.generation = ExecutionState.QUEUED, 0
+            execution.next_attempt_at = now + timedelta(seconds=delay)
+            execution.detail = (f"no result within {spec.device_timeout_s:.0f}s; "
+                                f"retry {execution.attempt}/{spec.max_retries} in {delay:.0f}s")
+            report.retried += 1
+        else:
+            execution.state = ExecutionState.TIMED_OUT
+            execution.detail = f"no result within {spec.device_timeout_s:.0f}s after {execution.attempt + 1} attempt(s)"
+            report.timed_out += 1
+
+
+def _add_members(session: Session, rollout: Rollout, spec: RolloutSpec, now: datetime, report: PassReport) -> None:
+    """Executions for the current stage's share, plus devices enrolled since the rollout
+    began (they get the version the rollout has reached)."""
+    rows = {d.id: d for d in session.scalars(sa.select(Device).order_by(Device.id))}
+    views = planner.select(spec.selector, [device_view(d) for d in rows.values()])
+    started = set(session.scalars(sa.select(Execution.device_id).where(Execution.rollout_id == rollout.id)))
+    variants = variant_views(session, rollout.model, rollout.version)
+    proof = evidence(session, rollout.model, rollout.version)
+    bad = bad_variants(session, rollout.model, rollout.version)
+    choices = {d.id: planner.choose_variant(d, variants, proof, bad) for d in views}
+    fit = [d for d in views if choices[d.id].variant is not None]
+    members = planner.stage_members(rollout.id, spec, fit, rollout.stage, started)
+    joined = [d for d in fit if d.id not in started and rows[d.id].enrolled_at > rollout.created_at]
+    for device in {d.id: d for d in members + joined}.values():
+        choice = choices[device.id]
+        active = (rows[device.id].reported or {}).get("active")
+        session.add(Execution(
+            rollout_id=rollout.id, device_id=device.id, stage=rollout.stage, variant=choice.variant,
+            reason=choice.reason, state=ExecutionState.QUEUED, previous=active, created_at=now,
+            detail="" if device.online else "device offline; pending until it connects",
+        ))
+        report.created += 1
+    session.flush()
+
+
+def _observe(
+    session: Session, rollout: Rollout, executions: list[Execution], classes: dict[str, str | None]
+) -> dict[str, ClassObservation]:
+    """Evidence of the stage per hardware class: benchmarks of the new and the replaced
+    version, inference counters since activation, sampled top-1 confidence."""
+    observations = {}
+    by_cls: dict[str, list[Execution]] = defaultdict(list)
+    for execution in executions:
+        by_cls[classes.get(execution.device_id) or "unknown"].append(execution)
+    for cls, group in by_cls.items():
+        devices = [e.device_id for e in group]
+        previous = Counter(
+            (p.get("model"), p.get("version")) for p in (e.previous for e in group) if p and p.get("version")
+        ).most_common(1)
+        prev_model, prev_version = previous[0][0] if previous else (None, None)
+        p99_new = list(session.scalars(sa.select(Benchmark.p99_ms).where(
+            Benchmark.model == rollout.model, Benchmark.version == rollout.version,
+            Benchmark.hardware_class == cls, Benchmark.device_id.in_(devices), Benchmark.ts >= rollout.created_at)))
+        p99_prev = [] if prev_version is None else list(session.scalars(sa.select(Benchmark.p99_ms).where(
+            Benchmark.model == prev_model, Benchmark.version == prev_version, Benchmark.hardware_class == cls)))
+        requests, errors = _counters(session, [e for e in group if e.state is ExecutionState.SUCCEEDED])
+        observations[cls] = ClassObservation(
+            p99_new=p99_new, p99_previous=p99_prev, requests=requests, errors=errors,
+            confidence_new=_confidence(session, rollout.model, rollout.version, cls, rollout.created_at),
+            confidence_previous=(0.0, 0) if prev_version is None
+            else _confidence(session, prev_model, prev_version, cls, None),
+        )
+    return observations
+
+
+def _counters(session: Session, executions: list[Execution]) -> tuple[int, int]:
+    """Requests and model failures since each device activated the new version.
+    The agent's counters are cumulative per runtime: take last minus first, or the
+    last alone when the runtime restarted in between."""
+    requests = errors = 0
+    for execution in executions:
+        rows = [r.data for r in session.scalars(
+            sa.select(TelemetryRecord).where(
+                TelemetryRecord.device_id == execution.device_id, TelemetryRecord.kind == "counters",
+                TelemetryRecord.ts >= execution.updated_at,
+            ).order_by(TelemetryRecord.ts, TelemetryRecord.id)
+        )]
+        if not rows:
+            continue
+        first, last = rows[0], rows[-1]
+        restarted = int(last.get("requests", 0)) < int(first.get("requests", 0))
+        base = {} if restarted or len(rows) == 1 else first
+        requests += int(last.get("requests", 0)) - int(base.get("requests", 0))
+        errors += int(last.get("failures", 0)) - int(base.get("failures", 0))
+    return requests, errors
+
+
+def _confidence(session: Session, model: str, version: str, cls: str, since: datetime | None) -> tuple[float, int]:
+    query = sa.select(Sample.top1_mean, Sample.count).where(
+        Sample.model == model, Sample.version == version, Sample.hardware_class == cls,
+        Sample.top1_mean.is_not(None))
+    if since is not None:
+        query = query.where(Sample.ts >= since)
+    rows = [(mean, count) for mean, count in session.execute(query) if count]
+    total = sum(count for _, count in rows)
+    return (sum(mean * count for mean, count in rows) / total, total) if total else (0.0, 0)
+
+
+def _mark_bad(
+    session: Session, rollout: Rollout, executions: list[Execution], classes: dict[str, str | None],
+    failed: list[str], reason: str, now: datetime,
+) -> None:
+    for execution in executions:
+        cls = classes.get(execution.device_id) or "unknown"
+        if cls in failed and execution.variant:
+            session.merge(BadVariant(
+                model=rollout.model, version=rollout.version, variant=execution.variant, hardware_class=cls,
+                reason=f"rollout {rollout.id}: {reason}"[:2000], created_at=now,
+            ))
+
+
+# --- publishing: what the database says is owed ------------------------------------------
+
+
+def _owed(db: Database, rollout_id: str, now: datetime) -> list[int]:
+    """Executions whose device still needs a desired state from this rollout."""
+    with db.unit_of_work() as session:
+        rollout = session.get(Rollout, rollout_id)
+        if rollout is None:
+            return []
+        owed = []
+        for execution, device in session.execute(
+            _executions(rollout_id).add_columns(Device).join(Device, Device.id == Execution.device_id)
+        ).tuples():
+            if _desired_for(rollout, execution, device, now) is not None:
+                owed.append(execution.id)
+        return owed
+
+
+def _desired_for(rollout: Rollout, execution: Execution, device: Device, now: datetime) -> str | None:
+    """Which desired state (install / rollback / hold) is owed, or None.
+
+    Install: the rollout runs and the execution was never sent (or is due for a retry).
+    Rollback / hold: the rollout failed, was rolled back or aborted, and the device's
+    current desired state is still this execution's install of the new version.
+    """
+    if rollout.state is RolloutState.RUNNING:
+        due = execution.next_attempt_at is None or execution.next_attempt_at <= now
+        if execution.state is ExecutionState.QUEUED and execution.generation == 0 and due:
+            return "install"
+        return None
+    desired = device.desired or {}
+    still_ours = (desired.get("deployment") == str(execution.id) and desired.get("action") == Action.INSTALL.value
+                  and desired.get("version") == rollout.version)
+    if not still_ours:
+        return None
+    if rollout.state in planner.ROLLING_BACK:
+        return "rollback" if execution.state is ExecutionState.SUCCEEDED else "hold"
+    if rollout.state is RolloutState.ABORTED and execution.state is not ExecutionState.SUCCEEDED:
+        return "hold"
+    return None
+
+
+def _publish_one(db: Database, publisher: Publisher, execution_id: int, now: datetime, report: PassReport) -> None:
+    """One device, one transaction: the generation is committed only once the broker took
+    the message; if the commit fails after a publish, the next pass sends the same
+    generation again, which the agent treats as already seen."""
+    try:
+        with db.unit_of_work() as session:
+            execution = session.get(Execution, execution_id, with_for_update=True)
+            rollout = session.get(Rollout, execution.rollout_id)
+            device = session.get(Device, execution.device_id, with_for_update=True)
+            kind = _desired_for(rollout, execution, device, now)
+            if kind is None:
+                return  # another pass got here first
+            spec = RolloutSpec.from_stored(rollout.spec)
+            generation = device.desired_generation + 1
+            desired = _build(kind, rollout, spec, execution, device.id, generation)
+            device.desired, device.desired_generation = desired.to_dict(), generation
+            if kind == "install":
+                execution.generation = generation
+                execution.deadline_at = now + timedelta(seconds=spec.device_timeout_s)
+                execution.next_attempt_at = None
+            elif kind == "hold" and not execution.state.terminal:
+                execution.state, execution.detail = ExecutionState.CANCELED, f"rollout {rollout.state.value.lower()}"
+            else:
+                execution.detail = f"cloud rollback requested (generation {generation})"
+            session.flush()
+            publisher.publish_desired(desired)
+            report.published += 1
+    except ControllerError as e:
+        log.warning("execution %s: publish deferred: %s", execution_id, e)
+        report.errors.append(f"execution {execution_id}: {e}")
+
+
+def _build(kind: str, rollout: Rollout, spec: RolloutSpec, execution: Execution, device: str, generation: int) -> Desired:
+    try:
+        if kind == "install":
+            return Desired(
+                device=device, generation=generation, action=Action.INSTALL.value, deployment=str(execution.id),
+                model=rollout.model, version=rollout.version, variant=execution.variant,
+                target=target_path(rollout.model, rollout.version, execution.variant or ""),
+                sampling=spec.sampling, gate=spec.device_gate, window=spec.window,
+            )
+        if kind == "rollback":
+            return Desired(device=device, generation=generation, action=Action.ROLLBACK.value,
+                           deployment=str(execution.id))
+        # hold: stay on what ran before; no deployment, so the agent's report does not touch this execution
+        previous = ModelRef.from_dict(execution.previous) if execution.previous else None
+        if previous is None:
+            return Desired(device=device, generation=generation, action=Action.NONE.value)
+        return Desired(
+            device=device, generation=generation, action=Action.INSTALL.value, model=previous.model,
+            version=previous.version, variant=previous.variant,
+            target=target_path(previous.model, previous.version, previous.variant),
+        )
+    except ProtocolError as e:
+        raise InvalidInput(f"cannot build desired state for {device}: {e}") from e
+
