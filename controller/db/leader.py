@@ -7,7 +7,7 @@ two conditional statements, so racing replicas cannot both win:
    renew our own lease, or steal an expired one;
 2. otherwise ``INSERT … ON CONFLICT DO NOTHING`` — take a lock nobody held yet.
 
-A row count of 1 means we hold the lock until ``now + ttl``. Leases use the
+A returned row means we hold the lock until ``now + ttl``. Leases use the
 replicas' clocks, so clock skew between replicas must stay well below the TTL.
 """
 from __future__ import annotations
@@ -39,17 +39,20 @@ class LeaderLock:
         expires = now + self.ttl
         row = LeaderLockRow.__table__
         with self.db.connect() as connection:
+            # RETURNING, not rowcount: drivers do not report rowcount for INSERT reliably.
             renewed = connection.execute(
                 sa.update(row)
                 .where(row.c.name == self.name)
                 .where(sa.or_(row.c.holder == self.holder, row.c.expires_at < now))
                 .values(holder=self.holder, expires_at=expires)
-            ).rowcount
-            acquired = renewed == 1 or connection.execute(
+                .returning(row.c.name)
+            ).first()
+            acquired = renewed is not None or connection.execute(
                 _INSERT[self.db.dialect](row)
                 .values(name=self.name, holder=self.holder, expires_at=expires)
                 .on_conflict_do_nothing(index_elements=[row.c.name])
-            ).rowcount == 1
+                .returning(row.c.name)
+            ).first() is not None
         self._held_until = expires if acquired else None
         return acquired
 

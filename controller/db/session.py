@@ -64,7 +64,11 @@ class Database:
     @staticmethod
     def _sqlite_engine(parsed: sa.URL, echo: bool) -> sa.Engine:
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            directory = Path(parsed.database).parent
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise Unavailable(f"database unreachable: cannot create directory {directory}: {e.strerror}") from e
         engine = sa.create_engine(parsed, echo=echo, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
 
         @event.listens_for(engine, "connect")
@@ -86,8 +90,13 @@ class Database:
 
         return engine
 
+    @property
+    def safe_url(self) -> str:
+        """The URL with any password masked, for messages."""
+        return make_url(self.url).render_as_string(hide_password=True)
+
     def __repr__(self) -> str:
-        return f"Database({make_url(self.url).render_as_string(hide_password=True)!r})"
+        return f"Database({self.safe_url!r})"
 
     def dispose(self) -> None:
         self.engine.dispose()
