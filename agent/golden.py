@@ -8,9 +8,8 @@ anything is decompressed.
 """
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from .errors import GateError
+from .slots import atomic_write
 
 FORMAT = 1
 MAX_GOLDEN_BYTES = 16 * 1024 * 1024      # a golden file larger than this is refused unread
@@ -98,17 +98,10 @@ class GoldenSet:
         arrays.update({_OUTPUT + k: v for k, v in self.outputs.items()})
         meta = {"format": FORMAT, "atol": self.atol, "rtol": self.rtol, "top1": self.top1}
         arrays[_META] = np.array(json.dumps(meta))
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        return path
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        atomic_write(Path(path), buffer.getvalue())
+        return Path(path)
 
     @classmethod
     def load(cls, path: Path, max_bytes: int = MAX_GOLDEN_BYTES) -> "GoldenSet":

@@ -1,0 +1,92 @@
+"""DATA.npz files (calibration and evaluation sets), checked against the model's inputs.
+
+A DATA.npz holds one array per model input, named like the input, samples
+along the first axis; an evaluation set adds an integer array ``labels``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgefleet.agent.golden import GoldenFormatError, read_npz
+
+from ..errors import BuildError
+from .source import TensorSpec
+
+MAX_DATA_BYTES = 1024**3   # a larger DATA.npz is refused unread
+LABELS = "labels"
+SYNTHETIC_SAMPLES = 8
+
+
+@dataclass(frozen=True)
+class Dataset:
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+    synthetic: bool = False
+
+    @property
+    def count(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def take(self, index: np.ndarray | slice) -> dict[str, np.ndarray]:
+        return {name: array[index] for name, array in self.inputs.items()}
+
+
+def load_dataset(path: Path, specs: tuple[TensorSpec, ...], role: str, labelled: bool) -> Dataset:
+    """Read and validate ``path``; every problem is a one-line BuildError naming the array."""
+    path = Path(path)
+    if not path.is_file():
+        raise BuildError(f"{role} data {path} does not exist")
+    try:
+        arrays = read_npz(path, max_file_bytes=MAX_DATA_BYTES, max_array_bytes=MAX_DATA_BYTES)
+    except GoldenFormatError as e:
+        raise BuildError(f"{role} data: {e}") from e
+    inputs = {}
+    for spec in specs:
+        if spec.name not in arrays:
+            raise BuildError(
+                f"{role} data {path.name} has no array {spec.name!r} for model input {spec.describe()}; "
+                f"it holds {', '.join(sorted(arrays)) or 'nothing'}")
+        inputs[spec.name] = _check_input(arrays[spec.name], spec, role)
+    counts = {name: len(a) for name, a in inputs.items()}
+    if len(set(counts.values())) != 1 or 0 in counts.values():
+        raise BuildError(f"{role} data {path.name}: inputs need the same, non-zero number of samples, got {counts}")
+    labels = _check_labels(arrays.get(LABELS), next(iter(counts.values())), role, path.name) if labelled else None
+    return Dataset(inputs, labels)
+
+
+def _check_input(array: np.ndarray, spec: TensorSpec, role: str) -> np.ndarray:
+    if array.dtype != spec.dtype:
+        raise BuildError(f"{role} input {spec.name!r} is {array.dtype}, the model wants {spec.dtype}")
+    shape_ok = array.ndim == len(spec.shape) and all(
+        not isinstance(want, int) or got == want for got, want in zip(array.shape[1:], spec.shape[1:])
+    )
+    if not shape_ok:
+        raise BuildError(
+            f"{role} input {spec.name!r} has shape {list(array.shape)}, the model wants "
+            f"{spec.describe()} (samples first)")
+    return array
+
+
+def _check_labels(labels: np.ndarray | None, count: int, role: str, name: str) -> np.ndarray:
+    if labels is None:
+        raise BuildError(f"{role} data {name} has no integer array {LABELS!r}; add the true class of each sample")
+    if labels.dtype.kind not in "iu" or labels.shape != (count,):
+        raise BuildError(
+            f"{role} data {name}: {LABELS!r} must be integers of shape [{count}], "
+            f"got {labels.dtype}{list(labels.shape)}")
+    return labels
+
+
+def synthetic_dataset(specs: tuple[TensorSpec, ...], count: int = SYNTHETIC_SAMPLES, seed: int = 0) -> Dataset:
+    """Seeded noise shaped like the inputs, for agreement checks when no eval set is given."""
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for spec in specs:
+        if spec.dtype.kind != "f" or not all(isinstance(d, int) for d in spec.shape[1:]):
+            raise BuildError(
+                f"model input {spec.name!r} is {spec.describe()}: synthetic data cannot be made; give --eval DATA.npz")
+        inputs[spec.name] = rng.standard_normal((count, *spec.shape[1:])).astype(spec.dtype)
+    return Dataset(inputs, synthetic=True)

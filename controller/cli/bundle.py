@@ -1,0 +1,113 @@
+"""``fleetctl bundle``: build hardware-specialized variants, check them, publish them signed."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from ..errors import BuildError
+from ._output import emit, output_option, table
+
+BUILD_COLUMNS = ("variant", "size_bytes", "ops", "p50_ms", "p99_ms", "top1", "agreement", "max_abs_diff", "top1_drop")
+
+_existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+@click.group(name="bundle")
+def cli() -> None:
+    """Model bundles: one file per hardware variant, a report and golden sets."""
+
+
+@cli.command()
+@click.argument("model", type=_existing_file)
+@click.option("--name", required=True, help="Model name, e.g. digits.")
+@click.option("--version", "version", required=True, help="Model version, e.g. 1.0.0.")
+@click.option("--variant", "variants", multiple=True,
+              type=click.Choice(["cpu-fp32", "cpu-int8", "cuda-fp16"]),
+              help="Variant to build (repeatable). Default: every variant that fits the model.")
+@click.option("--calibration", type=_existing_file, help="DATA.npz for static int8 calibration.")
+@click.option("--eval", "eval_data", type=_existing_file, help="DATA.npz with integer 'labels' for accuracy.")
+@click.option("--max-top1-drop", default=1.0, show_default=True, type=click.FloatRange(0, 100),
+              help="Refuse a variant losing more top-1 accuracy than this many points.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Bundle directory to write.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="How to print the report (-o names the bundle directory here).")
+def build(model: Path, name: str, version: str, variants: tuple[str, ...], calibration: Path | None,
+          eval_data: Path | None, max_top1_drop: float, out: Path, fmt: str) -> None:
+    """Build variants of MODEL.onnx into OUT with a report and golden sets.
+
+    \b
+    Example:
+      fleetctl bundle build digits.onnx --name digits --version 1.0.0 \\
+          --calibration calib.npz --eval eval.npz -o out/
+    """
+    from ..bundle.build import build_bundle
+
+    report = build_bundle(model, name, version, list(variants) or None, calibration, eval_data, out,
+                          max_top1_drop / 100)
+    if fmt == "json":
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        click.echo(render_report(report))
+    if not report["variants"]:
+        raise BuildError(f"no variant of {model} was built; see the refusals above")
+
+
+def render_report(report: dict) -> str:
+    ref = report["reference"]
+    rows = [_row("(source)", ref, {"top1": ref["top1"]})]
+    rows += [_row(v["variant"], v, v["accuracy"]) for v in report["variants"]]
+    lines = [table(rows, BUILD_COLUMNS)]
+    if ref["eval"] == "synthetic":
+        lines.append("note: no --eval set: agreement is on seeded noise and the top-1 bound was not checked")
+    lines += [f"note: {v['variant']}: {v['note']}" for v in report["variants"] if v.get("note")]
+    lines += [f"refused: {r['variant']}: {r['reason']}" for r in report["refused"]]
+    return "\n".join(lines)
+
+
+def _row(label: str, entry: dict, accuracy: dict) -> dict:
+    latency = entry.get("latency_ms") or {}
+    return {
+        "variant": label, "size_bytes": entry["size_bytes"], "ops": entry["op_count"],
+        "p50_ms": latency.get("p50"), "p99_ms": latency.get("p99"),
+        **{k: accuracy.get(k) for k in ("top1", "agreement", "max_abs_diff", "top1_drop")},
+    }
+
+
+@cli.command()
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@output_option
+def verify(out: Path, output: str) -> None:
+    """Check that every variant in OUT loads and passes its golden set on this machine.
+
+    \b
+    Example:
+      fleetctl bundle verify out/
+    """
+    from ..bundle.verify import verify_bundle
+
+    checks = verify_bundle(out)
+    emit([asdict(c) for c in checks], output, ["variant", "passed", "max_abs_diff", "detail"])
+    failed = [c.variant for c in checks if not c.passed]
+    if failed:
+        raise BuildError(f"golden check failed for {', '.join(failed)} in {out}")
+
+
+@cli.command()
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@output_option
+def publish(out: Path, output: str) -> None:
+    """Sign every variant of the bundle in OUT into the fleet's TUF repository.
+
+    \b
+    Example:
+      fleetctl bundle publish out/
+    """
+    from ..config import ControllerConfig
+    from ..signing import Repository
+
+    infos = Repository.from_config(ControllerConfig.load()).publish(out)
+    emit([i.to_dict() for i in infos], output, ["model", "version", "variant", "release", "preference", "p99_ms"])
