@@ -57,7 +57,8 @@ def atomic_write(path: Path, data: bytes, writer: Writer | None = None) -> None:
     """Write ``data`` to ``path`` so that a crash leaves the old or the new file, never half."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        # 0600: state files hold credentials (agent config) or nothing others need
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
             (writer or type(f).write)(f, data)
             f.flush()
             os.fsync(f.fileno())

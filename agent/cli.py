@@ -1,0 +1,174 @@
+"""``fleet-agent``: the device agent's command line, a thin layer over the library.
+
+Examples::
+
+    fleet-agent enroll --controller http://controller:8470 --token T
+    fleet-agent run --config /var/lib/edgefleet-agent/agent.toml
+    fleet-agent status
+    fleet-agent rollback
+    fleet-agent serve digits.onnx --http 127.0.0.1:8471
+    fleet-agent bench digits.onnx
+
+Errors print one line on stderr and exit 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .config import DEFAULT_STATE_DIR, AgentConfig
+from .errors import AgentError
+from .slots import Slots
+
+CONFIG_ENV = "FLEET_AGENT_CONFIG"
+
+
+def default_config() -> Path:
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_STATE_DIR / "agent.toml")
+
+
+class CliError(Exception):
+    """A user-facing failure: one line, exit 1."""
+
+
+def _load_config(path: Path) -> AgentConfig:
+    if not path.exists():
+        raise CliError(f"no agent config at {path}: run `fleet-agent enroll` first or pass --config")
+    try:
+        return AgentConfig.load(path)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None,
+                        help=f"agent config (default: ${CONFIG_ENV} or {DEFAULT_STATE_DIR}/agent.toml)")
+
+
+# --- commands ------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import Agent
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return Agent(_load_config(args.config or default_config())).run()
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from .daemon import hardware_profile
+    from .enroll import enroll
+
+    state_dir = args.state_dir or DEFAULT_STATE_DIR
+    profile = hardware_profile(AgentConfig(state_dir=state_dir))
+    result = enroll(args.controller, args.token, state_dir, profile)
+    print(f"enrolled as {result.config.device_id}; config written to {result.config_path}")
+    return 0
+
+
+def _status(config: AgentConfig) -> dict:
+    slots = Slots(config.state_dir)
+    active, previous, journal = slots.active(), slots.previous(), slots.journal()
+    return {
+        "device": config.device_id,
+        "active": active.meta.ref.to_dict() if active else None,
+        "previous": previous.meta.ref.to_dict() if previous else None,
+        "update": None if journal is None else {
+            "generation": journal.generation,
+            "state": journal.state.reported.value,
+            "model": journal.desired.model,
+            "version": journal.desired.version,
+            "detail": journal.detail,
+        },
+    }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    print(json.dumps(_status(_load_config(args.config or default_config())), indent=2))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from .daemon import signal_running_agent
+
+    config = _load_config(args.config or default_config())
+    pointer = Slots(config.state_dir).rollback()
+    told = signal_running_agent(config.state_dir)
+    print(f"active model is now {pointer.active}" + ("" if told else " (takes effect when the agent starts)"))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve_command
+
+    return serve_command(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_command
+
+    def active_model() -> Path:
+        active = Slots(_load_config(args.config or default_config()).state_dir).active()
+        if active is None:
+            raise CliError("no model is installed yet; pass a MODEL.onnx to benchmark")
+        return active.model
+
+    return bench_command(args, default_model=active_model)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import bench, serve
+
+    parser = argparse.ArgumentParser(prog="fleet-agent", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the agent daemon")
+    _add_config(run)
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.set_defaults(func=cmd_run)
+
+    enroll = sub.add_parser("enroll", help="enroll this device with a controller")
+    enroll.add_argument("--controller", required=True, help="controller URL, e.g. http://controller:8470")
+    enroll.add_argument("--token", required=True, help="one-time enrollment token from `fleetctl devices token`")
+    enroll.add_argument("--state-dir", type=Path, default=None, help=f"default: {DEFAULT_STATE_DIR}")
+    enroll.set_defaults(func=cmd_enroll)
+
+    status = sub.add_parser("status", help="show the active and previous model and the update in progress")
+    _add_config(status)
+    status.set_defaults(func=cmd_status)
+
+    rollback = sub.add_parser("rollback", help="reactivate the previous model now")
+    _add_config(rollback)
+    rollback.set_defaults(func=cmd_rollback)
+
+    serve.build_parser(sub.add_parser("serve", help="serve one local ONNX model (no controller)"))
+    sub.choices["serve"].set_defaults(func=cmd_serve)
+
+    bench_parser = sub.add_parser("bench", help="benchmark a model (default: the active one)")
+    bench.build_parser(bench_parser)
+    _add_config(bench_parser)
+    bench_parser.set_defaults(func=cmd_bench)
+
+    sub.add_parser("tuf-client", help="TUF conformance client (see `fleet-agent tuf-client -h`)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["tuf-client"]:
+        from . import tufclient
+
+        return tufclient.main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CliError, AgentError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

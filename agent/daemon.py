@@ -1,0 +1,234 @@
+"""The agent process: wiring, the main loop, sd_notify and signals.
+
+The main thread runs the reconcile loop, woken by a new desired state, a local
+rollback (SIGUSR1 from ``fleet-agent rollback``) or a periodic tick, and pings
+the systemd watchdog between steps. MQTT and the inference server run in their
+own threads. On start the active slot (verified and gated when it was
+installed) is loaded and served at once; an interrupted update resumes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+
+from .config import AgentConfig
+from .errors import AgentError, ModelError
+from .fetch import ModelUpdater
+from .hardware import HardwareProfile, probe
+from .mqtt import AgentLink
+from .protocol import Desired, TelemetryKind
+from .reconcile import Reconciler
+from .runtime import ModelRuntime, RuntimeOptions
+from .serve import InferenceServer
+from .slots import Slots, atomic_write, read_json
+
+log = logging.getLogger(__name__)
+
+TICK_S = 60.0        # a level-triggered pass runs at least this often
+PID_FILE = "agent.pid"
+
+
+def agent_version() -> str:
+    try:
+        return metadata.version("edgefleet")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def sd_notify(message: str) -> bool:
+    """Send one sd_notify datagram when systemd asked for it (NOTIFY_SOCKET)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):  # abstract namespace
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as e:
+        log.warning("sd_notify to %s failed: %s", address, e)
+        return False
+    return True
+
+
+def watchdog_interval() -> float | None:
+    """Half the watchdog timeout systemd set for us, in seconds (None: no watchdog)."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
+
+
+def next_boot(state_dir: Path) -> int:
+    """The persisted boot counter, one more than at the last start."""
+    path = state_dir / "boot.json"
+    previous = read_json(path)
+    boot = (previous.get("boot", 0) if isinstance(previous, dict) else 0) + 1
+    atomic_write(path, f'{{"boot": {boot}}}'.encode())
+    return boot
+
+
+def hardware_profile(config: AgentConfig) -> HardwareProfile:
+    """The probed profile; ``hardware_override`` replaces fields (simulated devices, tests)."""
+    profile = probe()
+    if not config.hardware_override:
+        return profile
+    return HardwareProfile.from_dict({**profile.to_dict(), **config.hardware_override})
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        state_dir = Path(config.state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.slots = Slots(state_dir)
+        self.boot = next_boot(state_dir)
+        self.profile = hardware_profile(config)
+        self.runtime = ModelRuntime(RuntimeOptions.from_config(config, self.profile.providers))
+        self.server = InferenceServer(self.runtime, config.serve, config.max_request_bytes)
+        self.link = AgentLink(config, self.boot, self._on_desired)
+        updater = ModelUpdater(
+            state_dir / "tuf", config.tuf_metadata_url, config.tuf_target_base_url, config.download_timeout_s
+        )
+        self.reconciler = Reconciler(
+            self.slots, updater, self.runtime, self.link, self.profile,
+            agent_version=agent_version(), on_step=self._ping,
+        )
+        self._desired: Desired | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._resync = threading.Event()
+        self._watchdog = watchdog_interval()
+        self._started = time.monotonic()
+
+    # --- callbacks from other threads and signals ---------------------------
+
+    def _on_desired(self, desired: Desired) -> None:
+        with self._lock:
+            if self._desired is None or desired.generation >= self._desired.generation:
+                self._desired = desired
+        self._wake.set()
+
+    def stop(self, *_: object) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def _on_rollback_signal(self, *_: object) -> None:
+        self._resync.set()
+        self._wake.set()
+
+    def _ping(self) -> None:
+        if self._watchdog is not None:
+            sd_notify("WATCHDOG=1")
+
+    # --- lifecycle ------------------------------------------------------------
+
+    def serve_active(self) -> None:
+        """Serve what the slot pointer names; fall back to the previous slot if it will not load."""
+        for slot in (self.slots.active(), self.slots.previous()):
+            if slot is None:
+                continue
+            current = self.runtime.active
+            if current is not None and current.ref == slot.meta.ref:
+                return
+            try:
+                self.runtime.swap(self.runtime.load(slot.model, slot.meta.ref))
+                return
+            except ModelError as e:
+                log.error("installed model %s does not load: %s", slot.name, e)
+        log.info("no installed model yet; serving starts after the first update")
+
+    def run(self) -> int:
+        pid_file = Path(self.config.state_dir) / PID_FILE
+        atomic_write(pid_file, str(os.getpid()).encode())
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        signal.signal(signal.SIGUSR1, self._on_rollback_signal)
+        self.serve_active()
+        self.server.start()
+        self.link.start()
+        self.reconciler.report()
+        sd_notify(f"READY=1\nSTATUS=serving on {self.server.url}")
+        log.info("agent %s boot %d serving on %s", self.config.device_id, self.boot, self.server.url)
+        try:
+            self._loop()
+        finally:
+            sd_notify("STOPPING=1")
+            self.link.stop()
+            self.server.stop()
+            self.runtime.close()
+            pid_file.unlink(missing_ok=True)
+        return 0
+
+    def _loop(self) -> None:
+        due = 0.0  # run a pass at once: it resumes an interrupted update
+        next_heartbeat = 0.0
+        while not self._stop.is_set():
+            self._ping()
+            now = time.monotonic()
+            if self._resync.is_set():
+                self._resync.clear()
+                self.serve_active()
+                self.reconciler.report()
+            if self._wake.is_set() or now >= due:
+                self._wake.clear()
+                with self._lock:
+                    desired = self._desired
+                try:
+                    delay = self.reconciler.run_pass(desired)
+                except AgentError as e:  # e.g. the disk is full: keep serving, try again later
+                    log.error("reconcile pass failed: %s", e)
+                    delay = TICK_S
+                due = time.monotonic() + (TICK_S if delay is None else delay)
+            if now >= next_heartbeat:
+                self._heartbeat()
+                next_heartbeat = now + self.config.heartbeat_s
+            timeout = min(due, next_heartbeat) - time.monotonic()
+            if self._watchdog is not None:
+                timeout = min(timeout, self._watchdog)
+            self._wake.wait(max(0.0, timeout))
+
+    def _heartbeat(self) -> None:
+        active = self.runtime.active
+        self.link.telemetry(
+            TelemetryKind.HEARTBEAT.value,
+            {
+                "uptime_s": round(time.monotonic() - self._started, 1),
+                "active": active.ref.to_dict() if active is not None and active.ref else None,
+                "counters": self.runtime.counters(),
+                "rss_kb": _rss_kb(),
+            },
+        )
+
+
+def _rss_kb() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def signal_running_agent(state_dir: Path) -> bool:
+    """Ask a running agent to serve what the slot pointer names now (after a local rollback)."""
+    try:
+        pid = int((Path(state_dir) / PID_FILE).read_text())
+        # a pid file left by a killed agent may name an unrelated process now
+        if b"fleet-agent" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return False
+        os.kill(pid, signal.SIGUSR1)
+    except (OSError, ValueError):
+        return False
+    return True

@@ -1,0 +1,358 @@
+"""The level-triggered reconcile pass: compare desired with what runs, take the next step.
+
+Each update state has one small handler that does its (idempotent) work and
+returns one :class:`~.state.Outcome`; :mod:`.state` decides what comes next.
+The journal is saved before a handler acts, so after a crash the same step
+runs again and finishes or undoes the work. Nothing is served that has not
+passed TUF verification and the on-device gate.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from . import window
+from .errors import AgentError, GateError, ModelError, RejectedError, StorageError, TransportError, VerificationError
+from .fetch import check_release
+from .gate import run_gate
+from .hardware import HardwareProfile, Requirements
+from .protocol import Desired, ModelRef, TargetInfo, TelemetryKind
+from .runtime import LoadedModel, ModelRuntime
+from .slots import GOLDEN_FILE, MODEL_FILE, Journal, SlotMeta, Slots, slot_name, storage_error
+from .state import Outcome, State, next_state, plan
+
+log = logging.getLogger(__name__)
+
+WINDOW_RECHECK_S = 30.0
+
+
+class Updater(Protocol):
+    """What reconcile needs of :class:`.fetch.ModelUpdater`."""
+
+    def refresh(self) -> None: ...
+    def find(self, target_path: str) -> tuple[Any, TargetInfo]: ...
+    def target(self, target_path: str) -> Any: ...
+    def download(self, target_file: Any, dest: Path) -> Path: ...
+
+
+class Link(Protocol):
+    """What reconcile needs of :class:`.mqtt.AgentLink`."""
+
+    def report(self, **fields: Any) -> None: ...
+    def event(self, state: Any, **fields: Any) -> None: ...
+    def telemetry(self, kind: Any, data: dict) -> None: ...
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter for retryable (transport) trouble."""
+
+    base_s: float = 2.0
+    max_s: float = 300.0
+    attempts: int = 0
+
+    def next_delay(self) -> float:
+        self.attempts += 1
+        return random.uniform(0.5, 1.0) * min(self.max_s, self.base_s * 2 ** (self.attempts - 1))
+
+    def reset(self) -> None:
+        self.attempts = 0
+
+
+class Step:
+    """Carries a handler's outcome and its one-line reason."""
+
+    def __init__(self, outcome: Outcome, detail: str = "", data: dict | None = None) -> None:
+        self.outcome, self.detail, self.data = outcome, detail, data or {}
+
+
+class Reconciler:
+    def __init__(
+        self,
+        slots: Slots,
+        updater: Updater,
+        runtime: ModelRuntime,
+        link: Link,
+        profile: HardwareProfile,
+        agent_version: str = "",
+        backoff: Backoff | None = None,
+        on_step: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.slots = slots
+        self.updater = updater
+        self.runtime = runtime
+        self.link = link
+        self.profile = profile
+        self.agent_version = agent_version
+        self.backoff = backoff or Backoff()
+        self._on_step = on_step  # the daemon pings the watchdog between steps
+        self._refreshed = False
+        self._targets: dict[str, tuple[Any, TargetInfo]] = {}
+        self._handlers: dict[State, Callable[[Journal], Step]] = {
+            State.DOWNLOAD: self._download,
+            State.VERIFY: self._verify,
+            State.STAGE: self._stage,
+            State.WAIT_WINDOW: self._wait_window,
+            State.ACTIVATE: self._activate,
+            State.ROLLBACK: self._rollback,
+        }
+
+    # --- the pass ------------------------------------------------------------
+
+    def run_pass(self, desired: Desired | None) -> float | None:
+        """One level-triggered pass. Returns seconds until the next pass is due (None: on change only)."""
+        self._refreshed = False
+        self._targets.clear()
+        journal = self._execution(desired)
+        if journal is None:
+            return None
+        while not journal.state.terminal:
+            step = self._run_handler(journal)
+            if step.outcome is Outcome.RETRY and next_state(journal.state, step.outcome) is journal.state:
+                delay = self.backoff.next_delay()
+                self._event(journal, detail=f"{step.detail}; retrying in {delay:.0f}s")
+                return delay
+            if step.outcome is Outcome.WINDOW_CLOSED and journal.state is State.WAIT_WINDOW:
+                return WINDOW_RECHECK_S
+            self.backoff.reset()
+            state = next_state(journal.state, step.outcome)
+            if not journal.enter(state, step.detail):
+                journal.enter(State.FAILED, f"{state.value} was entered too often (crash loop?); giving up: {step.detail}")
+            self._save(journal)
+            self._event(journal, data=step.data)
+            if step.outcome is Outcome.WINDOW_CLOSED:
+                return WINDOW_RECHECK_S
+        self._report(journal.generation)
+        self.slots.gc()
+        return None
+
+    def _execution(self, desired: Desired | None) -> Journal | None:
+        """The execution to work on: the journalled one, or a new one for a newer generation."""
+        journal = self.slots.journal()
+        if journal is not None and not journal.state.terminal:
+            if desired is None or desired.generation <= journal.generation:
+                # resumed after a restart: this entry counts toward the loop guard
+                if not journal.enter(journal.state, journal.detail):
+                    journal.enter(State.FAILED, f"{journal.state.value} was resumed too often (crash loop?)")
+                self._save(journal)
+                self._event(journal)
+                return journal
+        finished = journal.generation if journal is not None and journal.state.terminal else None
+        active = self.slots.active()
+        decision = plan(desired, active.meta.ref if active else None, finished)
+        if decision.state is None or desired is None:
+            return None
+        journal = Journal(desired=desired, state=decision.state)
+        journal.enter(decision.state)
+        self._save(journal)
+        self._event(journal)
+        if journal.state.terminal:  # already runs it
+            self._report(journal.generation)
+        return journal
+
+    def _run_handler(self, journal: Journal) -> Step:
+        self._on_step()
+        try:
+            return self._handlers[journal.state](journal)
+        except TransportError as e:
+            return Step(Outcome.RETRY, str(e))
+        except RejectedError as e:
+            return Step(Outcome.REJECTED, str(e))
+        except StorageError as e:
+            self.slots.gc(keep_staging=journal.slot)
+            return Step(Outcome.FAILED, str(e))
+        except AgentError as e:  # the remote sent something unusable: terminal for this generation
+            return Step(Outcome.FAILED, str(e))
+
+    # --- handlers (one job each, idempotent) ----------------------------------
+
+    def _download(self, journal: Journal) -> Step:
+        desired = journal.desired
+        target_file, info = self._find(desired.target or "")
+        if (info.model, info.version, info.variant) != (desired.model, desired.version, desired.variant):
+            raise VerificationError(
+                f"signed target {desired.target} is {info.model} {info.version} {info.variant}, "
+                f"not what the desired state names"
+            )
+        unmet = Requirements.from_dict(info.requirements).unmet(self.profile)
+        if unmet:
+            raise RejectedError(f"{info.variant} cannot run here: {'; '.join(unmet)}")
+        check_release(info, self.slots.highest_release(info.model))
+        name = slot_name(_ref(info))
+        journal.slot = name
+        self._save(journal)
+        if self.slots.get(name) is not None:
+            return Step(Outcome.DONE, f"{name} is already installed")
+        staging = self.slots.staging(name)
+        golden_file = self._golden(info)
+        self._fetch(target_file, staging / MODEL_FILE)
+        self._fetch(golden_file, staging / GOLDEN_FILE)
+        return Step(Outcome.DONE, f"downloaded {target_file.length} bytes")
+
+    def _verify(self, journal: Journal) -> Step:
+        name = journal.slot or ""
+        if self.slots.get(name) is not None:
+            return Step(Outcome.DONE, f"{name} is installed")
+        target_file, info = self._find(journal.desired.target or "")
+        staging = self.slots.staging_root / name
+        golden_file = self._golden(info)
+        for file, path in ((target_file, staging / MODEL_FILE), (golden_file, staging / GOLDEN_FILE)):
+            problem = _mismatch(file, path)
+            if problem:
+                path.unlink(missing_ok=True)
+                return Step(Outcome.RETRY, problem)
+        if golden_file.hashes.get("sha256") != info.golden_sha256:
+            raise VerificationError(f"golden set of {name} does not match the digest its model target names")
+        check_release(info, self.slots.highest_release(info.model))
+        return Step(Outcome.DONE, f"{name} matches its signed length and hashes")
+
+    def _stage(self, journal: Journal) -> Step:
+        name = journal.slot or ""
+        if self.slots.get(name) is None:
+            target_file, info = self._find(journal.desired.target or "")
+            meta = SlotMeta(_ref(info), info, target_file.hashes["sha256"], installed=time.time())
+            self.slots.install(name, meta)
+        if not window.is_open(journal.desired.window):
+            return Step(Outcome.WINDOW_CLOSED, f"waiting for maintenance window {journal.desired.window.cron}")
+        return Step(Outcome.DONE, f"{name} installed")
+
+    def _wait_window(self, journal: Journal) -> Step:
+        if window.is_open(journal.desired.window):
+            return Step(Outcome.DONE, "maintenance window is open")
+        return Step(Outcome.WINDOW_CLOSED, "maintenance window is closed")
+
+    def _activate(self, journal: Journal) -> Step:
+        name = journal.slot or ""
+        slot = self.slots.get(name)
+        if slot is None:
+            return Step(Outcome.RETRY, f"slot {name} is missing")
+        active = self.runtime.active
+        if self.slots.pointer().active == name and active is not None and active.ref == slot.meta.ref:
+            return Step(Outcome.DONE, f"{name} is active")
+        previous = self.slots.active()
+        previous_p99 = previous.meta.p99_ms if previous is not None else None
+        measured: dict = {}
+
+        def gate_and_commit(loaded: LoadedModel) -> None:
+            self._on_step()
+            result = run_gate(loaded, slot.golden, journal.desired.gate, previous_p99)
+            measured.update(result.data or {})
+            if not result.passed:
+                raise GateError(result.reason)
+            p99 = _p99(measured)
+            if p99 is not None:
+                self.slots.record_p99(name, p99)
+            self.slots.activate(name)  # the pointer moves before the swap: a crash in between serves the new, gated model
+
+        try:
+            outcome = self.runtime.replace(slot.model, slot.meta.ref, gate_and_commit)
+        except (GateError, ModelError) as e:
+            self.slots.discard(name)
+            return Step(Outcome.GATE_FAILED, str(e), _bench(measured))
+        finally:
+            if measured:
+                self.link.telemetry(TelemetryKind.BENCHMARK.value, {"model": slot.meta.ref.to_dict(), **measured})
+        detail = "swapped (requests held while the old model made room)" if outcome.preserved else "swapped"
+        return Step(Outcome.DONE, detail, _bench(measured))
+
+    def _rollback(self, journal: Journal) -> Step:
+        previous = self.slots.previous()
+        if previous is None:
+            raise AgentError("no previous model is installed to roll back to")
+        # the previous slot passed its gate when it was first activated
+        self.runtime.replace(previous.model, previous.meta.ref, lambda _loaded: self.slots.rollback())
+        return Step(Outcome.DONE, f"rolled back to {previous.meta.ref.model} {previous.meta.ref.version}")
+
+    # --- helpers --------------------------------------------------------------
+
+    def _find(self, path: str) -> tuple[Any, TargetInfo]:
+        """A signed model target and its edgefleet fields (metadata refreshed once per pass)."""
+        if path not in self._targets:
+            self._refresh()
+            self._targets[path] = self.updater.find(path)
+        return self._targets[path]
+
+    def _golden(self, info: TargetInfo) -> Any:
+        self._refresh()
+        return self.updater.target(info.golden)
+
+    def _refresh(self) -> None:
+        if not self._refreshed:
+            self.updater.refresh()
+            self._refreshed = True
+
+    def _fetch(self, target_file: Any, dest: Path) -> None:
+        if _mismatch(target_file, dest) is None:
+            return  # downloaded before a restart
+        self._on_step()
+        try:
+            self.updater.download(target_file, dest)
+        except OSError as e:
+            raise storage_error(e, str(dest)) from e
+
+    def _save(self, journal: Journal) -> None:
+        self.slots.save_journal(journal)
+
+    def _event(self, journal: Journal, detail: str | None = None, data: dict | None = None) -> None:
+        desired = journal.desired
+        self.link.event(
+            journal.state.reported.value,
+            generation=desired.generation,
+            deployment=desired.deployment,
+            model=desired.model,
+            version=desired.version,
+            variant=desired.variant,
+            detail=(journal.detail if detail is None else detail)[:2000],
+            data=data or {},
+        )
+
+    def _report(self, generation: int) -> None:
+        active, previous = self.slots.active(), self.slots.previous()
+        self.link.report(
+            generation=generation,
+            active=active.meta.ref if active else None,
+            previous=previous.meta.ref if previous else None,
+            hardware=self.profile.to_dict(),
+            agent_version=self.agent_version,
+        )
+
+    def report(self) -> None:
+        """Announce what runs now (on start and on every reconnect)."""
+        journal = self.slots.journal()
+        self._report(journal.generation if journal else 0)
+
+
+def _ref(info: TargetInfo) -> ModelRef:
+    return ModelRef(model=info.model, version=info.version, variant=info.variant, release=info.release)
+
+
+def _mismatch(target_file: Any, path: Path) -> str | None:
+    """Why the file at ``path`` is not the signed target (None when it is)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return f"{path.name} is not downloaded"
+    if size != target_file.length:
+        return f"{path.name} is {size} bytes, the signed length is {target_file.length}"
+    for algorithm, expected in target_file.hashes.items():
+        digest = hashlib.new(algorithm)
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != expected:
+            return f"{path.name} does not match its signed {algorithm}"
+    return None
+
+
+def _p99(measured: dict) -> float | None:
+    value = measured.get("p99_ms")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _bench(measured: dict) -> dict:
+    return {k: v for k, v in measured.items() if isinstance(v, (int, float, str, bool, dict, list))}

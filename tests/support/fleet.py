@@ -1,0 +1,178 @@
+"""A real signed repository served over HTTP, an MQTT observer, and agent configs,
+for tests that drive the agent (in-process reconciler or a `fleet-agent run` process)."""
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.fetch import trust_root
+from edgefleet.agent.golden import GoldenSet
+from edgefleet.agent.protocol import Channel, Desired, Gate, TargetInfo, target_path, topic
+from edgefleet.controller.signing import Repository
+from edgefleet.controller.store.local import LocalStore
+
+from .repo_server import RepoServer, serve
+
+GOLDEN_SAMPLES = 8
+FAST_GATE = Gate(bench_seconds=0.05, bench_min_queries=10, max_p99_regression=0.5)
+
+
+def make_golden(reference: Path, inputs: np.ndarray, out: Path) -> Path:
+    """A golden set whose expected outputs are the reference model's own."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(reference), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    batch = inputs[:GOLDEN_SAMPLES].astype(np.float32)
+    outputs = {"probabilities": session.run(["probabilities"], {name: batch})[0]}
+    return GoldenSet({name: batch}, outputs, atol=1e-4, rtol=1e-3, top1=True).save(out)
+
+
+@dataclass
+class SignedRepo:
+    """A TUF repository in a LocalStore (controller/signing.py), served by tests/support/repo_server."""
+
+    home: Path
+    eval_inputs: np.ndarray
+    reference: Path          # golden outputs come from this model (digits) unless told otherwise
+    repo: Repository = field(init=False)
+    server: RepoServer = field(init=False)
+
+    def __post_init__(self) -> None:
+        store = LocalStore(self.home / "store")
+        self.repo = Repository.create(self.home, store)
+        self.server = serve(self.home / "store")
+
+    @property
+    def metadata_url(self) -> str:
+        return f"{self.server.url}/repository/metadata/"
+
+    @property
+    def target_base_url(self) -> str:
+        return f"{self.server.url}/repository/targets/"
+
+    def publish(
+        self,
+        model_file: Path,
+        version: str,
+        model: str = "digits",
+        variant: str = "cpu-fp32",
+        requirements: dict | None = None,
+        golden_from: Path | None = None,
+    ) -> TargetInfo:
+        out = self.home / "bundles" / f"{model}-{version}"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{variant}.onnx").write_bytes(Path(model_file).read_bytes())
+        make_golden(golden_from or self.reference, self.eval_inputs, out / f"{variant}.golden.npz")
+        report = {
+            "model": model, "version": version, "created": "2026-01-01T00:00:00Z", "reference": {},
+            "variants": [{
+                "variant": variant, "file": f"{variant}.onnx", "golden": f"{variant}.golden.npz",
+                "requirements": requirements or {"providers": ["CPUExecutionProvider"]}, "preference": 0,
+            }],
+            "refused": [],
+        }
+        (out / "report.json").write_text(json.dumps(report))
+        (info,) = self.repo.publish(out)
+        return info
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def agent_config(state_dir: Path, repo: SignedRepo, broker_url: str, serve: str, **overrides: Any) -> AgentConfig:
+    """An enrolled agent's config (as `fleet-agent enroll` would write) with the repository's root trusted."""
+    settings: dict[str, Any] = {
+        "device_id": f"dev-{uuid.uuid4().hex[:10]}", "state_dir": state_dir, "broker_url": broker_url,
+        "serve": serve, "metadata_url": repo.metadata_url, "target_base_url": repo.target_base_url,
+        "heartbeat_s": 5.0, "download_timeout_s": 2.0, "reconnect_min_s": 0.1, "reconnect_max_s": 1.0,
+    }
+    config = AgentConfig(**{**settings, **overrides})
+    trust_root(state_dir / "tuf", repo.repo.trusted_root())
+    return config
+
+
+def desired(device: str, generation: int, info: TargetInfo | None = None, **fields: Any) -> Desired:
+    if info is not None:
+        fields = {"model": info.model, "version": info.version, "variant": info.variant,
+                  "target": target_path(info.model, info.version, info.variant), **fields}
+    return Desired(device=device, generation=generation, deployment=f"dep-{generation}",
+                   gate=fields.pop("gate", FAST_GATE), **fields)
+
+
+class Observer:
+    """Publishes retained desired states and collects what one device sends (paho, a real broker)."""
+
+    def __init__(self, broker_url: str, device: str) -> None:
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        host, _, port = broker_url.removeprefix("mqtt://").partition(":")
+        self.device = device
+        self.messages: "queue.Queue[tuple[Channel, dict]]" = queue.Queue()
+        self.seen: list[tuple[Channel, dict]] = []
+        self.reported: dict | None = None
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"observer-{uuid.uuid4().hex[:8]}")
+        self.client.on_connect = lambda c, *_: (c.subscribe(f"edgefleet/v1/{device}/#", qos=1), self._ready.set())
+        self.client.on_message = self._on_message
+        self.client.connect(host, int(port))
+        self.client.loop_start()
+        assert self._ready.wait(10), "observer could not connect to the broker"
+
+    def _on_message(self, _client, _userdata, message) -> None:
+        channel = Channel(message.topic.rsplit("/", 1)[1])
+        if channel is Channel.DESIRED or not message.payload:
+            return
+        body = json.loads(message.payload)
+        with self._lock:
+            self.seen.append((channel, body))
+            if channel is Channel.REPORTED:
+                self.reported = body
+
+    def publish(self, message: Desired) -> None:
+        info = self.client.publish(topic(self.device, Channel.DESIRED), message.to_json(), qos=1, retain=True)
+        info.wait_for_publish(10)
+
+    def events(self, generation: int | None = None) -> list[dict]:
+        with self._lock:
+            return [b for c, b in self.seen
+                    if c is Channel.EVENTS and (generation is None or b["generation"] == generation)]
+
+    def states(self, generation: int) -> list[str]:
+        return [e["state"] for e in self.events(generation)]
+
+    def telemetry(self, kind: str) -> list[dict]:
+        with self._lock:
+            return [b for c, b in self.seen if c is Channel.TELEMETRY and b["kind"] == kind]
+
+    def wait(self, predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.05)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}; events: {self.events()[-8:]}")
+
+    def wait_terminal(self, generation: int, timeout: float = 60.0) -> dict:
+        terminal = {"SUCCEEDED", "FAILED", "ROLLED_BACK", "REJECTED"}
+        return self.wait(
+            lambda: next((e for e in self.events(generation) if e["state"] in terminal), None),
+            timeout, f"generation {generation} to finish",
+        )
+
+    def close(self) -> None:
+        self.client.publish(topic(self.device, Channel.DESIRED), b"", qos=1, retain=True).wait_for_publish(5)
+        self.client.loop_stop()
+        self.client.disconnect()
