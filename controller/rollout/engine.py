@@ -464,7 +464,7 @@ def _owed(db: Database, rollout_id: str, now: datetime) -> list[int]:
         owed = []
         for execution, device in session.execute(
             _executions(rollout_id).add_columns(Device).join(Device, Device.id == Execution.device_id)
-        ).tuples():
+        ):
             if _desired_for(rollout, execution, device, now) is not None:
                 owed.append(execution.id)
         return owed
@@ -474,6 +474,7 @@ def _desired_for(rollout: Rollout, execution: Execution, device: Device, now: da
     """Which desired state (install / rollback / hold) is owed, or None.
 
     Install: the rollout runs and the execution was never sent (or is due for a retry).
+    Events name the rollout as their deployment; (rollout, device) is the execution.
     Rollback / hold: the rollout failed, was rolled back or aborted, and the device's
     current desired state is still this execution's install of the new version.
     """
@@ -483,7 +484,7 @@ def _desired_for(rollout: Rollout, execution: Execution, device: Device, now: da
             return "install"
         return None
     desired = device.desired or {}
-    still_ours = (desired.get("deployment") == str(execution.id) and desired.get("action") == Action.INSTALL.value
+    still_ours = (desired.get("deployment") == rollout.id and desired.get("action") == Action.INSTALL.value
                   and desired.get("version") == rollout.version)
     if not still_ours:
         return None
@@ -516,7 +517,7 @@ def _publish_one(db: Database, publisher: Publisher, execution_id: int, now: dat
                 execution.next_attempt_at = None
             elif kind == "hold" and not execution.state.terminal:
                 execution.state, execution.detail = ExecutionState.CANCELED, f"rollout {rollout.state.value.lower()}"
-            else:
+            else:  # the device's ROLLED_BACK event, a newer generation than the install, settles it
                 execution.detail = f"cloud rollback requested (generation {generation})"
             session.flush()
             publisher.publish_desired(desired)
@@ -530,14 +531,14 @@ def _build(kind: str, rollout: Rollout, spec: RolloutSpec, execution: Execution,
     try:
         if kind == "install":
             return Desired(
-                device=device, generation=generation, action=Action.INSTALL.value, deployment=str(execution.id),
+                device=device, generation=generation, action=Action.INSTALL.value, deployment=rollout.id,
                 model=rollout.model, version=rollout.version, variant=execution.variant,
                 target=target_path(rollout.model, rollout.version, execution.variant or ""),
                 sampling=spec.sampling, gate=spec.device_gate, window=spec.window,
             )
         if kind == "rollback":
             return Desired(device=device, generation=generation, action=Action.ROLLBACK.value,
-                           deployment=str(execution.id))
+                           deployment=rollout.id)
         # hold: stay on what ran before; no deployment, so the agent's report does not touch this execution
         previous = ModelRef.from_dict(execution.previous) if execution.previous else None
         if previous is None:

@@ -1,0 +1,237 @@
+"""The rollout engine on a real database (SQLite and PostgreSQL), with the real ingest
+applying device events and a publisher that records the desired states."""
+from __future__ import annotations
+
+import itertools
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from edgefleet.agent.protocol import Action, Event, ExecutionState as E, Telemetry
+from edgefleet.controller.db.models import (
+    BadVariant, Benchmark, Device, Execution, GateResult, Rollout, RolloutState, Verdict, utcnow,
+)
+from edgefleet.controller.db.session import Database
+from edgefleet.controller.errors import Conflict
+from edgefleet.controller.ingest import Ingest
+from edgefleet.controller.rollout import engine
+from edgefleet.controller.rollout.planner import Trigger
+from tests.rollout_fleet import RPI, RecordingPublisher, fleet_db, spec_for
+
+_seq = itertools.count(1)
+
+
+def say(db: Database, device: str, state: E, deployment: str | None, generation: int, **data) -> None:
+    """What the agent would send: one execution event."""
+    Ingest(db).apply([Event(device=device, boot=1, seq=next(_seq), generation=generation, state=state.value,
+                            deployment=deployment, data=data)])
+
+
+def bench(db: Database, device: str, version: str, variant: str, p99_ms: float) -> None:
+    Ingest(db).apply([Telemetry(device=device, boot=1, seq=next(_seq), kind="benchmark", data={
+        "model": {"model": "digits", "version": version, "variant": variant, "release": 2},
+        "p50_ms": p99_ms / 2, "p99_ms": p99_ms})])
+
+
+def create(db: Database, **changes) -> str:
+    with db.unit_of_work() as session:
+        return engine.create_rollout(session, spec_for(**changes), "test").rollout_id
+
+
+def executions(db: Database, rollout_id: str) -> list[Execution]:
+    with db.unit_of_work() as session:
+        return list(session.scalars(sa.select(Execution).where(Execution.rollout_id == rollout_id)
+                                    .order_by(Execution.device_id)))
+
+
+def rollout(db: Database, rollout_id: str) -> Rollout:
+    with db.unit_of_work() as session:
+        return session.get(Rollout, rollout_id)
+
+
+def finish(db: Database, publisher: RecordingPublisher, rollout_id: str, state: E = E.SUCCEEDED,
+           only: set[str] | None = None) -> None:
+    """Every device that was sent this rollout reports ``state`` for its latest generation."""
+    for desired in publisher.sent:
+        if desired.deployment == rollout_id and (only is None or desired.device in only):
+            say(db, desired.device, state, rollout_id, desired.generation)
+
+
+def test_full_rollout_steps_through_stages(database_url):
+    db = fleet_db(database_url)
+    publisher = RecordingPublisher()
+    rid = create(db, stages=(0.3, 1.0))
+    report = engine.step_all(db, publisher)
+    assert report.created == 2 and report.published == 2   # one of each class: ceil(30% of 3)
+    first = executions(db, rid)
+    assert {e.stage for e in first} == {0} and all(e.generation == 1 for e in first)
+    sent = {d.device: d for d in publisher.sent}
+    classes = {"x": "cpu-int8", "p": "cpu-fp32"}
+    for device, desired in sent.items():
+        assert desired.action == Action.INSTALL.value and desired.deployment == rid
+        assert desired.variant == classes[device[0]] and desired.target == f"digits/1.1.0/{desired.variant}.onnx"
+        assert desired.gate.max_p99_regression == 0.15
+    assert engine.step_all(db, publisher).published == 0     # idempotent: nothing owed twice
+    finish(db, publisher, rid)
+    assert "stage 1/2 (30%) passed" in engine.step_all(db, publisher).transitions[0]
+    engine.step_all(db, publisher)                           # stage 2: the other four devices
+    assert len(executions(db, rid)) == 6 and len(publisher.sent) == 6
+    finish(db, publisher, rid)
+    engine.step_all(db, publisher)
+    done = rollout(db, rid)
+    assert done.state is RolloutState.SUCCEEDED
+    with db.unit_of_work() as session:
+        gates = session.scalars(sa.select(GateResult).where(GateResult.rollout_id == rid)).all()
+        assert {(g.stage, g.hardware_class) for g in gates} == {(s, c) for s in (0, 1) for c in ("x86_64", "rpi-4")}
+        assert all(g.verdict is not Verdict.FAIL for g in gates)
+        devices = {d.id: d for d in session.scalars(sa.select(Device))}
+    assert all(d.desired_generation == 1 and d.desired["deployment"] == rid for d in devices.values())
+    assert len(publisher.sent) == 6
+
+
+def test_failing_gate_stops_rolls_back_and_marks_variant_bad(database_url):
+    db = fleet_db(database_url, count_per_class=4)
+    with db.unit_of_work() as session:   # the version it replaces ran at 10 ms on rpi-4
+        session.add_all(Benchmark(device_id=f"p{i}", hardware_class="rpi-4", model="digits", version="1.0.0",
+                                  variant="cpu-fp32", p50_ms=5, p99_ms=10.0) for i in range(1, 5))
+    publisher = RecordingPublisher()
+    rid = create(db, stages=(0.5, 1.0), max_failure_rate=0.5)
+    engine.step_all(db, publisher)
+    stage0 = {d.device: d for d in publisher.sent}
+    assert len(stage0) == 4
+    x86 = sorted(d for d in stage0 if d.startswith("x"))
+    rpi = sorted(d for d in stage0 if d.startswith("p"))
+    # one x86 device fails its golden set (rolled back on the device); rpi devices are 50% slower
+    say(db, x86[0], E.ROLLED_BACK, rid, stage0[x86[0]].generation)
+    for device in x86[1:] + rpi:
+        say(db, device, E.SUCCEEDED, rid, stage0[device].generation)
+    for device in rpi:
+        bench(db, device, "1.1.0", "cpu-fp32", 15.0)
+    report = engine.step_all(db, publisher)
+    failed = rollout(db, rid)
+    assert failed.state is RolloutState.FAILED and failed.stage == 0
+    assert "p99_regression on rpi-4: 0.5 (limit 0.15) FAIL" in failed.detail
+    # cloud rollback for every device that activated the new version, nothing for the one that rolled back itself
+    rollbacks = {d.device: d for d in publisher.sent[4:] if d.action == Action.ROLLBACK.value}
+    assert set(rollbacks) == set(x86[1:] + rpi) and report.published == len(rollbacks) + 1
+    holds = [d for d in publisher.sent[4:] if d.action != Action.ROLLBACK.value]
+    assert [(h.device, h.version, h.deployment) for h in holds] == [(x86[0], "1.0.0", None)]
+    assert all(r.generation == stage0[r.device].generation + 1 for r in rollbacks.values())
+    with db.unit_of_work() as session:
+        bad = {(b.variant, b.hardware_class) for b in session.scalars(sa.select(BadVariant))}
+        verdicts = {(g.gate, g.hardware_class): g for g in session.scalars(sa.select(GateResult))}
+    assert bad == {("cpu-fp32", "rpi-4")}
+    assert verdicts[("p99_regression", "rpi-4")].verdict is Verdict.FAIL
+    assert verdicts[("p99_regression", "rpi-4")].value == pytest.approx(0.5)
+    assert verdicts[("failure_rate", "x86_64")].value == 0.5 and verdicts[("failure_rate", "x86_64")].verdict is Verdict.PASS
+    # no later stage, nothing sent twice; the devices confirm the rollback
+    assert engine.step_all(db, publisher).published == 0
+    for device, desired in rollbacks.items():
+        say(db, device, E.ROLLED_BACK, rid, desired.generation)
+    assert {e.state for e in executions(db, rid)} == {E.ROLLED_BACK}
+    assert len(executions(db, rid)) == 4
+    # the next rollout of that version avoids the bad variant on rpi-4 only
+    with db.unit_of_work() as session:
+        plan = engine.create_rollout(session, spec_for(), "test", dry_run=True).plan
+    variants = {c.hardware_class: c.variant for s in plan.stages for c in s.choices}
+    assert variants == {"x86_64": "cpu-int8"} and {c.hardware_class for c in plan.unfit} == {"rpi-4"}
+
+
+def test_restart_mid_rollout_continues_without_duplicates(database_url):
+    db = fleet_db(database_url)
+    publisher = RecordingPublisher()
+    rid = create(db, stages=(0.3, 1.0))
+    engine.step_all(db, publisher)
+    finish(db, publisher, rid)
+    engine.step_all(db, publisher)      # stage passed
+    db.dispose()                        # the controller dies here
+    again, publisher2 = Database(database_url), RecordingPublisher()
+    engine.step_all(again, publisher2)
+    engine.step_all(again, publisher2)
+    assert len(publisher2.sent) == 4 and not {d.device for d in publisher2.sent} & {d.device for d in publisher.sent}
+    db.dispose()
+    third, publisher3 = Database(database_url), RecordingPublisher()
+    engine.step_all(third, publisher3)
+    assert publisher3.sent == []         # nothing applied twice
+    finish(third, publisher2, rid)
+    engine.step_all(third, publisher3)
+    assert rollout(third, rid).state is RolloutState.SUCCEEDED
+    with third.unit_of_work() as session:
+        counts = session.execute(sa.select(Execution.device_id, sa.func.count()).group_by(Execution.device_id)).all()
+    assert len(counts) == 6 and {n for _, n in counts} == {1}
+
+
+def test_publish_failure_is_retried_next_pass(database_url):
+    db = fleet_db(database_url, count_per_class=1)
+    publisher = RecordingPublisher()
+    rid = create(db, stages=(1.0,))
+    publisher.fail = True
+    report = engine.step_all(db, publisher)
+    assert report.published == 0 and len(report.errors) == 2
+    assert all(e.generation == 0 for e in executions(db, rid))
+    publisher.fail = False
+    assert engine.step_all(db, publisher).published == 2
+    assert all(e.generation == 1 for e in executions(db, rid))
+
+
+def test_timeouts_retry_with_backoff_then_time_out(database_url):
+    db = fleet_db(database_url, count_per_class=1)
+    publisher = RecordingPublisher()
+    rid = create(db, stages=(1.0,), device_timeout_s=60, max_retries=1, retry_backoff_s=10)
+    t0 = utcnow()
+    engine.step_all(db, publisher, t0)
+    say(db, "x1", E.SUCCEEDED, rid, 1)
+    # p1 stays silent (offline)
+    report = engine.step_all(db, publisher, t0 + timedelta(seconds=61))
+    assert report.retried == 1 and report.published == 0
+    p1 = next(e for e in executions(db, rid) if e.device_id == "p1")
+    assert p1.state is E.QUEUED and "retry 1/1 in 10s" in p1.detail
+    assert engine.step_all(db, publisher, t0 + timedelta(seconds=65)).published == 0   # backing off
+    assert engine.step_all(db, publisher, t0 + timedelta(seconds=72)).published == 1
+    assert [d.generation for d in publisher.to("p1")] == [1, 2]
+    report = engine.step_all(db, publisher, t0 + timedelta(seconds=72 + 61))
+    assert report.timed_out == 1
+    states = {e.device_id: e.state for e in executions(db, rid)}
+    assert states == {"x1": E.SUCCEEDED, "p1": E.TIMED_OUT}
+    # a timed-out device counts as a failure: 1 of 1 on rpi-4
+    assert rollout(db, rid).state is RolloutState.FAILED
+
+
+def test_operator_controls(database_url):
+    db = fleet_db(database_url)
+    publisher = RecordingPublisher()
+    rid = create(db, stages=(0.3, 0.6, 1.0))
+    with db.unit_of_work() as session:
+        engine.control(session, rid, Trigger.PAUSE, "alice")
+    assert engine.step_all(db, publisher).published == 0          # paused: nothing sent
+    with db.unit_of_work() as session:
+        with pytest.raises(Conflict, match="rollout is PAUSED; cannot pause it"):
+            engine.control(session, rid, Trigger.PAUSE, "alice")
+        engine.control(session, rid, Trigger.RESUME, "alice")
+        engine.control(session, rid, Trigger.PROMOTE, "alice")   # skip straight to stage 2
+    engine.step_all(db, publisher)
+    assert {e.stage for e in executions(db, rid)} == {1} and len(publisher.sent) == 4
+    with db.unit_of_work() as session:
+        engine.control(session, rid, Trigger.ABORT, "alice")
+    engine.step_all(db, publisher)
+    assert {e.state for e in executions(db, rid)} == {E.CANCELED}
+    holds = publisher.sent[4:]
+    assert len(holds) == 4 and all(h.version == "1.0.0" and h.deployment is None for h in holds)
+    with db.unit_of_work() as session:
+        engine.control(session, rid, Trigger.ROLLBACK, "alice")
+    assert engine.step_all(db, publisher).published == 0         # nothing of ours left on the devices
+    assert rollout(db, rid).state is RolloutState.ROLLED_BACK
+
+
+def test_devices_enrolled_later_get_the_version_reached(database_url):
+    db = fleet_db(database_url)
+    publisher = RecordingPublisher()
+    rid = create(db, stages=(0.3, 1.0))
+    engine.step_all(db, publisher)
+    with db.unit_of_work() as session:
+        session.add(Device(id="p9", labels={"site": "berlin"}, hardware=RPI, hardware_class="rpi-4", online=False,
+                           enrolled_at=utcnow() + timedelta(seconds=1)))
+    engine.step_all(db, publisher)
+    late = next(e for e in executions(db, rid) if e.device_id == "p9")
+    assert late.stage == 0 and "offline" in late.detail and [d.device for d in publisher.sent].count("p9") == 1
