@@ -17,7 +17,7 @@ from edgefleet.agent.reconcile import WINDOW_RECHECK_S, Backoff, Reconciler
 from edgefleet.agent.runtime import ModelRuntime
 from edgefleet.agent.slots import Slots, slot_name
 from edgefleet.agent.state import State
-from tests.support.fleet import SignedRepo, agent_config, desired
+from tests.support.fleet import ModelRepo, agent_config, desired
 from tests.support.repo_server import Faults
 
 ARCH = normalize_arch(platform.machine())
@@ -43,7 +43,7 @@ class RecordingLink:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, digits, wrong_model, slow_model, broken_model):
     eval_inputs = np.load(digits.eval_data)["input"]
-    signed = SignedRepo(tmp_path_factory.mktemp("fleet"), eval_inputs, digits.model)
+    signed = ModelRepo.create(tmp_path_factory.mktemp("fleet"), eval_inputs, digits.model)
     signed.infos = {
         "v1": signed.publish(digits.model, "1.0.0"),
         "v2": signed.publish(digits.model, "2.0.0"),
@@ -67,7 +67,7 @@ class Agent:
         self.runtime = ModelRuntime()
         self.link = RecordingLink()
         updater = ModelUpdater(self.config.state_dir / "tuf", repo.metadata_url, repo.target_base_url, 0.5)
-        profile = HardwareProfile(arch=ARCH)
+        profile = HardwareProfile(arch=ARCH, memory_mb=2048)
         self.reconciler = Reconciler(self.slots, updater, self.runtime, self.link, profile,
                                      backoff=Backoff(base_s=0.01, max_s=0.02))
         self.device = self.config.device_id

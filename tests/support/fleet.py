@@ -7,7 +7,7 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,10 +17,9 @@ from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.fetch import trust_root
 from edgefleet.agent.golden import GoldenSet
 from edgefleet.agent.protocol import Channel, Desired, Gate, TargetInfo, target_path, topic
-from edgefleet.controller.signing import Repository
-from edgefleet.controller.store.local import LocalStore
 
-from .repo_server import RepoServer, serve
+from .repo_server import RepoServer
+from .signed_repo import CPU_REQUIREMENTS, SignedRepo
 
 GOLDEN_SAMPLES = 8
 FAST_GATE = Gate(bench_seconds=0.05, bench_min_queries=10, max_p99_regression=0.5)
@@ -38,27 +37,31 @@ def make_golden(reference: Path, inputs: np.ndarray, out: Path) -> Path:
 
 
 @dataclass
-class SignedRepo:
-    """A TUF repository in a LocalStore (controller/signing.py), served by tests/support/repo_server."""
+class ModelRepo:
+    """A signed repository (tests/support/signed_repo.py) that publishes real, loadable models."""
 
-    home: Path
+    signed: SignedRepo
     eval_inputs: np.ndarray
     reference: Path          # golden outputs come from this model (digits) unless told otherwise
-    repo: Repository = field(init=False)
-    server: RepoServer = field(init=False)
 
-    def __post_init__(self) -> None:
-        store = LocalStore(self.home / "store")
-        self.repo = Repository.create(self.home, store)
-        self.server = serve(self.home / "store")
+    @classmethod
+    def create(cls, root: Path, eval_inputs: np.ndarray, reference: Path) -> "ModelRepo":
+        return cls(SignedRepo.create(root), eval_inputs, reference)
+
+    @property
+    def server(self) -> RepoServer:
+        return self.signed.server
 
     @property
     def metadata_url(self) -> str:
-        return f"{self.server.url}/repository/metadata/"
+        return self.signed.metadata_url
 
     @property
     def target_base_url(self) -> str:
-        return f"{self.server.url}/repository/targets/"
+        return self.signed.target_base_url
+
+    def trusted_root(self) -> bytes:
+        return self.signed.repository.trusted_root()
 
     def publish(
         self,
@@ -69,7 +72,8 @@ class SignedRepo:
         requirements: dict | None = None,
         golden_from: Path | None = None,
     ) -> TargetInfo:
-        out = self.home / "bundles" / f"{model}-{version}"
+        """Build a one-variant bundle (what `fleetctl bundle build` writes) and sign it."""
+        out = self.signed.root / "bundles" / f"{model}-{version}"
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{variant}.onnx").write_bytes(Path(model_file).read_bytes())
         make_golden(golden_from or self.reference, self.eval_inputs, out / f"{variant}.golden.npz")
@@ -77,19 +81,19 @@ class SignedRepo:
             "model": model, "version": version, "created": "2026-01-01T00:00:00Z", "reference": {},
             "variants": [{
                 "variant": variant, "file": f"{variant}.onnx", "golden": f"{variant}.golden.npz",
-                "requirements": requirements or {"providers": ["CPUExecutionProvider"]}, "preference": 0,
+                "requirements": requirements or CPU_REQUIREMENTS, "preference": 0,
             }],
             "refused": [],
         }
         (out / "report.json").write_text(json.dumps(report))
-        (info,) = self.repo.publish(out)
+        (info,) = self.signed.repository.publish(out)
         return info
 
     def stop(self) -> None:
-        self.server.stop()
+        self.signed.server.stop()
 
 
-def agent_config(state_dir: Path, repo: SignedRepo, broker_url: str, serve: str, **overrides: Any) -> AgentConfig:
+def agent_config(state_dir: Path, repo: ModelRepo, broker_url: str, serve: str, **overrides: Any) -> AgentConfig:
     """An enrolled agent's config (as `fleet-agent enroll` would write) with the repository's root trusted."""
     settings: dict[str, Any] = {
         "device_id": f"dev-{uuid.uuid4().hex[:10]}", "state_dir": state_dir, "broker_url": broker_url,
@@ -97,7 +101,7 @@ def agent_config(state_dir: Path, repo: SignedRepo, broker_url: str, serve: str,
         "heartbeat_s": 5.0, "download_timeout_s": 2.0, "reconnect_min_s": 0.1, "reconnect_max_s": 1.0,
     }
     config = AgentConfig(**{**settings, **overrides})
-    trust_root(state_dir / "tuf", repo.repo.trusted_root())
+    trust_root(state_dir / "tuf", repo.trusted_root())
     return config
 
 
