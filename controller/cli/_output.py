@@ -42,3 +42,14 @@ def _cell(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value))
     return str(value)
+
+
+def emit_record(data: dict, output: str, fields: Sequence[str] | None = None) -> None:
+    """Print one object: JSON, or one aligned ``field: value`` line per field."""
+    if output == "json":
+        emit(data, output)
+        return
+    fields = list(fields if fields is not None else data)
+    width = max((len(f) for f in fields), default=0)
+    for f in fields:
+        click.echo(f"{f + ':':<{width + 1}} {_cell(data.get(f))}")

@@ -1,0 +1,104 @@
+"""The controller's HTTP API: one FastAPI app, one router per noun.
+
+Every error leaves as ``{"error": "one line"}`` with the status of its
+ControllerError class (a database that is down is Unavailable: 503).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+from importlib.metadata import version
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from ..errors import ControllerError
+from . import audit, devices, enroll, models, repository, samples
+from .deps import ApiContext, get_ctx
+from .limits import BodyLimit
+
+log = logging.getLogger(__name__)
+
+MAX_JSON_BYTES = 1024 * 1024
+# Endpoints that take uploads up to config.max_upload_bytes; every other body is JSON.
+UPLOAD_PATHS = re.compile(r"^/v1/devices/[^/]+/samples$")
+# Routers written beside this package by the rollout helper; included when present.
+OPTIONAL_ROUTERS = ("rollouts", "data")
+
+health = APIRouter(tags=["health"])
+
+
+@health.get("/healthz", summary="Liveness and database reachability")
+def healthz(ctx: ApiContext = Depends(get_ctx)) -> dict[str, str]:
+    with ctx.db.unit_of_work() as session:
+        session.execute(sa.text("SELECT 1"))
+    return {"status": "ok"}
+
+
+def create_app(ctx: ApiContext) -> FastAPI:
+    app = FastAPI(
+        title="edgefleet controller",
+        version=version("edgefleet"),
+        description="Operator API (bearer operator token), device API (bearer device token), TUF repository.",
+    )
+    app.state.ctx = ctx
+    for router in (health, repository.router, enroll.router, samples.router,
+                   devices.router, models.router, audit.router, *_optional_routers()):
+        app.include_router(router)
+    upload_limit = ctx.config.max_upload_bytes
+    app.add_middleware(
+        BodyLimit, limit_for=lambda path: upload_limit if UPLOAD_PATHS.match(path) else MAX_JSON_BYTES
+    )
+    app.add_exception_handler(ControllerError, _controller_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    return app
+
+
+def _optional_routers() -> list[APIRouter]:
+    routers = []
+    for name in OPTIONAL_ROUTERS:
+        module_name = f"{__package__}.{name}"
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            continue
+        routers.append(module.router)
+    return routers
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def _controller_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ControllerError)
+    if exc.http_status >= 500:
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+    headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
+    return _error(exc.http_status, str(exc), headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return _error(400, f"{where}: {first.get('msg', 'invalid')}{more}")
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    return _error(exc.status_code, str(exc.detail), exc.headers)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return _error(500, f"internal error ({type(exc).__name__}); see the controller log")

@@ -1,0 +1,86 @@
+"""``GET /repository/<path>``: the signed TUF repository, public, from the artifact store.
+
+Local stores are streamed with HTTP Range support (resumable downloads); stores
+that can presign (S3) answer with a redirect so devices fetch the bytes directly.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import RedirectResponse, Response, StreamingResponse
+
+from ..store import REPOSITORY_PREFIX, ArtifactStore, check_key
+from .deps import get_store
+
+router = APIRouter(tags=["repository"])
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# Consistent-snapshot targets are named by their hash: their bytes never change.
+_IMMUTABLE = "public, max-age=31536000, immutable"
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    start: int
+    end: int  # inclusive
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start + 1
+
+
+class Unsatisfiable(Exception):
+    pass
+
+
+def parse_range(header: str | None, size: int) -> ByteRange | None:
+    """The single byte range a Range header asks for; None to send the whole object.
+
+    Headers this server does not understand (several ranges, other units) are
+    ignored as RFC 9110 allows; a well-formed range outside the object raises
+    Unsatisfiable.
+    """
+    if not header:
+        return None
+    match = _RANGE.match(header.strip())
+    if not match or match.groups() == ("", ""):
+        return None
+    first, last = match.groups()
+    if first == "":  # suffix: the last N bytes
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise Unsatisfiable
+        return ByteRange(max(0, size - suffix), size - 1)
+    start = int(first)
+    end = size - 1 if last == "" else min(int(last), size - 1)
+    if start >= size or (last != "" and int(last) < start):
+        raise Unsatisfiable
+    return ByteRange(start, end)
+
+
+@router.get("/repository/{path:path}", summary="Download TUF metadata or a target (Range supported)")
+def download(path: str, request: Request, store: ArtifactStore = Depends(get_store)) -> Response:
+    key = check_key(f"{REPOSITORY_PREFIX}/{path}")
+    size = store.size(key)  # NotFound -> 404, Unavailable -> 503 before any redirect
+    url = store.download_url(key)
+    if url is not None:
+        return RedirectResponse(url, status_code=307)
+    headers = {
+        "Accept-Ranges": "bytes",
+        "Cache-Control": _IMMUTABLE if path.startswith("targets/") else "no-cache",
+    }
+    media_type = "application/json" if path.endswith(".json") else "application/octet-stream"
+    try:
+        wanted = parse_range(request.headers.get("range"), size)
+    except Unsatisfiable:
+        return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+    if wanted is None:
+        headers["Content-Length"] = str(size)
+        return StreamingResponse(store.open_range(key), headers=headers, media_type=media_type)
+    headers["Content-Length"] = str(wanted.length)
+    headers["Content-Range"] = f"bytes {wanted.start}-{wanted.end}/{size}"
+    return StreamingResponse(
+        store.open_range(key, wanted.start, wanted.end), status_code=206, headers=headers, media_type=media_type
+    )
