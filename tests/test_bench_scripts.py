@@ -1,0 +1,37 @@
+"""The runtime benchmarks in bench/ run end to end at tiny sizes (smoke tests: no timing asserts)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def run(module: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.fixture
+def cache(digits, model_cache) -> str:
+    return str(model_cache)  # the digits fixture made sure the model is there
+
+
+def test_swap_script(cache):
+    out = run("bench.swap", "--swaps", "5", "--clients", "2", "--steady-seconds", "0.3", "--interval", "0.01",
+              "--cache", cache)
+    assert "| in flight during a swap |" in out
+    assert "requests failed in the whole run: **0**" in out and "5/5 old sessions released" in out
+
+
+def test_serving_script(cache):
+    out = run("bench.serving", "--models", "digits", "--queries", "20", "--cache", cache)
+    assert "| digits | 20 |" in out and "OIP/raw p50" in out
+
+
+def test_footprint_script(cache):
+    out = run("bench.footprint", "--idle-seconds", "0.3", "--requests", "3", "--cache", cache)
+    assert "fleet-agent serve, digits loaded" in out and "RSS agent / bare imports" in out
