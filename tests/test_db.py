@@ -189,6 +189,14 @@ def test_sqlite_in_an_unwritable_place_is_unavailable(tmp_path) -> None:
             session.get(Device, "d1")
 
 
+def test_missing_schema_says_how_to_fix_it(database_url: str) -> None:
+    db = Database(database_url)   # never upgraded
+    with pytest.raises(Unavailable, match=r"^database schema is missing \(.*devices.*\): run `fleetctl db upgrade`$"):
+        with db.unit_of_work() as session:
+            session.get(Device, "d1")
+    db.dispose()
+
+
 def test_urls() -> None:
     assert normalize_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
     assert normalize_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"

@@ -167,10 +167,14 @@ def test_open_store_builds_s3_from_config(s3_endpoint: str, tmp_path: Path) -> N
     assert S3Store(s3_config(s3_endpoint, bucket)).get_bytes("x") == b"1"
 
 
-def test_missing_bucket_is_unavailable(s3_endpoint: str) -> None:
+def test_missing_bucket_is_unavailable(s3_endpoint: str, tmp_path: Path) -> None:
     store = S3Store(s3_config(s3_endpoint, "no-such-bucket-here"))
     with pytest.raises(Unavailable, match="bucket 'no-such-bucket-here' does not exist"):
         store.put_bytes("x", b"1")
+    (tmp_path / "f").write_bytes(b"1")
+    with pytest.raises(Unavailable, match="NoSuchBucket") as caught:
+        store.put_file("x", tmp_path / "f")
+    assert "\n" not in str(caught.value)
 
 
 def test_unreachable_endpoint_is_unavailable(monkeypatch) -> None:

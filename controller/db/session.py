@@ -136,7 +136,8 @@ class Database:
         from alembic.script import ScriptDirectory
 
         head = ScriptDirectory.from_config(self._alembic_config()).get_current_head()
-        assert head is not None, "migrations/versions holds no revision"
+        if head is None:
+            raise Unavailable(f"no migrations found in {migrations_dir()}: the installation is broken, reinstall edgefleet")
         return head
 
     def check_schema(self) -> None:
@@ -182,12 +183,23 @@ class Database:
                 raise Conflict(f"migration left {len(broken)} row(s) with dangling foreign keys, e.g. {broken[0]}")
 
 
+def _missing_table(error: exc.DBAPIError) -> bool:
+    # PostgreSQL: SQLSTATE 42P01 undefined_table; SQLite has no code, only the text.
+    return getattr(error.orig, "sqlstate", None) == "42P01" or "no such table" in str(error.orig)
+
+
 @contextlib.contextmanager
 def translate_errors() -> Iterator[None]:
     """Database exceptions -> the controller's error tree, one line each."""
     try:
         yield
+    except (exc.OperationalError, exc.ProgrammingError) as e:
+        if _missing_table(e):
+            raise Unavailable(f"database schema is missing ({_first_line(e)}): run `fleetctl db upgrade`") from e
+        if isinstance(e, exc.ProgrammingError):
+            raise
+        raise Unavailable(f"database unreachable: {_first_line(e)}") from e
     except exc.IntegrityError as e:
         raise Conflict(f"conflicts with existing data: {_first_line(e)}") from e
-    except (exc.OperationalError, exc.InterfaceError, exc.DisconnectionError, exc.TimeoutError) as e:
+    except (exc.InterfaceError, exc.DisconnectionError, exc.TimeoutError) as e:
         raise Unavailable(f"database unreachable: {_first_line(e)}") from e

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 import boto3
+from boto3.exceptions import S3UploadFailedError
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
@@ -31,7 +32,7 @@ class S3Store(ArtifactStore):
         self.config = config
         self.bucket = config.bucket
         self.prefix = config.prefix.strip("/")
-        self.where = f"s3://{self.bucket}/{self.prefix}" + (f" at {config.endpoint_url}" if config.endpoint_url else "")
+        self.where = "/".join(filter(None, (f"s3://{self.bucket}", self.prefix))) + (f" at {config.endpoint_url}" if config.endpoint_url else "")
         self.client = boto3.client(
             "s3",
             endpoint_url=config.endpoint_url or None,
@@ -62,6 +63,8 @@ class S3Store(ArtifactStore):
             if code == "NoSuchBucket":
                 raise Unavailable(f"bucket {self.bucket!r} does not exist: create it or fix [store] bucket") from e
             raise Unavailable(f"S3 store {self.where} refused {key}: {code} {error.get('Message', '')}".rstrip()) from e
+        except S3UploadFailedError as e:   # upload_file wraps the ClientError in text
+            raise Unavailable(f"S3 store {self.where} refused {key}: {e}") from e
         except NoCredentialsError as e:
             raise Unavailable("S3 store has no credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile") from e
         except BotoCoreError as e:
