@@ -19,7 +19,6 @@ from ..errors import Conflict, InvalidInput, Unavailable
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000   # writers wait this long for the single SQLite write lock
 CONNECT_TIMEOUT_S = 5             # PostgreSQL: fail fast when the server is down
-VERSION_TABLE = "alembic_version"
 
 
 def normalize_url(url: str) -> str:
@@ -48,7 +47,7 @@ class Database:
         try:
             parsed = make_url(self.url)
         except exc.ArgumentError as e:
-            raise InvalidInput(f"database URL {url!r} is not valid: use sqlite:///PATH or postgresql://…") from e
+            raise InvalidInput("database URL is not valid: use sqlite:///PATH or postgresql://USER@HOST/DB") from e
         self.dialect = parsed.get_backend_name()
         if self.dialect == "sqlite":
             self.engine = self._sqlite_engine(parsed, echo)
