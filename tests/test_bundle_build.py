@@ -170,3 +170,18 @@ def test_cli_build_table_json_and_verify(digits, tmp_path):
     assert verify.exit_code == 0 and json.loads(verify.output)[0]["passed"] is True
     bad = runner.invoke(main, args[:2] + [str(tmp_path / "missing.onnx")] + args[3:])
     assert bad.exit_code != 0
+
+
+def test_cli_publish_signs_every_built_variant(digits_bundle, tmp_path, monkeypatch):
+    from edgefleet.controller.signing import Repository
+    from edgefleet.controller.store.local import LocalStore
+
+    out, report = digits_bundle
+    home = tmp_path / "home"
+    Repository.create(home, LocalStore(home / "store"))
+    monkeypatch.setenv("EDGEFLEET_HOME", str(home))
+    result = CliRunner().invoke(main, ["bundle", "publish", str(out), "-o", "json"])
+    assert result.exit_code == 0, result.output
+    published = json.loads(result.output)
+    assert sorted(i["variant"] for i in published) == sorted(v["variant"] for v in report["variants"])
+    assert {i["release"] for i in published} == {1}
