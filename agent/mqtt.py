@@ -90,6 +90,7 @@ class ConnectionOptions:
     backoff: Backoff = Backoff()
     keepalive_s: int = KEEPALIVE_S
     manual_ack: bool = False          # the owner acks each QoS 1 message itself (client.ack)
+    receive_maximum: int | None = None  # MQTT 5: unacked QoS 1 messages the broker may send us
 
 
 Will = tuple[str, bytes, int, bool]  # topic, payload, qos, retain
@@ -233,6 +234,8 @@ class MqttConnection:
         if version == paho.MQTTv5:
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = opts.session_expiry_s if opts.persistent else 0
+            if opts.receive_maximum:
+                properties.ReceiveMaximum = opts.receive_maximum
         client.connect_async(
             self.url.host, self.url.port, opts.keepalive_s,
             clean_start=not opts.persistent, properties=properties,

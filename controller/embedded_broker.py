@@ -74,6 +74,19 @@ class EmbeddedBroker:
         self._broker = Broker(self._config(), loop=asyncio.get_running_loop())
         await self._broker.start()
 
+    @staticmethod
+    async def _shutdown(broker: Broker) -> None:
+        # amqtt 0.12's shutdown() hangs cancelling a connected client's reader; closing the
+        # connections first lets each end the normal way (wills included), then it returns.
+        for _session, handler in list(broker._sessions.values()):
+            if handler is not None and handler.writer is not None:
+                await handler.writer.close()
+        for _ in range(100):
+            if all(s.transitions.state != "connected" for s, _h in broker._sessions.values()):
+                break
+            await asyncio.sleep(0.02)
+        await broker.shutdown()
+
     def start(self) -> None:
         if self._thread is not None:
             return
@@ -96,7 +109,7 @@ class EmbeddedBroker:
             return
         if self._broker is not None:
             try:
-                asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop).result(START_TIMEOUT_S)
+                asyncio.run_coroutine_threadsafe(self._shutdown(self._broker), self._loop).result(START_TIMEOUT_S)
             except Exception:  # shutting down anyway; the loop is closed below
                 log.exception("embedded MQTT broker did not shut down cleanly")
         self._close_loop()

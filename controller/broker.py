@@ -1,0 +1,296 @@
+"""The controller's MQTT bridge: device messages in (to ``Ingest``), desired states out.
+
+Delivery to the database is at-least-once: the bridge acknowledges a QoS 1 message
+(paho manual ack) only after the batch holding it has been committed. While the
+database is down, received messages wait in memory and the batch is retried with
+backoff; the broker stops sending once its in-flight window is full, and anything
+unacknowledged is redelivered after a reconnect or a controller restart (persistent
+session). Redeliveries are harmless: ingest is idempotent.
+
+On MQTT 5 brokers the subscriptions are shared (``$share/GROUP/...``) so replicas
+split the load; on 3.1.1 brokers (the embedded amqtt) they are plain.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import paho.mqtt.client as paho
+import sqlalchemy as sa
+from paho.mqtt.enums import MQTTErrorCode
+
+from edgefleet.agent import protocol
+from edgefleet.agent.mqtt import Backoff, BrokerURL, ConnectionOptions, MqttConnection
+from edgefleet.agent.protocol import Channel, Desired, Message, ProtocolError
+
+from .config import ControllerConfig
+from .db.models import Device
+from .errors import Conflict, ControllerError, InvalidInput, Unavailable
+from .ingest import Ingest, IngestResult
+
+log = logging.getLogger(__name__)
+
+INBOUND = (Channel.REPORTED, Channel.EVENTS, Channel.TELEMETRY, Channel.STATUS)
+
+
+@dataclass(frozen=True)
+class BridgeOptions:
+    url: str
+    username: str = ""
+    password: str = ""
+    ca_file: str = ""
+    share_group: str = "edgefleet"
+    # Stable across restarts so the broker keeps our session (and unacked messages) meanwhile.
+    client_id: str = field(default_factory=lambda: f"edgefleet-controller-{socket.gethostname()}"[:63])
+    session_expiry_s: int = 86400
+    batch_max: int = 500              # messages per transaction
+    buffer_max: int = 20000           # received, not yet committed; when full the network thread waits
+    retry: Backoff = Backoff(0.2, 10.0)
+    publish_timeout_s: float = 10.0
+
+    @classmethod
+    def from_config(cls, config: ControllerConfig) -> "BridgeOptions":
+        return cls(
+            url=config.effective_broker_url,
+            username=config.mqtt_username,
+            password=config.mqtt_password,
+            share_group=config.share_group,
+        )
+
+
+@dataclass
+class BridgeStats:
+    received: int = 0
+    dropped: int = 0          # malformed, oversized, unknown channel, device mismatch
+    batches: int = 0
+    retries: int = 0          # database unavailable (or a replica race), batch retried
+    ingested: IngestResult = field(default_factory=IngestResult)
+
+
+@dataclass(frozen=True)
+class _Received:
+    message: Message
+    mid: int
+    qos: int
+    epoch: int  # connection it arrived on: a mid is only meaningful on that connection
+
+
+class Bridge:
+    """``start()``/``stop()``; ``publish_desired(desired)`` from any thread but paho's."""
+
+    def __init__(
+        self,
+        options: BridgeOptions,
+        ingest: Ingest,
+        desired_source: Callable[[], Iterable[Desired]] | None = None,
+    ) -> None:
+        try:
+            url = BrokerURL.parse(options.url)
+        except ValueError as e:
+            raise InvalidInput(str(e)) from e
+        self.options = options
+        self.ingest = ingest
+        # After a broker restart the retained desired states may be gone: publish them again.
+        self._desired_source = desired_source or self._stored_desired
+        self.stats = BridgeStats()
+        self._buffer: queue.Queue[_Received] = queue.Queue(options.buffer_max)
+        self._stop = threading.Event()
+        self._epoch = 0
+        self._unfinished = 0
+        self._idle = threading.Condition()
+        self._worker: threading.Thread | None = None
+        self._conn = MqttConnection(
+            url,
+            ConnectionOptions(
+                client_id=options.client_id,
+                username=options.username,
+                password=options.password,
+                ca_file=options.ca_file,
+                session_expiry_s=options.session_expiry_s,
+                manual_ack=True,
+                receive_maximum=min(options.buffer_max, 2 * options.batch_max),
+            ),
+            on_connect=self._connected,
+            on_message=self._received,
+        )
+
+    @classmethod
+    def from_config(cls, config: ControllerConfig, ingest: Ingest) -> "Bridge":
+        return cls(BridgeOptions.from_config(config), ingest)
+
+    @property
+    def is_v5(self) -> bool:
+        return self._conn.is_v5
+
+    def start(self) -> None:
+        if self._worker is not None:
+            return
+        self._stop.clear()
+        self._worker = threading.Thread(target=self._work, name="mqtt-ingest", daemon=True)
+        self._worker.start()
+        self._conn.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop receiving; a batch being retried is abandoned (the broker redelivers it)."""
+        self._conn.stop(timeout)
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join(timeout)
+            self._worker = None
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._conn.wait_connected(timeout)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once everything received so far has been committed (tests, benchmarks)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._unfinished == 0, timeout)
+
+    # --- desired state out ------------------------------------------------------
+
+    def publish_desired(self, desired: Desired, timeout: float | None = None) -> None:
+        """Publish retained at QoS 1 and wait for the broker's PUBACK; Unavailable if it does not come."""
+        timeout = self.options.publish_timeout_s if timeout is None else timeout
+        where = f"{self._conn.url.host}:{self._conn.url.port}"
+        client = self._conn.client
+        if client is None or not self._conn.wait_connected(timeout):
+            raise Unavailable(f"MQTT broker {where} is not connected; desired state for {desired.device} not sent")
+        info = client.publish(
+            protocol.topic(desired.device, Channel.DESIRED), desired.to_json(), qos=1, retain=True
+        )
+        try:
+            info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError) as e:
+            raise Unavailable(f"MQTT broker {where} did not take the desired state for {desired.device}: {e}") from e
+        if not info.is_published():
+            raise Unavailable(
+                f"MQTT broker {where} did not acknowledge the desired state for {desired.device} "
+                f"within {timeout:g}s; it is sent when the connection is back"
+            )
+
+    def _stored_desired(self) -> list[Desired]:
+        with self.ingest.db.unit_of_work() as session:
+            stored = session.scalars(sa.select(Device.desired).where(Device.desired.is_not(None))).all()
+        desired = []
+        for data in stored:
+            if data is None:  # JSON null
+                continue
+            try:
+                desired.append(Desired.from_dict(data))
+            except ProtocolError as e:
+                log.warning("stored desired state is invalid, not republished: %s", e)
+        return desired
+
+    def _republish(self, client: paho.Client) -> None:
+        try:
+            states = list(self._desired_source())
+        except ControllerError as e:
+            log.warning("desired states not republished after the broker reconnect: %s", e)
+            return
+        for desired in states:
+            client.publish(protocol.topic(desired.device, Channel.DESIRED), desired.to_json(), qos=1, retain=True)
+        log.info("republished %d desired state(s) to a broker that had no session for us", len(states))
+
+    # --- device messages in (paho thread) ------------------------------------------
+
+    def _connected(self, client: paho.Client, session_present: bool) -> None:
+        self._epoch += 1
+        group = self.options.share_group if self._conn.is_v5 else None
+        client.subscribe([(protocol.subscription(ch, group), 1) for ch in INBOUND])
+        if not session_present:
+            threading.Thread(target=self._republish, args=(client,), name="mqtt-republish", daemon=True).start()
+
+    def _received(self, message: paho.MQTTMessage) -> None:
+        self.stats.received += 1
+        try:
+            _device, channel, decoded = protocol.decode(message.topic, message.payload)
+            if channel not in INBOUND:
+                raise ProtocolError(f"{channel.value} is not a device-to-controller channel")
+        except ProtocolError as e:
+            self.stats.dropped += 1
+            log.warning("dropped message on %r: %s", message.topic, e)
+            self._ack([(message.mid, message.qos)])
+            return
+        with self._idle:
+            self._unfinished += 1
+        # Blocks when the buffer is full: paho then stops reading and the broker holds the rest.
+        self._buffer.put(_Received(decoded, message.mid, message.qos, self._epoch))
+
+    def _ack(self, items: Iterable[tuple[int, int]]) -> None:
+        client = self._conn.client
+        if client is None:
+            return
+        for mid, qos in items:
+            if qos > 0:
+                client.ack(mid, qos)
+
+    # --- the ingest worker ------------------------------------------------------------
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            batch = self._take()
+            if batch and self._commit(batch):
+                epoch = self._epoch
+                # Acks of an earlier connection would hit other messages' mids: the broker redelivers those.
+                self._ack((r.mid, r.qos) for r in batch if r.epoch == epoch)
+            if batch:
+                with self._idle:
+                    self._unfinished -= len(batch)
+                    self._idle.notify_all()
+
+    def _take(self) -> list[_Received]:
+        try:
+            batch = [self._buffer.get(timeout=0.2)]
+        except queue.Empty:
+            return []
+        while len(batch) < self.options.batch_max:
+            try:
+                batch.append(self._buffer.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _commit(self, batch: list[_Received]) -> bool:
+        """Apply the batch, retrying while the database is unavailable; False if stopped first."""
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                result = self._apply(batch)
+            except (Unavailable, Conflict) as e:
+                # Conflict: another replica inserted the same event meanwhile; the retry skips it.
+                if attempt == 0:
+                    log.warning("holding %d device message(s), database not writable: %s", len(batch), e)
+                self.stats.retries += 1
+                self._stop.wait(self.options.retry.delay(attempt))
+                attempt += 1
+                continue
+            if attempt:
+                log.info("database writable again; %d held message(s) committed", len(batch))
+            self.stats.batches += 1
+            self.stats.ingested += result
+            return True
+        return False
+
+    def _apply(self, batch: list[_Received]) -> IngestResult:
+        try:
+            return self.ingest.apply([r.message for r in batch])
+        except (Unavailable, Conflict):
+            raise
+        except Exception:
+            log.exception("ingest failed on a batch of %d; applying one by one", len(batch))
+        # Isolate the message that breaks ingest: it is dropped, the others are kept.
+        total = IngestResult()
+        for received in batch:
+            try:
+                total += self.ingest.apply([received.message])
+            except (Unavailable, Conflict):
+                raise
+            except Exception:
+                self.stats.dropped += 1
+                log.exception("dropped a %s from %s that ingest cannot apply",
+                              type(received.message).__name__, getattr(received.message, "device", "?"))
+        return total

@@ -1,0 +1,252 @@
+"""Apply validated wire messages from devices to the database, idempotently.
+
+One call applies one batch in one transaction (all or nothing): the bridge hands
+over whatever queued up, so a busy controller commits hundreds of messages at once.
+Every rule below makes a redelivered or late message harmless:
+
+- Status: an offline will with an older boot than the device's current one is ignored.
+- Reported: a report older (boot, seq) than the stored one is ignored.
+- Event: unique per (device, boot, seq), checked before insert and by the UNIQUE constraint.
+- Telemetry: kept only above the device's (boot, seq) high-water mark.
+Messages from devices that are not enrolled are dropped with a log line.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from edgefleet.agent.hardware import HardwareProfile
+from edgefleet.agent.protocol import (
+    Event, ExecutionState, Message, Reported, Status, Telemetry, TelemetryKind,
+)
+
+from .db.models import Benchmark, Device, EventRecord, Execution, TelemetryRecord, utcnow
+from .db.session import Database
+
+log = logging.getLogger(__name__)
+
+EventHook = Callable[[Session, Device, Event, "Execution | None"], None]
+
+
+@dataclass
+class IngestResult:
+    applied: int = 0
+    duplicates: int = 0    # QoS 1 redeliveries
+    stale: int = 0         # older than what is stored (late will, old report, old attempt)
+    unknown: int = 0       # device not enrolled
+
+    def __iadd__(self, other: "IngestResult") -> "IngestResult":
+        self.applied += other.applied
+        self.duplicates += other.duplicates
+        self.stale += other.stale
+        self.unknown += other.unknown
+        return self
+
+
+def message_time(ts: float) -> datetime:
+    """The device's clock if it is plausible, else now."""
+    try:
+        return datetime.fromtimestamp(ts, timezone.utc) if ts > 0 else utcnow()
+    except (OverflowError, OSError, ValueError):
+        return utcnow()
+
+
+class Ingest:
+    """``apply(messages)``; ``on_event`` hooks run inside the transaction for each new event."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.on_event: list[EventHook] = []
+
+    def apply(self, messages: Sequence[Message]) -> IngestResult:
+        """Raises Unavailable when the database is down (nothing written; apply again later)."""
+        with self.db.unit_of_work() as session:
+            return _Batch(session, self.on_event).run(messages)
+
+
+class _Batch:
+    def __init__(self, session: Session, hooks: list[EventHook]) -> None:
+        self.session = session
+        self.hooks = hooks
+        self.result = IngestResult()
+        self.now = utcnow()
+        self.telemetry_rows: list[dict[str, Any]] = []
+        self.benchmark_rows: list[dict[str, Any]] = []
+        self.event_rows: list[dict[str, Any]] = []
+
+    def run(self, messages: Sequence[Message]) -> IngestResult:
+        devices = self._lock_devices({m.device for m in messages})  # type: ignore[attr-defined]
+        seen_events = self._existing_events([m for m in messages if isinstance(m, Event)])
+        for message in messages:
+            device = devices.get(message.device)  # type: ignore[attr-defined]
+            if device is None:
+                log.warning("dropped %s from unknown device %r (not enrolled)",
+                            type(message).__name__, message.device)  # type: ignore[attr-defined]
+                self.result.unknown += 1
+            elif isinstance(message, Status):
+                self._status(device, message)
+            elif isinstance(message, Reported):
+                self._reported(device, message)
+            elif isinstance(message, Event):
+                self._event(device, message, seen_events)
+            elif isinstance(message, Telemetry):
+                self._telemetry(device, message)
+            else:
+                raise TypeError(f"ingest got a {type(message).__name__}, which devices do not send")
+        self._flush()
+        return self.result
+
+    def _lock_devices(self, ids: set[str]) -> dict[str, Device]:
+        query = sa.select(Device).where(Device.id.in_(sorted(ids))).order_by(Device.id)
+        if self.session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update()  # replicas: one batch per device at a time
+        return {d.id: d for d in self.session.scalars(query)}
+
+    def _existing_events(self, events: list[Event]) -> set[tuple[str, int, int]]:
+        if not events:
+            return set()
+        query = sa.select(EventRecord.device_id, EventRecord.boot, EventRecord.seq).where(
+            EventRecord.device_id.in_({e.device for e in events}),
+            EventRecord.seq.in_({e.seq for e in events}),
+        )
+        return {(d, b, s) for d, b, s in self.session.execute(query)}
+
+    def _seen(self, device: Device, boot: int) -> None:
+        """A message from the device's current (or a newer) boot: it is alive."""
+        if boot >= device.boot:
+            device.boot = boot
+            device.online = True
+            device.last_seen = self.now
+
+    # --- one handler per message type ---------------------------------------
+
+    def _status(self, device: Device, message: Status) -> None:
+        if message.boot < device.boot:
+            self.result.stale += 1  # a will from an earlier session, delivered late
+            return
+        device.boot = message.boot
+        device.online = message.online
+        if message.online:
+            device.last_seen = self.now
+        self.result.applied += 1
+
+    def _reported(self, device: Device, message: Reported) -> None:
+        stored = device.reported or {}
+        if (message.boot, message.seq) < (stored.get("boot", -1), stored.get("seq", -1)):
+            self.result.stale += 1
+            return
+        device.reported = message.to_dict()
+        if message.hardware is not None:
+            try:
+                profile = HardwareProfile.from_dict(message.hardware)
+            except (TypeError, ValueError, AttributeError) as e:
+                log.warning("device %s reported an unreadable hardware profile: %s", device.id, e)
+            else:
+                device.hardware = profile.to_dict()
+                device.hardware_class = profile.hardware_class
+        self._seen(device, message.boot)
+        self.result.applied += 1
+
+    def _event(self, device: Device, message: Event, seen: set[tuple[str, int, int]]) -> None:
+        key = (device.id, message.boot, message.seq)
+        if key in seen:
+            self.result.duplicates += 1
+            return
+        seen.add(key)
+        self.event_rows.append({
+            "device_id": device.id, "boot": message.boot, "seq": message.seq,
+            "generation": message.generation, "deployment": message.deployment, "state": message.state,
+            "model": message.model, "version": message.version, "variant": message.variant,
+            "detail": message.detail, "data": message.data, "ts": message_time(message.ts),
+        })
+        if (message.boot, message.seq) > (device.last_event_boot, device.last_event_seq):
+            device.last_event_boot, device.last_event_seq = message.boot, message.seq
+        execution = self._execution(device, message)
+        self._seen(device, message.boot)
+        for hook in self.hooks:
+            hook(self.session, device, message, execution)
+        self.result.applied += 1
+
+    def _execution(self, device: Device, message: Event) -> Execution | None:
+        """Move the execution the event names, unless the event is from an earlier attempt."""
+        if not message.deployment:
+            return None
+        execution = self.session.scalars(
+            sa.select(Execution).where(
+                Execution.rollout_id == message.deployment, Execution.device_id == device.id
+            )
+        ).one_or_none()
+        if execution is None:
+            return None
+        if message.generation < execution.generation:
+            return execution
+        if execution.state.terminal and message.generation == execution.generation:
+            return execution  # a late, reordered event cannot reopen a finished attempt
+        execution.state = ExecutionState(message.state)
+        execution.detail = message.detail
+        return execution
+
+    def _telemetry(self, device: Device, message: Telemetry) -> None:
+        if (message.boot, message.seq) <= (device.last_telemetry_boot, device.last_telemetry_seq):
+            self.result.duplicates += 1
+            return
+        device.last_telemetry_boot, device.last_telemetry_seq = message.boot, message.seq
+        ts = message_time(message.ts)
+        self.telemetry_rows.append({
+            "device_id": device.id, "kind": message.kind, "boot": message.boot,
+            "seq": message.seq, "data": message.data, "ts": ts,
+        })
+        if message.kind == TelemetryKind.BENCHMARK.value:
+            row = benchmark_row(device, message.data, ts)
+            if row is not None:
+                self.benchmark_rows.append(row)
+        self._seen(device, message.boot)
+        self.result.applied += 1
+
+    def _flush(self) -> None:
+        if self.telemetry_rows:
+            self.session.execute(sa.insert(TelemetryRecord), self.telemetry_rows)
+        if self.benchmark_rows:
+            self.session.execute(sa.insert(Benchmark), self.benchmark_rows)
+        if self.event_rows:
+            self.session.execute(self._insert_ignoring_duplicates(), self.event_rows)
+
+    def _insert_ignoring_duplicates(self) -> sa.Insert:
+        """A replica that inserted the same event first wins; ours is a no-op."""
+        dialect = self.session.get_bind().dialect.name
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        return insert(EventRecord).on_conflict_do_nothing(index_elements=["device_id", "boot", "seq"])
+
+
+def benchmark_row(device: Device, data: dict[str, Any], ts: datetime) -> dict[str, Any] | None:
+    """A benchmarks row from a benchmark telemetry payload, or None if it lacks the essentials.
+
+    The agent sends ``{"model": ModelRef, ...measurements}`` with the latency figures at
+    the top level or under ``"benchmark"``.
+    """
+    ref = data.get("model")
+    ref = ref if isinstance(ref, dict) else data
+    figures = data.get("benchmark") if isinstance(data.get("benchmark"), dict) else data
+    names = [ref.get(k) for k in ("model", "version", "variant")]
+    p50, p99 = figures.get("p50_ms"), figures.get("p99_ms")
+    if not all(isinstance(n, str) and n for n in names) or not device.hardware_class:
+        log.info("benchmark telemetry from %s names no model/version/variant or hardware class; "
+                 "kept as telemetry only", device.id)
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (p50, p99)):
+        log.info("benchmark telemetry from %s carries no p50_ms/p99_ms; kept as telemetry only", device.id)
+        return None
+    throughput = figures.get("throughput_qps", figures.get("throughput"))
+    return {
+        "device_id": device.id, "hardware_class": device.hardware_class,
+        "model": names[0], "version": names[1], "variant": names[2],
+        "p50_ms": float(p50), "p99_ms": float(p99),
+        "throughput": float(throughput) if isinstance(throughput, (int, float)) else None,
+        "ts": ts,
+    }
