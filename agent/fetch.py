@@ -70,7 +70,11 @@ class HttpFetcher(RangeFetcher):
                 "GET", url, headers=headers, preload_content=False, timeout=self._timeout
             )
         except urllib3.exceptions.MaxRetryError as e:
-            if isinstance(e.reason, urllib3.exceptions.TimeoutError):
+            # NewConnectionError subclasses ConnectTimeoutError: a refused connection is not slow
+            reason = e.reason
+            if isinstance(reason, urllib3.exceptions.TimeoutError) and not isinstance(
+                reason, urllib3.exceptions.NewConnectionError
+            ):
                 raise exceptions.SlowRetrievalError(f"{url} timed out") from e
             raise exceptions.DownloadError(f"cannot reach {url}: {e.reason}") from e
         except urllib3.exceptions.HTTPError as e:
@@ -90,11 +94,13 @@ class HttpFetcher(RangeFetcher):
     @staticmethod
     def _chunks(url: str, response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
         try:
-            yield from response.stream(CHUNK)
+            # read1 hands over whatever arrived, so a cut loses no received bytes
+            while chunk := response.read1(CHUNK):
+                yield chunk
         except urllib3.exceptions.TimeoutError as e:
             raise exceptions.SlowRetrievalError(f"{url} stalled") from e
         except urllib3.exceptions.HTTPError as e:
-            raise exceptions.DownloadError(f"{url} broke off: {type(e).__name__}") from e
+            raise exceptions.DownloadError(f"{url} broke off mid-stream ({type(e).__name__})") from e
         finally:
             response.release_conn()
 
@@ -258,13 +264,17 @@ class ModelUpdater:
         except VerificationError:
             part.unlink(missing_ok=True)
             raise
+        except TransportError:
+            if part.exists() and part.stat().st_size == 0:
+                part.unlink()  # nothing arrived: no progress worth keeping
+            raise
         except OSError as e:
             part.unlink(missing_ok=True)  # gives a full disk its space back
             raise storage_error(e, str(dest)) from e
         return dest
 
     def _fill(self, partial: "_Partial", url: str) -> None:
-        with tuf_errors(f"download of {url}"):
+        with tuf_errors(f"download of {partial.target.path}"):
             try:
                 start, chunks = self._fetcher.fetch_from(url, partial.size)
             except exceptions.DownloadHTTPError as e:
