@@ -131,3 +131,14 @@ def wrong_model(model_cache) -> Path:
     from bench import models
 
     return models.wrong_digits(model_cache)
+
+
+@pytest.fixture
+def db(database_url):
+    """A migrated controller database, once on SQLite and once on PostgreSQL."""
+    from edgefleet.controller.db.session import Database
+
+    database = Database(database_url)
+    database.upgrade()
+    yield database
+    database.dispose()
