@@ -212,6 +212,10 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"{SERVER_NAME}/{SERVER_VERSION}"
     timeout = IDLE_TIMEOUT_S
+    # http.server's own refusals (malformed request line, oversized headers, unknown method) as JSON too
+    error_content_type = "application/json"
+    error_message_format = '{"error": "%(code)d %(message)s"}'
+    _answered: tuple[dict, dict, LoadedModel] | None = None
     server: "_TCPServer | _UnixServer"
 
     def setup(self) -> None:
@@ -243,6 +247,9 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("inference server: unexpected error on %s", self.path)
             status, body, headers = HTTPStatus.INTERNAL_SERVER_ERROR, _error(f"internal error: {e}"), {}
         self._send(status, body, headers)
+        if self._answered is not None:  # sampling runs after the answer is out, off the request's latency
+            self.server.notify(*self._answered)
+            self._answered = None
 
     def _send(self, status: HTTPStatus, body: bytes, headers: dict[str, str]) -> None:
         self.send_response(status)
@@ -294,7 +301,7 @@ class _Handler(BaseHTTPRequestHandler):
         outputs, loaded = self.server.runtime.infer(inputs)
         wanted = requested_outputs(request, loaded)
         body, json_length = encode_response(request, loaded, outputs, wanted)
-        self.server.notify(inputs, outputs, loaded)
+        self._answered = (inputs, outputs, loaded)
         if json_length is None:
             return HTTPStatus.OK, body, {}
         return HTTPStatus.OK, body, {

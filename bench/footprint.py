@@ -21,6 +21,7 @@ import numpy as np
 from bench._common import DEFAULT_CACHE, OipClient, digits_model, table
 
 BARE_IMPORTS = "import onnxruntime, paho.mqtt.client, tuf.ngclient"
+ORT_ONLY = "import onnxruntime"  # `serve` needs no MQTT or TUF: this is its like-for-like floor
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -105,8 +106,8 @@ def measure_agent(model: Path, idle_seconds: float, requests: int) -> dict:
         _stop(proc)
 
 
-def measure_bare(idle_seconds: float) -> dict:
-    code = f"{BARE_IMPORTS}; import sys, time; print('ready', flush=True); time.sleep(3600)"
+def measure_bare(idle_seconds: float, imports: str = BARE_IMPORTS) -> dict:
+    code = f"{imports}; import sys, time; print('ready', flush=True); time.sleep(3600)"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         if proc.stdout.readline().strip() != b"ready":
@@ -116,10 +117,12 @@ def measure_bare(idle_seconds: float) -> dict:
         _stop(proc)
 
 
-def report(agent: dict, bare: dict, idle_seconds: float) -> str:
+def report(agent: dict, bare: dict, ort_only: dict, idle_seconds: float) -> str:
     rows = [
         ("fleet-agent serve, digits loaded", agent["rss_mb"], agent["cpu_percent"], agent["threads"]),
         (f"bare `python -c \"{BARE_IMPORTS}\"`", bare["rss_mb"], bare["cpu_percent"], bare["threads"]),
+        (f"bare `python -c \"{ORT_ONLY}\"` (what serve imports)", ort_only["rss_mb"], ort_only["cpu_percent"],
+         ort_only["threads"]),
     ]
     return "\n".join([
         f"### Agent footprint (idle for {idle_seconds:g} s)",
@@ -127,7 +130,8 @@ def report(agent: dict, bare: dict, idle_seconds: float) -> str:
         table(["process", "RSS MiB", "idle CPU %", "threads"], rows),
         "",
         f"RSS agent / bare imports: **{agent['rss_mb'] / bare['rss_mb']:.2f}x** "
-        f"(+{agent['rss_mb'] - bare['rss_mb']:.1f} MiB)",
+        f"({agent['rss_mb'] - bare['rss_mb']:+.1f} MiB); agent / `{ORT_ONLY}`: "
+        f"**{agent['rss_mb'] / ort_only['rss_mb']:.2f}x** ({agent['rss_mb'] - ort_only['rss_mb']:+.1f} MiB)",
     ])
 
 
@@ -141,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or digits_model(args.cache)
     agent = measure_agent(model, args.idle_seconds, args.requests)
     bare = measure_bare(args.idle_seconds)
-    print(report(agent, bare, args.idle_seconds))
+    ort_only = measure_bare(args.idle_seconds, ORT_ONLY)
+    print(report(agent, bare, ort_only, args.idle_seconds))
     return 0
 
 

@@ -5,6 +5,7 @@ import gzip
 import http.client
 import json
 import socket
+import time
 
 import httpx
 import numpy as np
@@ -93,9 +94,21 @@ def test_standard_client_health_metadata_and_infer_json_and_binary(server, runti
         assert np.allclose(result.as_numpy("probabilities"), expected(runtime), atol=1e-6)
     finally:
         client.close()
-    assert len(server.seen) == 4
+    wait_for(lambda: len(server.seen) == 4)  # the hook runs just after each answer is sent
     inputs, outputs, loaded = server.seen[0]
     assert np.array_equal(inputs["input"], X) and loaded.ref.version == "3" and "probabilities" in outputs
+
+
+def wait_for(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_unknown_method_gets_json(server):
+    response = httpx.request("PUT", f"{server.url}/v2/models/digits/infer")
+    assert response.status_code == 501 and "PUT" in response.json()["error"]
 
 
 def test_unix_socket(runtime, tmp_path):
@@ -143,26 +156,27 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, runtime, pa
 
 
 def test_oversized_body_is_refused_from_content_length_without_reading_it(server, runtime):
-    host, port = server.url[len("http://"):].split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        # Announce far more than the limit and send almost nothing: the answer must come anyway.
-        sock.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Length: 1000000000\r\n\r\n{")
-        reply = b""
-        while chunk := sock.recv(65536):
-            reply += chunk
-        reply = reply.decode()
+    # Announce far more than the limit and send almost nothing: the answer must come anyway.
+    reply = raw_exchange(server, b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n"
+                                 b"Content-Length: 1000000000\r\n\r\n{")
     assert reply.startswith("HTTP/1.1 413") and "limit is 65536" in reply and "Connection: close" in reply
     assert_still_serving(server, runtime)
 
 
-def test_chunked_body_is_refused(server, runtime):
+def raw_exchange(server, request: bytes) -> str:
     host, port = server.url[len("http://"):].split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=10)
-    conn.request("POST", "/v2/models/digits/infer", body=iter([json_infer_body()]), encode_chunked=True)
-    response = conn.getresponse()
-    assert response.status == 411 and "Content-Length" in json.loads(response.read())["error"]
-    conn.close()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return reply.decode()
+
+
+def test_chunked_body_is_refused(server, runtime):
+    reply = raw_exchange(server, b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n"
+                                 b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    assert reply.startswith("HTTP/1.1 411") and "send Content-Length" in reply
     assert_still_serving(server, runtime)
 
 
