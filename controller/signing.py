@@ -138,11 +138,6 @@ class _Metadata(TufRepository):
         self._current: dict[str, Metadata] = {}
         self._signers: dict[str, tuple[Path, CryptoSigner]] | None = None
 
-    def forget(self) -> None:
-        """Drop cached metadata and keys: the next read goes to the store and HOME/keys."""
-        self._current.clear()
-        self._signers = None
-
     @property
     def signers(self) -> dict[str, tuple[Path, CryptoSigner]]:
         if self._signers is None:
@@ -283,6 +278,17 @@ class _Bundle:
         )
 
 
+def _resign(md: _Metadata, role: str) -> None:
+    """New versions of ``role`` and of what depends on it, signed with the role's current keys."""
+    if role == Targets.type:
+        with md.edit_targets():
+            pass  # a new version signed by the new key
+    if role in (Targets.type, Snapshot.type):
+        md.do_snapshot(force=True)
+    if role != Root.type:
+        md.do_timestamp(force=True)
+
+
 def _release_of(targets: dict[str, TargetFile], model: str, version: str) -> int:
     """The version's existing release, else one above the model's highest."""
     releases = []
@@ -312,7 +318,7 @@ class Repository:
         self.home = Path(home)
         self.store = store
         self.keyring = Keyring(self.home / "keys")
-        self._md = _Metadata(store, self.keyring, expiry or Expiry())
+        self.expiry = expiry or Expiry()
 
     @classmethod
     def from_config(cls, config: ControllerConfig) -> "Repository":
@@ -335,22 +341,21 @@ class Repository:
         repo = cls(home, store, expiry)
         if store.exists(_metadata_key("root.json")) or any(repo.keyring.directory.glob("*.pem")):
             raise Conflict(f"{home} already has a TUF repository; use `fleetctl init --force` to replace it")
-        expiry = expiry or Expiry()
+        expiry = repo.expiry
         names = ["root"] if root_keys == 1 else [f"root-{i}" for i in range(1, root_keys + 1)]
         root = Root(expires=expiry.expires(Root.type), consistent_snapshot=True)
-        with repo._lock():
+        with repo._session() as md:
             for name in names:
                 root.add_key(repo.keyring.create(name).public_key, Root.type)
             for role in ROLES[1:]:
                 root.add_key(repo.keyring.create(role).public_key, role)
             root.roles[Root.type].threshold = root_threshold
-            repo._md.forget()
-            repo._md.sign_and_write(Metadata(root))
-            repo._md.sign_and_write(Metadata(Targets(expires=expiry.expires(Targets.type))))
+            md.sign_and_write(Metadata(root))
+            md.sign_and_write(Metadata(Targets(expires=expiry.expires(Targets.type))))
             snapshot = Snapshot(expires=expiry.expires(Snapshot.type), meta={"targets.json": MetaFile(1)})
-            repo._md.sign_and_write(Metadata(snapshot))
+            md.sign_and_write(Metadata(snapshot))
             timestamp = Timestamp(expires=expiry.expires(Timestamp.type), snapshot_meta=MetaFile(1))
-            repo._md.sign_and_write(Metadata(timestamp))
+            md.sign_and_write(Metadata(timestamp))
         return repo
 
     # --- operations --------------------------------------------------------
@@ -362,8 +367,8 @@ class Repository:
         different bytes under an already published model/version are refused.
         """
         bundle = _Bundle.read(Path(bundle_dir))
-        with self._session():
-            signed = self._md.targets().targets
+        with self._session() as md:
+            signed = md.targets().targets
             release = _release_of(signed, bundle.model, bundle.version)
             infos: list[TargetInfo] = []
             new: list[tuple[TargetFile, Path]] = []
@@ -384,11 +389,11 @@ class Repository:
             if new:
                 for target, source in new:
                     self.store.put_file(_target_key(target), source)
-                with self._md.edit_targets() as targets:
+                with md.edit_targets() as targets:
                     for target, _ in new:
                         targets.targets[target.path] = target
-                self._md.do_snapshot()
-                self._md.do_timestamp()
+                md.do_snapshot()
+                md.do_timestamp()
         return infos
 
     def _variant_targets(
@@ -414,19 +419,18 @@ class Repository:
 
     def targets(self) -> list[TargetInfo]:
         """Every signed model variant, by model, release and variant."""
-        self._md.forget()
-        infos = _infos(self._md.targets().targets)
+        infos = _infos(self._metadata().targets().targets)
         return sorted(infos, key=lambda i: (i.model, i.release, i.variant))
 
     def resign_if_expiring(self, margin_s: float) -> bool:
         """Re-sign snapshot and timestamp when they expire within ``margin_s``; True if anything was signed."""
-        with self._session():
+        with self._session() as md:
             limit = datetime.now(timezone.utc) + timedelta(seconds=margin_s)
-            snapshot_due = self._md.snapshot().expires <= limit
+            snapshot_due = md.snapshot().expires <= limit
             if snapshot_due:
-                self._md.do_snapshot(force=True)
-            if snapshot_due or self._md.timestamp().expires <= limit:
-                self._md.do_timestamp(force=True)
+                md.do_snapshot(force=True)
+            if snapshot_due or md.timestamp().expires <= limit:
+                md.do_timestamp(force=True)
                 return True
         return False
 
@@ -439,39 +443,30 @@ class Repository:
         """
         if role not in ROLES:
             raise InvalidInput(f"role {role!r} is not one of {', '.join(ROLES)}")
-        with self._session():
-            old_ids = list(self._md.root().roles[role].keyids)
+        with self._session() as md:
+            old_ids = list(md.root().roles[role].keyids)
             names = [role] if len(old_ids) == 1 else [f"{role}-{i}" for i in range(1, len(old_ids) + 1)]
             fresh = [(name, self.keyring.create(f"{name}.next")) for name in names]
-            old_paths = [self._md.signers[k][0] for k in old_ids if k in self._md.signers]
+            old_paths = [md.signers[k][0] for k in old_ids if k in md.signers]
             for name, signer in fresh:
-                self._md.add_signer(signer, self.keyring.directory / f"{name}.next.pem")
-            with self._md.edit_root() as root:
+                md.add_signer(signer, self.keyring.directory / f"{name}.next.pem")
+            with md.edit_root() as root:
                 for _, signer in fresh:
                     root.add_key(signer.public_key, role)
                 for keyid in old_ids:
                     root.revoke_key(keyid, role)
-            self._resign(role)
+            _resign(md, role)
             for path in old_paths:
                 self.keyring.retire(path)
             for name, _ in fresh:
                 os.replace(self.keyring.directory / f"{name}.next.pem", self.keyring.directory / f"{name}.pem")
         return [signer.public_key.keyid for _, signer in fresh]
 
-    def _resign(self, role: str) -> None:
-        if role == Targets.type:
-            with self._md.edit_targets():
-                pass  # a new version signed by the new key
-        if role in (Targets.type, Snapshot.type):
-            self._md.do_snapshot(force=True)
-        if role != Root.type:
-            self._md.do_timestamp(force=True)
-
     def keys(self) -> list[RoleKey]:
         """The keys the current root lists, per role, and where their private halves are."""
-        self._md.forget()
-        root = self._md.root()
-        signers = self._md.signers
+        md = self._metadata()
+        root = md.root()
+        signers = md.signers
         return [
             RoleKey(role, keyid, root.roles[role].threshold,
                     str(signers[keyid][0]) if keyid in signers else None)
@@ -487,8 +482,7 @@ class Repository:
             raise SigningError("the repository has no root metadata: run `fleetctl init`") from None
 
     def root_version(self) -> int:
-        self._md.forget()
-        return self._md.root().version
+        return self._metadata().root().version
 
     # --- helpers -----------------------------------------------------------
 
@@ -503,13 +497,16 @@ class Repository:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
+    def _metadata(self) -> _Metadata:
+        """A fresh view of the store: another process or thread may have signed since."""
+        return _Metadata(self.store, self.keyring, self.expiry)
+
     @contextmanager
-    def _session(self) -> Iterator[None]:
-        """Lock, then read fresh state: another process may have signed since."""
+    def _session(self) -> Iterator[_Metadata]:
+        """One writer at a time, working on a fresh view."""
         with self._lock():
-            self._md.forget()
             try:
-                yield
+                yield self._metadata()
             except UnsignedMetadataError as e:
                 raise SigningError(f"signing failed: {e}") from e
             except ValueError as e:  # python-tuf's repository checks (version rollback, key misuse)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import stat
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -233,3 +234,13 @@ def test_signed_metadata_rejects_tampering(repo: Repository, tmp_path: Path) -> 
     targets.signed.targets["digits/1.0.0/cpu-fp32.onnx"].length += 1
     with pytest.raises(UnsignedMetadataError):
         root.verify_delegate("targets", targets.signed_bytes, targets.signatures)
+
+
+def test_concurrent_publishes_are_serialized(repo: Repository, home: Path, tmp_path: Path) -> None:
+    bundles = [make_bundle(tmp_path / f"b{i}", version=f"1.{i}.0", seed=i) for i in range(4)]
+    other = Repository.from_config(ControllerConfig.load(home))  # as a second process would
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda ib: (repo, other)[ib[0] % 2].publish(ib[1]), enumerate(bundles)))
+    assert sorted(r[0].release for r in results) == [1, 2, 3, 4]
+    assert sorted(i.version for i in repo.targets()) == ["1.0.0", "1.1.0", "1.2.0", "1.3.0"]
+    assert _versions(repo)["targets"] == 5
