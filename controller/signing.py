@@ -112,6 +112,20 @@ class Keyring:
             raise SigningError(f"cannot write signing key: {e}") from e
         return signer
 
+    def settle(self, root: Root) -> None:
+        """Finish (keys the root lists) or discard (keys it does not) a rotation a crash interrupted."""
+        listed = {keyid for role in root.roles.values() for keyid in role.keyids}
+        for keyid, (path, _) in self.load().items():
+            if not path.name.endswith(".next.pem"):
+                continue
+            if keyid not in listed:
+                path.unlink()
+                continue
+            final = path.with_name(path.name.removesuffix(".next.pem") + ".pem")
+            if final.exists():
+                self.retire(final)
+            os.replace(path, final)
+
     def retire(self, path: Path) -> None:
         """Move a replaced key out of the signing set (kept for audit under retired/)."""
         retired = self.directory / "retired"
@@ -444,6 +458,7 @@ class Repository:
         if role not in ROLES:
             raise InvalidInput(f"role {role!r} is not one of {', '.join(ROLES)}")
         with self._session() as md:
+            self.keyring.settle(md.root())  # before md loads the keys
             old_ids = list(md.root().roles[role].keyids)
             names = [role] if len(old_ids) == 1 else [f"{role}-{i}" for i in range(1, len(old_ids) + 1)]
             fresh = [(name, self.keyring.create(f"{name}.next")) for name in names]

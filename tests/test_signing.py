@@ -244,3 +244,16 @@ def test_concurrent_publishes_are_serialized(repo: Repository, home: Path, tmp_p
     assert sorted(r[0].release for r in results) == [1, 2, 3, 4]
     assert sorted(i.version for i in repo.targets()) == ["1.0.0", "1.1.0", "1.2.0", "1.3.0"]
     assert _versions(repo)["targets"] == 5
+
+
+def test_rotation_settles_an_interrupted_earlier_rotation(repo: Repository, home: Path) -> None:
+    keys = home / "keys"
+    [current] = repo.rotate_key("targets")
+    # as if the process died after publishing root v2 but before renaming the key files:
+    (keys / "targets.pem").rename(keys / "targets.next.pem")
+    next(iter((keys / "retired").glob("targets-*.pem"))).rename(keys / "targets.pem")
+    repo.keyring.create("snapshot.next")  # and an aborted rotation that never reached a root
+    repo.rotate_key("timestamp")
+    assert [k.path for k in repo.keys() if k.role == "targets"] == [str(keys / "targets.pem")]
+    assert [k.keyid for k in repo.keys() if k.role == "targets"] == [current]
+    assert sorted(p.name for p in keys.glob("*.pem")) == ["root.pem", "snapshot.pem", "targets.pem", "timestamp.pem"]
