@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 from fastapi import Request
 
 from ..config import ControllerConfig
@@ -16,8 +14,6 @@ class ApiContext:
     config: ControllerConfig
     db: Database
     store: ArtifactStore
-    # Called after a device is removed so its retained MQTT topics are cleared (None: no broker link).
-    forget_device: Callable[[str], None] | None = None
 
 
 def get_ctx(request: Request) -> ApiContext:

@@ -161,8 +161,6 @@ def remove_device(
         session.delete(_device(session, device_id))
         session.execute(sa.delete(EnrollmentToken).where(EnrollmentToken.device_id == device_id))
         record_operator(session, operator, "device.remove", device_id)
-    if ctx.forget_device is not None:
-        ctx.forget_device(device_id)
     return Response(status_code=204)
 
 

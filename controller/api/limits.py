@@ -11,11 +11,9 @@ from typing import Callable
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import InvalidInput
 
 
-class PayloadTooLarge(InvalidInput):
-    http_status = 413
+PAYLOAD_TOO_LARGE = 413
 
 
 def too_large(limit: int) -> str:
@@ -48,7 +46,7 @@ class BodyLimit:
                 if received > limit:
                     # Raised inside the handler's body read; an HTTPException because FastAPI
                     # turns any other error while parsing a body into a 400.
-                    raise HTTPException(PayloadTooLarge.http_status, too_large(limit))
+                    raise HTTPException(PAYLOAD_TOO_LARGE, too_large(limit))
             return message
 
         await self.app(scope, bounded, send)
@@ -68,7 +66,7 @@ async def _refuse(send: Send, message: str) -> None:
     body = json.dumps({"error": message}).encode()
     await send({
         "type": "http.response.start",
-        "status": PayloadTooLarge.http_status,
+        "status": PAYLOAD_TOO_LARGE,
         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
     })
     await send({"type": "http.response.body", "body": body})
