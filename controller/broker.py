@@ -206,6 +206,9 @@ class Bridge:
 
     def _received(self, message: paho.MQTTMessage) -> None:
         self.stats.received += 1
+        if not message.payload:  # a retained message being cleared, not a message
+            self._ack([(message.mid, message.qos)])
+            return
         try:
             _device, channel, decoded = protocol.decode(message.topic, message.payload)
             if channel not in INBOUND:

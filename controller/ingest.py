@@ -7,7 +7,7 @@ Every rule below makes a redelivered or late message harmless:
 - Status: an offline will with an older boot than the device's current one is ignored.
 - Reported: a report older (boot, seq) than the stored one is ignored.
 - Event: unique per (device, boot, seq), checked before insert and by the UNIQUE constraint.
-- Telemetry: kept only above the device's (boot, seq) high-water mark.
+- Telemetry: unique per (device, boot, seq); looked up only below the device's high-water mark.
 Messages from devices that are not enrolled are dropped with a log line.
 """
 from __future__ import annotations
@@ -82,7 +82,11 @@ class _Batch:
 
     def run(self, messages: Sequence[Message]) -> IngestResult:
         devices = self._lock_devices({m.device for m in messages})  # type: ignore[attr-defined]
-        seen_events = self._existing_events([m for m in messages if isinstance(m, Event)])
+        seen_events = self._stored(EventRecord, [m for m in messages if isinstance(m, Event)])
+        self.seen_telemetry = self._stored(TelemetryRecord, [
+            m for m in messages if isinstance(m, Telemetry) and m.device in devices
+            and (m.boot, m.seq) <= _telemetry_mark(devices[m.device])
+        ])
         for message in messages:
             device = devices.get(message.device)  # type: ignore[attr-defined]
             if device is None:
@@ -108,12 +112,13 @@ class _Batch:
             query = query.with_for_update()  # replicas: one batch per device at a time
         return {d.id: d for d in self.session.scalars(query)}
 
-    def _existing_events(self, events: list[Event]) -> set[tuple[str, int, int]]:
-        if not events:
+    def _stored(self, table: type[EventRecord] | type[TelemetryRecord], messages: list) -> set[tuple[str, int, int]]:
+        """Which of these (device, boot, seq) are already in the table."""
+        if not messages:
             return set()
-        query = sa.select(EventRecord.device_id, EventRecord.boot, EventRecord.seq).where(
-            EventRecord.device_id.in_({e.device for e in events}),
-            EventRecord.seq.in_({e.seq for e in events}),
+        query = sa.select(table.device_id, table.boot, table.seq).where(
+            table.device_id.in_({m.device for m in messages}),
+            table.seq.in_({m.seq for m in messages}),
         )
         return {(d, b, s) for d, b, s in self.session.execute(query)}
 
@@ -193,10 +198,15 @@ class _Batch:
         return execution
 
     def _telemetry(self, device: Device, message: Telemetry) -> None:
-        if (message.boot, message.seq) <= (device.last_telemetry_boot, device.last_telemetry_seq):
+        # Above the high-water mark is new (the common case, no lookup); below it only
+        # if not stored yet (a replica or a reconnect delivered it out of order).
+        key = (device.id, message.boot, message.seq)
+        if key in self.seen_telemetry:
             self.result.duplicates += 1
             return
-        device.last_telemetry_boot, device.last_telemetry_seq = message.boot, message.seq
+        self.seen_telemetry.add(key)
+        if (message.boot, message.seq) > _telemetry_mark(device):
+            device.last_telemetry_boot, device.last_telemetry_seq = message.boot, message.seq
         ts = message_time(message.ts)
         self.telemetry_rows.append({
             "device_id": device.id, "kind": message.kind, "boot": message.boot,
@@ -222,6 +232,10 @@ class _Batch:
         dialect = self.session.get_bind().dialect.name
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         return insert(EventRecord).on_conflict_do_nothing(index_elements=["device_id", "boot", "seq"])
+
+
+def _telemetry_mark(device: Device) -> tuple[int, int]:
+    return device.last_telemetry_boot, device.last_telemetry_seq
 
 
 def benchmark_row(device: Device, data: dict[str, Any], ts: datetime) -> dict[str, Any] | None:
