@@ -40,6 +40,11 @@ def device_rows(count_per_class: int = 3, running: str | None = "1.0.0") -> list
 def fleet_db(url: str, count_per_class: int = 3, running: str | None = "1.0.0") -> Database:
     db = Database(url)
     db.upgrade()
+    seed(db, count_per_class, running)
+    return db
+
+
+def seed(db: Database, count_per_class: int = 3, running: str | None = "1.0.0") -> None:
     with db.unit_of_work() as session:
         session.add_all(device_rows(count_per_class, running))
         for release, version in enumerate(("1.0.0", "1.1.0"), start=1):
@@ -50,7 +55,6 @@ def fleet_db(url: str, count_per_class: int = 3, running: str | None = "1.0.0") 
                     requirements=requirements, preference=preference, accuracy={"top1_drop": 0.0},
                     golden_path=target_path("digits", version, variant, ".golden.npz"),
                 ))
-    return db
 
 
 def spec_for(**changes: Any) -> RolloutSpec:

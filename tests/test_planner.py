@@ -164,3 +164,9 @@ def test_state_table():
         planner.transition(S.SUCCEEDED, Trigger.PAUSE, 2, 3)
     with pytest.raises(Conflict, match="rollout is ROLLED_BACK; cannot resume it \\(it is finished\\)"):
         planner.transition(S.ROLLED_BACK, Trigger.RESUME, 0, 3)
+
+
+def test_a_failing_gate_does_not_wait_for_the_bake():
+    spec = spec_for(bake_s=600)
+    slow = planner.decide_stage(spec, execs("rpi-4", E.SUCCEEDED), {"rpi-4": ClassObservation([20.0], [10.0])}, 5)
+    assert slow.decision is StageDecision.FAIL

@@ -28,6 +28,14 @@ class ApiClient:
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """JSON of a 2xx answer (None when empty); otherwise raise the matching ControllerError."""
+        response = self._send(method, path, **kwargs)
+        return response.json() if response.content else None
+
+    def get_bytes(self, path: str) -> bytes:
+        """The body of a 2xx answer as bytes (downloads such as sample shards)."""
+        return self._send("GET", path).content
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.ConnectError as e:
@@ -37,7 +45,7 @@ class ApiClient:
         except httpx.HTTPError as e:
             raise Unavailable(f"request to the controller at {self.base_url} failed: {e}") from e
         if response.is_success:
-            return response.json() if response.content else None
+            return response
         raise _BY_STATUS.get(response.status_code, ControllerError)(_message(response))
 
     def get(self, path: str, **params: Any) -> Any:

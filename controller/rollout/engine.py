@@ -165,10 +165,10 @@ def create_rollout(
             f"devices are already in active rollout(s) {', '.join(overlapping)}; "
             "wait, abort them, or pass --supersede"
         )
-    if dry_run:
-        return Created(rollout_id, plan, overlapping, created=False)
     if session.get(Rollout, rollout_id) is not None:
         raise Conflict(f"rollout {rollout_id!r} exists; choose another name")
+    if dry_run:
+        return Created(rollout_id, plan, overlapping, created=False)
     for other_id in overlapping:
         _apply(session, session.get(Rollout, other_id), Trigger.SUPERSEDE, f"superseded by {rollout_id}", now)
     session.add(Rollout(

@@ -335,9 +335,9 @@ def decide_stage(
     observations: Mapping[str, ClassObservation],
     seconds_since_finished: float | None,
 ) -> StageOutcome:
-    """WAIT until every device of the stage is terminal and the bake time passed; then
-    PASS or FAIL on the gates. A failure rate that pending devices can no longer bring
-    under the limit fails the stage at once."""
+    """PASS once every device of the stage is terminal, the gates hold and the bake time
+    passed; FAIL as soon as a gate fails (during the bake, or when the failure rate is
+    beyond what the pending devices could still bring under the limit); else WAIT."""
     pending = [e for e in executions if not e.state.terminal]
     if pending:
         early = [
@@ -347,13 +347,13 @@ def decide_stage(
         if early:
             return StageOutcome(StageDecision.FAIL, early, "; ".join(v.describe() for v in early))
         return StageOutcome(StageDecision.WAIT, [], f"{len(pending)} device(s) still updating")
+    verdicts = gate_verdicts(spec, executions, observations)
+    failed = [v for v in verdicts if not v.passed]
+    if failed:  # bad news does not wait for the bake time
+        return StageOutcome(StageDecision.FAIL, verdicts, "; ".join(v.describe() for v in failed))
     if seconds_since_finished is not None and seconds_since_finished < spec.bake_s:
         left = spec.bake_s - seconds_since_finished
         return StageOutcome(StageDecision.WAIT, [], f"baking, {left:.0f}s left")
-    verdicts = gate_verdicts(spec, executions, observations)
-    failed = [v for v in verdicts if not v.passed]
-    if failed:
-        return StageOutcome(StageDecision.FAIL, verdicts, "; ".join(v.describe() for v in failed))
     return StageOutcome(StageDecision.PASS, verdicts, "all gates hold")
 
 

@@ -83,7 +83,7 @@ class RolloutSpec:
     max_failure_rate: float = 0.02       # failed/rejected/rolled back/timed out per finished device
     max_p99_regression: float = 0.15     # new p99 / previous p99 - 1, same hardware class
     max_error_rate: float = 0.01         # inference errors per request
-    max_confidence_shift: float = 0.2    # KS distance of top-1 confidence, new vs previous
+    max_confidence_shift: float = 0.2    # change of the mean top-1 confidence, new vs previous
     p99_budget_ms: float | None = None   # absolute on-device budget (agent gate)
     bench_seconds: float = 1.0           # on-device benchmark length
     min_devices_per_stage: int = 1       # of every hardware class, where possible

@@ -1,0 +1,87 @@
+"""Read models of rollouts for the API: a summary row and the full status
+(progress per stage and hardware class, gate values and verdicts, executions)."""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from edgefleet.agent.protocol import ExecutionState
+
+from ..db.models import Device, Execution, GateResult, Rollout
+from ..errors import NotFound
+from .planner import FAILURE_STATES
+from .spec import RolloutSpec
+
+
+def summary(rollout: Rollout, counts: Counter | None = None) -> dict[str, Any]:
+    stages = RolloutSpec.from_stored(rollout.spec).stages
+    counts = counts or Counter()
+    return {
+        "id": rollout.id, "model": rollout.model, "version": rollout.version, "selector": rollout.selector,
+        "state": rollout.state.value, "stage": rollout.stage, "stages": list(stages),
+        "devices": sum(counts.values()),
+        "succeeded": counts.get(ExecutionState.SUCCEEDED, 0),
+        "failed": sum(n for s, n in counts.items() if s in FAILURE_STATES),
+        "created_at": rollout.created_at, "created_by": rollout.created_by, "detail": rollout.detail,
+    }
+
+
+def list_rollouts(session: Session, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    query = sa.select(Rollout).order_by(Rollout.created_at.desc()).limit(limit)
+    if state:
+        query = query.where(Rollout.state == state)
+    rollouts = list(session.scalars(query))
+    counts: dict[str, Counter] = defaultdict(Counter)
+    rows = session.execute(
+        sa.select(Execution.rollout_id, Execution.state, sa.func.count())
+        .where(Execution.rollout_id.in_([r.id for r in rollouts])).group_by(Execution.rollout_id, Execution.state)
+    )
+    for rollout_id, exec_state, n in rows:
+        counts[rollout_id][exec_state] = n
+    return [summary(r, counts[r.id]) for r in rollouts]
+
+
+def rollout_status(session: Session, rollout_id: str) -> dict[str, Any]:
+    rollout = session.get(Rollout, rollout_id)
+    if rollout is None:
+        raise NotFound(f"rollout {rollout_id!r} not found; see `fleetctl rollout list`")
+    spec = RolloutSpec.from_stored(rollout.spec)
+    rows = session.execute(
+        sa.select(Execution, Device.hardware_class).join(Device, Device.id == Execution.device_id)
+        .where(Execution.rollout_id == rollout_id).order_by(Execution.stage, Execution.device_id)
+    ).all()
+    progress: dict[int, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
+    executions = []
+    for execution, cls in rows:
+        cls = cls or "unknown"
+        progress[execution.stage][cls][execution.state.value] += 1
+        executions.append({
+            "device": execution.device_id, "stage": execution.stage, "hardware_class": cls,
+            "variant": execution.variant, "state": execution.state.value, "attempt": execution.attempt,
+            "reason": execution.reason, "detail": execution.detail, "updated_at": execution.updated_at,
+        })
+    gates = [
+        {"stage": g.stage, "hardware_class": g.hardware_class, "gate": g.gate, "value": g.value,
+         "threshold": g.threshold, "verdict": g.verdict.value, "ts": g.ts}
+        for g in session.scalars(
+            sa.select(GateResult).where(GateResult.rollout_id == rollout_id)
+            .order_by(GateResult.stage, GateResult.hardware_class, GateResult.gate, GateResult.id)
+        )
+    ]
+    stages = []
+    for index, share in enumerate(spec.stages):
+        classes = {}
+        for cls, states in sorted(progress.get(index, {}).items()):
+            total = sum(states.values())
+            terminal = sum(n for s, n in states.items() if ExecutionState(s).terminal)
+            classes[cls] = {"total": total, "done": terminal, "states": dict(states)}
+        stages.append({"stage": index, "share": share, "classes": classes})
+    return {
+        **summary(rollout, Counter(ExecutionState(e["state"]) for e in executions)),
+        "updated_at": rollout.updated_at, "stage_started_at": rollout.stage_started_at,
+        "supersedes": rollout.supersedes, "spec": rollout.spec,
+        "progress": stages, "gates": gates, "executions": executions,
+    }
