@@ -47,11 +47,14 @@ def config_template() -> str:
 
 
 def is_initialized(home: Path) -> bool:
-    return (home / "config.toml").exists() or (home / "keys").exists()
+    return (home / "keys").exists()
 
 
 def init_home(home: Path, root_threshold: int = 1, root_keys: int = 1, force: bool = False) -> ControllerConfig:
-    """Create a fleet home: config.toml, TUF keys and initial metadata in the local store.
+    """Create a fleet home: config.toml, TUF keys and initial metadata in the configured store.
+
+    An existing config.toml without keys is used as it is, so a home can name its
+    database and store before it is initialized.
 
     With ``force`` an existing home's config, keys and repository metadata are
     replaced (the old config is kept as config.toml.bak); devices enrolled
@@ -67,7 +70,8 @@ def init_home(home: Path, root_threshold: int = 1, root_keys: int = 1, force: bo
             os.replace(config_path, home / "config.toml.bak")
         if force:
             shutil.rmtree(home / "keys", ignore_errors=True)
-        atomic_write(config_path, config_template().encode())
+        if not config_path.exists():  # a config written first (PostgreSQL, S3) is kept
+            atomic_write(config_path, config_template().encode())
     except (OSError, StorageError) as e:
         raise Unavailable(f"cannot create fleet home {home}: {e}") from e
     config = ControllerConfig.load(home)
