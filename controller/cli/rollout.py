@@ -1,6 +1,7 @@
 """``fleetctl rollout list|status|pause|resume|promote|abort|rollback``."""
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -95,7 +96,7 @@ def status(client: ApiClient, rollout_id: str, watch: bool, interval: float, out
         else:
             text = render_status(data)
             if text != previous:
-                if live and click.get_text_stream("stdout").isatty():
+                if live and sys.stdout.isatty():
                     click.clear()
                 click.echo(text)
                 previous = text

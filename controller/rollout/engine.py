@@ -515,10 +515,10 @@ def _publish_one(db: Database, publisher: Publisher, execution_id: int, now: dat
                 execution.generation = generation
                 execution.deadline_at = now + timedelta(seconds=spec.device_timeout_s)
                 execution.next_attempt_at = None
-            elif kind == "hold" and not execution.state.terminal:
-                execution.state, execution.detail = ExecutionState.CANCELED, f"rollout {rollout.state.value.lower()}"
-            else:  # the device's ROLLED_BACK event, a newer generation than the install, settles it
+            elif kind == "rollback":  # the device's ROLLED_BACK event (a newer generation) settles it
                 execution.detail = f"cloud rollback requested (generation {generation})"
+            elif not execution.state.terminal:
+                execution.state, execution.detail = ExecutionState.CANCELED, f"rollout {rollout.state.value.lower()}"
             session.flush()
             publisher.publish_desired(desired)
             report.published += 1
