@@ -5,7 +5,6 @@ import copy
 from pathlib import Path
 
 import pytest
-import yaml
 
 from edgefleet.controller.db.models import Rollout, RolloutState
 from edgefleet.controller.errors import Conflict, InvalidInput, NotFound
