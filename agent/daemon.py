@@ -50,6 +50,8 @@ def sd_notify(message: str) -> bool:
         address = "\0" + address[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            # never block the main loop on a listener that does not read (a full queue drops the ping)
+            sock.setblocking(False)
             sock.connect(address)
             sock.sendall(message.encode())
     except OSError as e:
