@@ -61,10 +61,10 @@ class ControllerConfig:
         return Path(self.store.path) if self.store.path else self.home / "store"
 
     @classmethod
-    def load(cls, home: Path | None = None) -> "ControllerConfig":
-        """Defaults, overridden by HOME/config.toml when it exists."""
+    def load(cls, home: Path | None = None, path: Path | None = None) -> "ControllerConfig":
+        """Defaults, overridden by ``path`` (default HOME/config.toml) when it exists."""
         home = home or fleet_home()
-        path = home / "config.toml"
+        path = path or home / "config.toml"
         data: dict = {}
         if path.exists():
             try:

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.agent.hardware import HardwareProfile
-from edgefleet.controller.api.auth import verify_mqtt_password
+from edgefleet.controller.tokens import verify_mqtt_password
 from edgefleet.controller.db.models import AuditEntry, Device, EnrollmentToken, Sample, utcnow
 from tests.support.api_server import running_controller
 

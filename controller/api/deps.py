@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from fastapi import Request
 
 from ..config import ControllerConfig

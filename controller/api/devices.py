@@ -15,7 +15,8 @@ from ..db.models import Device, EnrollmentToken, utcnow
 from ..errors import NotFound
 from ..rollout.selector import Selector
 from .audit import record_operator
-from .auth import ENROLL_PREFIX, Operator, hash_token, new_token, require_operator
+from ..tokens import ENROLL_PREFIX, hash_token, new_token
+from .auth import Operator, require_operator
 from .deps import ApiContext, get_ctx
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"], dependencies=[Depends(require_operator)])

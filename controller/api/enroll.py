@@ -23,7 +23,8 @@ from ..db.models import Device, EnrollmentToken, utcnow
 from ..errors import Conflict, NotFound, Unauthorized, Unavailable
 from ..store import REPOSITORY_PREFIX
 from .audit import record
-from .auth import DEVICE_PREFIX, MAX_TOKEN_CHARS, hash_mqtt_password, hash_token, new_token
+from ..tokens import DEVICE_PREFIX, hash_mqtt_password, hash_token, new_token
+from .auth import MAX_TOKEN_CHARS
 from .deps import ApiContext, get_ctx
 
 router = APIRouter(tags=["enrollment"])

@@ -8,9 +8,9 @@ from typing import Any, Callable
 import click
 import httpx
 
-from ..api.auth import operator_token_file, read_operator_token
 from ..config import ControllerConfig
 from ..errors import ControllerError, Conflict, InvalidInput, NotFound, Unauthorized, Unavailable
+from ..tokens import operator_token_file, read_operator_token
 
 TIMEOUT_S = 30.0
 _BY_STATUS: dict[int, type[ControllerError]] = {

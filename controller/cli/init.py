@@ -6,12 +6,12 @@ import sqlalchemy as sa
 
 from edgefleet.agent.config import fleet_home
 
-from ..api.auth import (
-    OPERATOR_PREFIX, hash_token, new_token, read_operator_token, register_operator_token, write_operator_token,
-)
 from ..db.models import ApiToken, utcnow
 from ..db.session import Database
 from ..home import init_home
+from ..tokens import (
+    OPERATOR_PREFIX, hash_token, new_token, read_operator_token, register_operator_token, write_operator_token,
+)
 
 OPERATOR_NAME = "admin"
 

@@ -19,7 +19,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from edgefleet.controller.api.app import create_app
-from edgefleet.controller.api.auth import OPERATOR_PREFIX, new_token, register_operator_token
+from edgefleet.controller.tokens import OPERATOR_PREFIX, new_token, register_operator_token
 from edgefleet.controller.api.deps import ApiContext
 from edgefleet.controller.config import ControllerConfig
 from edgefleet.controller.db.session import Database

@@ -1,0 +1,48 @@
+"""``fleetctl controller run``: the controller service in the foreground."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from edgefleet.agent.config import fleet_home
+
+from ..config import ControllerConfig
+from ..errors import InvalidInput
+
+
+# Libraries that log every packet, job run or migration step at INFO.
+QUIET_LOGGERS = ("amqtt", "transitions", "apscheduler", "alembic")
+
+
+@click.group(name="controller")
+def cli() -> None:
+    """Run the controller service."""
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="config.toml to use (default: HOME/config.toml; HOME is $EDGEFLEET_HOME or ~/.edgefleet).")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def run(config_path: Path | None, log_level: str) -> None:
+    """Serve the API and repository, bridge MQTT and run the scheduled jobs until SIGTERM.
+
+    With no configuration: SQLite in HOME, the local store in HOME/store and an
+    embedded MQTT broker on 127.0.0.1:1884.
+
+    \b
+    Example:
+      fleetctl init && fleetctl controller run
+      fleetctl controller run --config /etc/edgefleet/config.toml
+    """
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in QUIET_LOGGERS:
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
+    if config_path is not None and not config_path.is_file():
+        raise InvalidInput(f"config file {config_path} does not exist")
+    config = ControllerConfig.load(fleet_home(), config_path)
+    from ..service import ControllerService  # the web stack loads only for this command: fleetctl starts fast
+
+    ControllerService(config).run()
