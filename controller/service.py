@@ -93,8 +93,9 @@ class ControllerService:
         if self.config.embedded_broker:
             self.broker = EmbeddedBroker(check_password=self._mqtt_login_ok)
             self.broker.start()
-            options = replace(options, username=BRIDGE_USER, password=self._bridge_password,
-                              client_id=f"{BRIDGE_USER}-{socket.gethostname()}"[:63])
+            # amqtt speaks MQTT 3.1.1 only: skip the bridge's MQTT 5 probe.
+            options = replace(options, url=f"{self.broker.url}?protocol=3.1.1", username=BRIDGE_USER,
+                              password=self._bridge_password, client_id=f"{BRIDGE_USER}-{socket.gethostname()}"[:63])
         self.bridge = Bridge(options, Ingest(self.db))
         self.bridge.start()  # connects in the background and keeps retrying
         self.scheduler = self._schedule()

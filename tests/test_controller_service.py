@@ -15,13 +15,16 @@ from typing import Iterator
 import httpx
 import paho.mqtt.client as paho
 import pytest
+from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.agent.hardware import HardwareProfile
 from edgefleet.agent.protocol import Channel, ModelRef, Reported, Status, topic
+from edgefleet.controller.cli import main
 from edgefleet.controller.config import EMBEDDED_BROKER_HOST, EMBEDDED_BROKER_PORT
+from edgefleet.controller.db.session import Database
 from tests.conftest import free_port, reachable
 from tests.test_store_s3 import make_bucket, s3_endpoint  # noqa: F401  (module-scoped moto server fixture)
 
@@ -172,8 +175,8 @@ def check_round_trip(controller: Controller, device: str) -> None:
         client.disconnect()
     assert shown["active"] == {"model": "digits", "version": "1.0.0", "variant": "cpu-fp32", "release": 0}
     assert shown["labels"] == {"site": "lab"}
-    devices = json.loads(controller.fleetctl("devices", "list", "-o", "json"))
-    assert [d["id"] for d in devices] == [device]
+    with controller.api() as api:
+        assert [d["id"] for d in api.get("/v1/devices").json()] == [device]
 
 
 def test_runs_with_no_configuration(controller):
@@ -192,8 +195,8 @@ def test_runs_with_no_configuration(controller):
     assert mqtt_session(broker, None, None) is None, "the embedded broker let an anonymous client in"
     assert mqtt_session(broker, "pi-embedded", "wrong-password") is None
 
-    audit = json.loads(controller.fleetctl("audit", "-o", "json"))
-    assert [a["action"] for a in audit] == ["device.enroll", "device.enroll-token"]
+    with controller.api() as api:
+        assert [a["action"] for a in api.get("/v1/audit").json()] == ["device.enroll", "device.enroll-token"]
     assert controller.stop() == 0
     assert "did not stop cleanly" not in controller.tail()
     assert not reachable(EMBEDDED_BROKER_HOST, EMBEDDED_BROKER_PORT), "embedded broker still listening after stop"
@@ -219,13 +222,13 @@ def test_runs_with_mosquitto_postgresql_and_s3(controller, mosquitto_url, postgr
     assert controller.stop() == 0
 
 
-def test_refuses_an_out_of_date_schema(controller):
-    port = int(controller.url.rsplit(":", 1)[1])
-    write_config(controller.home, api_port=port, public_url=controller.url)
-    controller.fleetctl("init")
-    controller.fleetctl("db", "downgrade", "base")
-    done = subprocess.run([*FLEETCTL, "controller", "run"], env=controller.env, capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 1
-    assert done.stderr.strip().splitlines()[-1].startswith("error: database schema is at nothing")
-    assert "fleetctl db upgrade" in done.stderr
+def test_refuses_an_out_of_date_schema(tmp_path):
+    env = {"EDGEFLEET_HOME": str(tmp_path / "home")}
+    runner = CliRunner()
+    for args in (["init"], ["db", "downgrade", "base"]):
+        assert runner.invoke(main, args, env=env).exit_code == 0
+    result = runner.invoke(main, ["controller", "run"], env=env)
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"error: database schema is at nothing (empty database), code needs {Database('sqlite://').head_revision()}: "
+        "run `fleetctl db upgrade`"]
