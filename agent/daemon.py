@@ -158,7 +158,7 @@ class Agent:
         self.serve_active()
         self.server.start()
         self.link.start()
-        self.reconciler.report()
+        self.reconciler.announce()
         sd_notify(f"READY=1\nSTATUS=serving on {self.server.url}")
         log.info("agent %s boot %d serving on %s", self.config.device_id, self.boot, self.server.url)
         try:

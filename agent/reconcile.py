@@ -338,9 +338,17 @@ class Reconciler:
         )
 
     def report(self) -> None:
-        """Announce what runs now (on start and on every reconnect)."""
+        """Announce what runs now (on start and after a local rollback)."""
         journal = self.slots.journal()
         self._report(journal.generation if journal else 0)
+
+    def announce(self) -> None:
+        """On start: report, and repeat a finished execution's last event, which a
+        crash between journalling it and publishing it would otherwise lose."""
+        self.report()
+        journal = self.slots.journal()
+        if journal is not None and journal.state.terminal:
+            self._event(journal)
 
 
 def _ref(info: TargetInfo) -> ModelRef:

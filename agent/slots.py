@@ -31,6 +31,7 @@ MODEL_FILE = "model.onnx"
 GOLDEN_FILE = "golden.npz"
 META_FILE = "meta.json"
 STAGING = ".staging"
+TRASH = ".trash-"  # a directory being deleted; never a slot
 MAX_META_BYTES = 1024 * 1024  # our own files, still bounded before parsing
 
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -281,7 +282,7 @@ class Slots:
             fsync_dir(staged)
             target = self.root / name
             if target.exists():  # an unreadable leftover of an earlier life: replace it
-                shutil.rmtree(target)
+                self._remove(target)
             os.rename(staged, target)
             fsync_dir(self.root)
             fsync_dir(self.staging_root)
@@ -302,8 +303,19 @@ class Slots:
         pointer = self.pointer()
         if name in (pointer.active, pointer.previous):
             return
-        shutil.rmtree(self.root / name, ignore_errors=True)
-        shutil.rmtree(self.staging_root / name, ignore_errors=True)
+        self._remove(self.root / name)
+        self._remove(self.staging_root / name)
+
+    def _remove(self, path: Path) -> None:
+        """Delete a directory so that a crash midway never leaves a slot that looks installed."""
+        if not path.exists():
+            return
+        trash = self.root / f"{TRASH}{path.name}"
+        try:
+            os.rename(path, trash)  # atomic: from here on it is not a slot
+        except OSError:
+            trash = path
+        shutil.rmtree(trash, ignore_errors=True)
 
     def gc(self, keep_staging: str | None = None) -> list[str]:
         """Remove slots that are neither active nor previous, and stale staging dirs."""
@@ -312,14 +324,18 @@ class Slots:
         removed = []
         for child in self.root.iterdir():
             if child.is_dir() and child.name not in keep:
-                shutil.rmtree(child, ignore_errors=True)
+                self._remove(child)
                 removed.append(child.name)
             elif child.is_file() and child.name.startswith("."):  # temp of an interrupted write
                 child.unlink(missing_ok=True)
         for child in self.staging_root.iterdir():
-            if child.name != keep_staging:
-                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
-                removed.append(f"{STAGING}/{child.name}")
+            if child.name == keep_staging:
+                continue
+            if child.is_dir():
+                self._remove(child)
+            else:
+                child.unlink(missing_ok=True)
+            removed.append(f"{STAGING}/{child.name}")
         return removed
 
     # --- release high-water mark -----------------------------------------
