@@ -53,12 +53,13 @@ class RangeFetcher(FetcherInterface):
 class HttpFetcher(RangeFetcher):
     """HTTP(S) with urllib3: connect and between-bytes timeouts, Range requests."""
 
-    def __init__(self, timeout_s: float = 30.0):
+    def __init__(self, timeout_s: float = 30.0, pool_size: int = 1):
         self._timeout = urllib3.Timeout(connect=timeout_s, read=timeout_s)
         # Redirects are followed (presigned store URLs); failed reads are not
         # retried here because the caller resumes from what it already has.
         retries = urllib3.Retry(total=3, connect=2, read=0, status=0, redirect=3, raise_on_status=False)
-        self._pool = urllib3.PoolManager(retries=retries, headers={"User-Agent": USER_AGENT})
+        # pool_size: connections kept per host, for a fetcher shared by many threads
+        self._pool = urllib3.PoolManager(retries=retries, maxsize=pool_size, headers={"User-Agent": USER_AGENT})
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         return self.fetch_from(url, 0)[1]

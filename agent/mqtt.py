@@ -152,6 +152,17 @@ class MqttConnection:
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
 
+    def build_client(self) -> paho.Client:
+        """The configured paho client, not yet connected (probing the broker's protocol once).
+
+        For owners that drive the network themselves instead of calling start():
+        the fleet simulator runs many connections on one selector thread.
+        """
+        if self.protocol is None:
+            self.protocol = self._probe()
+        self.client = self._build(self.protocol)
+        return self.client
+
     # --- the connection thread ---------------------------------------------
 
     def _run(self) -> None:
@@ -161,9 +172,7 @@ class MqttConnection:
             self._lost.clear()
             try:
                 if self.client is None:
-                    if self.protocol is None:
-                        self.protocol = self._probe()
-                    self.client = self._build(self.protocol)
+                    self.build_client()
                 self.client.reconnect()
             except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
                 log.info("MQTT broker %s:%s unreachable: %s", self.url.host, self.url.port, e)

@@ -1,0 +1,143 @@
+"""``python -m edgefleet.simulator``: run a simulated fleet until stopped.
+
+    python -m edgefleet.simulator --controller http://127.0.0.1:8470 --devices 100 --classes x86_64,rpi-4 \\
+        --fault rpi-4:slow-model=40@1.1.0 --status-file /tmp/fleet.json
+
+Prints one JSON line of fleet statistics every ``--status-interval`` seconds
+(and writes it to ``--status-file``); SIGTERM or SIGINT stops it cleanly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from edgefleet.agent.slots import atomic_write
+
+from .faults import Faults
+from .fleet import CLASSES, Fleet, FleetConfig
+
+FAULT_KINDS = ("fail-golden", "slow-model", "slow-download", "power-cut", "offline")  # offline: never connects
+
+
+def parse_fault(text: str) -> tuple[str, str, str, str]:
+    """``TARGET:KIND[=VALUE][@VERSION]`` -> (target, kind, value, version); TARGET is a class or device id."""
+    target, sep, rest = text.partition(":")
+    rest, _, version = rest.partition("@")
+    kind, _, value = rest.partition("=")
+    if not sep or not target or kind not in FAULT_KINDS:
+        raise argparse.ArgumentTypeError(
+            f"fault {text!r} is not TARGET:KIND[=VALUE][@VERSION] with KIND one of {', '.join(FAULT_KINDS)}"
+        )
+    if kind in ("slow-model", "slow-download", "power-cut") and not value:
+        raise argparse.ArgumentTypeError(f"fault {text!r} needs a value, e.g. slow-model=40 (ms), "
+                                         "slow-download=100000 (bytes/s), power-cut=activate (state)")
+    return target, kind, value, version
+
+
+def apply_fault(faults: Faults, kind: str, value: str, version: str) -> None:
+    if version:
+        faults.versions = faults.versions | {version}
+    if kind == "fail-golden":
+        faults.fail_golden = True
+    elif kind == "slow-model":
+        faults.extra_latency_ms = float(value)
+    elif kind == "slow-download":
+        faults.download_bps = float(value)
+    elif kind == "power-cut":
+        faults.power_cut_at = value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m edgefleet.simulator", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--controller", default="", help="Controller URL: devices enroll through its API.")
+    p.add_argument("--token", default="", help="Operator token (default: HOME/operator-token).")
+    p.add_argument("--broker", default="", help="Broker URL (default: the one the controller hands out).")
+    p.add_argument("--devices", type=int, default=10)
+    p.add_argument("--classes", default="x86_64", help=f"Comma-separated, dealt round-robin: {', '.join(CLASSES)}.")
+    p.add_argument("--prefix", default="sim", help="Device ids are PREFIX-CLASS-NNNNN (and label fleet=PREFIX).")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="Label every device.")
+    p.add_argument("--state-root", type=Path, help="Devices' state directories (default: a temp dir).")
+    p.add_argument("--workers", type=int, default=8, help="Reconcile passes running in parallel.")
+    p.add_argument("--heartbeat", type=float, default=30.0, help="Seconds between heartbeats of each device.")
+    p.add_argument("--trusted-root", type=Path, help="Pre-registered devices: root.json they trust.")
+    p.add_argument("--metadata-url", default="", help="Pre-registered devices: TUF metadata URL.")
+    p.add_argument("--target-base-url", default="", help="Pre-registered devices: TUF targets URL.")
+    p.add_argument("--fault", action="append", default=[], type=parse_fault, metavar="TARGET:KIND[=VALUE][@VERSION]",
+                   help=f"Inject a fault into a class or one device; KIND: {', '.join(FAULT_KINDS)}.")
+    p.add_argument("--status-file", type=Path, help="Keep the latest statistics (JSON) in this file.")
+    p.add_argument("--status-interval", type=float, default=5.0)
+    p.add_argument("--duration", type=float, default=0.0, help="Stop after this many seconds (0: when signalled).")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def config_from(args: argparse.Namespace) -> FleetConfig:
+    labels = dict(item.split("=", 1) for item in args.label if "=" in item)
+    token = args.token
+    if args.controller and not token:
+        from edgefleet.controller.cli.client import read_token
+        from edgefleet.controller.config import ControllerConfig
+
+        token = read_token(ControllerConfig.load().home)
+    return FleetConfig(
+        broker_url=args.broker, devices=args.devices, classes=tuple(c for c in args.classes.split(",") if c),
+        prefix=args.prefix, state_root=args.state_root, workers=args.workers, labels=labels,
+        controller_url=args.controller, operator_token=token, heartbeat_s=args.heartbeat,
+        trusted_root=args.trusted_root.read_bytes() if args.trusted_root else b"",
+        metadata_url=args.metadata_url, target_base_url=args.target_base_url,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        fleet = Fleet(config_from(args))
+        started = time.monotonic()
+        fleet.create()
+    except Exception as e:  # noqa: BLE001 - one line for the operator, whatever failed
+        print(f"error: cannot set up the fleet: {e}", file=sys.stderr)
+        return 1
+    offline = []
+    for target, kind, value, version in args.fault:
+        matched = [d for d in fleet.devices.values() if target in (d.id, d.profile.hardware_class)]
+        if not matched:
+            print(f"error: fault target {target!r} names no device or class of this fleet", file=sys.stderr)
+            return 1
+        for device in matched:
+            apply_fault(device.faults, kind, value, version)
+        if kind == "offline":
+            offline += matched
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    fleet.start()
+    for device in offline:  # enrolled, running, but never reachable
+        device.go_offline()
+    print(json.dumps({"event": "started", "devices": len(fleet.devices), "setup_s": round(time.monotonic() - started, 2)}),
+          flush=True)
+    try:
+        while not stop.wait(args.status_interval):
+            report(fleet, args.status_file)
+            if args.duration and time.monotonic() - started >= args.duration:
+                break
+    finally:
+        report(fleet, args.status_file)
+        fleet.stop()
+        fleet.close()
+    return 0
+
+
+def report(fleet: Fleet, status_file: Path | None) -> None:
+    line = json.dumps({"event": "stats", "ts": time.time(), **fleet.stats().to_dict()})
+    print(line, flush=True)
+    if status_file is not None:
+        atomic_write(status_file, line.encode())

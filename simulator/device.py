@@ -1,0 +1,232 @@
+"""One simulated device: the real agent's reconcile code on a faked profile and a temp state dir.
+
+Everything below the MQTT socket is the agent's own: ``Slots`` on disk,
+``ModelUpdater`` (TUF), ``Reconciler`` with its gate and benchmark, and
+``ModelRuntime`` (with a shared session underneath). What differs from
+``agent/daemon.py`` is only the wiring: the network is the fleet's shared
+loop, passes run on the fleet's worker pool, and a power cut is an exception
+that unwinds a pass and throws the in-memory device away, after which a new
+incarnation boots from the same state directory.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.daemon import TICK_S, agent_version, next_boot
+from edgefleet.agent.errors import AgentError, ModelError
+from edgefleet.agent.fetch import ModelUpdater, RangeFetcher
+from edgefleet.agent.hardware import HardwareProfile
+from edgefleet.agent.mqtt import BrokerURL
+from edgefleet.agent.protocol import Desired, Event, TelemetryKind
+from edgefleet.agent.reconcile import Reconciler
+from edgefleet.agent.slots import Slots
+
+from .faults import Faults, FaultyFetcher, PowerCut
+from .link import SimLink
+from .network import NetworkLoop
+from .runtime import SessionCache, SimRuntime
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler(Protocol):
+    """What a device needs of the fleet's worker pool."""
+
+    def wake(self, device: "SimDevice", delay: float = 0.0) -> None: ...
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What every device of one fleet shares: immutable, or thread-safe."""
+
+    loop: NetworkLoop
+    workers: Scheduler
+    sessions: SessionCache
+    fetcher: RangeFetcher
+    broker: BrokerURL
+    session_expiry_s: int
+    heartbeat_s: float
+    restart_after_s: float   # a power-cut device boots again after this long
+
+
+class _Incarnation:
+    """The in-memory device between one boot and its shutdown or power cut."""
+
+    def __init__(self, device: "SimDevice") -> None:
+        config, shared = device.config, device.shared
+        self.boot = next_boot(Path(config.state_dir))
+        self.slots = Slots(Path(config.state_dir))
+        self.runtime = SimRuntime(shared.sessions, lambda: device.faults)
+        self.link = SimLink(shared.loop, config, shared.broker, self.boot, device.on_desired, shared.session_expiry_s)
+        updater = ModelUpdater(
+            Path(config.state_dir) / "tuf", config.tuf_metadata_url, config.tuf_target_base_url,
+            config.download_timeout_s, fetcher=FaultyFetcher(shared.fetcher, lambda: device.faults),
+        )
+        self.reconciler = Reconciler(
+            self.slots, updater, self.runtime, _Recording(self.link, device), device.profile,
+            agent_version=agent_version(), on_step=device.check_power,
+        )
+        self.started = time.monotonic()
+        self.alive = True
+
+    def serve_active(self) -> None:
+        """As the daemon does at start: serve the active slot, else the previous one."""
+        for slot in (self.slots.active(), self.slots.previous()):
+            if slot is None:
+                continue
+            try:
+                self.runtime.swap(self.runtime.load(slot.model, slot.meta.ref))
+                return
+            except ModelError as e:
+                log.error("installed model %s does not load: %s", slot.name, e)
+
+
+class _Recording:
+    """The link as the reconciler sees it, remembering the device's last event for fleet statistics."""
+
+    def __init__(self, link: SimLink, device: "SimDevice") -> None:
+        self._link = link
+        self._device = device
+        self.report = link.report
+        self.telemetry = link.telemetry
+
+    def event(self, state: str, **fields) -> Event:
+        event = self._link.event(state, **fields)
+        self._device.last_event = event
+        return event
+
+
+class SimDevice:
+    def __init__(self, config: AgentConfig, profile: HardwareProfile, shared: Shared, faults: Faults | None = None) -> None:
+        self.config = config
+        self.profile = profile
+        self.shared = shared
+        self.faults = faults or Faults()
+        self.id = config.device_id
+        self.last_event: Event | None = None
+        self.power_cuts = 0
+        self.passes = 0
+        self._desired: Desired | None = None
+        self._lock = threading.Lock()
+        self._life: _Incarnation | None = None
+
+    # --- lifecycle -----------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._life is not None and self._life.alive
+
+    @property
+    def boot(self) -> int:
+        return self._life.boot if self._life is not None else 0
+
+    @property
+    def connected(self) -> bool:
+        return self._life is not None and self._life.link.connected
+
+    @property
+    def runtime(self) -> SimRuntime | None:
+        return self._life.runtime if self._life is not None else None
+
+    def start(self) -> None:
+        """Boot from the state directory: serve what is installed, connect, resume any update."""
+        life = _Incarnation(self)
+        self._life = life
+        life.serve_active()
+        life.link.start()
+        life.reconciler.report()
+        self.shared.workers.wake(self)  # a pass at once: it resumes an interrupted update
+        # spread over the interval: a fleet started together must not heartbeat in lock-step
+        first = random.uniform(0.0, self.shared.heartbeat_s)
+        self.shared.loop.call_later(first, lambda: self._heartbeat(life))
+
+    def stop(self, done: Callable[[], None] | None = None, forget: bool = False) -> None:
+        """Shut down cleanly (``forget``: also empty the retained topics); ``done`` runs once disconnected."""
+        life = self._life
+        if life is None or not life.alive:
+            if done is not None:
+                done()
+            return
+        life.alive = False
+        life.link.stop(after=done, forget=forget)
+        life.runtime.close()
+
+    def power_cut(self) -> None:
+        """Drop the device now, wherever it is: no goodbye, nothing cleaned up; boot again later."""
+        life = self._life
+        if life is None or not life.alive:
+            return
+        life.alive = False
+        self.power_cuts += 1
+        with self._lock:
+            self._desired = None  # memory is gone; the retained desired state comes back on connect
+        life.link.cut()
+        self.shared.loop.call_later(self.shared.restart_after_s, self.start)
+
+    def go_offline(self) -> None:
+        """The network goes away (the broker sends the will); the device keeps running."""
+        if self._life is not None:
+            self._life.link.cut()
+
+    def come_online(self) -> None:
+        if self._life is not None:
+            self._life.link.connection.reconnect()
+
+    # --- reconcile -------------------------------------------------------------
+
+    def on_desired(self, desired: Desired) -> None:
+        with self._lock:
+            if self._desired is None or desired.generation >= self._desired.generation:
+                self._desired = desired
+        self.shared.workers.wake(self)
+
+    def check_power(self) -> None:
+        """The reconciler's between-steps hook: die here if a power cut is due in this state."""
+        at = self.faults.power_cut_at
+        life = self._life
+        if at is None or life is None:
+            return
+        journal = life.slots.journal()
+        if journal is not None and journal.state.value == at:
+            self.faults.clear_power_cut()
+            raise PowerCut(f"power cut in {at}")
+
+    def reconcile(self) -> float | None:
+        """One level-triggered pass (on a worker); seconds until the next one is due."""
+        life = self._life
+        if life is None or not life.alive:
+            return None
+        with self._lock:
+            desired = self._desired
+        self.passes += 1
+        try:
+            delay = life.reconciler.run_pass(desired)
+        except PowerCut as cut:
+            log.info("%s: %s", self.id, cut)
+            if self._life is life:
+                self.faults.clear_power_cut()
+                self.power_cut()
+            return None
+        except AgentError as e:  # e.g. the disk is full: keep serving, try again later
+            log.error("%s: reconcile pass failed: %s", self.id, e)
+            delay = TICK_S
+        return TICK_S if delay is None else delay
+
+    def _heartbeat(self, life: _Incarnation) -> None:
+        if not life.alive or self._life is not life:
+            return
+        active = life.runtime.active
+        if life.link.connected:  # as AgentLink's offline queue drops telemetry first, don't pile it up
+            life.link.telemetry(TelemetryKind.HEARTBEAT.value, {
+                "uptime_s": round(time.monotonic() - life.started, 1),
+                "active": active.ref.to_dict() if active is not None and active.ref else None,
+                "counters": life.runtime.counters(),
+            })
+        self.shared.loop.call_later(self.shared.heartbeat_s, lambda: self._heartbeat(life))

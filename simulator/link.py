@@ -1,0 +1,74 @@
+"""A simulated device's MQTT link: ``AgentLink`` itself, with its network on the shared loop.
+
+Everything on the wire is the agent's: topics, client id (the device id),
+persistent session, will (Status offline with the boot sequence), retained
+Status online and the desired-state subscription renewed on every connect,
+device/boot/seq/ts stamping, strict parsing of the desired state. Only the
+transport differs: no sender thread and no connection thread per device; a
+message is handed straight to paho, which keeps QoS 1 messages while the
+broker is away and sends them after the reconnect (heartbeats are not sent
+while offline, so what waits is a pass's few events and reports).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+from edgefleet.agent import protocol
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.mqtt import AgentLink, BrokerURL
+from edgefleet.agent.protocol import Channel, Desired, Status
+
+from .network import NetworkLoop
+
+
+def broker_url_text(url: BrokerURL) -> str:
+    return f"{'mqtts' if url.tls else 'mqtt'}://{url.host}:{url.port}?protocol={url.protocol}"
+
+
+class SimLink(AgentLink):
+    """Implements the Reconciler's ``Link`` protocol; ``on_desired`` runs on the network thread."""
+
+    def __init__(
+        self,
+        loop: NetworkLoop,
+        config: AgentConfig,
+        url: BrokerURL,
+        boot: int,
+        on_desired: Callable[[Desired], None],
+        session_expiry_s: int,
+    ) -> None:
+        config = dataclasses.replace(config, broker_url=broker_url_text(url))
+        super().__init__(config, boot, on_desired, session_expiry_s=session_expiry_s)
+        self.connection = loop.connection(self._conn)
+
+    def start(self) -> None:
+        self.connection.start()
+
+    def stop(self, after: Callable[[], None] | None = None, forget: bool = False) -> None:  # type: ignore[override]
+        """Retained offline status (the goodbye ``AgentLink.stop`` says), then DISCONNECT.
+
+        ``forget`` empties the device's retained topics instead (a test fleet leaving a shared broker).
+        """
+        client = self.connection.client
+        if self.connected:
+            if forget:
+                for channel in (Channel.DESIRED, Channel.REPORTED, Channel.STATUS):
+                    client.publish(self._topic(channel), b"", qos=1, retain=True)
+            else:
+                goodbye = Status(device=self.device, boot=self.boot, online=False, ts=time.time())
+                client.publish(self._topic(Channel.STATUS), goodbye.to_json(), qos=1, retain=True)
+        self.connection.disconnect(after=after)
+
+    def cut(self, after: Callable[[], None] | None = None) -> None:
+        """Drop the TCP connection without a goodbye (power cut, cable pulled): the broker sends the will."""
+        self.connection.disconnect(abrupt=True, after=after)
+
+    def _send(self, channel: Channel, schema: type[protocol.Message], retain: bool = False, **fields: Any):
+        with self._outbox:  # seq order is publish order
+            self._seq += 1
+            message = schema(device=self.device, boot=self.boot, seq=self._seq, **fields)
+            message.validate()
+            self.connection.client.publish(self._topic(channel), message.to_json(), qos=1, retain=retain)
+        return message
