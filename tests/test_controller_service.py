@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -37,10 +38,11 @@ class Controller:
     def __init__(self, home: Path, port: int, log: Path):
         self.home, self.url, self.log = home, f"http://127.0.0.1:{port}", log
         self.process: subprocess.Popen | None = None
+        self.extra_env: dict[str, str] = {}
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "EDGEFLEET_HOME": str(self.home)}
+        return {**os.environ, "EDGEFLEET_HOME": str(self.home), **self.extra_env}
 
     def fleetctl(self, *args: str) -> str:
         done = subprocess.run([*FLEETCTL, *args], env=self.env, capture_output=True, text=True, timeout=120)
@@ -186,7 +188,13 @@ def test_runs_with_no_configuration(controller):
     # Only the API port moves off the default, so that tests never collide with a running controller.
     write_config(controller.home, api_port=port, public_url=controller.url)
     controller.fleetctl("init")
-    controller.start()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:  # what systemd would listen on
+        notify.bind(str(controller.home / "notify.sock"))
+        notify.settimeout(10)
+        controller.extra_env = {"NOTIFY_SOCKET": str(controller.home / "notify.sock"), "WATCHDOG_USEC": "200000"}
+        controller.start()
+        assert notify.recv(4096).startswith(b"READY=1")
+        assert notify.recv(4096) == b"WATCHDOG=1"
     assert (controller.home / "controller.db").exists()
     assert (controller.home / "store" / "repository" / "metadata" / "root.json").exists()
 
