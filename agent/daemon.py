@@ -22,15 +22,17 @@ from .errors import AgentError, ModelError
 from .fetch import ModelUpdater
 from .hardware import HardwareProfile, probe
 from .mqtt import AgentLink
-from .protocol import Desired, TelemetryKind
+from .protocol import Desired, SamplingPolicy, TelemetryKind
 from .reconcile import Reconciler
 from .runtime import ModelRuntime, RuntimeOptions
+from .sampler import Sampler, controller_poster
 from .serve import InferenceServer
 from .slots import Slots, atomic_write, read_json
 
 log = logging.getLogger(__name__)
 
 TICK_S = 60.0        # a level-triggered pass runs at least this often
+UPLOAD_S = 60.0      # buffered samples are offered to the controller this often
 PID_FILE = "agent.pid"
 
 
@@ -95,7 +97,14 @@ class Agent:
         self.boot = next_boot(state_dir)
         self.profile = hardware_profile(config)
         self.runtime = ModelRuntime(RuntimeOptions.from_config(config, self.profile.providers))
-        self.server = InferenceServer(self.runtime, config.serve, config.max_request_bytes)
+        journal = self.slots.journal()
+        self.sampler = Sampler(
+            journal.desired.sampling if journal else SamplingPolicy(), state_dir / "samples",
+            device=config.device_id, max_buffer_bytes=config.sample_buffer_bytes,
+        )
+        self.server = InferenceServer(
+            self.runtime, config.serve, config.max_request_bytes, on_inference=self.sampler.on_inference
+        )
         self.link = AgentLink(config, self.boot, self._on_desired)
         updater = ModelUpdater(
             state_dir / "tuf", config.tuf_metadata_url, config.tuf_target_base_url, config.download_timeout_s
@@ -118,6 +127,7 @@ class Agent:
         with self._lock:
             if self._desired is None or desired.generation >= self._desired.generation:
                 self._desired = desired
+                self.sampler.set_policy(desired.sampling)
         self._wake.set()
 
     def stop(self, *_: object) -> None:
@@ -159,12 +169,15 @@ class Agent:
         self.server.start()
         self.link.start()
         self.reconciler.announce()
+        uploader = threading.Thread(target=self._upload_samples, name="sample-upload", daemon=True)
+        uploader.start()
         sd_notify(f"READY=1\nSTATUS=serving on {self.server.url}")
         log.info("agent %s boot %d serving on %s", self.config.device_id, self.boot, self.server.url)
         try:
             self._loop()
         finally:
             sd_notify("STOPPING=1")
+            uploader.join(5)
             self.link.stop()
             self.server.stop()
             self.runtime.close()
@@ -199,6 +212,14 @@ class Agent:
                 timeout = min(timeout, self._watchdog)
             self._wake.wait(max(0.0, timeout))
 
+    def _upload_samples(self) -> None:
+        """Its own thread: an upload waiting on a slow link must not hold up reconcile or the watchdog."""
+        if not self.config.device_token:
+            return
+        post = controller_poster(self.config.controller_url, self.config.device_id, self.config.device_token)
+        while not self._stop.wait(UPLOAD_S):
+            self.sampler.upload_pending(post)
+
     def _heartbeat(self) -> None:
         active = self.runtime.active
         self.link.telemetry(
@@ -208,6 +229,8 @@ class Agent:
                 "active": active.ref.to_dict() if active is not None and active.ref else None,
                 "counters": self.runtime.counters(),
                 "rss_kb": _rss_kb(),
+                "samples_pending": len(self.sampler.pending()),
+                "samples_dropped": self.sampler.dropped,
             },
         )
 

@@ -15,7 +15,7 @@ from tests.conftest import free_port
 from tests.support.fleet import AgentProcess, Load, ModelRepo, Observer, agent_config, desired
 from tests.support.repo_server import Faults
 
-from edgefleet.agent.protocol import Gate
+from edgefleet.agent.protocol import Gate, SamplingPolicy
 
 LENIENT = Gate(bench_seconds=0.05, bench_min_queries=5, max_p99_regression=1000.0)  # "big" is the slow model
 
@@ -170,7 +170,10 @@ def test_restart_serves_at_once_and_talks_to_systemd(tmp_path, repo, mosquitto_u
         messages = {sock.recv(4096).decode() for _ in range(2)}
         assert any(m.startswith("READY=1") for m in messages), messages
         assert "WATCHDOG=1" in messages
-        assert dev.apply(repo.infos["v1"])["state"] == "SUCCEEDED"
+        assert dev.apply(repo.infos["v1"], sampling=SamplingPolicy(enabled=True, rate=1.0))["state"] == "SUCCEEDED"
+        dev.agent.infer()  # the desired state's sampling policy keeps it for retraining
+        samples = dev.config.state_dir / "samples"
+        dev.observer.wait(lambda: list(samples.glob("*.npz")), 10, "a buffered sample")
         first_boot = dev.observer.reported["boot"]
         assert dev.agent.stop() == 0, dev.agent.log()  # SIGTERM: clean exit
         dev.agent.start()
