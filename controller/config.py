@@ -31,7 +31,8 @@ class ControllerConfig:
     api_port: int = 8470
     public_url: str = DEFAULT_CONTROLLER_URL   # how devices reach the API and repository
     database_url: str = ""           # default: sqlite:///HOME/controller.db (WAL)
-    broker_url: str = ""             # empty: start the embedded broker on 127.0.0.1:1884
+    broker_url: str = ""             # empty: start the embedded broker on 127.0.0.1:embedded_broker_port
+    embedded_broker_port: int = EMBEDDED_BROKER_PORT
     mqtt_username: str = ""
     mqtt_password: str = ""
     share_group: str = "edgefleet"   # MQTT 5 shared-subscription group for replicas
@@ -50,7 +51,7 @@ class ControllerConfig:
 
     @property
     def effective_broker_url(self) -> str:
-        return self.broker_url or f"mqtt://{EMBEDDED_BROKER_HOST}:{EMBEDDED_BROKER_PORT}"
+        return self.broker_url or f"mqtt://{EMBEDDED_BROKER_HOST}:{self.embedded_broker_port}"
 
     @property
     def effective_database_url(self) -> str:

@@ -91,7 +91,7 @@ class ControllerService:
         self._register_operator_token()
         options = BridgeOptions.from_config(self.config)
         if self.config.embedded_broker:
-            self.broker = EmbeddedBroker(check_password=self._mqtt_login_ok)
+            self.broker = EmbeddedBroker(port=self.config.embedded_broker_port, check_password=self._mqtt_login_ok)
             self.broker.start()
             # amqtt speaks MQTT 3.1.1 only: skip the bridge's MQTT 5 probe.
             options = replace(options, url=f"{self.broker.url}?protocol=3.1.1", username=BRIDGE_USER,
