@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from . import window
-from .errors import AgentError, GateError, ModelError, RejectedError, StorageError, TransportError, VerificationError
+from .errors import AgentError, GateError, ModelError, RejectedError, TransportError, VerificationError
 from .fetch import check_release
 from .bench import run_benchmark
 from .gate import run_gate
 from .hardware import HardwareProfile, Requirements
+from .mqtt import Backoff
 from .protocol import Desired, ModelRef, TargetInfo, TelemetryKind
 from .runtime import LoadedModel, ModelRuntime
 from .slots import GOLDEN_FILE, MODEL_FILE, Journal, SlotMeta, Slots, slot_name, storage_error
@@ -30,6 +29,7 @@ from .state import Outcome, State, next_state, plan
 log = logging.getLogger(__name__)
 
 WINDOW_RECHECK_S = 30.0
+RETRY_BACKOFF = Backoff(min_s=2.0, max_s=300.0)  # transport trouble: retry, never give up
 
 
 class Updater(Protocol):
@@ -49,22 +49,6 @@ class Link(Protocol):
     def telemetry(self, kind: Any, data: dict) -> None: ...
 
 
-@dataclass
-class Backoff:
-    """Exponential backoff with full jitter for retryable (transport) trouble."""
-
-    base_s: float = 2.0
-    max_s: float = 300.0
-    attempts: int = 0
-
-    def next_delay(self) -> float:
-        self.attempts += 1
-        return random.uniform(0.5, 1.0) * min(self.max_s, self.base_s * 2 ** (self.attempts - 1))
-
-    def reset(self) -> None:
-        self.attempts = 0
-
-
 class Step:
     """Carries a handler's outcome and its one-line reason."""
 
@@ -81,7 +65,7 @@ class Reconciler:
         link: Link,
         profile: HardwareProfile,
         agent_version: str = "",
-        backoff: Backoff | None = None,
+        backoff: Backoff = RETRY_BACKOFF,
         on_step: Callable[[], None] = lambda: None,
     ) -> None:
         self.slots = slots
@@ -90,7 +74,9 @@ class Reconciler:
         self.link = link
         self.profile = profile
         self.agent_version = agent_version
-        self.backoff = backoff or Backoff()
+        self.backoff = backoff
+        self._attempts = 0      # consecutive retries of the current step
+        self._resumed = False   # the first pass of this process resumes an interrupted step
         self._on_step = on_step  # the daemon pings the watchdog between steps
         self._refreshed = False
         self._targets: dict[str, tuple[Any, TargetInfo]] = {}
@@ -114,35 +100,40 @@ class Reconciler:
             return None
         while not journal.state.terminal:
             step = self._run_handler(journal)
-            if step.outcome is Outcome.RETRY and next_state(journal.state, step.outcome) is journal.state:
-                delay = self.backoff.next_delay()
-                self._event(journal, detail=f"{step.detail}; retrying in {delay:.0f}s")
-                return delay
-            if step.outcome is Outcome.WINDOW_CLOSED and journal.state is State.WAIT_WINDOW:
-                return WINDOW_RECHECK_S
-            self.backoff.reset()
             state = next_state(journal.state, step.outcome)
+            if state is journal.state:  # stay, and try again later
+                return self._stay(journal, step)
+            self._attempts = 0
             if not journal.enter(state, step.detail):
                 journal.enter(State.FAILED, f"{state.value} was entered too often (crash loop?); giving up: {step.detail}")
             self._save(journal)
             self._event(journal, data=step.data)
-            if step.outcome is Outcome.WINDOW_CLOSED:
-                return WINDOW_RECHECK_S
         self._report(journal.generation)
         self.slots.gc()
         return None
+
+    def _stay(self, journal: Journal, step: Step) -> float:
+        if step.outcome is Outcome.WINDOW_CLOSED:
+            return WINDOW_RECHECK_S
+        delay = self.backoff.delay(self._attempts)
+        self._attempts += 1
+        self._event(journal, detail=f"{step.detail}; retrying in {delay:.0f}s")
+        return delay
 
     def _execution(self, desired: Desired | None) -> Journal | None:
         """The execution to work on: the journalled one, or a new one for a newer generation."""
         journal = self.slots.journal()
         if journal is not None and not journal.state.terminal:
             if desired is None or desired.generation <= journal.generation:
-                # resumed after a restart: this entry counts toward the loop guard
-                if not journal.enter(journal.state, journal.detail):
-                    journal.enter(State.FAILED, f"{journal.state.value} was resumed too often (crash loop?)")
-                self._save(journal)
-                self._event(journal)
+                if not self._resumed:
+                    # interrupted by a crash or restart: this entry counts toward the loop guard
+                    self._resumed = True
+                    if not journal.enter(journal.state, journal.detail):
+                        journal.enter(State.FAILED, f"{journal.state.value} was resumed too often (crash loop?)")
+                    self._save(journal)
+                    self._event(journal)
                 return journal
+        self._resumed = True
         finished = journal.generation if journal is not None and journal.state.terminal else None
         active = self.slots.active()
         decision = plan(desired, active.meta.ref if active else None, finished)
@@ -152,8 +143,6 @@ class Reconciler:
         journal.enter(decision.state)
         self._save(journal)
         self._event(journal)
-        if journal.state.terminal:  # already runs it
-            self._report(journal.generation)
         return journal
 
     def _run_handler(self, journal: Journal) -> Step:
@@ -164,10 +153,7 @@ class Reconciler:
             return Step(Outcome.RETRY, str(e))
         except RejectedError as e:
             return Step(Outcome.REJECTED, str(e))
-        except StorageError as e:
-            self.slots.gc(keep_staging=journal.slot)
-            return Step(Outcome.FAILED, str(e))
-        except AgentError as e:  # the remote sent something unusable: terminal for this generation
+        except AgentError as e:  # the remote sent something unusable, or the disk is full: terminal
             return Step(Outcome.FAILED, str(e))
 
     # --- handlers (one job each, idempotent) ----------------------------------
@@ -253,12 +239,12 @@ class Reconciler:
             outcome = self.runtime.replace(slot.model, slot.meta.ref, gate_and_commit)
         except (GateError, ModelError) as e:
             self.slots.discard(name)
-            return Step(Outcome.GATE_FAILED, str(e), _bench(measured))
+            return Step(Outcome.GATE_FAILED, str(e), measured)
         finally:
             if measured:
                 self.link.telemetry(TelemetryKind.BENCHMARK.value, {"model": slot.meta.ref.to_dict(), **measured})
         detail = "swapped (requests held while the old model made room)" if outcome.preserved else "swapped"
-        return Step(Outcome.DONE, detail, _bench(measured))
+        return Step(Outcome.DONE, detail, measured)
 
     def _baseline_p99(self, journal: Journal) -> float | None:
         """The serving model's p99 measured now, under the same load the candidate will see.
@@ -376,7 +362,3 @@ def _mismatch(target_file: Any, path: Path) -> str | None:
 def _p99(measured: dict) -> float | None:
     value = measured.get("p99_ms")
     return float(value) if isinstance(value, (int, float)) else None
-
-
-def _bench(measured: dict) -> dict:
-    return {k: v for k, v in measured.items() if isinstance(v, (int, float, str, bool, dict, list))}

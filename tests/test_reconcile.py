@@ -13,10 +13,11 @@ import pytest
 from edgefleet.agent.fetch import ModelUpdater
 from edgefleet.agent.hardware import HardwareProfile, normalize_arch
 from edgefleet.agent.protocol import ModelRef, Window
-from edgefleet.agent.reconcile import WINDOW_RECHECK_S, Backoff, Reconciler
+from edgefleet.agent.mqtt import Backoff
+from edgefleet.agent.reconcile import WINDOW_RECHECK_S, Reconciler
 from edgefleet.agent.runtime import ModelRuntime
 from edgefleet.agent.slots import Slots, slot_name
-from edgefleet.agent.state import State
+from edgefleet.agent.state import LOOP_LIMIT, State
 from tests.support.fleet import ModelRepo, agent_config, desired
 from tests.support.repo_server import Faults
 
@@ -69,7 +70,7 @@ class Agent:
         updater = ModelUpdater(self.config.state_dir / "tuf", repo.metadata_url, repo.target_base_url, 0.5)
         profile = HardwareProfile(arch=ARCH, memory_mb=2048)
         self.reconciler = Reconciler(self.slots, updater, self.runtime, self.link, profile,
-                                     backoff=Backoff(base_s=0.01, max_s=0.02))
+                                     backoff=Backoff(min_s=0.01, max_s=0.02))
         self.device = self.config.device_id
         self.generation = 0
 
@@ -262,3 +263,26 @@ def test_disk_full_fails_cleanly_and_keeps_serving(tmp_path, repo):
     assert after.get(slot_name(ref(repo.infos["v2"]))) is None
     assert list(after.staging_root.iterdir()) == []  # cleaned after the failure
     agent.close()
+
+
+def test_retries_never_trip_the_loop_guard_but_a_crash_loop_does(tmp_path, repo):
+    agent = Agent(tmp_path, repo)
+    repo.server.faults = Faults(match=".onnx", status=404)
+    try:
+        delay, d = agent.apply(repo.infos["v1"])
+        for _ in range(LOOP_LIMIT + 2):
+            assert agent.reconciler.run_pass(d) is not None  # still retrying, not failed
+    finally:
+        repo.server.faults = Faults()
+    assert agent.link.events[-1]["state"] == "DOWNLOADING"
+    # a process that keeps dying in the same step: each restart resumes it once
+    for _ in range(LOOP_LIMIT):
+        journal = agent.slots.journal()
+        journal.enter(State.DOWNLOAD)
+        agent.slots.save_journal(journal)
+    restarted = Agent(tmp_path, repo)
+    assert restarted.reconciler.run_pass(d) is None
+    last = restarted.link.events[-1]
+    assert last["state"] == "FAILED" and "crash loop" in last["detail"]
+    agent.close()
+    restarted.close()
