@@ -35,6 +35,7 @@ from .embedded_broker import EmbeddedBroker
 from .errors import ControllerError, Unavailable
 from .ingest import Ingest
 from .jobs import add_housekeeping
+from .mirror import mirror_targets
 from .rollout import engine
 from .scheduler import Scheduler
 from .signing import Expiry, Repository
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 BRIDGE_USER = "edgefleet-controller"  # the bridge's login on the embedded broker
 RESIGN_INTERVAL_S = 300.0
+MIRROR_INTERVAL_S = 30.0  # a publish also asks for a mirror pass through the API
 
 
 class _Server(uvicorn.Server):
@@ -76,6 +78,7 @@ class ControllerService:
         self.broker: EmbeddedBroker | None = None
         self.bridge: Bridge | None = None
         self.scheduler: Scheduler | None = None
+        self.repository: Repository | None = None
         self.server: _Server | None = None
         self._bridge_password = secrets.token_urlsafe(32)
         self._stopped = threading.Event()
@@ -89,6 +92,8 @@ class ControllerService:
         if not self.store.exists(ROOT_KEY):
             raise Unavailable(f"the artifact store has no {ROOT_KEY}: run `fleetctl init` with this config.toml")
         self._register_operator_token()
+        self.repository = Repository(self.config.home, self.store, Expiry.from_config(self.config))
+        mirror_targets(self.db, self.repository)
         options = BridgeOptions.from_config(self.config)
         if self.config.embedded_broker:
             self.broker = EmbeddedBroker(port=self.config.embedded_broker_port, check_password=self._mqtt_login_ok)
@@ -105,9 +110,9 @@ class ControllerService:
         config = self.config
         scheduler = Scheduler(self.db, config, holder_id=f"{socket.gethostname()}-{secrets.token_hex(4)}")
         assert self.store is not None and self.bridge is not None
-        repository = Repository(config.home, self.store, Expiry.from_config(config))
-        scheduler.add_job("resign-metadata", partial(repository.resign_if_expiring, config.resign_margin_s),
+        scheduler.add_job("resign-metadata", partial(self.repository.resign_if_expiring, config.resign_margin_s),
                           RESIGN_INTERVAL_S)
+        scheduler.add_job("mirror-targets", partial(mirror_targets, self.db, self.repository), MIRROR_INTERVAL_S)
         scheduler.add_job("rollout-stepping", partial(engine.step_all, self.db, self.bridge),
                           config.scheduler_interval_s)
         add_housekeeping(scheduler, self.db, config)

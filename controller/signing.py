@@ -436,6 +436,10 @@ class Repository:
         infos = _infos(self._metadata().targets().targets)
         return sorted(infos, key=lambda i: (i.model, i.release, i.variant))
 
+    def target_lengths(self) -> dict[str, int]:
+        """Signed length of every target, by target path."""
+        return {path: target.length for path, target in self._metadata().targets().targets.items()}
+
     def resign_if_expiring(self, margin_s: float) -> bool:
         """Re-sign snapshot and timestamp when they expire within ``margin_s``; True if anything was signed."""
         with self._session() as md:

@@ -12,7 +12,10 @@ from edgefleet.agent.protocol import NAME
 
 from ..db.catalog import ModelVersion, model_versions
 from ..errors import NotFound
-from .auth import require_operator
+from ..mirror import mirror_targets
+from ..signing import Expiry, Repository
+from .audit import record_operator
+from .auth import Operator, require_operator
 from .deps import ApiContext, get_ctx
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_operator)])
@@ -84,3 +87,16 @@ def show_model(name: str = Path(pattern=NAME.pattern), ctx: ApiContext = Depends
     if not versions:
         raise NotFound(f"model {name!r} is not published: see `fleetctl models list`")
     return ModelDetail(model=name, versions=[_version(mv) for mv in versions])
+
+
+class SyncOut(BaseModel):
+    added: int   # signed variants new to the catalog
+
+
+@router.post("/sync", response_model=SyncOut, summary="Mirror newly signed targets into the catalog")
+def sync_models(ctx: ApiContext = Depends(get_ctx), operator: Operator = Depends(require_operator)) -> SyncOut:
+    added = mirror_targets(ctx.db, Repository(ctx.config.home, ctx.store, Expiry.from_config(ctx.config)))
+    if added:
+        with ctx.db.unit_of_work() as session:
+            record_operator(session, operator, "models.sync", added=added)
+    return SyncOut(added=added)

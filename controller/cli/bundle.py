@@ -109,5 +109,16 @@ def publish(out: Path, output: str) -> None:
     from ..config import ControllerConfig
     from ..signing import Repository
 
+    from ..errors import ControllerError
+    from .client import connect
+
     infos = Repository.from_config(ControllerConfig.load()).publish(out)
     emit([i.to_dict() for i in infos], output, ["model", "version", "variant", "release", "preference", "p99_ms"])
+    try:
+        client = connect(None, None)
+        try:
+            client.post("/v1/models/sync")
+        finally:
+            client.close()
+    except ControllerError as e:
+        click.echo(f"note: signed, but the controller was not told ({e}); it lists them when it next starts", err=True)
