@@ -1,6 +1,7 @@
 """Agent configuration and the defaults that tools, docs and tests share."""
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -66,16 +67,17 @@ class AgentConfig:
         return cls(**data)
 
     def to_toml(self) -> str:
-        lines = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, dict):
-                continue
-            if isinstance(value, bool):
-                lines.append(f"{f.name} = {'true' if value else 'false'}")
-            elif isinstance(value, (int, float)):
-                lines.append(f"{f.name} = {value}")
-            else:
-                escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-                lines.append(f'{f.name} = "{escaped}"')
-        return "\n".join(lines) + "\n"
+        return "".join(f"{f.name} = {_toml_value(getattr(self, f.name))}\n" for f in fields(self))
+
+
+def _toml_value(value: object) -> str:
+    """A TOML literal; JSON's string escapes are valid TOML basic strings."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(str(value))
