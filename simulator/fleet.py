@@ -127,6 +127,8 @@ class Fleet:
         self._own_root = config.state_root is None
         self.root = Path(config.state_root or tempfile.mkdtemp(prefix="edgefleet-sim-"))
         self.root.mkdir(parents=True, exist_ok=True)
+        import onnxruntime  # noqa: F401 - loaded before the baseline, so RSS per device counts devices only
+
         self.baseline_rss_kb = rss_kb()
         self.loop = NetworkLoop()
         self.workers = Workers(config.workers)

@@ -1,0 +1,25 @@
+"""bench/fanout.py end to end with a handful of devices (a smoke test: no timing asserts).
+
+Real processes: a dedicated Mosquitto, `fleetctl controller run`, the fleet simulator."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.mark.slow
+def test_fanout_script_rolls_out_to_a_small_fleet(digits, model_cache):
+    if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
+        pytest.skip("mosquitto is not installed")
+    done = subprocess.run([sys.executable, "-m", "bench.fanout", "--devices", "6", "--timeout", "120",
+                           "--workers", "3", "--cache", str(model_cache)],
+                          cwd=REPO, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"^\| 6 \| \d+\.\d \| \d+\.\d \| [\d,]+ \| \d+\.\d\d \|", done.stdout, re.M), done.stdout
