@@ -16,10 +16,11 @@ import threading
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import Callable, Iterator
 
 from .config import AgentConfig
 from .errors import AgentError, ModelError
-from .fetch import ModelUpdater
+from .fetch import HttpFetcher, ModelUpdater
 from .hardware import HardwareProfile, probe
 from .mqtt import AgentLink
 from .protocol import Desired, SamplingPolicy, TelemetryKind
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 TICK_S = 60.0        # a level-triggered pass runs at least this often
 UPLOAD_S = 60.0      # buffered samples are offered to the controller this often
+PING_EVERY_S = 1.0   # at most this often to the watchdog from inside a step
 PID_FILE = "agent.pid"
 
 
@@ -71,6 +73,24 @@ def watchdog_interval() -> float | None:
     return int(usec) / 2e6
 
 
+class PingingFetcher(HttpFetcher):
+    """Pings the watchdog as bytes arrive: a long download is progress, not a hang
+    (a stall still ends after the download timeout)."""
+
+    def __init__(self, timeout_s: float, ping: Callable[[], None]) -> None:
+        super().__init__(timeout_s)
+        self._ping = ping
+
+    def fetch_from(self, url: str, offset: int) -> tuple[int, Iterator[bytes]]:
+        start, chunks = super().fetch_from(url, offset)
+        return start, self._pinging(chunks)
+
+    def _pinging(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            self._ping()
+            yield chunk
+
+
 def next_boot(state_dir: Path) -> int:
     """The persisted boot counter, one more than at the last start."""
     path = state_dir / "boot.json"
@@ -107,7 +127,8 @@ class Agent:
         )
         self.link = AgentLink(config, self.boot, self._on_desired)
         updater = ModelUpdater(
-            state_dir / "tuf", config.tuf_metadata_url, config.tuf_target_base_url, config.download_timeout_s
+            state_dir / "tuf", config.tuf_metadata_url, config.tuf_target_base_url,
+            fetcher=PingingFetcher(config.download_timeout_s, self._ping),
         )
         self.reconciler = Reconciler(
             self.slots, updater, self.runtime, self.link, self.profile,
@@ -119,6 +140,7 @@ class Agent:
         self._stop = threading.Event()
         self._resync = threading.Event()
         self._watchdog = watchdog_interval()
+        self._last_ping = 0.0
         self._started = time.monotonic()
 
     # --- callbacks from other threads and signals ---------------------------
@@ -139,7 +161,9 @@ class Agent:
         self._wake.set()
 
     def _ping(self) -> None:
-        if self._watchdog is not None:
+        now = time.monotonic()
+        if self._watchdog is not None and now - self._last_ping >= min(PING_EVERY_S, self._watchdog):
+            self._last_ping = now
             sd_notify("WATCHDOG=1")
 
     # --- lifecycle ------------------------------------------------------------

@@ -1,11 +1,11 @@
 """`fleet-agent` commands as a user runs them: enroll against a real controller API, status, errors."""
 import json
+import signal
 import stat
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
-
-import pytest
 
 from edgefleet.agent.cli import main
 from edgefleet.agent.config import AgentConfig
@@ -78,3 +78,22 @@ def test_boot_counter_and_hardware_override(tmp_path):
     profile = hardware_profile(AgentConfig(hardware_override={"arch": "aarch64", "device_model": "Raspberry Pi 4 Model B"}))
     assert profile.arch == "aarch64" and profile.hardware_class == "rpi-4"
     assert "CPUExecutionProvider" in profile.providers
+
+
+def test_serve_and_bench_through_fleet_agent(digits, tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([FLEET_AGENT, "serve", str(digits.model), "--name", "digits", "--http", f"127.0.0.1:{port}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("serving digits on http://127.0.0.1:")
+        body = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.1] * 64}]})
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/digits/infer", data=body.encode(),
+                                         method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert json.loads(response.read())["model_name"] == "digits"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    result = run("bench", str(digits.model), "--seconds", "0", "--min-queries", "5", "--batch", "0", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["queries"] >= 5
