@@ -177,32 +177,6 @@ def publish_digits(home: Path, work: Path, cache: Path) -> None:
                     "--variant", "cpu-fp32", "--calibration", str(digits.calibration_data), "--eval",
                     str(digits.eval_data), "-o", str(bundle)], check=True, capture_output=True, env=env)
     subprocess.run([fleetctl, "bundle", "publish", str(bundle)], check=True, capture_output=True, env=env)
-    register_variants(home)
-
-
-def register_variants(home: Path) -> None:
-    """Make the signed variants known to the rollout engine's catalog (when publish did not already)."""
-    import sqlalchemy as sa
-
-    from edgefleet.controller.config import ControllerConfig
-    from edgefleet.controller.db.models import Variant
-    from edgefleet.controller.db.session import Database
-    from edgefleet.controller.signing import Repository
-
-    config = ControllerConfig.load(home)
-    db = Database(config.effective_database_url)
-    try:
-        with db.unit_of_work() as session:
-            known = set(session.scalars(sa.select(Variant.target_path)))
-            for info in Repository.from_config(config).targets():
-                path = f"{info.model}/{info.version}/{info.variant}.onnx"
-                if path not in known:
-                    session.add(Variant(model=info.model, version=info.version, variant=info.variant,
-                                        target_path=path, release=info.release, requirements=info.requirements,
-                                        accuracy=info.accuracy, preference=info.preference,
-                                        golden_path=info.golden, p99_ms=info.p99_ms))
-    finally:
-        db.dispose()
 
 
 def read_status(path: Path) -> dict:
