@@ -14,6 +14,7 @@ Errors print one line on stderr and exit 1.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -55,6 +56,7 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import Agent
 
+    faulthandler.enable()  # a crash inside ONNX Runtime leaves a Python traceback in the journal
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return Agent(_load_config(args.config or default_config())).run()
 

@@ -60,7 +60,7 @@ def test_sigkill_at_random_moments_during_updates(tmp_path, digits, mosquitto_ur
             # one kill while the update runs, sometimes a second one while the restarted agent resumes it
             # the tail of the measured time is MQTT delivery of the last event: draw over the rest
             window = 0.75 * duration
-            for delay in [rng.uniform(0, window)] + ([rng.uniform(0, window)] if rng.random() < 0.3 else []):
+            for delay in [rng.uniform(0, window)] + ([rng.uniform(0, window)] if rng.random() < 0.6 else []):
                 time.sleep(delay)
                 agent.kill()
                 journal = Slots(config.state_dir).journal()

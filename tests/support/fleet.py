@@ -219,7 +219,8 @@ class AgentProcess:
     def wait_live(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            assert self.proc is not None and self.proc.poll() is None, f"agent exited:\n{self.log()}"
+            assert self.proc is not None and self.proc.poll() is None, \
+                f"agent exited with {self.proc.returncode}:\n{self.log()}"
             try:
                 with urllib.request.urlopen(f"{self.url}/v2/health/live", timeout=1):
                     return
