@@ -12,11 +12,9 @@ from .bench import run_benchmark
 from .errors import AgentError
 from .golden import GoldenSet
 from .protocol import Gate
+from .protocol import P99_NOISE_FLOOR_MS as NOISE_FLOOR_MS
 from .runtime import LoadedModel
 
-# Scheduler and timer jitter on a small shared device is a few hundred microseconds;
-# a regression smaller than this is noise, however large as a ratio for a very fast model.
-NOISE_FLOOR_MS = 0.25
 
 
 @dataclass(frozen=True)

@@ -234,6 +234,12 @@ class SamplingPolicy(Message):
         )
 
 
+# Scheduler and timer jitter on a small shared device is a few hundred microseconds: a p99
+# regression smaller than this is noise, however large as a ratio for a very fast model.
+# The agent's gate and the controller's rollout gate both honour it.
+P99_NOISE_FLOOR_MS = 0.25
+
+
 @dataclass(frozen=True)
 class Gate(Message):
     """On-device activation gate sent with the desired state."""

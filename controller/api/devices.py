@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from edgefleet.agent.protocol import DEVICE_ID
 
-from ..db.models import Device, EnrollmentToken, utcnow
+from ..db.models import Device, EnrollmentToken, EventRecord, utcnow
 from ..errors import NotFound
 from ..rollout.selector import Selector
 from .audit import record_operator
@@ -135,6 +135,36 @@ def list_devices(
 def show_device(device_id: str = DeviceId, ctx: ApiContext = Depends(get_ctx)) -> DeviceDetail:
     with ctx.db.unit_of_work() as session:
         return DeviceDetail.of(_device(session, device_id))
+
+
+class EventOut(BaseModel):
+    boot: int
+    seq: int
+    generation: int
+    deployment: str | None
+    state: str
+    model: str | None
+    version: str | None
+    variant: str | None
+    detail: str
+    data: dict[str, Any]
+    ts: datetime
+
+
+@router.get("/{device_id}/events", response_model=list[EventOut], summary="A device's update events, oldest first")
+def device_events(
+    device_id: str = DeviceId,
+    deployment: str | None = Query(None, max_length=128, description="only events of this rollout"),
+    limit: int = Query(200, ge=1, le=5000),
+    ctx: ApiContext = Depends(get_ctx),
+) -> list[EventOut]:
+    with ctx.db.unit_of_work() as session:
+        _device(session, device_id)
+        query = sa.select(EventRecord).where(EventRecord.device_id == device_id)
+        if deployment is not None:
+            query = query.where(EventRecord.deployment == deployment)
+        newest = query.order_by(EventRecord.boot.desc(), EventRecord.seq.desc()).limit(limit)
+        return [EventOut.model_validate(e, from_attributes=True) for e in reversed(list(session.scalars(newest)))]
 
 
 @router.patch("/{device_id}/labels", response_model=DeviceOut, summary="Set and remove labels")

@@ -10,6 +10,7 @@ from .client import ApiClient, api_command
 
 LIST_COLUMNS = ["id", "online", "enrolled", "hardware_class", "active", "labels", "last_seen"]
 SHOW_FIELDS = ["id", "online", "enrolled", "hardware_class", "active", "labels", "last_seen", "enrolled_at", "boot"]
+EVENT_COLUMNS = ["ts", "deployment", "generation", "state", "version", "variant", "detail"]
 
 
 def _active(device: dict) -> dict:
@@ -71,6 +72,21 @@ def show(client: ApiClient, device_id: str, output: str) -> None:
         click.echo("hardware:")
         for key in sorted(hardware):
             click.echo(f"  {key}: {hardware[key]}")
+
+
+@cli.command()
+@click.argument("device_id")
+@click.option("--rollout", "deployment", metavar="ID", help="Only the events of this rollout.")
+@output_option
+@api_command
+def events(client: ApiClient, device_id: str, deployment: str | None, output: str) -> None:
+    """Show a device's update events (each execution step it reported), oldest first.
+
+    \b
+    Example:
+      fleetctl devices events pi-042 --rollout digits-1.1.0
+    """
+    emit(client.get(f"/v1/devices/{device_id}/events", deployment=deployment), output, EVENT_COLUMNS)
 
 
 @cli.command()

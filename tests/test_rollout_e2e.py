@@ -1,0 +1,97 @@
+"""Staged rollouts end to end: a real controller process, Mosquitto, and four real
+agent processes in two simulated hardware classes.
+
+1. digits 1.0.0 rolls out through both stages.
+2. digits 1.1.0 rolls out while the controller is SIGKILLed mid-rollout and
+   restarted: the rollout completes and no device gets a duplicate execution.
+3. digits 1.2.0 (slow on x86, failing its golden set on Arm) is stopped at the
+   first stage; those devices are back on 1.1.0; the failing gate is shown.
+"""
+import uuid
+
+import pytest
+
+from demo.scenario import (
+    AgentProcess, Controller, Fleetctl, build_bundles, wait_for, wait_for_fleet, wait_rollout, write_config,
+)
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+STAGES = ["--stages", "50%,100%", "--bake", "1s", "--min-devices-per-stage", "1", "--device-timeout", "2m"]
+
+
+@pytest.fixture
+def fleet(tmp_path, mosquitto_url, model_cache):
+    home = tmp_path / "home"
+    api_port = free_port()
+    write_config(home, api_port, broker_url=mosquitto_url)
+    fleetctl = Fleetctl(home, echo=print)
+    fleetctl("init")
+    bundles = build_bundles(fleetctl, tmp_path / "bundles", model_cache)
+    controller = Controller(home, f"http://127.0.0.1:{api_port}").start()
+    run = uuid.uuid4().hex[:6]  # device ids unique on the shared broker (retained topics)
+    agents = [
+        AgentProcess(f"{cls.replace('_', '')}-{i}-{run}", cls, tmp_path / f"agent-{cls}-{i}", free_port())
+        for cls in ("x86_64", "rpi-4") for i in range(2)
+    ]
+    try:
+        for bundle in (*bundles.good, bundles.bad):
+            fleetctl("bundle", "publish", str(bundle))
+        for agent in agents:
+            agent.enroll(fleetctl, controller.url).start()
+        wait_for_fleet(fleetctl, {a.name: a.hw_class for a in agents})
+        yield fleetctl, controller, agents
+    finally:
+        for agent in agents:
+            agent.stop()
+        controller.stop()
+
+
+def _deploy(fleetctl: Fleetctl, version: str, name: str) -> None:
+    fleetctl("deploy", f"digits:{version}", "--to", "hw.class in (x86_64,rpi-4)", "--name", name, *STAGES)
+
+
+def _downloads(fleetctl: Fleetctl, device: str, rollout: str) -> int:
+    events = fleetctl.json("devices", "events", device, "--rollout", rollout)
+    return sum(1 for e in events if e["state"] == "DOWNLOADING" and "retrying" not in e["detail"])
+
+
+def test_good_rollout_restart_and_canary_rollback(fleet):
+    fleetctl, controller, agents = fleet
+    names = [a.name for a in agents]
+
+    _deploy(fleetctl, "1.0.0", "r1")
+    first = wait_rollout(fleetctl, "r1")
+    assert first["state"] == "SUCCEEDED", fleetctl("rollout", "status", "r1", check=False)
+    assert [p["classes"] for p in first["progress"]][0].keys() == {"x86_64", "rpi-4"}, "stage 1 spans both classes"
+    assert all(a.serving() == "1.0.0" for a in agents), [a.log() for a in agents]
+
+    # Kill the controller as soon as the first stage is under way, then start it again.
+    _deploy(fleetctl, "1.1.0", "r2")
+    wait_for(lambda: fleetctl.json("rollout", "status", "r2")["executions"], 30, "r2's first executions")
+    controller.kill()
+    controller.start()
+    second = wait_rollout(fleetctl, "r2")
+    print(fleetctl("rollout", "status", "r2"))
+    assert second["state"] == "SUCCEEDED"
+    devices = [e["device"] for e in second["executions"]]
+    assert sorted(devices) == sorted(names), "one execution per device"
+    assert all(_downloads(fleetctl, name, "r2") == 1 for name in names), "no update applied twice"
+    assert all(a.serving() == "1.1.0" for a in agents)
+
+    _deploy(fleetctl, "1.2.0", "r3")
+    third = wait_rollout(fleetctl, "r3")
+    printed = fleetctl("rollout", "status", "r3")
+    print(printed)
+    assert third["state"] in ("FAILED", "ROLLED_BACK"), third["state"]
+    assert third["stage"] == 0, "stopped at the first stage"
+    failing = [g for g in third["gates"] if g["verdict"] == "FAIL"]
+    assert {g["hardware_class"] for g in failing} == {"x86_64", "rpi-4"}, third["gates"]
+    assert "FAIL" in printed
+    touched = {e["device"]: e for e in third["executions"]}
+    assert len(touched) == 2, "only the canary stage was touched"
+    details = " ".join(e["detail"] for e in touched.values())
+    assert "golden set failed" in details and "regresses past" in details, details
+    wait_for(lambda: all(a.serving() == "1.1.0" for a in agents), 30, "every device back on 1.1.0")
+    listed = {d["id"]: d for d in fleetctl.json("devices", "list")}
+    assert all(listed[name]["active"]["version"] == "1.1.0" for name in names), listed
