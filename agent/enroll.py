@@ -75,7 +75,8 @@ def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
 def _detail(e: urllib.error.HTTPError) -> str:
     try:
         body = json.loads(e.read(64 * 1024))
-        detail = body.get("detail", body) if isinstance(body, dict) else body
+        # the API answers {"error": ...}; FastAPI's own validation errors use "detail"
+        detail = (body.get("error") or body.get("detail") or body) if isinstance(body, dict) else body
     except (ValueError, OSError):
         detail = e.reason
     return str(detail).splitlines()[0][:300] if str(detail) else str(e.reason)

@@ -40,6 +40,7 @@ def test_enroll_against_the_controller_writes_config_key_and_trusted_root(tmp_pa
         again = run("enroll", "--controller", api.url, "--token", token, "--state-dir", str(state))
         assert again.returncode == 1 and again.stderr.startswith("error: enrollment refused (HTTP ")
         assert len(again.stderr.strip().splitlines()) == 1
+        assert "'error'" not in again.stderr, "the API's error text, not its JSON envelope"
 
 
 def test_unreachable_controller_is_one_line(tmp_path):
