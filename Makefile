@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) bench/demo.py
+	$(PY) -m demo
 
 # pytest exits 5 when it collected no test: that must not pass as green.
 test: $(VENV)/.installed
