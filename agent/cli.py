@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from .config import DEFAULT_STATE_DIR, AgentConfig
@@ -26,6 +27,7 @@ from .errors import AgentError
 from .slots import Slots
 
 CONFIG_ENV = "FLEET_AGENT_CONFIG"
+ROLLBACK_WAIT_S = 10.0  # a running agent flips its slots between reconcile steps
 
 
 def default_config() -> Path:
@@ -98,10 +100,29 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from .daemon import signal_running_agent
 
     config = _load_config(args.config or default_config())
-    pointer = Slots(config.state_dir).rollback()
-    told = signal_running_agent(config.state_dir)
-    print(f"active model is now {pointer.active}" + ("" if told else " (takes effect when the agent starts)"))
-    return 0
+    slots = Slots(config.state_dir)
+    before = slots.pointer()
+    if slots.previous() is None:
+        raise CliError("no previous model is installed to roll back to")
+    if not signal_running_agent(config.state_dir):
+        pointer = slots.rollback()
+        _keep_owner(config.state_dir, slots.root / "pointer.json")
+        print(f"active model is now {pointer.active} (served when the agent starts)")
+        return 0
+    deadline = time.monotonic() + ROLLBACK_WAIT_S
+    while time.monotonic() < deadline:
+        if slots.pointer().active != before.active:
+            print(f"active model is now {slots.pointer().active}")
+            return 0
+        time.sleep(0.1)
+    raise CliError(f"the agent did not roll back within {ROLLBACK_WAIT_S:.0f}s; see its log (journalctl -u fleet-agent)")
+
+
+def _keep_owner(state_dir: Path, path: Path) -> None:
+    """Run as root on a stopped service's state: hand the file back to the agent's user."""
+    owner = os.stat(state_dir)
+    if os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
+        os.chown(path, owner.st_uid, owner.st_gid)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -138,7 +138,7 @@ class Agent:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._resync = threading.Event()
+        self._rollback = threading.Event()
         self._watchdog = watchdog_interval()
         self._last_ping = 0.0
         self._started = time.monotonic()
@@ -157,7 +157,7 @@ class Agent:
         self._wake.set()
 
     def _on_rollback_signal(self, *_: object) -> None:
-        self._resync.set()
+        self._rollback.set()
         self._wake.set()
 
     def _ping(self) -> None:
@@ -181,7 +181,7 @@ class Agent:
                 return
             except ModelError as e:
                 log.error("installed model %s does not load: %s", slot.name, e)
-        log.info("no installed model yet; serving starts after the first update")
+        log.warning("no installed model can be served yet; serving starts after the next successful update")
 
     def run(self) -> int:
         pid_file = Path(self.config.state_dir) / PID_FILE
@@ -214,10 +214,9 @@ class Agent:
         while not self._stop.is_set():
             self._ping()
             now = time.monotonic()
-            if self._resync.is_set():
-                self._resync.clear()
-                self.serve_active()
-                self.reconciler.report()
+            if self._rollback.is_set():
+                self._rollback.clear()
+                self._local_rollback()
             if self._wake.is_set() or now >= due:
                 self._wake.clear()
                 with self._lock:
@@ -235,6 +234,17 @@ class Agent:
             if self._watchdog is not None:
                 timeout = min(timeout, self._watchdog)
             self._wake.wait(max(0.0, timeout))
+
+    def _local_rollback(self) -> None:
+        """`fleet-agent rollback` asked for it: the agent flips its own slots (its files stay its own)."""
+        try:
+            pointer = self.slots.rollback()
+        except AgentError as e:
+            log.error("local rollback refused: %s", e)
+            return
+        log.info("local rollback: %s is active again", pointer.active)
+        self.serve_active()
+        self.reconciler.report()
 
     def _upload_samples(self) -> None:
         """Its own thread: an upload waiting on a slow link must not hold up reconcile or the watchdog."""
@@ -257,6 +267,9 @@ class Agent:
                 "samples_dropped": self.sampler.dropped,
             },
         )
+        counters = self.runtime.active_counters()
+        if counters is not None:  # the rollout's error-rate gate reads these, per model version
+            self.link.telemetry(TelemetryKind.COUNTERS.value, counters)
 
 
 def _rss_kb() -> int:
@@ -271,7 +284,7 @@ def _rss_kb() -> int:
 
 
 def signal_running_agent(state_dir: Path) -> bool:
-    """Ask a running agent to serve what the slot pointer names now (after a local rollback)."""
+    """Ask a running agent to roll back to its previous slot; False when no agent runs."""
     try:
         pid = int((Path(state_dir) / PID_FILE).read_text())
         # a pid file left by a killed agent may name an unrelated process now

@@ -17,6 +17,7 @@ from tests.support.repo_server import Faults
 
 from edgefleet.agent.protocol import Gate, SamplingPolicy
 
+STRICT = Gate(bench_seconds=0.3, bench_min_queries=50, max_p99_regression=1.0)  # slow's p50 alone is ~15x digits
 LENIENT = Gate(bench_seconds=0.05, bench_min_queries=5, max_p99_regression=1000.0)  # "big" is the slow model
 
 
@@ -98,7 +99,7 @@ def test_rollbacks_on_failing_golden_set_and_slow_model(device, repo):
     wrong = device.apply(repo.infos["wrong"])
     assert wrong["state"] == "ROLLED_BACK" and "golden set failed" in wrong["detail"]
     assert device.agent.serving_version() == "1.0.0"
-    slow = device.apply(repo.infos["slow"])
+    slow = device.apply(repo.infos["slow"], gate=STRICT)
     assert slow["state"] == "ROLLED_BACK" and "regresses past" in slow["detail"], slow
     assert device.agent.serving_version() == "1.0.0"
     # the controller's rollback command, then the local CLI flips back again
