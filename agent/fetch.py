@@ -81,29 +81,42 @@ class HttpFetcher(RangeFetcher):
         except urllib3.exceptions.HTTPError as e:
             raise exceptions.DownloadError(f"cannot fetch {url}: {e}") from e
         if response.status >= 400:
-            response.release_conn()
+            _discard(response)
             raise exceptions.DownloadHTTPError(f"HTTP {response.status} for {url}", response.status)
         start = 0
         if response.status == 206:
             match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
             if match is None:
-                response.release_conn()
+                _discard(response)
                 raise exceptions.DownloadError(f"{url} answered 206 without a usable Content-Range")
             start = int(match.group(1))
         return start, self._chunks(url, response)
 
     @staticmethod
     def _chunks(url: str, response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+        complete = False
         try:
             # read1 hands over whatever arrived, so a cut loses no received bytes
             while chunk := response.read1(CHUNK):
                 yield chunk
+            complete = True
         except urllib3.exceptions.TimeoutError as e:
             raise exceptions.SlowRetrievalError(f"{url} stalled") from e
         except urllib3.exceptions.HTTPError as e:
             raise exceptions.DownloadError(f"{url} broke off mid-stream ({type(e).__name__})") from e
         finally:
-            response.release_conn()
+            if complete:
+                response.release_conn()
+            else:  # the reader stopped early (e.g. a length cap)
+                _discard(response)
+
+
+def _discard(response: urllib3.BaseHTTPResponse) -> None:
+    """Close a connection whose body was not read to the end before it goes back to the pool:
+    urllib3 would hand it out again, and the next request would read the rest of this body
+    as its answer (seen under load: a 404's body parsed as the next status line)."""
+    response.close()
+    response.release_conn()
 
 
 def _first_line(e: BaseException) -> str:

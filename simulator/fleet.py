@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.enroll import CONFIG_FILE, enroll
@@ -31,7 +31,11 @@ from .device import Shared, SimDevice
 from .faults import Faults
 from .network import NetworkLoop
 from .runtime import SessionCache
+from .traffic import Traffic, TrafficConfig
 from .workers import Workers
+
+if TYPE_CHECKING:
+    from edgefleet.controller.cli.client import ApiClient
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +85,7 @@ class FleetConfig:
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
     restart_after_s: float = 0.5         # a power-cut device boots again after this long
+    traffic: TrafficConfig = field(default_factory=TrafficConfig)  # inference requests, sampling, uploads
 
     def device_ids(self) -> Iterator[tuple[str, str]]:
         """(device id, hardware class), classes dealt round-robin."""
@@ -101,6 +106,7 @@ class FleetStats:
     rss_kb: int
     baseline_rss_kb: int              # before any device existed
     rss_per_device_kb: float
+    traffic: dict[str, int] = field(default_factory=dict)  # TrafficStats: requests, failures, shed, samples
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,6 +140,7 @@ class Fleet:
         self.workers = Workers(config.workers)
         options = RuntimeOptions()
         self.sessions = SessionCache(options)
+        self.traffic = Traffic(config.traffic) if config.traffic.enabled else None
         self.fetcher = HttpFetcher(config.download_timeout_s, pool_size=config.workers)
         self.devices: dict[str, SimDevice] = {}
         self._shared: Shared | None = None
@@ -143,25 +150,38 @@ class Fleet:
     def create(self) -> None:
         """Enroll or pre-register every device (in parallel), then settle the broker protocol once."""
         ids = list(self.config.device_ids())
-        with ThreadPoolExecutor(max_workers=self.config.workers) as pool:
-            configs = list(pool.map(lambda pair: self._device_config(*pair), ids))
+        operator = self._operator_client()
+        try:
+            with ThreadPoolExecutor(max_workers=self.config.workers) as pool:
+                configs = list(pool.map(lambda pair: self._device_config(*pair, operator), ids))
+        finally:
+            if operator is not None:
+                operator.close()
         broker = BrokerURL.parse(self.config.broker_url or configs[0].broker_url)
         broker = self._settle_protocol(broker, configs[0])
         self._shared = Shared(
             loop=self.loop, workers=self.workers, sessions=self.sessions, fetcher=self.fetcher, broker=broker,
             session_expiry_s=self.config.session_expiry_s, heartbeat_s=self.config.heartbeat_s,
-            restart_after_s=self.config.restart_after_s,
+            restart_after_s=self.config.restart_after_s, traffic=self.traffic,
         )
         for (device_id, cls), config in zip(ids, configs):
             self.devices[device_id] = SimDevice(config, profile_for(cls), self._shared)
 
-    def _device_config(self, device_id: str, cls: str) -> AgentConfig:
+    def _operator_client(self) -> ApiClient | None:
+        """One client for every enrollment: building an httpx client costs ~0.2 s of CPU (its TLS context)."""
+        if not self.config.controller_url:
+            return None
+        from edgefleet.controller.cli.client import ApiClient  # the operator's side: only when enrolling
+
+        return ApiClient(self.config.controller_url, self.config.operator_token)
+
+    def _device_config(self, device_id: str, cls: str, operator: ApiClient | None) -> AgentConfig:
         state_dir = self.root / device_id
         path = state_dir / CONFIG_FILE
         if path.exists():
             config = AgentConfig.load(path)
-        elif self.config.controller_url:
-            config = self._enroll(device_id, cls, state_dir)
+        elif operator is not None:
+            config = self._enroll(operator, device_id, cls, state_dir)
         else:
             trust_root(state_dir / "tuf", self.config.trusted_root)
             config = AgentConfig(device_id=device_id, state_dir=state_dir,
@@ -172,15 +192,9 @@ class Fleet:
             reconnect_min_s=self.config.reconnect_min_s, reconnect_max_s=self.config.reconnect_max_s,
         )
 
-    def _enroll(self, device_id: str, cls: str, state_dir: Path) -> AgentConfig:
-        from edgefleet.controller.cli.client import ApiClient  # the operator's side: only when enrolling
-
+    def _enroll(self, operator: ApiClient, device_id: str, cls: str, state_dir: Path) -> AgentConfig:
         labels = {"fleet": self.config.prefix, **self.config.labels}
-        client = ApiClient(self.config.controller_url, self.config.operator_token)
-        try:
-            issued = client.post(f"/v1/devices/{device_id}/enroll-token", {"labels": labels, "ttl_s": 3600})
-        finally:
-            client.close()
+        issued = operator.post(f"/v1/devices/{device_id}/enroll-token", {"labels": labels, "ttl_s": 3600})
         return enroll(self.config.controller_url, issued["token"], state_dir, profile_for(cls)).config
 
     def _settle_protocol(self, broker: BrokerURL, sample: AgentConfig) -> BrokerURL:
@@ -220,6 +234,7 @@ class Fleet:
             power_cuts=sum(d.power_cuts for d in devices), threads=threading.active_count(),
             sessions=len(self.sessions), rss_kb=rss, baseline_rss_kb=self.baseline_rss_kb,
             rss_per_device_kb=(rss - self.baseline_rss_kb) / max(1, len(devices)),
+            traffic=self.traffic.snapshot().to_dict() if self.traffic is not None else {},
         )
 
     def stop(self, timeout: float = 30.0, clear_retained: bool = False) -> None:
@@ -232,6 +247,8 @@ class Fleet:
             if not left.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 break
         self.workers.stop()
+        if self.traffic is not None:
+            self.traffic.close()
         time.sleep(0.2)  # DISCONNECT packets leave on the network thread
         self.loop.stop()
 
