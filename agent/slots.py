@@ -195,13 +195,13 @@ class Slots:
         self.state_dir = Path(state_dir)
         self.root = self.state_dir / "slots"
         self.staging_root = self.root / STAGING
-        self._writer = writer
-        try:
-            self.staging_root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise storage_error(e, str(self.staging_root)) from e
+        self._writer = writer  # directories are made on first write: `fleet-agent status` only reads
 
     def _write(self, path: Path, data: bytes) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise storage_error(e, str(path.parent)) from e
         atomic_write(path, data, self._writer)
 
     # --- pointer ----------------------------------------------------------
@@ -319,6 +319,8 @@ class Slots:
 
     def gc(self, keep_staging: str | None = None) -> list[str]:
         """Remove slots that are neither active nor previous, and stale staging dirs."""
+        if not self.root.is_dir():
+            return []
         pointer = self.pointer()
         keep = {pointer.active, pointer.previous, STAGING}
         removed = []
@@ -328,7 +330,7 @@ class Slots:
                 removed.append(child.name)
             elif child.is_file() and child.name.startswith("."):  # temp of an interrupted write
                 child.unlink(missing_ok=True)
-        for child in self.staging_root.iterdir():
+        for child in self.staging_root.iterdir() if self.staging_root.is_dir() else ():
             if child.name == keep_staging:
                 continue
             if child.is_dir():

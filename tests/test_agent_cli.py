@@ -56,6 +56,7 @@ def test_status_and_rollback_before_any_update(tmp_path, capsys):
     assert main(["status", "--config", str(config)]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status == {"device": "d1", "active": None, "previous": None, "update": None}
+    assert not (tmp_path / "state").exists()  # status only reads (root must not create the agent's dirs)
     assert main(["rollback", "--config", str(config)]) == 1
     assert capsys.readouterr().err == "error: no previous model is installed to roll back to\n"
     assert main(["status", "--config", str(tmp_path / "missing.toml")]) == 1

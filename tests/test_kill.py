@@ -81,7 +81,7 @@ def test_sigkill_at_random_moments_during_updates(tmp_path, digits, mosquitto_ur
         slots = Slots(config.state_dir)
         leftovers = {p.name for p in slots.root.iterdir()} - {slots.pointer().active, slots.pointer().previous,
                                                              ".staging", "pointer.json"}
-        assert leftovers == set() and list(slots.staging_root.iterdir()) == []
+        assert leftovers == set() and list(slots.staging_root.glob("*")) == []
     finally:
         agent.stop()
         observer.close()
