@@ -285,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run(n, args.classes, args.workers, args.database_url, args.timeout, args.cache, work))
         except RuntimeError as e:
             print(f"error: fan-out with {n} devices: {e} (work dir kept: {work})", file=sys.stderr)
+            progress = read_status(work / "fleet.json")
+            if progress:  # how far it got, for a report of a run that did not finish
+                print(f"last simulator status: {progress.get('connected')} of {n} connected, "
+                      f"device states {progress.get('states')}", file=sys.stderr)
             return 1
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -32,6 +32,7 @@ def test_serving_script(cache):
     assert "| digits | 20 |" in out and "OIP/raw p50" in out
 
 
-def test_footprint_script(cache):
-    out = run("bench.footprint", "--idle-seconds", "0.3", "--requests", "3", "--cache", cache)
+def test_footprint_script(cache, mosquitto_url):
+    out = run("bench.footprint", "--idle-seconds", "0.3", "--requests", "3", "--cache", cache, "--broker", mosquitto_url)
     assert "fleet-agent serve, digits loaded" in out and "RSS agent / bare imports" in out
+    assert "| fleet-agent run (daemon: MQTT connected, digits active) |" in out and "RSS daemon / bare imports" in out

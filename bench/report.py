@@ -1,0 +1,185 @@
+"""bench/RESULTS.md from the captured output of each benchmark run.
+
+Nothing here knows a figure: the headline ratios are read back out of the
+markdown tables the benchmark scripts printed, by column name.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from bench.machine import Machine
+
+Row = dict[str, str]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One benchmark subprocess, as captured (and saved as JSON beside RESULTS.md's inputs)."""
+
+    key: str
+    command: list[str]
+    returncode: int
+    stdout: str
+    stderr_tail: str
+    started: str                          # UTC, ISO 8601
+    seconds: float
+    load_before: tuple[float, float, float]
+    load_after: tuple[float, float, float]
+    size: str                             # "full" or "small"
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1).encode()
+
+    @classmethod
+    def load(cls, path: Path) -> "Run":
+        data = json.loads(path.read_text())
+        data["load_before"], data["load_after"] = tuple(data["load_before"]), tuple(data["load_after"])
+        return cls(**data)
+
+
+def tables(text: str) -> list[list[Row]]:
+    """Every markdown table in ``text``, as rows keyed by the header cells."""
+    found: list[list[Row]] = []
+    block: list[list[str]] = []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            block.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+            continue
+        if len(block) >= 2:
+            header = block[0]
+            found.append([dict(zip(header, cells)) for cells in block[2:]])
+        block = []
+    return found
+
+
+def _number(cell: str) -> float:
+    return float(cell.replace(",", "").rstrip("x").strip("*"))
+
+
+def _fanout(rows: list[Row]) -> list[str]:
+    return [f"Fan-out to {int(_number(r['devices'])):,} devices: deploy → all SUCCEEDED in {r['deploy→all SUCCEEDED s']} s "
+            f"= **{r['devices/min']} devices/min**, {r['vs AWS IoT Jobs (1,000/min)']}x AWS IoT Jobs' 1,000/min "
+            f"({r['deploy / bare broker']}x a bare broker fan-out)" for r in rows]
+
+
+def _ingest(rows: list[Row]) -> list[str]:
+    return [f"Telemetry ingest into {r['database']}: **{r['bridge+ingest msgs/s']} msgs/s** for {r['phase s']} s, "
+            f"{r['lost']} lost = {r['ratio']}x a bare paho subscriber ({r['bare paho msgs/s']} msgs/s)" for r in rows]
+
+
+def _swap(rows: list[Row]) -> list[str]:
+    by = {r["phase"]: r for r in rows}
+    steady, during = by["steady state"], by["in flight during a swap"]
+    failed = sum(int(_number(r["failed"])) for r in rows)
+    requests = sum(int(_number(r["requests"])) for r in rows)
+    return [f"Hot-swap under load: **{failed} failed** of {requests:,} requests timed around the swaps; p99 during "
+            f"swaps {during['p99 ms']} ms vs steady {steady['p99 ms']} ms = "
+            f"**{_number(during['p99 ms']) / _number(steady['p99 ms']):.2f}x**"]
+
+
+def _serving(rows: list[Row]) -> list[str]:
+    return [f"Serving overhead, {r['model']}: OIP binary p50 {r['OIP binary p50 ms']} ms vs raw run "
+            f"{r['raw p50 ms']} ms = **{r['OIP/raw p50']}** (+{r['added ms (p50)']} ms)" for r in rows]
+
+
+def _verify(rows: list[Row]) -> list[str]:
+    by = {r["method"].split()[0]: r for r in rows}
+    tuf = by["TUF"]
+    return [f"Verification: TUF download+verify **{tuf['MB/s']} MB/s** = "
+            f"{_number(tuf['MB/s']) / _number(by['sha256sum']['MB/s']):.2f}x sha256sum alone "
+            f"({by['sha256sum']['MB/s']} MB/s), {_number(tuf['MB/s']) / _number(by['curl']['MB/s']):.2f}x curl alone "
+            f"({by['curl']['MB/s']} MB/s)"]
+
+
+def _footprint(rows: list[Row]) -> list[str]:
+    bare = next(r for r in rows if "tuf.ngclient" in r["process"])
+    lines = []
+    for r in rows:
+        if r["process"].startswith("fleet-agent"):
+            name = r["process"].split(",")[0].split(" (")[0]
+            lines.append(f"Idle footprint, `{name}` with digits: **{r['RSS MiB']} MiB** RSS, {r['idle CPU %']} % CPU "
+                         f"= {_number(r['RSS MiB']) / _number(bare['RSS MiB']):.2f}x the bare imports "
+                         f"({bare['RSS MiB']} MiB)")
+    return lines
+
+
+HEADLINES: dict[str, Callable[[list[Row]], list[str]]] = {
+    "fanout": _fanout, "ingest": _ingest, "swap": _swap, "serving": _serving, "verify": _verify,
+    "footprint": _footprint,
+}
+
+
+def headlines(kind: str, stdout: str) -> list[str]:
+    rows = [row for table in tables(stdout) for row in table]
+    try:
+        return HEADLINES[kind](rows)
+    except (KeyError, StopIteration, ValueError, ZeroDivisionError) as e:
+        return [f"{kind}: the table could not be read back ({type(e).__name__}: {e}); see its section"]
+
+
+@dataclass(frozen=True)
+class Section:
+    """How RESULTS.md shows one benchmark."""
+
+    key: str          # file name of its saved run
+    kind: str         # which headline reader applies
+    title: str
+    reproduce: str    # the exact command, as a reader would type it
+    note: str = ""
+
+
+def render(machine: Machine, sections: list[Section], runs: dict[str, Run], whole_command: str, code: str) -> str:
+    loads = [load for run in runs.values() for load in (run.load_before, run.load_after)]
+    peak = max((load[0] for load in loads), default=0.0)
+    lines = [
+        "# edgefleet benchmark results",
+        "",
+        f"Regenerated by `{whole_command}` (bench/run_all.py) from the runs' captured output; every figure below "
+        "comes from a run on this machine, each benchmark against its baseline measured in the same run.",
+        "",
+        machine.markdown(),
+        "",
+        f"Code measured: {code}.",
+        "",
+        f"Load: this machine is shared with other engineers' test runs; the 1-minute load average around the "
+        f"benchmarks ranged up to {peak:.2f} on {machine.cores} cores (per benchmark below). Figures that depend "
+        "on free CPU (fan-out, ingest, latencies) are lower bounds for an idle machine.",
+        "",
+        "## Headline ratios",
+        "",
+    ]
+    for section in sections:
+        run = runs.get(section.key)
+        if run is None:
+            lines.append(f"- {section.title}: not run yet (`{section.reproduce}`)")
+        elif not run.ok:
+            lines.append(f"- {section.title}: **did not complete** (exit {run.returncode}); see its section")
+        else:
+            lines += [f"- {line}" for line in headlines(section.kind, run.stdout)]
+    for section in sections:
+        lines += ["", f"## {section.title}", "", f"Reproduce: `{section.reproduce}`", ""]
+        if section.note:
+            lines += [section.note, ""]
+        run = runs.get(section.key)
+        if run is None:
+            lines.append("Not run yet.")
+            continue
+        lines += [f"Run {run.started}, {run.seconds:.0f} s, {run.size} size; load average (1/5/15 min) "
+                  f"{_load(run.load_before)} before, {_load(run.load_after)} after.", ""]
+        if run.stdout.strip():
+            lines += [run.stdout.strip(), ""]
+        if not run.ok:
+            lines += [f"**Did not complete** (exit {run.returncode}). Last lines of its error output:", "", "```",
+                      run.stderr_tail.strip(), "```"]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _load(load: tuple[float, float, float]) -> str:
+    return "/".join(f"{x:.2f}" for x in load)

@@ -1,0 +1,163 @@
+"""Run the six benchmarks and regenerate bench/RESULTS.md.
+
+Each benchmark runs as its own subprocess (``python -m bench.NAME ...``); its
+output is saved as JSON in the runs directory, then RESULTS.md is rendered
+from every saved run: the machine's description, how to reproduce each
+figure, each table, and the headline ratios read back out of the tables.
+``--only`` re-runs some benchmarks and keeps the others' saved runs.
+
+    python -m bench.run_all                      # full size (about 30 min here, most of it the 10,000-device fan-out)
+    python -m bench.run_all --small              # smoke sizes, into .cache/bench-small/
+    python -m bench.run_all --only fanout-10k    # re-run one; RESULTS.md shows the others' last runs
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bench._common import REPO
+from bench.machine import describe, load_average
+from bench.report import Run, Section, render
+from edgefleet.agent.slots import atomic_write
+
+FULL_RUNS = REPO / "bench" / "runs"
+FULL_RESULTS = REPO / "bench" / "RESULTS.md"
+SMALL_DIR = REPO / ".cache" / "bench-small"
+STDERR_TAIL = 4000
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    section: Section
+    module: str
+    full: tuple[str, ...]
+    small: tuple[str, ...] | None     # None: not part of a --small run
+    timeout_s: float
+
+    @property
+    def key(self) -> str:
+        return self.section.key
+
+    def args(self, small: bool) -> tuple[str, ...]:
+        return (self.small or ()) if small else self.full
+
+    def command(self, small: bool) -> list[str]:
+        return [sys.executable, "-m", self.module, *self.args(small)]
+
+
+FANOUT_NOTE = ("Separate processes: a dedicated Mosquitto, `fleetctl controller run` (SQLite) and the fleet "
+               "simulator (real agent code per device, each with its own MQTT connection, on this machine's "
+               "2 cores). Every simulated device really downloads, verifies, loads, golden-checks and "
+               "benchmarks the model, so the rate is bounded by this one machine doing the work of the whole "
+               "fleet; real devices do their part in parallel.")
+
+def _benchmark(key: str, kind: str, title: str, module: str, full: tuple[str, ...], small: tuple[str, ...] | None,
+               timeout_s: float, note: str = "") -> Benchmark:
+    reproduce = shlex.join(["python", "-m", module, *full])
+    return Benchmark(Section(key, kind, title, reproduce, note), module, full, small, timeout_s)
+
+
+BENCHMARKS: tuple[Benchmark, ...] = (
+    _benchmark("fanout-1k", "fanout", "1. Fan-out, 1,000 devices", "bench.fanout", ("--devices", "1000"),
+               ("--devices", "6", "--workers", "3", "--timeout", "120"), 1800, FANOUT_NOTE),
+    _benchmark("fanout-10k", "fanout", "1. Fan-out, 10,000 devices", "bench.fanout",
+               ("--devices", "10000", "--timeout", "3600"), None, 3 * 3600, FANOUT_NOTE),
+    _benchmark("ingest", "ingest", "2. Telemetry ingest (PostgreSQL, SQLite) vs a bare paho subscriber",
+               "bench.ingest", ("--seconds", "30", "--devices", "20"), ("--seconds", "1", "--devices", "2"), 1800),
+    _benchmark("swap", "swap", "3. Hot-swap under load", "bench.swap", ("--swaps", "100"),
+               ("--swaps", "5", "--clients", "2", "--steady-seconds", "0.3", "--interval", "0.01"), 900),
+    _benchmark("serving", "serving", "4. Serving overhead: OIP vs raw InferenceSession.run", "bench.serving",
+               ("--models", "digits,resnet50"), ("--models", "digits", "--queries", "20"), 1800),
+    _benchmark("verify", "verify", "5. Verification: TUF download+verify vs sha256sum and curl", "bench.verify",
+               ("--size-mb", "100", "--repeat", "3"), ("--size-mb", "1", "--repeat", "1"), 900),
+    _benchmark("footprint", "footprint", "6. Agent footprint: idle RSS and CPU vs the bare imports",
+               "bench.footprint", ("--idle-seconds", "10"), ("--idle-seconds", "0.3", "--requests", "3"), 600),
+)
+BY_KEY = {b.key: b for b in BENCHMARKS}
+
+
+def run_one(benchmark: Benchmark, small: bool) -> Run:
+    """Run one benchmark to completion (or its timeout); never raises for the benchmark's own failure."""
+    command = benchmark.command(small)
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    load_before, clock = load_average(), time.monotonic()
+    try:
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=benchmark.timeout_s)
+        returncode, stdout, stderr = done.returncode, done.stdout, done.stderr
+    except subprocess.TimeoutExpired as e:
+        returncode = -1
+        stdout = _text(e.stdout)
+        stderr = _text(e.stderr) + f"\nrun_all: stopped after its {benchmark.timeout_s:.0f} s timeout"
+    return Run(key=benchmark.key, command=["python", "-m", benchmark.module, *benchmark.args(small)],
+               returncode=returncode, stdout=stdout, stderr_tail=stderr[-STDERR_TAIL:], started=started,
+               seconds=time.monotonic() - clock, load_before=load_before, load_after=load_average(),
+               size="small" if small else "full")
+
+
+def _text(data: bytes | str | None) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
+
+
+def saved_runs(runs_dir: Path) -> dict[str, Run]:
+    runs = {}
+    for benchmark in BENCHMARKS:
+        path = runs_dir / f"{benchmark.key}.json"
+        if path.exists():
+            runs[benchmark.key] = Run.load(path)
+    return runs
+
+
+def code_version() -> str:
+    """The commit measured, and whether the package's files differed from it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+    return f"commit {commit}" + (" with uncommitted changes" if dirty else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="smoke sizes (seconds, not minutes)")
+    parser.add_argument("--only", nargs="+", choices=list(BY_KEY), metavar="NAME",
+                        help=f"run only these ({', '.join(BY_KEY)}); the others' saved runs are kept")
+    parser.add_argument("--render-only", action="store_true", help="run nothing: re-render from the saved runs")
+    parser.add_argument("--runs-dir", type=Path, help="saved runs (default: bench/runs, or .cache/bench-small/runs)")
+    parser.add_argument("--output", type=Path, help="default: bench/RESULTS.md, or .cache/bench-small/RESULTS.md")
+    args = parser.parse_args(argv)
+    runs_dir = args.runs_dir or (SMALL_DIR / "runs" if args.small else FULL_RUNS)
+    output = args.output or (SMALL_DIR / "RESULTS.md" if args.small else FULL_RESULTS)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    chosen = [] if args.render_only else [BY_KEY[key] for key in (args.only or BY_KEY)]
+    failed = []
+    for benchmark in chosen:
+        if args.small and benchmark.small is None:
+            continue
+        print(f"run_all: {shlex.join(benchmark.command(args.small)[1:])}", file=sys.stderr, flush=True)
+        run = run_one(benchmark, args.small)
+        atomic_write(runs_dir / f"{benchmark.key}.json", run.to_json())
+        print(f"run_all: {benchmark.key} {'ok' if run.ok else f'FAILED (exit {run.returncode})'} "
+              f"in {run.seconds:.0f} s", file=sys.stderr, flush=True)
+        if not run.ok:
+            failed.append(benchmark.key)
+    sections = [b.section for b in BENCHMARKS if not (args.small and b.small is None)]
+    whole = "python -m bench.run_all" + (" --small" if args.small else "")
+    text = render(describe(), sections, saved_runs(runs_dir), whole, code_version())
+    atomic_write(output, text.encode())
+    print(f"run_all: wrote {os.path.relpath(output, Path.cwd())}" +
+          (f"; failed: {', '.join(failed)}" if failed else ""), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
