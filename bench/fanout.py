@@ -110,6 +110,10 @@ def broker_fanout(broker_url: str, devices: int, timeout: float) -> float:
     url = BrokerURL.parse(broker_url + "?protocol=5")
     received = threading.Semaphore(0)
     subscribed = threading.Semaphore(0)
+    # connected first: paho's own loop uses select(), which fails on descriptors past 1024
+    publisher = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-pub", protocol=paho.MQTTv5)
+    publisher.connect(url.host, url.port)
+    publisher.loop_start()
     loop = NetworkLoop()
     connections = []
     for i in range(devices):
@@ -127,9 +131,6 @@ def broker_fanout(broker_url: str, devices: int, timeout: float) -> float:
             if not subscribed.acquire(timeout=timeout):
                 raise RuntimeError("bare fan-out: not every subscriber connected")
         time.sleep(1.0)  # SUBACKs in flight
-        publisher = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-pub", protocol=paho.MQTTv5)
-        publisher.connect(url.host, url.port)
-        publisher.loop_start()
         started = time.perf_counter()
         for i in range(devices):
             publisher.publish(f"bench/fanout/{i}", b'{"v":1,"generation":1}', qos=1, retain=True)
@@ -139,10 +140,10 @@ def broker_fanout(broker_url: str, devices: int, timeout: float) -> float:
         elapsed = time.perf_counter() - started
         for i in range(devices):
             publisher.publish(f"bench/fanout/{i}", b"", qos=1, retain=True)
-        publisher.disconnect()
-        publisher.loop_stop()
         return elapsed
     finally:
+        publisher.disconnect()
+        publisher.loop_stop()
         for connection in connections:
             connection.disconnect()
         time.sleep(0.5)
