@@ -104,7 +104,7 @@ def _publish(url: str, devices: list[str], seconds: float, start_at: float, cons
     out.put(sent)
 
 
-def _bare_subscriber(url: str, prefix: str, consumed, ready, stop, out) -> None:
+def _bare_subscriber(url: str, prefix: str, devices: list[str], consumed, ready, stop, out) -> None:
     """Counts the run's telemetry with paho's automatic acks; reports (count, time of the last)."""
     state = {"n": 0, "last": 0.0}
     needle = f"{protocol.TOPIC_ROOT}/{prefix}"
@@ -117,7 +117,8 @@ def _bare_subscriber(url: str, prefix: str, consumed, ready, stop, out) -> None:
 
     client = _client(BrokerURL.parse(url), f"{prefix}bare")
     client.on_message = on_message
-    client.subscribe(protocol.subscription(Channel.TELEMETRY), qos=1)
+    # Only this run's devices: other traffic on a shared broker must not fill its queue.
+    client.subscribe([(protocol.topic(d, Channel.TELEMETRY), 1) for d in devices])
     time.sleep(0.5)
     ready.set()
     stop.wait()
@@ -140,7 +141,7 @@ def bare_phase(broker: str, devices: int, seconds: float) -> tuple[int, int, flo
     prefix = f"b{uuid.uuid4().hex[:6]}-"
     names = [f"{prefix}{i}" for i in range(devices)]
     consumed, counts, ready, stop = ctx.Value("q", 0, lock=False), ctx.Queue(), ctx.Event(), ctx.Event()
-    bare = ctx.Process(target=_bare_subscriber, args=(broker, prefix, consumed, ready, stop, counts), daemon=True)
+    bare = ctx.Process(target=_bare_subscriber, args=(broker, prefix, names, consumed, ready, stop, counts), daemon=True)
     bare.start()
     if not ready.wait(30):
         raise RuntimeError(f"the bare subscriber did not subscribe on {broker}")

@@ -12,18 +12,20 @@ split the load; on 3.1.1 brokers (the embedded amqtt) they are plain.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import socket
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable
 
 import paho.mqtt.client as paho
 import sqlalchemy as sa
-from paho.mqtt.enums import MQTTErrorCode
 
 from edgefleet.agent import protocol
+from edgefleet.agent.config import fleet_home
 from edgefleet.agent.mqtt import Backoff, BrokerURL, ConnectionOptions, MqttConnection
 from edgefleet.agent.protocol import Channel, Desired, Message, ProtocolError
 
@@ -44,8 +46,9 @@ class BridgeOptions:
     password: str = ""
     ca_file: str = ""
     share_group: str = "edgefleet"
-    # Stable across restarts so the broker keeps our session (and unacked messages) meanwhile.
-    client_id: str = field(default_factory=lambda: f"edgefleet-controller-{socket.gethostname()}"[:63])
+    # Stable across restarts so the broker keeps our session (and unacked messages) meanwhile;
+    # unique per controller home, or two controllers on one host would keep kicking each other off.
+    client_id: str = field(default_factory=lambda: controller_client_id(fleet_home()))
     session_expiry_s: int = 86400
     batch_max: int = 500              # messages per transaction
     buffer_max: int = 20000           # received, not yet committed; when full the network thread waits
@@ -56,10 +59,16 @@ class BridgeOptions:
     def from_config(cls, config: ControllerConfig) -> "BridgeOptions":
         return cls(
             url=config.effective_broker_url,
+            client_id=controller_client_id(config.home),
             username=config.mqtt_username,
             password=config.mqtt_password,
             share_group=config.share_group,
         )
+
+
+def controller_client_id(home: Path) -> str:
+    digest = hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:8]
+    return f"edgefleet-controller-{socket.gethostname()[:30]}-{digest}"
 
 
 @dataclass
