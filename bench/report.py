@@ -29,6 +29,7 @@ class Run:
     load_before: tuple[float, float, float]
     load_after: tuple[float, float, float]
     size: str                             # "full" or "small"
+    code: str = ""                        # the commit measured (bench.run_all.code_version)
 
     @property
     def ok(self) -> bool:
@@ -135,7 +136,7 @@ class Section:
     note: str = ""
 
 
-def render(machine: Machine, sections: list[Section], runs: dict[str, Run], whole_command: str, code: str) -> str:
+def render(machine: Machine, sections: list[Section], runs: dict[str, Run], whole_command: str) -> str:
     loads = [load for run in runs.values() for load in (run.load_before, run.load_after)]
     peak = max((load[0] for load in loads), default=0.0)
     lines = [
@@ -146,7 +147,7 @@ def render(machine: Machine, sections: list[Section], runs: dict[str, Run], whol
         "",
         machine.markdown(),
         "",
-        f"Code measured: {code}.",
+        "Code measured: " + ", ".join(sorted({run.code or "not recorded" for run in runs.values()})) + " (per run below).",
         "",
         f"Load: this machine is shared with other engineers' test runs; the 1-minute load average around the "
         f"benchmarks ranged up to {peak:.2f} on {machine.cores} cores (per benchmark below). Figures that depend "
@@ -171,7 +172,8 @@ def render(machine: Machine, sections: list[Section], runs: dict[str, Run], whol
         if run is None:
             lines.append("Not run yet.")
             continue
-        lines += [f"Run {run.started}, {run.seconds:.0f} s, {run.size} size; load average (1/5/15 min) "
+        lines += [f"Run {run.started} on {run.code or 'unrecorded code'}, {run.seconds:.0f} s, {run.size} size; "
+                  f"load average (1/5/15 min) "
                   f"{_load(run.load_before)} before, {_load(run.load_after)} after.", ""]
         if run.stdout.strip():
             lines += [run.stdout.strip(), ""]

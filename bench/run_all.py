@@ -53,10 +53,10 @@ class Benchmark:
 
 
 FANOUT_NOTE = ("Separate processes: a dedicated Mosquitto, `fleetctl controller run` (SQLite) and the fleet "
-               "simulator (real agent code per device, each with its own MQTT connection, on this machine's "
-               "2 cores). Every simulated device really downloads, verifies, loads, golden-checks and "
-               "benchmarks the model, so the rate is bounded by this one machine doing the work of the whole "
-               "fleet; real devices do their part in parallel.")
+               "simulator (real agent code per device, each with its own MQTT connection), all on this one "
+               "machine. Every simulated device really downloads, verifies, loads, golden-checks and benchmarks "
+               "the model, so the rate is bounded by one machine doing the work of the whole fleet besides the "
+               "controller's; real devices do their part in parallel.")
 
 def _benchmark(key: str, kind: str, title: str, module: str, full: tuple[str, ...], small: tuple[str, ...] | None,
                timeout_s: float, note: str = "") -> Benchmark:
@@ -98,7 +98,7 @@ def run_one(benchmark: Benchmark, small: bool) -> Run:
     return Run(key=benchmark.key, command=["python", "-m", benchmark.module, *benchmark.args(small)],
                returncode=returncode, stdout=stdout, stderr_tail=stderr[-STDERR_TAIL:], started=started,
                seconds=time.monotonic() - clock, load_before=load_before, load_after=load_average(),
-               size="small" if small else "full")
+               size="small" if small else "full", code=code_version())
 
 
 def _text(data: bytes | str | None) -> str:
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(benchmark.key)
     sections = [b.section for b in BENCHMARKS if not (args.small and b.small is None)]
     whole = "python -m bench.run_all" + (" --small" if args.small else "")
-    text = render(describe(), sections, saved_runs(runs_dir), whole, code_version())
+    text = render(describe(), sections, saved_runs(runs_dir), whole)
     atomic_write(output, text.encode())
     print(f"run_all: wrote {os.path.relpath(output, Path.cwd())}" +
           (f"; failed: {', '.join(failed)}" if failed else ""), file=sys.stderr)

@@ -19,7 +19,7 @@ MACHINE = Machine(cpu="Test CPU", cores=2, memory_gib=4.0, os="TestOS", kernel="
 def _run(key: str, stdout: str, returncode: int = 0, stderr: str = "") -> Run:
     return Run(key=key, command=["python", "-m", f"bench.{key}"], returncode=returncode, stdout=stdout,
                stderr_tail=stderr, started="2026-01-01 00:00:00 UTC", seconds=12.0, load_before=(1.0, 1.5, 2.0),
-               load_after=(3.5, 2.0, 2.0), size="full")
+               load_after=(3.5, 2.0, 2.0), size="full", code="commit abc")
 
 
 def test_tables_are_read_by_header():
@@ -94,7 +94,7 @@ def test_render_shows_every_section_failed_and_missing_runs():
                                                   verify.Result("sha256sum of the stored file", 0.5),
                                                   verify.Result("curl of the same URL", 0.5)]))
     broken = _run("fanout-10k", "", returncode=1, stderr="error: timed out\nlast simulator status: 4000 of 10000")
-    text = render(MACHINE, sections, {"verify": ok, "fanout-10k": broken}, "python -m bench.run_all", "commit abc")
+    text = render(MACHINE, sections, {"verify": ok, "fanout-10k": broken}, "python -m bench.run_all")
     assert "| CPU | Test CPU, 2 cores |" in text and "| PostgreSQL server | 15.0 |" in text and "commit abc" in text
     assert "ranged up to 3.50 on 2 cores" in text
     for section in sections:
@@ -114,7 +114,7 @@ def test_run_all_small_runs_a_subset_and_keeps_the_saved_runs(tmp_path, mosquitt
                           cwd=REPO, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     saved = Run.load(runs / "footprint.json")
-    assert saved.ok and saved.size == "small" and "--idle-seconds" in saved.command
+    assert saved.ok and saved.size == "small" and "--idle-seconds" in saved.command and saved.code.startswith("commit")
     text = output.read_text()
     assert "## 6. Agent footprint" in text and "| fleet-agent serve, digits loaded |" in text
     assert "Idle footprint, `fleet-agent run` with digits:" in text
