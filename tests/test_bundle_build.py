@@ -182,6 +182,8 @@ def test_cli_publish_signs_every_built_variant(digits_bundle, tmp_path, monkeypa
     monkeypatch.setenv("EDGEFLEET_HOME", str(home))
     result = CliRunner().invoke(main, ["bundle", "publish", str(out), "-o", "json"])
     assert result.exit_code == 0, result.output
-    published = json.loads(result.output)
+    published = json.loads(result.stdout)
     assert sorted(i["variant"] for i in published) == sorted(v["variant"] for v in report["variants"])
     assert {i["release"] for i in published} == {1}
+    # no controller runs here: the signed targets stand, and the operator is told who will list them
+    assert "the controller was not told" in result.stderr
