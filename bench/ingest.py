@@ -154,8 +154,6 @@ def bare_phase(broker: str, devices: int, seconds: float) -> tuple[int, int, flo
     stop.set()
     received, last = counts.get(timeout=30)
     bare.join()
-    if received < published:
-        raise RuntimeError(f"bare subscriber: {received} of {published} published messages arrived")
     return published, received, received / max(1e-9, last - start_at)
 
 

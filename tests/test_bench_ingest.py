@@ -13,5 +13,5 @@ def test_ingest_benchmark_smoke(mosquitto_url, postgres_server, capsys):
     assert [r.database for r in results] == ["PostgreSQL", "SQLite"]
     for r in results:
         assert r.published > 0 and r.lost == 0 and r.stored == r.published
-        assert r.bridge_rate > 0 and r.bare_rate > 0 and r.bare_lost == 0
+        assert r.bridge_rate > 0 and r.bare_rate > 0
     assert "| PostgreSQL |" in capsys.readouterr().out
