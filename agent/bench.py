@@ -127,36 +127,69 @@ def run_benchmark(
     synthesized. ``batch`` 0 skips the Offline run.
     """
     pool = dict(inputs) if inputs else synthesize(loaded.inputs, batch=1)
-    samples = min(len(a) for a in pool.values())
-    queries_pool = [{k: v[i:i + 1] for k, v in pool.items()} for i in range(samples)]
-    first_ms = _time(lambda: loaded.run(queries_pool[0])) * 1000.0
-    for i in range(1, WARMUP_QUERIES):
-        loaded.run(queries_pool[i % samples])
-
-    latencies: list[float] = []
-    started = time.perf_counter()
-    while len(latencies) < min_queries or time.perf_counter() - started < seconds:
-        query = queries_pool[len(latencies) % samples]
-        latencies.append(_time(lambda: loaded.run(query)))
-    duration = time.perf_counter() - started
-    ms = np.sort(np.asarray(latencies) * 1000.0)
-
+    (stream,) = _single_stream([loaded], pool, seconds, min_queries)
     offline = _offline(loaded, pool, batch, seconds * OFFLINE_SHARE) if batch > 0 else None
+    return _result(loaded, stream, batch, offline)
+
+
+def run_paired(
+    candidate: LoadedModel,
+    baseline: LoadedModel,
+    seconds: float = 1.0,
+    min_queries: int = 20,
+    inputs: Mapping[str, np.ndarray] | None = None,
+) -> tuple[BenchmarkResult, BenchmarkResult]:
+    """SingleStream on two models query by query in turn, so that a busy moment on a
+    shared device slows both alike and the comparison of their tails stays fair."""
+    pool = dict(inputs) if inputs else synthesize(candidate.inputs, batch=1)
+    new, old = _single_stream([candidate, baseline], pool, seconds, min_queries)
+    return _result(candidate, new, 0, None), _result(baseline, old, 0, None)
+
+
+@dataclass
+class _Stream:
+    first_ms: float
+    latencies_s: list[float]
+    duration_s: float
+
+
+def _single_stream(
+    models: list[LoadedModel], pool: Mapping[str, np.ndarray], seconds: float, min_queries: int
+) -> list[_Stream]:
+    samples = min(len(a) for a in pool.values())
+    queries = [{k: v[i:i + 1] for k, v in pool.items()} for i in range(samples)]
+    first = [_time(lambda m=m: m.run(queries[0])) * 1000.0 for m in models]
+    for i in range(1, WARMUP_QUERIES):
+        for model in models:
+            model.run(queries[i % samples])
+    latencies: list[list[float]] = [[] for _ in models]
+    started = time.perf_counter()
+    while len(latencies[0]) < min_queries or time.perf_counter() - started < seconds:
+        query = queries[len(latencies[0]) % samples]
+        for model, timed in zip(models, latencies):
+            timed.append(_time(lambda: model.run(query)))
+    duration = time.perf_counter() - started
+    # each model's own busy time: in a paired run the other model's queries are not its duration
+    return [_Stream(f, timed, duration if len(models) == 1 else sum(timed)) for f, timed in zip(first, latencies)]
+
+
+def _result(loaded: LoadedModel, stream: _Stream, batch: int, offline: float | None) -> BenchmarkResult:
+    ms = np.sort(np.asarray(stream.latencies_s) * 1000.0)
     return BenchmarkResult(
         model=loaded.name,
         version=loaded.version,
         provider=loaded.provider,
         session_create_ms=loaded.load_ms,
-        first_query_ms=first_ms,
+        first_query_ms=stream.first_ms,
         warmup_queries=WARMUP_QUERIES,
         queries=len(ms),
-        duration_s=duration,
+        duration_s=stream.duration_s,
         p50_ms=_percentile(ms, 50),
         p90_ms=_percentile(ms, 90),
         p99_ms=_percentile(ms, 99),
         max_ms=float(ms[-1]),
         mean_ms=float(ms.mean()),
-        throughput_qps=len(ms) / duration,
+        throughput_qps=len(ms) / stream.duration_s,
         offline_batch=batch if offline is not None else 0,
         offline_samples_per_s=offline,
         peak_rss_mb=peak_rss_mb(),

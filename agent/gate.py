@@ -2,13 +2,16 @@
 
 The benchmark fails a model whose p99 exceeds the declared budget, or exceeds
 the previous version's p99 on this device by more than the allowed regression.
+When the previous version is still loaded (swapping side by side), both are
+measured query by query in turn, so load on a shared device cannot tip the
+comparison either way; otherwise the p99 recorded when it was activated is used.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bench import run_benchmark
+from .bench import run_benchmark, run_paired
 from .errors import AgentError
 from .golden import GoldenSet
 from .protocol import Gate
@@ -30,6 +33,7 @@ def run_gate(
     gate: Gate,
     previous_p99_ms: float | None,
     noise_floor_ms: float = NOISE_FLOOR_MS,
+    baseline: LoadedModel | None = None,
 ) -> GateResult:
     data: dict = {"p99_budget_ms": gate.p99_budget_ms, "max_p99_regression": gate.max_p99_regression,
                   "previous_p99_ms": previous_p99_ms}
@@ -44,7 +48,12 @@ def run_gate(
         return GateResult(False, f"golden set failed: {verdict.detail}", data)
 
     try:
-        result = run_benchmark(loaded, gate.bench_seconds, gate.bench_min_queries, batch=0, inputs=golden.inputs)
+        if baseline is None:
+            result = run_benchmark(loaded, gate.bench_seconds, gate.bench_min_queries, batch=0, inputs=golden.inputs)
+        else:
+            result, before = run_paired(loaded, baseline, gate.bench_seconds, gate.bench_min_queries, golden.inputs)
+            previous_p99_ms = data["previous_p99_ms"] = before.p99_ms
+            data["previous_measured"] = "paired"
     except AgentError as e:
         return GateResult(False, f"benchmark could not run: {e}", data)
     data.update(p50_ms=result.p50_ms, p99_ms=result.p99_ms, max_ms=result.max_ms, benchmark=result.to_dict())

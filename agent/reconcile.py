@@ -17,7 +17,6 @@ from typing import Any, Callable, Protocol
 from . import window
 from .errors import AgentError, GateError, ModelError, RejectedError, TransportError, VerificationError
 from .fetch import check_release
-from .bench import run_benchmark
 from .gate import run_gate
 from .hardware import HardwareProfile, Requirements
 from .mqtt import Backoff
@@ -221,12 +220,14 @@ class Reconciler:
         active = self.runtime.active
         if self.slots.pointer().active == name and active is not None and active.ref == slot.meta.ref:
             return Step(Outcome.DONE, f"{name} is active")
-        previous_p99 = self._baseline_p99(journal)
+        previous = self.slots.active()
+        recorded_p99 = previous.meta.p99_ms if previous is not None else None
         measured: dict = {}
 
         def gate_and_commit(loaded: LoadedModel) -> None:
             self._on_step()
-            result = run_gate(loaded, slot.golden, journal.desired.gate, previous_p99)
+            serving = self.runtime.active  # side by side: the previous version, measured in turn with the new
+            result = run_gate(loaded, slot.golden, journal.desired.gate, recorded_p99, baseline=serving)
             measured.update(result.data or {})
             if not result.passed:
                 raise GateError(result.reason)
@@ -245,22 +246,6 @@ class Reconciler:
                 self.link.telemetry(TelemetryKind.BENCHMARK.value, {"model": slot.meta.ref.to_dict(), **measured})
         detail = "swapped (requests held while the old model made room)" if outcome.preserved else "swapped"
         return Step(Outcome.DONE, detail, measured)
-
-    def _baseline_p99(self, journal: Journal) -> float | None:
-        """The serving model's p99 measured now, under the same load the candidate will see.
-
-        Falls back to the p99 recorded when it was activated; a fresh figure
-        keeps a busy moment on a shared device from failing a good model.
-        """
-        previous = self.slots.active()
-        serving = self.runtime.active
-        if serving is None or previous is None or serving.ref != previous.meta.ref:
-            return previous.meta.p99_ms if previous is not None else None
-        gate = journal.desired.gate
-        try:
-            return run_benchmark(serving, gate.bench_seconds, gate.bench_min_queries, batch=0).p99_ms
-        except AgentError:
-            return previous.meta.p99_ms
 
     def _rollback(self, journal: Journal) -> Step:
         previous = self.slots.previous()

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
 from bench._common import DEFAULT_CACHE, OipClient, summary_ms, table
 from edgefleet.agent.bench import synthesize

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from ..config import ControllerConfig
-from ..errors import NotFound, Unavailable  # noqa: F401  (re-exported for backends)
+from ..errors import NotFound
 
 REPOSITORY_PREFIX = "repository"
 SAMPLES_PREFIX = "samples"

@@ -7,7 +7,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from . import ArtifactStore, NotFound, Unavailable, check_key
+from ..errors import NotFound, Unavailable
+from . import ArtifactStore, check_key
 
 CHUNK = 1024 * 1024
 

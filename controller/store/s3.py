@@ -16,7 +16,8 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from ..config import StoreConfig
-from . import ArtifactStore, NotFound, Unavailable, check_key
+from ..errors import NotFound, Unavailable
+from . import ArtifactStore, check_key
 
 CHUNK = 1024 * 1024
 CONNECT_TIMEOUT_S = 5
