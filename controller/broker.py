@@ -62,7 +62,7 @@ class BridgeOptions:
             client_id=controller_client_id(config.home),
             username=config.mqtt_username,
             password=config.mqtt_password,
-            share_group=config.share_group,
+            share_group=config.effective_share_group,
         )
 
 

@@ -1,6 +1,7 @@
 """Controller configuration: one dataclass, read from ``$EDGEFLEET_HOME/config.toml``."""
 from __future__ import annotations
 
+import hashlib
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -35,7 +36,7 @@ class ControllerConfig:
     embedded_broker_port: int = EMBEDDED_BROKER_PORT
     mqtt_username: str = ""
     mqtt_password: str = ""
-    share_group: str = "edgefleet"   # MQTT 5 shared-subscription group for replicas
+    share_group: str = ""            # MQTT 5 shared-subscription group of this fleet's replicas (see below)
     store: StoreConfig = field(default_factory=StoreConfig)
     timestamp_expiry_s: int = 86400        # lifetime of a signed timestamp
     snapshot_expiry_s: int = 7 * 86400
@@ -52,6 +53,13 @@ class ControllerConfig:
     @property
     def effective_broker_url(self) -> str:
         return self.broker_url or f"mqtt://{EMBEDDED_BROKER_HOST}:{self.embedded_broker_port}"
+
+    @property
+    def effective_share_group(self) -> str:
+        """Replicas of one fleet split the load; two fleets on one broker must not, or each
+        would ingest half of the other's messages. Default: one group per fleet home path."""
+        digest = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:8]
+        return self.share_group or f"edgefleet-{digest}"
 
     @property
     def effective_database_url(self) -> str:
