@@ -146,6 +146,10 @@ class LoadedModel:
         self.inputs: tuple[TensorSpec, ...] = tuple(inputs)  # type: ignore[arg-type]
         self.outputs: tuple[TensorSpec, ...] = tuple(s for s in map(_spec, session.get_outputs()) if s is not None)
         self._output_names = [s.name for s in self.outputs]
+        # This model's own requests: a swap starts a new segment, so a new version's error
+        # rate is never diluted by the old one's. ``since`` (wall clock) names the segment.
+        self.counters = Counters()
+        self.since = time.time()
         self._lock = threading.Lock()
         self._inflight = 0
         self._retired = False
@@ -229,7 +233,7 @@ class LoadedModel:
 
 @dataclass
 class Counters:
-    """Inference counters for telemetry (cumulative since the runtime started)."""
+    """Inference counters for telemetry, cumulative since counting began (runtime start or model load)."""
 
     requests: int = 0   # every request that reached a model, good or bad
     rejected: int = 0   # bad requests (RequestError)
@@ -237,8 +241,12 @@ class Counters:
     latency_buckets_ms: tuple[float, ...] = LATENCY_BUCKETS_MS
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
 
-    def observe(self, seconds: float) -> None:
-        self.latency_counts[bisect.bisect_left(self.latency_buckets_ms, seconds * 1000.0)] += 1
+    def add(self, rejected: int = 0, failures: int = 0, seconds: float | None = None) -> None:
+        self.requests += 1
+        self.rejected += rejected
+        self.failures += failures
+        if seconds is not None:
+            self.latency_counts[bisect.bisect_left(self.latency_buckets_ms, seconds * 1000.0)] += 1
 
     def to_dict(self) -> dict:
         return {
@@ -393,25 +401,33 @@ class ModelRuntime:
             try:
                 outputs = loaded.run(inputs)
             except RequestError:
-                self._count(rejected=1)
+                self._count(loaded, rejected=1)
                 raise
             except ModelError:
-                self._count(failures=1)
+                self._count(loaded, failures=1)
                 raise
-        self._count(seconds=time.perf_counter() - started)
+        self._count(loaded, seconds=time.perf_counter() - started)
         return outputs, loaded
 
-    def _count(self, rejected: int = 0, failures: int = 0, seconds: float | None = None) -> None:
+    def _count(self, loaded: LoadedModel, rejected: int = 0, failures: int = 0, seconds: float | None = None) -> None:
         with self._counter_lock:
-            self._counters.requests += 1
-            self._counters.rejected += rejected
-            self._counters.failures += failures
-            if seconds is not None:
-                self._counters.observe(seconds)
+            self._counters.add(rejected, failures, seconds)
+            loaded.counters.add(rejected, failures, seconds)
 
     def counters(self) -> dict:
+        """Every request since the runtime started, whichever model served it."""
         with self._counter_lock:
             return self._counters.to_dict()
+
+    def active_counters(self) -> dict | None:
+        """The payload of ``counters`` telemetry: the active model's own counters since it was
+        loaded, tagged with its ModelRef; ``since`` tells one load (segment) from the next.
+        None when nothing with a ModelRef is being served."""
+        loaded = self._active
+        if loaded is None or loaded.ref is None:
+            return None
+        with self._counter_lock:
+            return {"model": loaded.ref.to_dict(), "since": loaded.since, **loaded.counters.to_dict()}
 
     def close(self) -> None:
         with self._cond:

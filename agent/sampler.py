@@ -175,6 +175,8 @@ class Sampler:
         scores = confidence(outputs) if (
             policy.low_confidence_below is not None or policy.low_margin_below is not None) else None
         reason = self._reason(policy, scores)
+        if scores is None and (reason is not None or policy.reservoir_per_window > 0):
+            scores = confidence(outputs)  # recorded with every kept sample: the controller indexes it
         with self._lock:
             self._roll_window(now, policy)
             meta = SampleMeta(ref.model, ref.version, ref.variant, self.device, now, reason or "reservoir",

@@ -215,7 +215,8 @@ def run(devices: int, classes: str, workers: int, database_url: str, timeout: fl
         simulator = stack.enter_context(process(
             [sys.executable, "-m", "edgefleet.simulator", "--controller", controller_url, "--token", token,
              "--devices", str(devices), "--classes", classes, "--prefix", PREFIX, "--workers", str(workers),
-             "--state-root", str(work / "devices"), "--status-file", str(status), "--status-interval", "1"],
+             "--state-root", str(work / "devices"), "--status-file", str(status), "--status-interval", "1",
+             "--requests-per-s", "0"],  # fan-out alone: no inference traffic competing for the CPU
             sim_log, env))
         wait_for("every simulated device to connect",
                  lambda: read_status(status).get("connected") == devices, timeout, simulator, sim_log)

@@ -4,6 +4,9 @@
 An uploaded shard is an ``.npz`` whose row arrays share the first axis: the agent
 writes ``input/<name>``, ``output/<name>`` and a 0-d JSON ``meta`` (its
 SampleMeta); ``top1`` and ``low_confidence`` arrays are honoured when present.
+The top-1 confidence per row comes from a ``top1`` array, else from an output that
+holds class probabilities, else from the top-1 the agent measured (``meta.top1``,
+the lowest over the request's rows).
 Untrusted bytes: sizes are bounded before anything is expanded, no pickles.
 """
 from __future__ import annotations
@@ -79,6 +82,8 @@ def decode_shard(data: bytes, max_bytes: int = MAX_SHARD_BYTES) -> DecodedShard:
     top1, predicted = predictions(tensors, rows)
     if "top1" in arrays and arrays["top1"].shape == (rows,):
         top1 = arrays["top1"].astype(np.float64)
+    elif top1 is None and _probability(meta.get("top1")):
+        top1 = np.full(rows, float(meta["top1"]))
     if "low_confidence" in arrays and arrays["low_confidence"].shape == (rows,):
         low = arrays["low_confidence"].astype(bool)
     else:
@@ -94,6 +99,10 @@ def _meta(value: np.ndarray | None) -> dict[str, Any]:
     except ValueError:
         return {}
     return meta if isinstance(meta, dict) else {}
+
+
+def _probability(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
 
 
 def predictions(tensors: dict[str, np.ndarray], rows: int) -> tuple[np.ndarray | None, np.ndarray | None]:

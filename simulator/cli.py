@@ -1,7 +1,12 @@
 """``python -m edgefleet.simulator``: run a simulated fleet until stopped.
 
     python -m edgefleet.simulator --controller http://127.0.0.1:8470 --devices 100 --classes x86_64,rpi-4 \\
-        --fault rpi-4:slow-model=40@1.1.0 --status-file /tmp/fleet.json
+        --requests-per-s 2 --fault rpi-4:slow-model=40@1.1.0 --status-file /tmp/fleet.json
+
+Every device serves --requests-per-s inference requests on its active model
+(inputs: --inputs, else its slot's golden inputs, else generated), samples them
+by the policy of its desired state, uploads the samples every --upload-interval
+seconds and sends counters telemetry with each heartbeat, as a real agent does.
 
 Prints one JSON line of fleet statistics every ``--status-interval`` seconds
 (and writes it to ``--status-file``); SIGTERM or SIGINT stops it cleanly.
@@ -21,8 +26,10 @@ from edgefleet.agent.slots import atomic_write
 
 from .faults import Faults
 from .fleet import CLASSES, Fleet, FleetConfig
+from .traffic import TrafficConfig
 
-FAULT_KINDS = ("fail-golden", "slow-model", "slow-download", "power-cut", "offline")  # offline: never connects
+# offline: never connects; fail-infer: a fraction of production requests fails (the golden check passes)
+FAULT_KINDS = ("fail-golden", "slow-model", "slow-download", "power-cut", "offline", "fail-infer")
 
 
 def parse_fault(text: str) -> tuple[str, str, str, str]:
@@ -34,9 +41,12 @@ def parse_fault(text: str) -> tuple[str, str, str, str]:
         raise argparse.ArgumentTypeError(
             f"fault {text!r} is not TARGET:KIND[=VALUE][@VERSION] with KIND one of {', '.join(FAULT_KINDS)}"
         )
-    if kind in ("slow-model", "slow-download", "power-cut") and not value:
+    if kind in ("slow-model", "slow-download", "power-cut", "fail-infer") and not value:
         raise argparse.ArgumentTypeError(f"fault {text!r} needs a value, e.g. slow-model=40 (ms), "
-                                         "slow-download=100000 (bytes/s), power-cut=activate (state)")
+                                         "slow-download=100000 (bytes/s), power-cut=activate (state), "
+                                         "fail-infer=0.2 (fraction)")
+    if kind == "fail-infer" and not _fraction(value):
+        raise argparse.ArgumentTypeError(f"fault {text!r}: fail-infer takes a fraction within 0..1, e.g. fail-infer=0.2")
     return target, kind, value, version
 
 
@@ -51,6 +61,25 @@ def apply_fault(faults: Faults, kind: str, value: str, version: str) -> None:
         faults.download_bps = float(value)
     elif kind == "power-cut":
         faults.power_cut_at = value
+    elif kind == "fail-infer":
+        faults.fail_infer = float(value)
+
+
+def _fraction(text: str) -> bool:
+    try:
+        return 0.0 <= float(text) <= 1.0
+    except ValueError:
+        return False
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate >= 0 (requests per second per device)")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -65,7 +94,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="Label every device.")
     p.add_argument("--state-root", type=Path, help="Devices' state directories (default: a temp dir).")
     p.add_argument("--workers", type=int, default=8, help="Reconcile passes running in parallel.")
-    p.add_argument("--heartbeat", type=float, default=30.0, help="Seconds between heartbeats of each device.")
+    p.add_argument("--heartbeat", type=float, default=30.0,
+                   help="Seconds between heartbeats (and counters telemetry) of each device.")
+    p.add_argument("--requests-per-s", type=_rate, default=2.0, metavar="RATE",
+                   help="Inference requests per second per device on its active model (default 2; 0: no traffic, "
+                        "no sampling).")
+    p.add_argument("--inputs", type=Path, metavar="NPZ",
+                   help="Input rows keyed by the model's input names, e.g. the digits eval set "
+                        "(default: each slot's golden inputs, else generated to the model's input shapes).")
+    p.add_argument("--upload-interval", type=float, default=10.0, metavar="S",
+                   help="Seconds between sample uploads of each device (default 10).")
+    p.add_argument("--traffic-threads", type=int, default=2, metavar="N",
+                   help="Threads running every device's requests and uploads (default 2).")
     p.add_argument("--trusted-root", type=Path, help="Pre-registered devices: root.json they trust.")
     p.add_argument("--metadata-url", default="", help="Pre-registered devices: TUF metadata URL.")
     p.add_argument("--target-base-url", default="", help="Pre-registered devices: TUF targets URL.")
@@ -92,6 +132,8 @@ def config_from(args: argparse.Namespace) -> FleetConfig:
         controller_url=args.controller, operator_token=token, heartbeat_s=args.heartbeat,
         trusted_root=args.trusted_root.read_bytes() if args.trusted_root else b"",
         metadata_url=args.metadata_url, target_base_url=args.target_base_url,
+        traffic=TrafficConfig(requests_per_s=args.requests_per_s, upload_interval_s=args.upload_interval,
+                              inputs=args.inputs, threads=args.traffic_threads),
     )
 
 

@@ -2,7 +2,8 @@
 
 Everything below the MQTT socket is the agent's own: ``Slots`` on disk,
 ``ModelUpdater`` (TUF), ``Reconciler`` with its gate and benchmark, and
-``ModelRuntime`` (with a shared session underneath). What differs from
+``ModelRuntime`` (with a shared session underneath), and with traffic on, the
+``Sampler`` and its uploads (simulator/traffic.py). What differs from
 ``agent/daemon.py`` is only the wiring: the network is the fleet's shared
 loop, passes run on the fleet's worker pool, and a power cut is an exception
 that unwinds a pass and throws the in-memory device away, after which a new
@@ -24,14 +25,17 @@ from edgefleet.agent.errors import AgentError, ModelError
 from edgefleet.agent.fetch import ModelUpdater, RangeFetcher
 from edgefleet.agent.hardware import HardwareProfile
 from edgefleet.agent.mqtt import BrokerURL
-from edgefleet.agent.protocol import Desired, Event, TelemetryKind
+from edgefleet.agent.protocol import Desired, Event, SamplingPolicy, TelemetryKind
 from edgefleet.agent.reconcile import Reconciler
+from edgefleet.agent.sampler import Sampler, controller_poster
 from edgefleet.agent.slots import Slots
 
 from .faults import Faults, FaultyFetcher, PowerCut
 from .link import SimLink
 from .network import NetworkLoop
 from .runtime import SessionCache, SimRuntime
+from .traffic import TICK_S as TRAFFIC_TICK_S
+from .traffic import UPLOAD_TIMEOUT_S, DeviceTraffic, Traffic
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,7 @@ class Shared:
     session_expiry_s: int
     heartbeat_s: float
     restart_after_s: float   # a power-cut device boots again after this long
+    traffic: Traffic | None = None   # None: devices serve no requests
 
 
 class _Incarnation:
@@ -73,8 +78,18 @@ class _Incarnation:
             self.slots, updater, self.runtime, _Recording(self.link, device), device.profile,
             agent_version=agent_version(), on_step=device.check_power,
         )
+        self.traffic = self._traffic(device) if shared.traffic is not None else None
         self.started = time.monotonic()
         self.alive = True
+
+    def _traffic(self, device: "SimDevice") -> DeviceTraffic:
+        """As the daemon wires it: the sampler resumes its on-disk buffer under the journal's policy."""
+        config, journal = device.config, self.slots.journal()
+        sampler = Sampler(journal.desired.sampling if journal else SamplingPolicy(), Path(config.state_dir) / "samples",
+                          device=config.device_id, max_buffer_bytes=config.sample_buffer_bytes)
+        post = controller_poster(config.controller_url, config.device_id, config.device_token,
+                                 UPLOAD_TIMEOUT_S) if config.device_token else None
+        return DeviceTraffic(device.shared.traffic, config.device_id, self.runtime, sampler, post)  # type: ignore[arg-type]
 
     def serve_active(self) -> None:
         """As the daemon does at start: serve the active slot, else the previous one."""
@@ -146,6 +161,8 @@ class SimDevice:
         # spread over the interval: a fleet started together must not heartbeat in lock-step
         first = random.uniform(0.0, self.shared.heartbeat_s)
         self.shared.loop.call_later(first, lambda: self._heartbeat(life))
+        if life.traffic is not None:
+            self.shared.loop.call_later(random.uniform(0.0, TRAFFIC_TICK_S), lambda: self._traffic_tick(life))
 
     def stop(self, done: Callable[[], None] | None = None, forget: bool = False) -> None:
         """Shut down cleanly (``forget``: also empty the retained topics); ``done`` runs once disconnected."""
@@ -185,6 +202,9 @@ class SimDevice:
         with self._lock:
             if self._desired is None or desired.generation >= self._desired.generation:
                 self._desired = desired
+                life = self._life
+                if life is not None and life.traffic is not None:
+                    life.traffic.sampler.set_policy(desired.sampling)
         self.shared.workers.wake(self)
 
     def check_power(self) -> None:
@@ -229,4 +249,13 @@ class SimDevice:
                 "active": active.ref.to_dict() if active is not None and active.ref else None,
                 "counters": life.runtime.counters(),
             })
+            counters = life.runtime.active_counters()
+            if counters is not None:  # as the daemon sends them: the rollout's error-rate gate reads these
+                life.link.telemetry(TelemetryKind.COUNTERS.value, counters)
         self.shared.loop.call_later(self.shared.heartbeat_s, lambda: self._heartbeat(life))
+
+    def _traffic_tick(self, life: _Incarnation) -> None:
+        if not life.alive or self._life is not life or life.traffic is None:
+            return  # stopped or power-cut: the next incarnation ticks on its own
+        life.traffic.tick(TRAFFIC_TICK_S)
+        self.shared.loop.call_later(TRAFFIC_TICK_S, lambda: self._traffic_tick(life))

@@ -7,6 +7,7 @@ steps (or mid-download), leaving its disk exactly as it was.
 """
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -28,6 +29,7 @@ class Faults:
     download_bps: float | None = None        # throttle target downloads to this many bytes/s
     fail_golden: bool = False                # the model's outputs are wrong on this device
     extra_latency_ms: float = 0.0            # every inference takes this much longer
+    fail_infer: float = 0.0                  # this fraction of production requests fails (not the golden check)
     versions: frozenset[str] = frozenset()   # empty: every version
     power_cut_at: str | None = None          # reconcile state (agent.state.State value) to die in
     power_cut_after_bytes: int | None = None  # die mid-download after this many bytes
@@ -36,7 +38,7 @@ class Faults:
         return not self.versions or (ref is not None and ref.version in self.versions)
 
     def model_faulty(self, ref: ModelRef | None) -> bool:
-        return (self.fail_golden or self.extra_latency_ms > 0) and self.applies_to(ref)
+        return (self.fail_golden or self.extra_latency_ms > 0 or self.fail_infer > 0) and self.applies_to(ref)
 
     def clear_power_cut(self) -> None:
         self.power_cut_at = None
@@ -44,12 +46,18 @@ class Faults:
 
 
 class FaultySession:
-    """An ONNX Runtime session as a faulty device runs it: slower and/or wrong."""
+    """An ONNX Runtime session as a faulty device runs it: slower, wrong, and/or failing.
+
+    ``fail_fraction`` is set only once the model is active (``SimRuntime.swap``): the
+    model passes its golden check and then fails in production, where only the
+    rollout's error-rate gate can see it.
+    """
 
     def __init__(self, session: Any, extra_latency_s: float = 0.0, wrong: bool = False) -> None:
         self.session = session
         self.extra_latency_s = extra_latency_s
         self.wrong = wrong
+        self.fail_fraction = 0.0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.session, name)
@@ -57,6 +65,8 @@ class FaultySession:
     def run(self, output_names: Any, feed: Any, *args: Any) -> list:
         if self.extra_latency_s:
             time.sleep(self.extra_latency_s)
+        if self.fail_fraction and random.random() < self.fail_fraction:
+            raise RuntimeError("simulated inference failure (fail-infer fault)")
         values = self.session.run(output_names, feed, *args)
         if self.wrong:  # shift every score one class over: top-1 and values both disagree
             values = [np.roll(v, 1, axis=-1) if isinstance(v, np.ndarray) and v.ndim else v for v in values]

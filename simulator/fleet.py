@@ -31,6 +31,7 @@ from .device import Shared, SimDevice
 from .faults import Faults
 from .network import NetworkLoop
 from .runtime import SessionCache
+from .traffic import Traffic, TrafficConfig
 from .workers import Workers
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ class FleetConfig:
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
     restart_after_s: float = 0.5         # a power-cut device boots again after this long
+    traffic: TrafficConfig = field(default_factory=TrafficConfig)  # inference requests, sampling, uploads
 
     def device_ids(self) -> Iterator[tuple[str, str]]:
         """(device id, hardware class), classes dealt round-robin."""
@@ -104,6 +106,7 @@ class FleetStats:
     rss_kb: int
     baseline_rss_kb: int              # before any device existed
     rss_per_device_kb: float
+    traffic: dict[str, int] = field(default_factory=dict)  # TrafficStats: requests, failures, shed, samples
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -137,6 +140,7 @@ class Fleet:
         self.workers = Workers(config.workers)
         options = RuntimeOptions()
         self.sessions = SessionCache(options)
+        self.traffic = Traffic(config.traffic) if config.traffic.enabled else None
         self.fetcher = HttpFetcher(config.download_timeout_s, pool_size=config.workers)
         self.devices: dict[str, SimDevice] = {}
         self._shared: Shared | None = None
@@ -158,7 +162,7 @@ class Fleet:
         self._shared = Shared(
             loop=self.loop, workers=self.workers, sessions=self.sessions, fetcher=self.fetcher, broker=broker,
             session_expiry_s=self.config.session_expiry_s, heartbeat_s=self.config.heartbeat_s,
-            restart_after_s=self.config.restart_after_s,
+            restart_after_s=self.config.restart_after_s, traffic=self.traffic,
         )
         for (device_id, cls), config in zip(ids, configs):
             self.devices[device_id] = SimDevice(config, profile_for(cls), self._shared)
@@ -230,6 +234,7 @@ class Fleet:
             power_cuts=sum(d.power_cuts for d in devices), threads=threading.active_count(),
             sessions=len(self.sessions), rss_kb=rss, baseline_rss_kb=self.baseline_rss_kb,
             rss_per_device_kb=(rss - self.baseline_rss_kb) / max(1, len(devices)),
+            traffic=self.traffic.snapshot().to_dict() if self.traffic is not None else {},
         )
 
     def stop(self, timeout: float = 30.0, clear_retained: bool = False) -> None:
@@ -242,6 +247,8 @@ class Fleet:
             if not left.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 break
         self.workers.stop()
+        if self.traffic is not None:
+            self.traffic.close()
         time.sleep(0.2)  # DISCONNECT packets leave on the network thread
         self.loop.stop()
 

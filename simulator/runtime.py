@@ -61,6 +61,11 @@ class SimRuntime(ModelRuntime):
             session = FaultySession(session, faults.extra_latency_ms / 1000.0, faults.fail_golden)
         return LoadedModel(session, Path(path), ref, (time.perf_counter() - started) * 1000.0)
 
+    def swap(self, new: LoadedModel) -> LoadedModel | None:
+        if isinstance(new.session, FaultySession):  # active now: production requests may fail
+            new.session.fail_fraction = self._faults().fail_infer
+        return super().swap(new)
+
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()

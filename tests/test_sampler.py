@@ -219,4 +219,7 @@ def test_server_hook_samples_real_requests(tmp_path, digits):
     with np.load(path, allow_pickle=False) as record:
         assert np.array_equal(record["input/input"], data)
         assert record["output/probabilities"].shape == (1, 10)
-    assert read_meta(path, 1 << 20).top1 is None  # no confidence policy: not computed
+        probabilities = record["output/probabilities"][0]
+    meta = read_meta(path, 1 << 20)  # recorded with any kept sample: the controller indexes it
+    assert meta.top1 == pytest.approx(float(probabilities.max()))
+    assert 0 <= meta.margin <= meta.top1

@@ -23,7 +23,9 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from edgefleet.agent.hardware import HardwareProfile
-from edgefleet.agent.protocol import Action, Desired, ExecutionState, ModelRef, ProtocolError, target_path
+from edgefleet.agent.protocol import (
+    Action, Desired, ExecutionState, ModelRef, ProtocolError, TelemetryKind, target_path,
+)
 
 from ..db.models import (
     BadVariant, Benchmark, Device, Execution, GateResult, Rollout, RolloutState, Sample, TelemetryRecord,
@@ -396,7 +398,8 @@ def _observe(
             Benchmark.hardware_class == cls, Benchmark.device_id.in_(devices), Benchmark.ts >= rollout.created_at)))
         p99_prev = [] if prev_version is None else list(session.scalars(sa.select(Benchmark.p99_ms).where(
             Benchmark.model == prev_model, Benchmark.version == prev_version, Benchmark.hardware_class == cls)))
-        requests, errors = _counters(session, [e for e in group if e.state is ExecutionState.SUCCEEDED])
+        requests, errors = _counters(session, rollout.model, rollout.version,
+                                     [e for e in group if e.state is ExecutionState.SUCCEEDED])
         observations[cls] = ClassObservation(
             p99_new=p99_new, p99_previous=p99_prev, requests=requests, errors=errors,
             confidence_new=_confidence(session, rollout.model, rollout.version, cls, rollout.created_at),
@@ -406,26 +409,41 @@ def _observe(
     return observations
 
 
-def _counters(session: Session, executions: list[Execution]) -> tuple[int, int]:
-    """Requests and model failures since each device activated the new version.
-    The agent's counters are cumulative per runtime: take last minus first, or the
-    last alone when the runtime restarted in between."""
+def _counters(session: Session, model: str, version: str, executions: list[Execution]) -> tuple[int, int]:
+    """Requests and model failures of ``model`` ``version`` on these devices since the rollout
+    asked them (each execution's creation).
+
+    ``counters`` telemetry (agent ModelRuntime.active_counters) is cumulative per segment:
+    one load of one model, named by (boot, ``since``). A segment that began inside the
+    window counts whole; one that began before it counts only its growth within it.
+    Rows of other models or versions are ignored, so the old version never dilutes the new.
+    """
+    if not executions:
+        return 0, 0
+    window = {e.device_id: e.created_at for e in executions}
+    rows = session.execute(
+        sa.select(TelemetryRecord.device_id, TelemetryRecord.boot, TelemetryRecord.ts, TelemetryRecord.data).where(
+            TelemetryRecord.device_id.in_(sorted(window)), TelemetryRecord.kind == TelemetryKind.COUNTERS.value,
+            TelemetryRecord.ts >= min(window.values()),
+        ).order_by(TelemetryRecord.ts, TelemetryRecord.id)
+    )
+    segments: dict[tuple[str, int, object], list[dict]] = defaultdict(list)
+    for device, boot, ts, data in rows:
+        ref = data.get("model") if isinstance(data, dict) else None
+        if ts >= window[device] and isinstance(ref, dict) and (ref.get("model"), ref.get("version")) == (model, version):
+            segments[(device, boot, data.get("since"))].append(data)
     requests = errors = 0
-    for execution in executions:
-        rows = [r.data for r in session.scalars(
-            sa.select(TelemetryRecord).where(
-                TelemetryRecord.device_id == execution.device_id, TelemetryRecord.kind == "counters",
-                TelemetryRecord.ts >= execution.updated_at,
-            ).order_by(TelemetryRecord.ts, TelemetryRecord.id)
-        )]
-        if not rows:
-            continue
-        first, last = rows[0], rows[-1]
-        restarted = int(last.get("requests", 0)) < int(first.get("requests", 0))
-        base = {} if restarted or len(rows) == 1 else first
-        requests += int(last.get("requests", 0)) - int(base.get("requests", 0))
-        errors += int(last.get("failures", 0)) - int(base.get("failures", 0))
+    for (device, _, since), seen in segments.items():
+        began_inside = isinstance(since, (int, float)) and since >= window[device].timestamp()
+        base = {} if began_inside else seen[0]
+        requests += max(0, _count(seen[-1], "requests") - _count(base, "requests"))
+        errors += max(0, _count(seen[-1], "failures") - _count(base, "failures"))
     return requests, errors
+
+
+def _count(data: dict, key: str) -> int:
+    value = data.get(key, 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def _confidence(session: Session, model: str, version: str, cls: str, since: datetime | None) -> tuple[float, int]:

@@ -27,6 +27,8 @@ from .spec import RolloutSpec, percent
 FAILURE_STATES = frozenset(
     {ExecutionState.FAILED, ExecutionState.ROLLED_BACK, ExecutionState.REJECTED, ExecutionState.TIMED_OUT}
 )
+# Fewer sampled rows than this on either side: the mean top-1 is noise, not a shift (NO_DATA).
+MIN_CONFIDENCE_SAMPLES = 20
 
 
 # --- inputs ------------------------------------------------------------------
@@ -332,7 +334,7 @@ def gate_verdicts(
         error_rate = seen.errors / seen.requests if seen.requests else None
         verdicts.append(_judge("error_rate", cls, error_rate, spec.max_error_rate))
         shift = None
-        if seen.confidence_new[1] and seen.confidence_previous[1]:
+        if min(seen.confidence_new[1], seen.confidence_previous[1]) >= MIN_CONFIDENCE_SAMPLES:
             shift = abs(seen.confidence_new[0] - seen.confidence_previous[0])
         verdicts.append(_judge("confidence_shift", cls, shift, spec.max_confidence_shift))
     return verdicts
