@@ -77,7 +77,7 @@ def _rate(text: str) -> float:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value >= 0:
+    if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} is not a rate >= 0 (requests per second per device)")
     return value
 

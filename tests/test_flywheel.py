@@ -335,3 +335,25 @@ def test_production_data_reaches_the_gates_and_the_dataset(tmp_path, mosquitto_u
     finally:
         client.close()
         controller.stop()
+
+
+def test_simulator_cli_traffic_flags_and_fail_infer_fault(digits):
+    from edgefleet.simulator.cli import apply_fault, config_from, parse_fault, parser
+
+    args = parser().parse_args(["--broker", "mqtt://127.0.0.1:1883", "--requests-per-s", "3", "--upload-interval", "2",
+                                "--inputs", str(digits.eval_data), "--traffic-threads", "3"])
+    assert config_from(args).traffic == TrafficConfig(requests_per_s=3, upload_interval_s=2, inputs=digits.eval_data,
+                                                      threads=3)
+    assert config_from(parser().parse_args([])).traffic.requests_per_s == 2, "traffic is on by default"
+    assert not config_from(parser().parse_args(["--requests-per-s", "0"])).traffic.enabled
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--requests-per-s", "-1"])
+
+    target, kind, value, version = parse_fault("rpi-4:fail-infer=0.3@1.2.0")
+    faults = Faults()
+    apply_fault(faults, kind, value, version)
+    assert (target, faults.fail_infer, faults.versions) == ("rpi-4", 0.3, frozenset({"1.2.0"}))
+    assert faults.model_faulty(ref("1.2.0")) and not faults.model_faulty(ref("1.1.0"))
+    for bad in ("rpi-4:fail-infer", "rpi-4:fail-infer=1.5"):
+        with pytest.raises(Exception, match="fail-infer"):
+            parse_fault(bad)
