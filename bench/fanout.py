@@ -230,16 +230,24 @@ def run(devices: int, classes: str, workers: int, database_url: str, timeout: fl
         started = time.monotonic()
         created = client.post("/v1/rollouts", {"manifest": spec.to_manifest(f"fanout-{devices}"), "dry_run": False})
         device_done: list[float] = []
+        recorded: list[int] = [0]  # SUCCEEDED as the controller counts them, at the last look
 
         def finished() -> bool:
             if not device_done and read_status(status).get("states", {}).get("SUCCEEDED") == devices:
                 device_done.append(time.monotonic())
             summary = next(r for r in client.get("/v1/rollouts") if r["id"] == created["id"])
+            recorded[0] = summary["succeeded"]
             if summary["failed"]:
                 raise RuntimeError(f"{summary['failed']} device(s) failed; see {sim_log}")
             return summary["succeeded"] == devices
 
-        wait_for("every device SUCCEEDED", finished, timeout, controller, controller_log, interval=0.5)
+        try:
+            wait_for("every device SUCCEEDED", finished, timeout, controller, controller_log, interval=0.5)
+        except RuntimeError as e:  # say how far it got: a partial run is still a measurement
+            devices_side = (f"; every device had reported SUCCEEDED {device_done[0] - started:.0f} s after the deploy"
+                            if device_done else "")
+            raise RuntimeError(f"{e} (the controller had recorded {recorded[0]} of {devices} SUCCEEDED"
+                               f"{devices_side})") from e
         deploy_s = time.monotonic() - started
         stats = read_status(status)
         device_side = (device_done[0] if device_done else time.monotonic()) - started
