@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import models
+
 from .scenario import (
     BIN, Controller, Fleetctl, ScenarioError, build_bundles, cleanup, wait_for, wait_for_fleet, wait_rollout,
     write_config,
@@ -109,7 +111,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
         fleet = subprocess.Popen(
             [str(BIN / "python"), "-m", "edgefleet.simulator", "--controller", controller.url,
              "--devices", str(args.devices), "--classes", ",".join(CLASSES), "--prefix", "demo",
-             "--workers", "4", "--heartbeat", "2",
+             "--workers", "4", "--heartbeat", "2", "--requests-per-s", "2", "--upload-interval", "3",
+             "--inputs", str(models.digits(Path(args.model_cache)).eval_data),
              "--state-root", str(work / "devices"), "--status-interval", "3600"],
             env=fleetctl.env, stdout=subprocess.DEVNULL, stderr=open(work / "simulator.log", "wb"),
         )
