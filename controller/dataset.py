@@ -29,6 +29,8 @@ MAX_SHARD_BYTES = 64 * 1024 * 1024       # one uploaded shard, compressed or exp
 ROWS_PER_SHARD = 4096                    # rows per exported shard
 LOW_REASONS = frozenset({"low_confidence", "low_margin"})
 RESERVED = frozenset({"meta", "top1", "low_confidence"})
+# An int8 model's softmax dequantizes to values a little above 1 and rows summing to 1 +- ~1%.
+PROBABILITY_SLACK = 0.02
 CONFIDENCE_BINS = np.linspace(0.0, 1.0, 11)
 
 
@@ -113,8 +115,9 @@ def predictions(tensors: dict[str, np.ndarray], rows: int) -> tuple[np.ndarray |
         if value.dtype.kind != "f" or value.ndim < 2 or value.shape[-1] < 2 or value.size == 0:
             continue
         scores = value.reshape(rows, -1, value.shape[-1])[:, 0, :].astype(np.float64)
-        probabilities = scores.min() >= 0 and scores.max() <= 1 and np.allclose(scores.sum(axis=1), 1, atol=1e-3)
-        return (scores.max(axis=1) if probabilities else None), scores.argmax(axis=1)
+        probabilities = (scores.min() >= -PROBABILITY_SLACK and scores.max() <= 1 + PROBABILITY_SLACK
+                         and np.allclose(scores.sum(axis=1), 1, atol=PROBABILITY_SLACK))
+        return (np.clip(scores.max(axis=1), 0, 1) if probabilities else None), scores.argmax(axis=1)
     return None, None
 
 

@@ -109,3 +109,15 @@ def test_untrusted_shards_are_refused(tmp_path):
     bad = SampleRecord(1, "k", "x1", "digits", "1.1.0", "cpu-fp32")
     result = export([bad], lambda _r: b"garbage", tmp_path / "out")
     assert result.rows == 0 and result.skipped and (tmp_path / "out" / "index.jsonl").read_text() == ""
+
+
+def test_quantized_softmax_still_counts_as_probabilities():
+    """int8 models dequantize their softmax to values like 1.0039 and rows summing to ~0.996."""
+    from edgefleet.controller.dataset import predictions
+
+    scores = np.array([[0.0, 1.0039216, 0.0], [0.2470588, 0.7490196, 0.0]], dtype=np.float32)
+    top1, predicted = predictions({"output/probabilities": scores}, 2)
+    assert top1 is not None and list(predicted) == [1, 1]
+    assert top1.max() <= 1.0 and top1[1] == pytest.approx(0.749, abs=1e-3)
+    logits = np.array([[3.0, -1.0, 0.5]], dtype=np.float32)
+    assert predictions({"output/logits": logits}, 1)[0] is None, "logits are not probabilities"
