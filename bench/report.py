@@ -136,7 +136,10 @@ class Section:
     note: str = ""
 
 
-def render(machine: Machine, sections: list[Section], runs: dict[str, Run], whole_command: str) -> str:
+def render(machine: Machine, sections: list[Section], runs: dict[str, Run], whole_command: str,
+           notes: dict[str, str] | None = None) -> str:
+    """RESULTS.md; ``notes`` (by section key) are written by hand after a run, e.g. what a failed run reached."""
+    notes = notes or {}
     loads = [load for run in runs.values() for load in (run.load_before, run.load_after)]
     peak = max((load[0] for load in loads), default=0.0)
     lines = [
@@ -179,7 +182,9 @@ def render(machine: Machine, sections: list[Section], runs: dict[str, Run], whol
             lines += [run.stdout.strip(), ""]
         if not run.ok:
             lines += [f"**Did not complete** (exit {run.returncode}). Last lines of its error output:", "", "```",
-                      run.stderr_tail.strip(), "```"]
+                      run.stderr_tail.strip(), "```", ""]
+        if section.key in notes:
+            lines += [f"Note (bench/notes/{section.key}.md): " + notes[section.key].strip(), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -29,6 +29,7 @@ from edgefleet.agent.slots import atomic_write
 
 FULL_RUNS = REPO / "bench" / "runs"
 FULL_RESULTS = REPO / "bench" / "RESULTS.md"
+NOTES = REPO / "bench" / "notes"   # <key>.md: written by hand after a run, shown under its table
 SMALL_DIR = REPO / ".cache" / "bench-small"
 STDERR_TAIL = 4000
 
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(benchmark.key)
     sections = [b.section for b in BENCHMARKS if not (args.small and b.small is None)]
     whole = "python -m bench.run_all" + (" --small" if args.small else "")
-    text = render(describe(), sections, saved_runs(runs_dir), whole)
+    notes = {} if args.small else {path.stem: path.read_text() for path in NOTES.glob("*.md")}
+    text = render(describe(), sections, saved_runs(runs_dir), whole, notes)
     atomic_write(output, text.encode())
     print(f"run_all: wrote {os.path.relpath(output, Path.cwd())}" +
           (f"; failed: {', '.join(failed)}" if failed else ""), file=sys.stderr)

@@ -94,13 +94,15 @@ def test_render_shows_every_section_failed_and_missing_runs():
                                                   verify.Result("sha256sum of the stored file", 0.5),
                                                   verify.Result("curl of the same URL", 0.5)]))
     broken = _run("fanout-10k", "", returncode=1, stderr="error: timed out\nlast simulator status: 4000 of 10000")
-    text = render(MACHINE, sections, {"verify": ok, "fanout-10k": broken}, "python -m bench.run_all")
+    text = render(MACHINE, sections, {"verify": ok, "fanout-10k": broken}, "python -m bench.run_all",
+                  {"fanout-10k": "all 10,000 devices SUCCEEDED after 998 s\n"})
     assert "| CPU | Test CPU, 2 cores |" in text and "| PostgreSQL server | 15.0 |" in text and "commit abc" in text
     assert "ranged up to 3.50 on 2 cores" in text
     for section in sections:
         assert f"## {section.title}" in text and f"Reproduce: `{section.reproduce}`" in text
     assert "- 1. Fan-out, 10,000 devices: **did not complete** (exit 1)" in text
     assert "last simulator status: 4000 of 10000" in text
+    assert "Note (bench/notes/fanout-10k.md): all 10,000 devices SUCCEEDED after 998 s" in text
     assert "- Verification: TUF download+verify **1.0 MB/s**" in text
     assert "not run yet" in text and "python -m bench.swap --swaps 100" in text
 
