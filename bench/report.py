@@ -30,6 +30,7 @@ class Run:
     load_after: tuple[float, float, float]
     size: str                             # "full" or "small"
     code: str = ""                        # the commit measured (bench.run_all.code_version)
+    load_peak: float | None = None        # highest 1-minute load average sampled during the run
 
     @property
     def ok(self) -> bool:
@@ -140,8 +141,8 @@ def render(machine: Machine, sections: list[Section], runs: dict[str, Run], whol
            notes: dict[str, str] | None = None) -> str:
     """RESULTS.md; ``notes`` (by section key) are written by hand after a run, e.g. what a failed run reached."""
     notes = notes or {}
-    loads = [load for run in runs.values() for load in (run.load_before, run.load_after)]
-    peak = max((load[0] for load in loads), default=0.0)
+    peak = max((max(run.load_peak or 0.0, run.load_before[0], run.load_after[0]) for run in runs.values()),
+               default=0.0)
     lines = [
         "# edgefleet benchmark results",
         "",
@@ -152,8 +153,9 @@ def render(machine: Machine, sections: list[Section], runs: dict[str, Run], whol
         "",
         "Code measured: " + ", ".join(sorted({run.code or "not recorded" for run in runs.values()})) + " (per run below).",
         "",
-        f"Load: this machine is shared with other engineers' test runs; the 1-minute load average around the "
-        f"benchmarks ranged up to {peak:.2f} on {machine.cores} cores (per benchmark below). Figures that depend "
+        f"Load: this machine is shared with other engineers' test runs; the highest 1-minute load average recorded "
+        f"around the benchmarks (before and after each run, and sampled during it where shown) was {peak:.2f} on "
+        f"{machine.cores} cores (per benchmark below). Figures that depend "
         "on free CPU (fan-out, ingest, latencies) are lower bounds for an idle machine.",
         "",
         "## Headline ratios",
@@ -164,7 +166,8 @@ def render(machine: Machine, sections: list[Section], runs: dict[str, Run], whol
         if run is None:
             lines.append(f"- {section.title}: not run yet (`{section.reproduce}`)")
         elif not run.ok:
-            lines.append(f"- {section.title}: **did not complete** (exit {run.returncode}); see its section")
+            lines.append(f"- {section.title}: **did not complete** (exit {run.returncode}); see its section"
+                         + (" for the progress it made" if section.key in notes else ""))
         else:
             lines += [f"- {line}" for line in headlines(section.kind, run.stdout)]
     for section in sections:
@@ -175,9 +178,10 @@ def render(machine: Machine, sections: list[Section], runs: dict[str, Run], whol
         if run is None:
             lines.append("Not run yet.")
             continue
+        peak = "" if run.load_peak is None else f", peak {run.load_peak:.2f} during"
         lines += [f"Run {run.started} on {run.code or 'unrecorded code'}, {run.seconds:.0f} s, {run.size} size; "
-                  f"load average (1/5/15 min) "
-                  f"{_load(run.load_before)} before, {_load(run.load_after)} after.", ""]
+                  f"load average (1/5/15 min) {_load(run.load_before)} before, {_load(run.load_after)} after{peak}.",
+                  ""]
         if run.stdout.strip():
             lines += [run.stdout.strip(), ""]
         if not run.ok:

@@ -17,10 +17,12 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import IO
 
 from bench._common import REPO
 from bench.machine import describe, load_average
@@ -32,6 +34,7 @@ FULL_RESULTS = REPO / "bench" / "RESULTS.md"
 NOTES = REPO / "bench" / "notes"   # <key>.md: written by hand after a run, shown under its table
 SMALL_DIR = REPO / ".cache" / "bench-small"
 STDERR_TAIL = 4000
+LOAD_SAMPLE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -85,25 +88,35 @@ BY_KEY = {b.key: b for b in BENCHMARKS}
 
 
 def run_one(benchmark: Benchmark, small: bool) -> Run:
-    """Run one benchmark to completion (or its timeout); never raises for the benchmark's own failure."""
-    command = benchmark.command(small)
+    """Run one benchmark to completion (or its timeout), sampling the machine's load meanwhile;
+    never raises for the benchmark's own failure."""
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     load_before, clock = load_average(), time.monotonic()
-    try:
-        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=benchmark.timeout_s)
-        returncode, stdout, stderr = done.returncode, done.stdout, done.stderr
-    except subprocess.TimeoutExpired as e:
-        returncode = -1
-        stdout = _text(e.stdout)
-        stderr = _text(e.stderr) + f"\nrun_all: stopped after its {benchmark.timeout_s:.0f} s timeout"
+    peak, note = load_before[0], ""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(benchmark.command(small), cwd=REPO, stdout=out, stderr=err)
+        while True:
+            try:
+                returncode = proc.wait(timeout=LOAD_SAMPLE_S)
+                break
+            except subprocess.TimeoutExpired:
+                peak = max(peak, load_average()[0])
+                if time.monotonic() - clock > benchmark.timeout_s:
+                    proc.kill()
+                    returncode = proc.wait()
+                    note = f"\nrun_all: stopped after its {benchmark.timeout_s:.0f} s timeout"
+                    break
+        stdout, stderr = (_read(f) for f in (out, err))
+    load_after = load_average()
     return Run(key=benchmark.key, command=["python", "-m", benchmark.module, *benchmark.args(small)],
-               returncode=returncode, stdout=stdout, stderr_tail=stderr[-STDERR_TAIL:], started=started,
-               seconds=time.monotonic() - clock, load_before=load_before, load_after=load_average(),
-               size="small" if small else "full", code=code_version())
+               returncode=returncode, stdout=stdout, stderr_tail=(stderr + note)[-STDERR_TAIL:], started=started,
+               seconds=time.monotonic() - clock, load_before=load_before, load_after=load_after,
+               size="small" if small else "full", code=code_version(), load_peak=max(peak, load_after[0]))
 
 
-def _text(data: bytes | str | None) -> str:
-    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
+def _read(file: IO[bytes]) -> str:
+    file.seek(0)
+    return file.read().decode(errors="replace")
 
 
 def saved_runs(runs_dir: Path) -> dict[str, Run]:

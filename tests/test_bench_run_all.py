@@ -97,10 +97,10 @@ def test_render_shows_every_section_failed_and_missing_runs():
     text = render(MACHINE, sections, {"verify": ok, "fanout-10k": broken}, "python -m bench.run_all",
                   {"fanout-10k": "all 10,000 devices SUCCEEDED after 998 s\n"})
     assert "| CPU | Test CPU, 2 cores |" in text and "| PostgreSQL server | 15.0 |" in text and "commit abc" in text
-    assert "ranged up to 3.50 on 2 cores" in text
+    assert "was 3.50 on 2 cores" in text
     for section in sections:
         assert f"## {section.title}" in text and f"Reproduce: `{section.reproduce}`" in text
-    assert "- 1. Fan-out, 10,000 devices: **did not complete** (exit 1)" in text
+    assert "- 1. Fan-out, 10,000 devices: **did not complete** (exit 1); see its section for the progress" in text
     assert "last simulator status: 4000 of 10000" in text
     assert "Note (bench/notes/fanout-10k.md): all 10,000 devices SUCCEEDED after 998 s" in text
     assert "- Verification: TUF download+verify **1.0 MB/s**" in text
@@ -117,6 +117,7 @@ def test_run_all_small_runs_a_subset_and_keeps_the_saved_runs(tmp_path, mosquitt
     assert done.returncode == 0, done.stderr[-3000:]
     saved = Run.load(runs / "footprint.json")
     assert saved.ok and saved.size == "small" and "--idle-seconds" in saved.command and saved.code.startswith("commit")
+    assert saved.load_peak is not None and saved.load_peak >= 0
     text = output.read_text()
     assert "## 6. Agent footprint" in text and "| fleet-agent serve, digits loaded |" in text
     assert "Idle footprint, `fleet-agent run` with digits:" in text
