@@ -257,10 +257,12 @@ def benchmark_row(device: Device, data: dict[str, Any], ts: datetime) -> dict[st
         log.info("benchmark telemetry from %s carries no p50_ms/p99_ms; kept as telemetry only", device.id)
         return None
     throughput = figures.get("throughput_qps", figures.get("throughput"))
+    baseline = data.get("previous_p99_ms") if data.get("previous_measured") == "paired" else None
     return {
         "device_id": device.id, "hardware_class": device.hardware_class,
         "model": names[0], "version": names[1], "variant": names[2],
         "p50_ms": float(p50), "p99_ms": float(p99),
         "throughput": float(throughput) if isinstance(throughput, (int, float)) else None,
+        "baseline_p99_ms": float(baseline) if isinstance(baseline, (int, float)) and baseline > 0 else None,
         "ts": ts,
     }

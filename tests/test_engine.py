@@ -28,10 +28,13 @@ def say(db: Database, device: str, state: E, deployment: str | None, generation:
                             deployment=deployment, data=data)])
 
 
-def bench(db: Database, device: str, version: str, variant: str, p99_ms: float) -> None:
+def bench(db: Database, device: str, version: str, variant: str, p99_ms: float,
+          paired_previous_ms: float | None = None) -> None:
+    """What the agent's gate sends; with ``paired_previous_ms`` the replaced model was timed in turn."""
+    paired = {} if paired_previous_ms is None else {"previous_p99_ms": paired_previous_ms, "previous_measured": "paired"}
     Ingest(db).apply([Telemetry(device=device, boot=1, seq=next(_seq), kind="benchmark", data={
         "model": {"model": "digits", "version": version, "variant": variant, "release": 2},
-        "p50_ms": p99_ms / 2, "p99_ms": p99_ms})])
+        "p50_ms": p99_ms / 2, "p99_ms": p99_ms, **paired})])
 
 
 def create(db: Database, **changes) -> str:
@@ -235,3 +238,24 @@ def test_devices_enrolled_later_get_the_version_reached(database_url):
     engine.step_all(db, publisher)
     late = next(e for e in executions(db, rid) if e.device_id == "p9")
     assert late.stage == 0 and "offline" in late.detail and [d.device for d in publisher.sent].count("p9") == 1
+
+
+def test_p99_gate_prefers_the_paired_baseline_over_older_figures(database_url):
+    """Earlier benchmarks of the old version were taken on a quiet device (10 ms); now the device is
+    busy and both versions run at 40 ms, timed in turn: that is no regression."""
+    db = fleet_db(database_url, count_per_class=2)
+    with db.unit_of_work() as session:
+        session.add_all(Benchmark(device_id=f"p{i}", hardware_class="rpi-4", model="digits", version="1.0.0",
+                                  variant="cpu-fp32", p50_ms=5, p99_ms=10.0) for i in range(1, 3))
+    publisher = RecordingPublisher()
+    rid = create(db, stages=(1.0,), bake_s=0)
+    engine.step_all(db, publisher)
+    for desired in publisher.sent:
+        say(db, desired.device, E.SUCCEEDED, rid, desired.generation)
+        bench(db, desired.device, "1.1.0", "cpu-fp32", 40.0, paired_previous_ms=39.0)
+    engine.step_all(db, publisher)
+    assert rollout(db, rid).state is RolloutState.SUCCEEDED
+    with db.unit_of_work() as session:
+        p99 = {g.hardware_class: g for g in session.scalars(
+            sa.select(GateResult).where(GateResult.gate == "p99_regression"))}
+    assert p99["rpi-4"].value == pytest.approx(40 / 39 - 1) and p99["rpi-4"].verdict is Verdict.PASS

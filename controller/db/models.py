@@ -266,6 +266,7 @@ class Benchmark(Base):
     variant: Mapped[str] = mapped_column(sa.String(NAME_LEN))
     p50_ms: Mapped[float]
     p99_ms: Mapped[float]
+    baseline_p99_ms: Mapped[float | None]   # the replaced version, timed in turn with this one (gate)
     throughput: Mapped[float | None]
     ts: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 

@@ -393,11 +393,17 @@ def _observe(
             (p.get("model"), p.get("version")) for p in (e.previous for e in group) if p and p.get("version")
         ).most_common(1)
         prev_model, prev_version = previous[0][0] if previous else (None, None)
-        p99_new = list(session.scalars(sa.select(Benchmark.p99_ms).where(
+        measured = session.execute(sa.select(Benchmark.p99_ms, Benchmark.baseline_p99_ms).where(
             Benchmark.model == rollout.model, Benchmark.version == rollout.version,
-            Benchmark.hardware_class == cls, Benchmark.device_id.in_(devices), Benchmark.ts >= rollout.created_at)))
-        p99_prev = [] if prev_version is None else list(session.scalars(sa.select(Benchmark.p99_ms).where(
-            Benchmark.model == prev_model, Benchmark.version == prev_version, Benchmark.hardware_class == cls)))
+            Benchmark.hardware_class == cls, Benchmark.device_id.in_(devices), Benchmark.ts >= rollout.created_at)).all()
+        p99_new = [new for new, _ in measured]
+        if measured and all(baseline is not None for _, baseline in measured):
+            p99_prev = [baseline for _, baseline in measured]  # same devices, same moments: like with like
+        elif prev_version is None:
+            p99_prev = []
+        else:
+            p99_prev = list(session.scalars(sa.select(Benchmark.p99_ms).where(
+                Benchmark.model == prev_model, Benchmark.version == prev_version, Benchmark.hardware_class == cls)))
         requests, errors = _counters(session, rollout.model, rollout.version,
                                      [e for e in group if e.state is ExecutionState.SUCCEEDED])
         observations[cls] = ClassObservation(
