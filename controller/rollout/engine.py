@@ -14,6 +14,7 @@ import logging
 import re
 import secrets
 import statistics
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -355,7 +356,19 @@ def _expire(session: Session, rollout: Rollout, spec: RolloutSpec, now: datetime
 
 def _add_members(session: Session, rollout: Rollout, spec: RolloutSpec, now: datetime, report: PassReport) -> None:
     """Executions for the current stage's share, plus devices enrolled since the rollout
-    began (they get the version the rollout has reached)."""
+    began (they get the version the rollout has reached).
+
+    Reading and planning the whole fleet is the costly part of a pass (seconds at ten
+    thousand devices, inside the write transaction), so it runs only when the stage or
+    the set of enrolled devices changed, and every MEMBERSHIP_RECHECK_S for label changes.
+    """
+    fleet = session.execute(sa.select(sa.func.count(Device.id), sa.func.max(Device.enrolled_at))).one()
+    fingerprint = (rollout.stage, *fleet)
+    key = (str(session.get_bind().url), rollout.id)
+    checked = _membership_checked.get(key)
+    if checked and checked[0] == fingerprint and time.monotonic() - checked[1] < MEMBERSHIP_RECHECK_S:
+        return
+    _membership_checked[key] = (fingerprint, time.monotonic())
     rows = {d.id: d for d in session.scalars(sa.select(Device).order_by(Device.id))}
     views = planner.select(spec.selector, [device_view(d) for d in rows.values()])
     started = set(session.scalars(sa.select(Execution.device_id).where(Execution.rollout_id == rollout.id)))
@@ -376,6 +389,12 @@ def _add_members(session: Session, rollout: Rollout, spec: RolloutSpec, now: dat
         ))
         report.created += 1
     session.flush()
+
+
+# (database, rollout id) -> (fleet fingerprint, when its membership was last planned); a hint only:
+# a restarted controller or another replica simply plans once more.
+_membership_checked: dict[tuple[str, str], tuple[tuple, float]] = {}
+MEMBERSHIP_RECHECK_S = 30.0
 
 
 def _observe(
