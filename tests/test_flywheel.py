@@ -230,8 +230,10 @@ class Fleetctl:
 
 CLASSES = ("x86_64", "rpi-4")
 TERMINAL = {"SUCCEEDED", "FAILED", "ROLLED_BACK", "ABORTED", "SUPERSEDED"}
+# This test is about the error-rate and confidence gates: the p99 gate, exercised elsewhere, is
+# opened wide so that a busy CI machine cannot fail the rollout on latency first.
 ROLLOUT = ["--stages", "100%", "--min-devices-per-stage", "1", "--device-timeout", "2m",
-           "--sample-rate", "100%", "--sample-low-confidence", "0.9"]
+           "--sample-rate", "100%", "--sample-low-confidence", "0.9", "--max-p99-regression", "1000%"]
 
 
 def test_production_data_reaches_the_gates_and_the_dataset(tmp_path, mosquitto_url, digits):
