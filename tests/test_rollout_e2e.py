@@ -17,7 +17,10 @@ from demo.scenario import (
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
-STAGES = ["--stages", "50%,100%", "--bake", "1s", "--min-devices-per-stage", "1", "--device-timeout", "2m"]
+# A p99 regression bound of 100%: wide enough that a busy CI machine cannot fail the good versions,
+# far below the bad version's ~30x on x86.
+STAGES = ["--stages", "50%,100%", "--bake", "1s", "--min-devices-per-stage", "1", "--device-timeout", "2m",
+          "--max-p99-regression", "100%"]
 
 
 @pytest.fixture
