@@ -17,6 +17,7 @@ import logging
 import queue
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -161,25 +162,29 @@ class Bridge:
 
     # --- desired state out ------------------------------------------------------
 
-    def publish_desired(self, desired: Desired, timeout: float | None = None) -> None:
-        """Publish retained at QoS 1 and wait for the broker's PUBACK; Unavailable if it does not come."""
+    def publish_desired(self, *desired: Desired, timeout: float | None = None) -> None:
+        """Publish each retained at QoS 1, then wait for every PUBACK (in flight together, so a
+        batch costs one round trip); Unavailable if any does not come."""
         timeout = self.options.publish_timeout_s if timeout is None else timeout
         where = f"{self._conn.url.host}:{self._conn.url.port}"
         client = self._conn.client
         if client is None or not self._conn.wait_connected(timeout):
-            raise Unavailable(f"MQTT broker {where} is not connected; desired state for {desired.device} not sent")
-        info = client.publish(
-            protocol.topic(desired.device, Channel.DESIRED), desired.to_json(), qos=1, retain=True
-        )
-        try:
-            info.wait_for_publish(timeout)
-        except (RuntimeError, ValueError) as e:
-            raise Unavailable(f"MQTT broker {where} did not take the desired state for {desired.device}: {e}") from e
-        if not info.is_published():
-            raise Unavailable(
-                f"MQTT broker {where} did not acknowledge the desired state for {desired.device} "
-                f"within {timeout:g}s; it is sent when the connection is back"
-            )
+            raise Unavailable(f"MQTT broker {where} is not connected; {len(desired)} desired state(s) not sent")
+        sent = [
+            (d, client.publish(protocol.topic(d.device, Channel.DESIRED), d.to_json(), qos=1, retain=True))
+            for d in desired
+        ]
+        deadline = time.monotonic() + timeout
+        for d, info in sent:
+            try:
+                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+            except (RuntimeError, ValueError) as e:
+                raise Unavailable(f"MQTT broker {where} did not take the desired state for {d.device}: {e}") from e
+            if not info.is_published():
+                raise Unavailable(
+                    f"MQTT broker {where} did not acknowledge the desired state for {d.device} "
+                    f"within {timeout:g}s; it is sent when the connection is back"
+                )
 
     def _stored_desired(self) -> list[Desired]:
         with self.ingest.db.unit_of_work() as session:

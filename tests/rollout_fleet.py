@@ -71,13 +71,14 @@ class RecordingPublisher:
         self.sent: list[Desired] = []
         self.fail = False
 
-    def publish_desired(self, desired: Desired) -> None:
+    def publish_desired(self, *desired: Desired) -> None:
         from edgefleet.controller.errors import Unavailable
 
         if self.fail:
             raise Unavailable("broker unreachable (test)")
-        Desired.from_json(desired.to_json())  # what goes on the wire must parse
-        self.sent.append(desired)
+        for message in desired:
+            Desired.from_json(message.to_json())  # what goes on the wire must parse
+            self.sent.append(message)
 
     def to(self, device: str) -> list[Desired]:
         return [d for d in self.sent if d.device == device]

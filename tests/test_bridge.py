@@ -81,6 +81,9 @@ def test_round_trip_desired_out_reports_events_telemetry_in(broker_url, db, brid
                           variant="cpu-fp32", target="digits/1.0/cpu-fp32.onnx")
         bridge.publish_desired(desired)  # returns after the PUBACK
         assert wait_until(lambda: got and got[-1] == desired)
+        newer = [Desired(device=device, generation=g, action="none") for g in (2, 3)]
+        bridge.publish_desired(*newer)  # one batch, every PUBACK awaited
+        assert wait_until(lambda: got[-1] == newer[-1])
 
         link.report(generation=1, hardware=HardwareProfile(arch="x86_64").to_dict())
         link.event(ExecutionState.DOWNLOADING, generation=1, deployment="r1")

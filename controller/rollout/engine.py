@@ -50,7 +50,8 @@ HURRIED = [s for s in ExecutionState if not s.terminal and s is not ExecutionSta
 class Publisher(Protocol):
     """What the engine needs of the MQTT bridge (controller/broker.py ``Bridge``)."""
 
-    def publish_desired(self, desired: Desired) -> None: ...
+    def publish_desired(self, *desired: Desired) -> None:
+        """Publish them all; return once the broker took every one (raise Unavailable if not)."""
 
 
 # --- reading the database into planner views -------------------------------------
@@ -547,7 +548,7 @@ def _publish_batch(
     every message (a transaction per device made a 10,000-device fleet wait on fsyncs).
     If the commit fails after some publishes, the next pass sends the same generations
     again, which the agents treat as already seen."""
-    published = 0
+    batch: list[Desired] = []
     try:
         with db.unit_of_work() as session:
             rollout = None
@@ -570,10 +571,11 @@ def _publish_batch(
                     execution.detail = f"cloud rollback requested (generation {generation})"
                 elif not execution.state.terminal:
                     execution.state, execution.detail = ExecutionState.CANCELED, f"rollout {rollout.state.value.lower()}"
-                session.flush()
-                publisher.publish_desired(desired)
-                published += 1
-        report.published += published
+                batch.append(desired)
+            session.flush()
+            if batch:
+                publisher.publish_desired(*batch)
+        report.published += len(batch)
     except ControllerError as e:
         log.warning("executions %s..%s: publish deferred: %s", execution_ids[0], execution_ids[-1], e)
         report.errors.append(f"executions {execution_ids[0]}..{execution_ids[-1]}: {e}")
