@@ -214,3 +214,19 @@ def test_sqlite_pragmas(tmp_path) -> None:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() > 0
+
+
+def test_reading_takes_no_write_lock_on_sqlite(tmp_path):
+    """A long fleet-wide read must not hold up the ingest's writes (WAL readers never block the writer)."""
+    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
+    db.upgrade()
+    try:
+        with db.reading() as reader:
+            reader.execute(sa.text("SELECT count(*) FROM devices")).scalar_one()
+            with db.unit_of_work() as writer:   # would wait out the busy timeout under BEGIN IMMEDIATE
+                writer.execute(sa.text("INSERT INTO leader_lock (name, holder, expires_at) "
+                                       "VALUES ('x', 'y', '2030-01-01 00:00:00')"))
+        with db.reading() as reader:
+            assert reader.execute(sa.text("SELECT count(*) FROM leader_lock")).scalar_one() == 1
+    finally:
+        db.dispose()

@@ -126,7 +126,7 @@ def list_devices(
     ctx: ApiContext = Depends(get_ctx),
 ) -> list[DeviceOut]:
     wanted = Selector.parse(selector) if selector else None
-    with ctx.db.unit_of_work() as session:
+    with ctx.db.reading() as session:
         devices = session.scalars(sa.select(Device).order_by(Device.id))
         return [DeviceOut.of(d) for d in devices if wanted is None or wanted.matches(d.labels, d.hardware)]
 

@@ -54,7 +54,7 @@ def list_rollouts(
     limit: int = Query(100, ge=1, le=1000),
     _: Operator = Depends(require_operator), ctx: ApiContext = Depends(get_ctx),
 ) -> list[dict[str, Any]]:
-    with ctx.db.unit_of_work() as session:
+    with ctx.db.reading() as session:
         return status.list_rollouts(session, state.upper() if state else None, limit)
 
 
@@ -62,7 +62,7 @@ def list_rollouts(
 def show(
     rollout_id: str = RolloutId, _: Operator = Depends(require_operator), ctx: ApiContext = Depends(get_ctx),
 ) -> dict[str, Any]:
-    with ctx.db.unit_of_work() as session:
+    with ctx.db.reading() as session:
         return status.rollout_status(session, rollout_id)
 
 

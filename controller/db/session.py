@@ -41,6 +41,9 @@ def _first_line(error: BaseException) -> str:
     return text[0] if text else type(original).__name__
 
 
+READ_ONLY = "edgefleet_read_only"  # execution option: begin a deferred (read) transaction
+
+
 class Database:
     def __init__(self, url: str, echo: bool = False):
         self.url = normalize_url(url)
@@ -85,7 +88,9 @@ class Database:
         def _on_begin(conn: sa.Connection) -> None:
             # IMMEDIATE takes the write lock up front: a read-then-write unit then
             # waits its turn (busy timeout) instead of failing on lock upgrade.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # A read-only unit must not: WAL readers never block the writer.
+            read_only = conn.get_execution_options().get(READ_ONLY, False)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
 
@@ -106,6 +111,17 @@ class Database:
         with translate_errors():
             with self._sessions() as session, session.begin():
                 yield session
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A Session for reads only: on SQLite it takes no write lock, so a long read (a
+        fleet-wide scan) never holds up the MQTT ingest. Writes in it are rolled back."""
+        with translate_errors():
+            with Session(self.engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False) as session:
+                try:
+                    yield session
+                finally:
+                    session.rollback()
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[sa.Connection]:

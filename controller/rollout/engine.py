@@ -502,8 +502,9 @@ def _mark_bad(
 
 
 def _owed(db: Database, rollout_id: str, now: datetime) -> list[int]:
-    """Executions whose device still needs a desired state from this rollout."""
-    with db.unit_of_work() as session:
+    """Executions whose device still needs a desired state from this rollout (each is
+    checked again under lock before it is sent)."""
+    with db.reading() as session:
         rollout = session.get(Rollout, rollout_id)
         if rollout is None:
             return []
