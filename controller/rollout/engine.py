@@ -316,8 +316,11 @@ def _decide(session: Session, rollout: Rollout, now: datetime, report: PassRepor
     )}
     views = [ExecutionView(e.device_id, classes.get(e.device_id) or "unknown", e.state) for e in stage_execs]
     finished = max((e.updated_at for e in stage_execs), default=None)
-    since = (now - finished).total_seconds() if finished and all(e.state.terminal for e in stage_execs) else None
-    outcome = planner.decide_stage(spec, views, _observe(session, rollout, stage_execs, classes), since)
+    settled = all(e.state.terminal for e in stage_execs)
+    since = (now - finished).total_seconds() if finished and settled else None
+    # the evidence behind the gates is read only once it can decide: every device of the stage finished
+    observations = _observe(session, rollout, stage_execs, classes) if settled else {}
+    outcome = planner.decide_stage(spec, views, observations, since)
     if outcome.decision is StageDecision.WAIT:
         return
     for verdict in outcome.verdicts:
