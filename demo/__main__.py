@@ -108,14 +108,15 @@ def run(args: argparse.Namespace, work: Path) -> None:
         fleetctl("models", "list")
 
         narrator.section(f"Start a simulated fleet: {args.devices} devices in classes {', '.join(CLASSES)}")
-        fleet = subprocess.Popen(
-            [str(BIN / "python"), "-m", "edgefleet.simulator", "--controller", controller.url,
-             "--devices", str(args.devices), "--classes", ",".join(CLASSES), "--prefix", "demo",
-             "--workers", "4", "--heartbeat", "2", "--requests-per-s", "2", "--upload-interval", "3",
-             "--inputs", str(models.digits(Path(args.model_cache)).eval_data),
-             "--state-root", str(work / "devices"), "--status-interval", "3600"],
-            env=fleetctl.env, stdout=subprocess.DEVNULL, stderr=open(work / "simulator.log", "wb"),
-        )
+        with open(work / "simulator.log", "wb") as log:
+            fleet = subprocess.Popen(
+                [str(BIN / "python"), "-m", "edgefleet.simulator", "--controller", controller.url,
+                 "--devices", str(args.devices), "--classes", ",".join(CLASSES), "--prefix", "demo",
+                 "--workers", "4", "--heartbeat", "2", "--requests-per-s", "2", "--upload-interval", "3",
+                 "--inputs", str(models.digits(Path(args.model_cache)).eval_data),
+                 "--state-root", str(work / "devices"), "--status-interval", "3600"],
+                env=fleetctl.env, stdout=subprocess.DEVNULL, stderr=log,
+            )
         devices = wait_for_fleet(fleetctl, expected_classes(args.devices), timeout=90)
         narrator.say(f"{len(devices)} devices online, enrolled through the API with one-time tokens")
         fleetctl("devices", "list")

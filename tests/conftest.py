@@ -3,6 +3,7 @@ and the offline-generated models of ``bench/models.py``."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import uuid
 from pathlib import Path
@@ -26,9 +27,19 @@ def reachable(host: str, port: int, timeout: float = 0.5) -> bool:
 
 
 def need_service(name: str, host: str, port: int) -> None:
-    if reachable(host, port):
-        return
-    message = f"{name} is not reachable at {host}:{port}; start it (see .ci/run) to run this test"
+    if not reachable(host, port):
+        _missing(f"{name} is not reachable at {host}:{port}; start it (see .ci/run) to run this test")
+
+
+def need_program(name: str, install_hint: str) -> str:
+    """The program's path; a missing one skips the test locally and fails it in CI."""
+    path = shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None)
+    if path is None:
+        _missing(f"{name} is not installed ({install_hint}; .ci/run does)")
+    return path
+
+
+def _missing(message: str) -> None:
     if REQUIRE_SERVICES:
         pytest.fail(message + " [EDGEFLEET_REQUIRE_SERVICES=1]")
     pytest.skip(message)

@@ -4,20 +4,17 @@ Real processes: a dedicated Mosquitto, `fleetctl controller run`, the fleet simu
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, need_program
 
 
 @pytest.mark.slow
 def test_fanout_script_rolls_out_to_a_small_fleet(digits, model_cache):
-    if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
-        pytest.skip("mosquitto is not installed")
+    need_program("mosquitto", "apt-get install mosquitto")
     done = subprocess.run([sys.executable, "-m", "bench.fanout", "--devices", "6", "--timeout", "120",
                            "--workers", "3", "--cache", str(model_cache)],
                           cwd=REPO, capture_output=True, text=True, timeout=280)

@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import re
-import shutil
 
-import pytest
 
 from tests.test_bench_scripts import run
+from tests.conftest import need_program
 
 
 def test_verify_script_prints_the_three_methods():
-    if shutil.which("curl") is None:
-        pytest.skip("curl is not installed")
+    need_program("curl", "apt-get install curl")
     out = run("bench.verify", "--size-mb", "1", "--repeat", "1")
     for method in ("TUF download + verify (ModelUpdater)", "sha256sum of the stored file", "curl of the same URL"):
         assert re.search(rf"\| {re.escape(method)} \| \d+\.\d+ \| \d+\.\d \| \d+\.\d\d \|", out), out

@@ -4,13 +4,13 @@ The units point at /opt/edgefleet/venv/bin (the documented install location);
 verify refuses an ExecStart that does not exist, so the test verifies copies
 whose ExecStart is rewritten to this venv's console scripts.
 """
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import need_program
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = ("fleet-agent.service", "fleet-controller.service")
@@ -20,13 +20,7 @@ HARDENING = ("NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "
 
 
 def systemd_analyze() -> str:
-    path = shutil.which("systemd-analyze")
-    if path is None:
-        message = "systemd-analyze is not installed (apt-get install systemd; .ci/run does)"
-        if os.environ.get("EDGEFLEET_REQUIRE_SERVICES") == "1":
-            pytest.fail(message + " [EDGEFLEET_REQUIRE_SERVICES=1]")
-        pytest.skip(message)
-    return path
+    return need_program("systemd-analyze", "apt-get install systemd")
 
 
 @pytest.mark.parametrize("unit", UNITS)
