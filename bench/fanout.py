@@ -91,6 +91,8 @@ def wait_for(what: str, check, timeout: float, proc: subprocess.Popen | None = N
             raise RuntimeError(f"{what}: the process exited ({proc.returncode})\n{tail}")
         try:
             value = check()
+        except RuntimeError:  # the check saw a failure: waiting longer cannot help
+            raise
         except Exception:  # noqa: BLE001 - not up yet
             value = None
         if value:

@@ -79,10 +79,14 @@ class _Batch:
         self.telemetry_rows: list[dict[str, Any]] = []
         self.benchmark_rows: list[dict[str, Any]] = []
         self.event_rows: list[dict[str, Any]] = []
+        self.executions: dict[tuple[str, str], Execution] = {}
+        self.seen_telemetry: set[tuple[str, int, int]] = set()
 
     def run(self, messages: Sequence[Message]) -> IngestResult:
         devices = self._lock_devices({m.device for m in messages})  # type: ignore[attr-defined]
-        seen_events = self._stored(EventRecord, [m for m in messages if isinstance(m, Event)])
+        events = [m for m in messages if isinstance(m, Event)]
+        seen_events = self._stored(EventRecord, events)
+        self.executions = self._executions(events)
         self.seen_telemetry = self._stored(TelemetryRecord, [
             m for m in messages if isinstance(m, Telemetry) and m.device in devices
             and (m.boot, m.seq) <= _telemetry_mark(devices[m.device])
@@ -111,6 +115,16 @@ class _Batch:
         if self.session.get_bind().dialect.name == "postgresql":
             query = query.with_for_update()  # replicas: one batch per device at a time
         return {d.id: d for d in self.session.scalars(query)}
+
+    def _executions(self, events: list[Event]) -> dict[tuple[str, str], Execution]:
+        """The executions these events name, by (rollout, device), in one query."""
+        named = [e for e in events if e.deployment]
+        if not named:
+            return {}
+        query = sa.select(Execution).where(
+            Execution.rollout_id.in_({e.deployment for e in named}), Execution.device_id.in_({e.device for e in named})
+        )
+        return {(x.rollout_id, x.device_id): x for x in self.session.scalars(query)}
 
     def _stored(self, table: type[EventRecord] | type[TelemetryRecord], messages: list) -> set[tuple[str, int, int]]:
         """Which of these (device, boot, seq) are already in the table."""
@@ -182,11 +196,7 @@ class _Batch:
         """Move the execution the event names, unless the event is from an earlier attempt."""
         if not message.deployment:
             return None
-        execution = self.session.scalars(
-            sa.select(Execution).where(
-                Execution.rollout_id == message.deployment, Execution.device_id == device.id
-            )
-        ).one_or_none()
+        execution = self.executions.get((message.deployment, device.id))
         if execution is None:
             return None
         if message.generation < execution.generation:

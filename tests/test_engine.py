@@ -165,17 +165,29 @@ def test_restart_mid_rollout_continues_without_duplicates(database_url):
     assert len(counts) == 6 and {n for _, n in counts} == {1}
 
 
+def sent_generations(db: Database) -> dict[str, tuple[int, int]]:
+    """Per device: (desired generation committed, generation the broker acknowledged)."""
+    with db.reading() as session:
+        rows = session.execute(sa.select(Device.id, Device.desired_generation, Device.desired_sent_generation))
+        return {device: (committed, sent) for device, committed, sent in rows}
+
+
 def test_publish_failure_is_retried_next_pass(database_url):
+    """The outbox: committed first, published after; what the broker did not take is sent
+    again with the same generation, and nothing is sent twice once it was acknowledged."""
     db = fleet_db(database_url, count_per_class=1)
     publisher = RecordingPublisher()
     rid = create(db, stages=(1.0,))
     publisher.fail = True
     report = engine.step_all(db, publisher)
-    assert report.published == 0 and len(report.errors) == 1, "one batch, one error"
-    assert all(e.generation == 0 for e in executions(db, rid))
+    assert report.published == 0 and len(report.errors) == 2, "the batch, then its republish, each refused"
+    assert all(e.generation == 1 for e in executions(db, rid)), "decided and committed before the publish"
+    assert set(sent_generations(db).values()) == {(1, 0)}, "not acknowledged"
     publisher.fail = False
     assert engine.step_all(db, publisher).published == 2
-    assert all(e.generation == 1 for e in executions(db, rid))
+    assert [d.generation for d in publisher.sent] == [1, 1], "the same generation again, not a new one"
+    assert set(sent_generations(db).values()) == {(1, 1)}
+    assert engine.step_all(db, publisher).published == 0 and len(publisher.sent) == 2
 
 
 def test_timeouts_retry_with_backoff_then_time_out(database_url):

@@ -127,6 +127,8 @@ class Device(Base):
     reported: Mapped[dict[str, Any] | None]          # last protocol.Reported
     desired: Mapped[dict[str, Any] | None]           # last protocol.Desired published
     desired_generation: Mapped[int] = mapped_column(default=0)
+    # The generation the broker acknowledged; below desired_generation it is owed again (the outbox).
+    desired_sent_generation: Mapped[int] = mapped_column(default=0, server_default="0")
     # Highest (boot, seq) ingested per stream: QoS 1 redeliveries at or below are dropped.
     last_event_boot: Mapped[int] = mapped_column(default=0)
     last_event_seq: Mapped[int] = mapped_column(default=-1)

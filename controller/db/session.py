@@ -203,6 +203,11 @@ def _missing_table(error: exc.DBAPIError) -> bool:
     return getattr(error.orig, "sqlstate", None) == "42P01" or "no such table" in str(error.orig)
 
 
+def _contended(error: exc.DBAPIError) -> bool:
+    # PostgreSQL: 40P01 deadlock_detected, 40001 serialization_failure; SQLite: the busy timeout ran out.
+    return getattr(error.orig, "sqlstate", None) in ("40P01", "40001") or "database is locked" in str(error.orig)
+
+
 @contextlib.contextmanager
 def translate_errors() -> Iterator[None]:
     """Database exceptions -> the controller's error tree, one line each."""
@@ -213,6 +218,8 @@ def translate_errors() -> Iterator[None]:
             raise Unavailable(f"database schema is missing ({_first_line(e)}): run `fleetctl db upgrade`") from e
         if isinstance(e, exc.ProgrammingError):
             raise
+        if _contended(e):
+            raise Unavailable(f"database busy: {_first_line(e)}; retry") from e
         raise Unavailable(f"database unreachable: {_first_line(e)}") from e
     except exc.IntegrityError as e:
         raise Conflict(f"conflicts with existing data: {_first_line(e)}") from e

@@ -267,7 +267,7 @@ def step_all(db: Database, publisher: Publisher, now: datetime | None = None) ->
     """One pass over every rollout that still has work: decide, then publish what is owed."""
     now = now or utcnow()
     report = PassReport()
-    with db.unit_of_work() as session:
+    with db.reading() as session:
         ids = list(session.scalars(
             sa.select(Rollout.id).where(sa.or_(
                 Rollout.state.in_(list(planner.ACTIVE)),
@@ -281,6 +281,11 @@ def step_all(db: Database, publisher: Publisher, now: datetime | None = None) ->
         except ControllerError as e:  # one broken rollout must not stall the others
             log.warning("rollout %s: %s", rollout_id, e)
             report.errors.append(f"{rollout_id}: {e}")
+    try:
+        publish_unsent(db, publisher, report)
+    except ControllerError as e:
+        log.warning("unacknowledged desired states not republished: %s", e)
+        report.errors.append(f"republish: {e}")
     return report
 
 
@@ -310,19 +315,24 @@ def _decide(session: Session, rollout: Rollout, now: datetime, report: PassRepor
         return
     _expire(session, rollout, spec, now, report)
     _add_members(session, rollout, spec, now, report)
-    stage_execs = list(session.scalars(_executions(rollout.id, rollout.stage)))
-    classes = {d: c for d, c in session.execute(
-        sa.select(Device.id, Device.hardware_class).where(Device.id.in_([e.device_id for e in stage_execs]))
-    )}
-    views = [ExecutionView(e.device_id, classes.get(e.device_id) or "unknown", e.state) for e in stage_execs]
-    finished = max((e.updated_at for e in stage_execs), default=None)
-    settled = all(e.state.terminal for e in stage_execs)
+    # Plain rows, not ORM objects: this runs every pass over every device of the stage.
+    rows = session.execute(
+        sa.select(Execution.device_id, Device.hardware_class, Execution.state, Execution.updated_at)
+        .join(Device, Device.id == Execution.device_id)
+        .where(Execution.rollout_id == rollout.id, Execution.stage == rollout.stage)
+    ).all()
+    classes = {device: cls for device, cls, _, _ in rows}
+    views = [ExecutionView(device, cls or "unknown", state) for device, cls, state, _ in rows]
+    finished = max((updated for *_, updated in rows), default=None)
+    settled = all(view.state.terminal for view in views)
     since = (now - finished).total_seconds() if finished and settled else None
     # the evidence behind the gates is read only once it can decide: every device of the stage finished
+    stage_execs = list(session.scalars(_executions(rollout.id, rollout.stage))) if settled else []
     observations = _observe(session, rollout, stage_execs, classes) if settled else {}
     outcome = planner.decide_stage(spec, views, observations, since)
     if outcome.decision is StageDecision.WAIT:
         return
+    stage_execs = stage_execs or list(session.scalars(_executions(rollout.id, rollout.stage)))
     for verdict in outcome.verdicts:
         session.add(GateResult(
             rollout_id=rollout.id, stage=rollout.stage, hardware_class=verdict.hardware_class, gate=verdict.gate,
@@ -502,6 +512,13 @@ def _mark_bad(
 
 
 # --- publishing: what the database says is owed ------------------------------------------
+#
+# A transactional outbox: a pass commits each desired state first (the device's
+# ``desired`` and ``desired_generation``), publishes after the commit, and then records
+# the broker's acknowledgement as ``desired_sent_generation``. No transaction waits on
+# the broker, so a slow PUBACK never holds up the MQTT ingest; a desired state committed
+# but not acknowledged (the broker was away, or the controller died in between) is
+# published again by the next pass, with the same generation, which agents ignore.
 
 
 def _owed(db: Database, rollout_id: str, now: datetime) -> list[int]:
@@ -511,6 +528,14 @@ def _owed(db: Database, rollout_id: str, now: datetime) -> list[int]:
         rollout = session.get(Rollout, rollout_id)
         if rollout is None:
             return []
+        if rollout.state is RolloutState.RUNNING:  # installs: decided by the execution alone
+            return list(session.scalars(
+                sa.select(Execution.id).where(
+                    Execution.rollout_id == rollout_id, Execution.state == ExecutionState.QUEUED,
+                    Execution.generation == 0,
+                    sa.or_(Execution.next_attempt_at.is_(None), Execution.next_attempt_at <= now),
+                ).order_by(Execution.id)
+            ))
         owed = []
         for execution, device in session.execute(
             _executions(rollout_id).add_columns(Device).join(Device, Device.id == Execution.device_id)
@@ -548,21 +573,25 @@ def _desired_for(rollout: Rollout, execution: Execution, device: Device, now: da
 def _publish_batch(
     db: Database, publisher: Publisher, execution_ids: list[int], now: datetime, report: PassReport
 ) -> None:
-    """Up to PUBLISH_BATCH devices in one transaction, committed only once the broker took
-    every message (a transaction per device made a 10,000-device fleet wait on fsyncs).
-    If the commit fails after some publishes, the next pass sends the same generations
-    again, which the agents treat as already seen."""
+    """Up to PUBLISH_BATCH devices: commit their desired states in one transaction (one per
+    device made a 10,000-device fleet wait on fsyncs), then publish, then confirm."""
     batch: list[Desired] = []
     try:
         with db.unit_of_work() as session:
-            rollout = None
-            for execution_id in execution_ids:
-                execution = session.get(Execution, execution_id, with_for_update=True)
-                rollout = rollout or session.get(Rollout, execution.rollout_id)
-                device = session.get(Device, execution.device_id, with_for_update=True)
+            # Devices before executions, each in id order: the order ingest locks them in.
+            device_ids = set(session.scalars(sa.select(Execution.device_id).where(Execution.id.in_(execution_ids))))
+            devices = {d.id: d for d in session.scalars(
+                sa.select(Device).where(Device.id.in_(sorted(device_ids))).order_by(Device.id).with_for_update()
+            )}
+            executions = list(session.scalars(  # as of the lock: another pass may have got here first
+                sa.select(Execution).where(Execution.id.in_(execution_ids)).order_by(Execution.id).with_for_update()
+            ))
+            rollout = session.get(Rollout, executions[0].rollout_id) if executions else None
+            for execution in executions:
+                device = devices[execution.device_id]
                 kind = _desired_for(rollout, execution, device, now)
                 if kind is None:
-                    continue  # another pass got here first
+                    continue
                 spec = RolloutSpec.from_stored(rollout.spec)
                 generation = device.desired_generation + 1
                 desired = _build(kind, rollout, spec, execution, device.id, generation)
@@ -576,13 +605,54 @@ def _publish_batch(
                 elif not execution.state.terminal:
                     execution.state, execution.detail = ExecutionState.CANCELED, f"rollout {rollout.state.value.lower()}"
                 batch.append(desired)
-            session.flush()
-            if batch:
-                publisher.publish_desired(*batch)
-        report.published += len(batch)
     except ControllerError as e:
-        log.warning("executions %s..%s: publish deferred: %s", execution_ids[0], execution_ids[-1], e)
+        log.warning("executions %s..%s: not decided: %s", execution_ids[0], execution_ids[-1], e)
         report.errors.append(f"executions {execution_ids[0]}..{execution_ids[-1]}: {e}")
+        return
+    report.published += _send(db, publisher, batch, report)
+
+
+def _send(db: Database, publisher: Publisher, batch: list[Desired], report: PassReport) -> int:
+    """Publish committed desired states and record the broker's acknowledgement; what is not
+    acknowledged stays unsent in the database for ``publish_unsent``."""
+    if not batch:
+        return 0
+    try:
+        publisher.publish_desired(*batch)
+        with db.unit_of_work() as session:
+            devices = Device.__table__  # Core: one executemany, no ORM bulk semantics
+            session.execute(
+                sa.update(devices)
+                .where(devices.c.id == sa.bindparam("b_device"),
+                       devices.c.desired_generation == sa.bindparam("b_generation"))
+                .values(desired_sent_generation=sa.bindparam("b_generation")),
+                [{"b_device": d.device, "b_generation": d.generation} for d in batch],
+            )
+    except ControllerError as e:
+        log.warning("desired states for %s..%s: publish deferred: %s", batch[0].device, batch[-1].device, e)
+        report.errors.append(f"desired states for {batch[0].device}..{batch[-1].device}: {e}")
+        return 0
+    return len(batch)
+
+
+def publish_unsent(db: Database, publisher: Publisher, report: PassReport | None = None) -> PassReport:
+    """Publish again every committed desired state the broker has not acknowledged."""
+    report = report or PassReport()
+    with db.reading() as session:
+        rows = session.execute(
+            sa.select(Device.desired).where(
+                Device.desired_generation > Device.desired_sent_generation, Device.desired.is_not(None)
+            ).order_by(Device.id)
+        ).scalars().all()
+    unsent = []
+    for data in rows:
+        try:
+            unsent.append(Desired.from_dict(data))
+        except ProtocolError as e:
+            log.warning("stored desired state is invalid, not republished: %s", e)
+    for start in range(0, len(unsent), PUBLISH_BATCH):
+        report.published += _send(db, publisher, unsent[start:start + PUBLISH_BATCH], report)
+    return report
 
 
 def _build(kind: str, rollout: Rollout, spec: RolloutSpec, execution: Execution, device: str, generation: int) -> Desired:
