@@ -152,6 +152,25 @@ def broker_fanout(broker_url: str, devices: int, timeout: float) -> float:
         loop.stop()
 
 
+def recreate_database(database_url: str) -> None:
+    """Drop and create the PostgreSQL database the URL names (a scratch database for this run)."""
+    import sqlalchemy as sa
+
+    from edgefleet.controller.db.session import normalize_url
+
+    url = sa.make_url(normalize_url(database_url))
+    if url.get_backend_name() != "postgresql" or not url.database:
+        raise SystemExit("error: --recreate-database needs a postgresql://USER@HOST/DATABASE URL")
+    engine = sa.create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            name = connection.dialect.identifier_preparer.quote(url.database)
+            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            connection.exec_driver_sql(f"CREATE DATABASE {name}")
+    finally:
+        engine.dispose()
+
+
 def fleet_home(work: Path, port: int, api_port: int, database_url: str) -> tuple[Path, str]:
     home = work / "home"
     env = {"EDGEFLEET_HOME": str(home)}
@@ -283,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", default="x86_64,rpi-4")
     parser.add_argument("--workers", type=int, default=8, help="Simulator reconcile workers.")
     parser.add_argument("--database-url", default="", help="Controller database (default: SQLite in the temp home).")
+    parser.add_argument("--recreate-database", action="store_true",
+                        help="Drop and create the --database-url PostgreSQL database before each size (scratch).")
     parser.add_argument("--timeout", type=float, default=1800.0, help="Seconds allowed for each phase.")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="Model cache (bench/models.py).")
     parser.add_argument("--keep", action="store_true", help="Keep the work directory (logs) for a look.")
@@ -294,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.devices:
         work = Path(tempfile.mkdtemp(prefix=f"edgefleet-fanout-{n}-"))
         try:
+            if args.recreate_database:
+                recreate_database(args.database_url)
             results.append(run(n, args.classes, args.workers, args.database_url, args.timeout, args.cache, work))
         except RuntimeError as e:
             print(f"error: fan-out with {n} devices: {e} (work dir kept: {work})", file=sys.stderr)
