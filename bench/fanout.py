@@ -210,14 +210,16 @@ def run(devices: int, classes: str, workers: int, database_url: str, timeout: fl
     from edgefleet.controller.cli.client import ApiClient
     from edgefleet.controller.rollout.spec import RolloutSpec
 
-    port, api_port = _free_port(), _free_port()
-    controller_url = f"http://127.0.0.1:{api_port}"
+    port = _free_port()
     with ExitStack() as stack:
         broker_log = work / "mosquitto.log"
         stack.enter_context(process(mosquitto(work, port), broker_log))
         broker_url = f"mqtt://127.0.0.1:{port}"
         wait_for("mosquitto", lambda: _connectable(port), 20)
         broker_s = broker_fanout(broker_url, devices, timeout)
+        # chosen after the fan-out: its N client connections may have taken the port picked before
+        api_port = _free_port()
+        controller_url = f"http://127.0.0.1:{api_port}"
 
         home, token = fleet_home(work, port, api_port, database_url)
         publish_digits(home, work, cache)
