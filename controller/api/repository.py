@@ -19,6 +19,9 @@ router = APIRouter(tags=["repository"])
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 # Consistent-snapshot targets are named by their hash: their bytes never change.
 _IMMUTABLE = "public, max-age=31536000, immutable"
+# Metadata and small models are read whole: streaming costs a thread hop per chunk, and under
+# load each hop waits its turn for the interpreter, which made a busy controller slow to serve.
+INLINE_MAX = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -76,11 +79,12 @@ def download(path: str, request: Request, store: ArtifactStore = Depends(get_sto
         wanted = parse_range(request.headers.get("range"), size)
     except Unsatisfiable:
         return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"})
-    if wanted is None:
-        headers["Content-Length"] = str(size)
-        return StreamingResponse(store.open_range(key), headers=headers, media_type=media_type)
+    status = 200 if wanted is None else 206
+    wanted = wanted or ByteRange(0, size - 1)
     headers["Content-Length"] = str(wanted.length)
-    headers["Content-Range"] = f"bytes {wanted.start}-{wanted.end}/{size}"
-    return StreamingResponse(
-        store.open_range(key, wanted.start, wanted.end), status_code=206, headers=headers, media_type=media_type
-    )
+    if status == 206:
+        headers["Content-Range"] = f"bytes {wanted.start}-{wanted.end}/{size}"
+    chunks = store.open_range(key, wanted.start, wanted.end)
+    if wanted.length <= INLINE_MAX:
+        return Response(b"".join(chunks), status_code=status, headers=headers, media_type=media_type)
+    return StreamingResponse(chunks, status_code=status, headers=headers, media_type=media_type)
