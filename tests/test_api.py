@@ -20,6 +20,8 @@ from tests.support.api_server import running_controller, serve
 
 BLOB = os.urandom(100_000)
 BLOB_KEY = "repository/targets/digits/1.0.0/abc.cpu-fp32.onnx"
+BIG = os.urandom(3 * (1 << 20) + 7)   # past INLINE_MAX: streamed in chunks
+BIG_KEY = "repository/targets/resnet/1.0.0/def.cpu-fp32.onnx"
 
 
 @pytest.fixture
@@ -35,6 +37,7 @@ def shared_api(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("shared")
     with running_controller(tmp / "home", f"sqlite:///{tmp / 'controller.db'}") as running:
         running.store.put_bytes(BLOB_KEY, BLOB)
+        running.store.put_bytes(BIG_KEY, BIG)
         yield running
 
 
@@ -169,6 +172,15 @@ def test_repository_serves_whole_objects_publicly(shared_api):
     assert response.headers["accept-ranges"] == "bytes"
     root = httpx.get(f"{shared_api.url}/repository/metadata/root.json")
     assert root.status_code == 200 and root.json()["signed"]["_type"] == "root"
+
+
+@pytest.mark.parametrize("header, start, end", [(None, 0, len(BIG) - 1), ("bytes=1000-", 1000, len(BIG) - 1),
+                                                 ("bytes=5-2097200", 5, 2097200)])
+def test_repository_streams_large_objects_whole_and_in_ranges(shared_api, header, start, end):
+    response = httpx.get(f"{shared_api.url}/{BIG_KEY}", headers={"Range": header} if header else {})
+    assert response.status_code == (200 if header is None else 206)
+    assert response.content == BIG[start:end + 1]
+    assert response.headers["content-length"] == str(end - start + 1)
 
 
 @pytest.mark.parametrize("header, start, end", [
