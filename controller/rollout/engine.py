@@ -399,7 +399,8 @@ def _add_members(session: Session, rollout: Rollout, spec: RolloutSpec, now: dat
     fit = [d for d in views if choices[d.id].variant is not None]
     members = planner.stage_members(rollout.id, spec, fit, rollout.stage, started)
     joined = [d for d in fit if d.id not in started and rows[d.id].enrolled_at > rollout.created_at]
-    for device in {d.id: d for d in members + joined}.values():
+    # in device id order: each insert takes a key-share lock on its device, as ingest locks them
+    for device in sorted({d.id: d for d in members + joined}.values(), key=lambda d: d.id):
         choice = choices[device.id]
         active = (rows[device.id].reported or {}).get("active")
         session.add(Execution(
