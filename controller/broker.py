@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import paho.mqtt.client as paho
-import sqlalchemy as sa
 
 from edgefleet.agent import protocol
 from edgefleet.agent.config import fleet_home
@@ -31,7 +30,7 @@ from edgefleet.agent.mqtt import Backoff, BrokerURL, ConnectionOptions, MqttConn
 from edgefleet.agent.protocol import Channel, Desired, Message, ProtocolError
 
 from .config import ControllerConfig
-from .db.models import Device
+from .desired import stored_desired
 from .errors import Conflict, ControllerError, InvalidInput, Unavailable
 from .ingest import Ingest, IngestResult
 
@@ -187,17 +186,8 @@ class Bridge:
                 )
 
     def _stored_desired(self) -> list[Desired]:
-        with self.ingest.db.unit_of_work() as session:
-            stored = session.scalars(sa.select(Device.desired).where(Device.desired.is_not(None))).all()
-        desired = []
-        for data in stored:
-            if data is None:  # JSON null
-                continue
-            try:
-                desired.append(Desired.from_dict(data))
-            except ProtocolError as e:
-                log.warning("stored desired state is invalid, not republished: %s", e)
-        return desired
+        with self.ingest.db.reading() as session:
+            return stored_desired(session)
 
     def _republish(self, client: paho.Client) -> None:
         try:

@@ -33,6 +33,7 @@ from ..db.models import (
     Variant, utcnow,
 )
 from ..db.session import Database
+from ..desired import stored_desired
 from ..errors import Conflict, ControllerError, InvalidInput, NotFound
 from . import planner
 from .planner import ClassObservation, DeviceView, Evidence, ExecutionView, StageDecision, Trigger, VariantView
@@ -332,12 +333,13 @@ def _decide(session: Session, rollout: Rollout, now: datetime, report: PassRepor
     settled = all(view.state.terminal for view in views)
     since = (now - finished).total_seconds() if finished and settled else None
     # the evidence behind the gates is read only once it can decide: every device of the stage finished
-    stage_execs = list(session.scalars(_executions(rollout.id, rollout.stage))) if settled else []
-    observations = _observe(session, rollout, stage_execs, classes) if settled else {}
+    stage_execs = list(session.scalars(_executions(rollout.id, rollout.stage))) if settled else None
+    observations = _observe(session, rollout, stage_execs, classes) if stage_execs is not None else {}
     outcome = planner.decide_stage(spec, views, observations, since)
     if outcome.decision is StageDecision.WAIT:
         return
-    stage_execs = stage_execs or list(session.scalars(_executions(rollout.id, rollout.stage)))
+    if stage_execs is None:  # an early failure: its executions name the variants to mark bad
+        stage_execs = list(session.scalars(_executions(rollout.id, rollout.stage)))
     for verdict in outcome.verdicts:
         session.add(GateResult(
             rollout_id=rollout.id, stage=rollout.stage, hardware_class=verdict.hardware_class, gate=verdict.gate,
@@ -592,13 +594,15 @@ def _publish_batch(
             executions = list(session.scalars(  # as of the lock: another pass may have got here first
                 sa.select(Execution).where(Execution.id.in_(execution_ids)).order_by(Execution.id).with_for_update()
             ))
-            rollout = session.get(Rollout, executions[0].rollout_id) if executions else None
+            if not executions:
+                return
+            rollout = session.get(Rollout, executions[0].rollout_id)
+            spec = RolloutSpec.from_stored(rollout.spec)
             for execution in executions:
                 device = devices[execution.device_id]
                 kind = _desired_for(rollout, execution, device, now)
                 if kind is None:
                     continue
-                spec = RolloutSpec.from_stored(rollout.spec)
                 generation = device.desired_generation + 1
                 desired = _build(kind, rollout, spec, execution, device.id, generation)
                 device.desired, device.desired_generation = desired.to_dict(), generation
@@ -646,17 +650,7 @@ def publish_unsent(db: Database, publisher: Publisher, report: PassReport | None
     """Publish again every committed desired state the broker has not acknowledged."""
     report = report or PassReport()
     with db.reading() as session:
-        rows = session.execute(
-            sa.select(Device.desired).where(
-                Device.desired_generation > Device.desired_sent_generation, Device.desired.is_not(None)
-            ).order_by(Device.id)
-        ).scalars().all()
-    unsent = []
-    for data in rows:
-        try:
-            unsent.append(Desired.from_dict(data))
-        except ProtocolError as e:
-            log.warning("stored desired state is invalid, not republished: %s", e)
+        unsent = stored_desired(session, Device.desired_generation > Device.desired_sent_generation)
     for start in range(0, len(unsent), PUBLISH_BATCH):
         report.published += _send(db, publisher, unsent[start:start + PUBLISH_BATCH], report)
     return report
