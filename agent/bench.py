@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
+from edgefleet.common.errors import EdgefleetError
 
 from .errors import AgentError
 from .runtime import LoadedModel, ModelRuntime, RuntimeOptions, TensorSpec
@@ -230,7 +231,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def bench_command(args: argparse.Namespace, default_model: Callable[[], Path] | None = None) -> int:
     """Run ``fleet-agent bench``; ``default_model`` finds the active model when none is given."""
-    from .golden import GoldenSet
+    from edgefleet.common.golden import GoldenSet
 
     try:
         model = args.model or (default_model() if default_model else None)
@@ -239,7 +240,7 @@ def bench_command(args: argparse.Namespace, default_model: Callable[[], Path] | 
         loaded = ModelRuntime(RuntimeOptions(intra_op_threads=args.threads)).load(model)
         inputs = GoldenSet.load(args.golden).inputs if args.golden else None
         result = run_benchmark(loaded, args.seconds, args.min_queries, args.batch, inputs)
-    except AgentError as e:
+    except EdgefleetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())

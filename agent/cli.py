@@ -22,8 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from .config import DEFAULT_STATE_DIR, AgentConfig
-from .errors import AgentError
+from edgefleet.common.defaults import DEFAULT_STATE_DIR
+from edgefleet.common.errors import EdgefleetError
+
+from .config import AgentConfig
 from .slots import Slots
 
 CONFIG_ENV = "FLEET_AGENT_CONFIG"
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CliError, AgentError) as e:
+    except (CliError, EdgefleetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

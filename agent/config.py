@@ -1,21 +1,17 @@
-"""Agent configuration and the defaults that tools, docs and tests share."""
+"""Agent configuration: one dataclass, read from ``agent.toml``."""
 from __future__ import annotations
 
 import json
-import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-DEFAULT_CONTROLLER_URL = "http://127.0.0.1:8470"
-DEFAULT_BROKER_URL = "mqtt://127.0.0.1:1884"  # the controller's embedded broker
-DEFAULT_SERVE_ADDRESS = "127.0.0.1:8471"      # the agent's local inference server
-DEFAULT_STATE_DIR = Path("/var/lib/edgefleet-agent")
-
-
-def fleet_home() -> Path:
-    """``$EDGEFLEET_HOME``, else ``~/.edgefleet``."""
-    return Path(os.environ.get("EDGEFLEET_HOME") or Path.home() / ".edgefleet")
+from edgefleet.common.defaults import (
+    DEFAULT_BROKER_URL,
+    DEFAULT_CONTROLLER_URL,
+    DEFAULT_SERVE_ADDRESS,
+    DEFAULT_STATE_DIR,
+)
 
 
 @dataclass

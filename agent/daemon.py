@@ -11,24 +11,28 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator
 
+from edgefleet.common.errors import EdgefleetError
+from edgefleet.common.fs import atomic_write, read_json
+from edgefleet.common.hardware import HardwareProfile
+from edgefleet.common.protocol import Desired, SamplingPolicy, TelemetryKind
+from edgefleet.common.systemd import sd_notify, watchdog_interval
+
 from .config import AgentConfig
-from .errors import AgentError, ModelError
+from .errors import ModelError
 from .fetch import HttpFetcher, ModelUpdater
-from .hardware import HardwareProfile, probe
-from .mqtt import AgentLink
-from .protocol import Desired, SamplingPolicy, TelemetryKind
+from .link import AgentLink
+from .probe import probe
 from .reconcile import Reconciler
 from .runtime import ModelRuntime, RuntimeOptions
 from .sampler import Sampler, controller_poster
 from .serve import InferenceServer
-from .slots import Slots, atomic_write, read_json
+from .slots import Slots
 
 log = logging.getLogger(__name__)
 
@@ -43,34 +47,6 @@ def agent_version() -> str:
         return metadata.version("edgefleet")
     except metadata.PackageNotFoundError:
         return "0+unknown"
-
-
-def sd_notify(message: str) -> bool:
-    """Send one sd_notify datagram when systemd asked for it (NOTIFY_SOCKET)."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return False
-    if address.startswith("@"):  # abstract namespace
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            # never block the main loop on a listener that does not read (a full queue drops the ping)
-            sock.setblocking(False)
-            sock.connect(address)
-            sock.sendall(message.encode())
-    except OSError as e:
-        log.warning("sd_notify to %s failed: %s", address, e)
-        return False
-    return True
-
-
-def watchdog_interval() -> float | None:
-    """Half the watchdog timeout systemd set for us, in seconds (None: no watchdog)."""
-    usec = os.environ.get("WATCHDOG_USEC")
-    pid = os.environ.get("WATCHDOG_PID")
-    if not usec or (pid and pid != str(os.getpid())):
-        return None
-    return int(usec) / 2e6
 
 
 class PingingFetcher(HttpFetcher):
@@ -223,7 +199,7 @@ class Agent:
                     desired = self._desired
                 try:
                     delay = self.reconciler.run_pass(desired)
-                except AgentError as e:  # e.g. the disk is full: keep serving, try again later
+                except EdgefleetError as e:  # e.g. the disk is full: keep serving, try again later
                     log.error("reconcile pass failed: %s", e)
                     delay = TICK_S
                 due = time.monotonic() + (TICK_S if delay is None else delay)
@@ -239,7 +215,7 @@ class Agent:
         """`fleet-agent rollback` asked for it: the agent flips its own slots (its files stay its own)."""
         try:
             pointer = self.slots.rollback()
-        except AgentError as e:
+        except EdgefleetError as e:
             log.error("local rollback refused: %s", e)
             return
         log.info("local rollback: %s is active again", pointer.active)

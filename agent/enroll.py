@@ -15,13 +15,14 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from edgefleet.common.errors import ProtocolError
+from edgefleet.common.fs import atomic_write
+from edgefleet.common.hardware import HardwareProfile
+from edgefleet.common.protocol import check_device_id
 
 from .config import AgentConfig
 from .errors import RemoteError, TransportError
 from .fetch import trust_root
-from .hardware import HardwareProfile
-from .protocol import ProtocolError, check_device_id
-from .slots import atomic_write
 
 CONFIG_FILE = "agent.toml"
 KEY_FILE = "device-key.pem"

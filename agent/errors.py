@@ -3,10 +3,12 @@
 ``RemoteError``: what the controller or repository sent is bad (terminal for
 that update). ``TransportError``: the way there failed (retry later).
 Foreign exceptions are wrapped at the boundary with ``raise ... from e``.
+Shared errors (``StorageError``, ``ProtocolError``) live in ``edgefleet.common.errors``.
 """
+from edgefleet.common.errors import EdgefleetError
 
 
-class AgentError(Exception):
+class AgentError(EdgefleetError):
     """Base of every error the agent raises on purpose."""
 
 
@@ -36,10 +38,6 @@ class GateError(RemoteError):
 
 class TransportError(AgentError):
     """A download or connection failed or stalled; the same step may succeed later."""
-
-
-class StorageError(AgentError):
-    """The device's disk could not take the write (full, read-only); nothing was half-written."""
 
 
 class RequestError(AgentError):

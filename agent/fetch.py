@@ -23,14 +23,15 @@ from pathlib import Path
 from typing import BinaryIO
 
 import urllib3
+from edgefleet.common.errors import ProtocolError, StorageError
+from edgefleet.common.fs import atomic_write, fsync_dir, storage_error
+from edgefleet.common.protocol import TargetInfo, target_path
 from tuf.api import exceptions
 from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.api.serialization import DeserializationError
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
-from .errors import StorageError, TransportError, UnknownTargetError, VerificationError
-from .protocol import ProtocolError, TargetInfo, target_path
-from .slots import atomic_write, fsync_dir, storage_error
+from .errors import TransportError, UnknownTargetError, VerificationError
 
 CHUNK = 64 * 1024
 MAX_ROOT_BYTES = UpdaterConfig().root_max_length

@@ -11,13 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bench import run_benchmark, run_paired
-from .errors import AgentError
-from .golden import GoldenSet
-from .protocol import Gate
-from .protocol import P99_NOISE_FLOOR_MS as NOISE_FLOOR_MS
-from .runtime import LoadedModel
+from edgefleet.common.errors import EdgefleetError
+from edgefleet.common.golden import GoldenSet
+from edgefleet.common.protocol import P99_NOISE_FLOOR_MS as NOISE_FLOOR_MS
+from edgefleet.common.protocol import Gate
 
+from .bench import run_benchmark, run_paired
+from .runtime import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def run_gate(
     try:
         golden = GoldenSet.load(golden_path)
         verdict = golden.check(loaded.run)
-    except (AgentError, OSError) as e:
+    except (EdgefleetError, OSError) as e:
         return GateResult(False, f"golden set could not run: {e}", data)
     data.update(golden_passed=verdict.passed, max_abs_diff=verdict.max_abs_diff,
                 atol=golden.atol, rtol=golden.rtol, golden_samples=golden.samples)
@@ -54,7 +54,7 @@ def run_gate(
             result, before = run_paired(loaded, baseline, gate.bench_seconds, gate.bench_min_queries, golden.inputs)
             previous_p99_ms = data["previous_p99_ms"] = before.p99_ms
             data["previous_measured"] = "paired"
-    except AgentError as e:
+    except EdgefleetError as e:
         return GateResult(False, f"benchmark could not run: {e}", data)
     data.update(p50_ms=result.p50_ms, p99_ms=result.p99_ms, max_ms=result.max_ms, benchmark=result.to_dict())
 

@@ -14,15 +14,25 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from edgefleet.common.errors import EdgefleetError
+from edgefleet.common.fs import storage_error
+from edgefleet.common.hardware import HardwareProfile, Requirements
+from edgefleet.common.protocol import Desired, ModelRef, TargetInfo, TelemetryKind
+from edgefleet.common.retry import Backoff
+
 from . import window
-from .errors import AgentError, GateError, ModelError, RejectedError, TransportError, VerificationError
+from .errors import (
+    AgentError,
+    GateError,
+    ModelError,
+    RejectedError,
+    TransportError,
+    VerificationError,
+)
 from .fetch import check_release
 from .gate import run_gate
-from .hardware import HardwareProfile, Requirements
-from .mqtt import Backoff
-from .protocol import Desired, ModelRef, TargetInfo, TelemetryKind
 from .runtime import LoadedModel, ModelRuntime
-from .slots import GOLDEN_FILE, MODEL_FILE, Journal, SlotMeta, Slots, slot_name, storage_error
+from .slots import GOLDEN_FILE, MODEL_FILE, Journal, SlotMeta, Slots, slot_name
 from .state import Outcome, State, next_state, plan
 
 log = logging.getLogger(__name__)
@@ -152,7 +162,7 @@ class Reconciler:
             return Step(Outcome.RETRY, str(e))
         except RejectedError as e:
             return Step(Outcome.REJECTED, str(e))
-        except AgentError as e:  # the remote sent something unusable, or the disk is full: terminal
+        except EdgefleetError as e:  # the remote sent something unusable, or the disk is full: terminal
             return Step(Outcome.FAILED, str(e))
 
     # --- handlers (one job each, idempotent) ----------------------------------

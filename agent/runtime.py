@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 import numpy as np
+from edgefleet.common.protocol import ModelRef
 
 from .config import AgentConfig
 from .errors import ModelError, RequestError
-from .protocol import ModelRef
 
 # ORT element type -> (Open Inference Protocol datatype, numpy dtype)
 _TYPES: dict[str, tuple[str, np.dtype]] = {

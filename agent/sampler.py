@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
+from edgefleet.common.errors import GoldenFormatError
+from edgefleet.common.golden import read_npz
+from edgefleet.common.protocol import ModelRef, SamplingPolicy
 
 from .config import AgentConfig
 from .errors import RemoteError, TransportError
-from .golden import GoldenFormatError, read_npz
-from .protocol import ModelRef, SamplingPolicy
 from .runtime import LoadedModel
 
 log = logging.getLogger(__name__)

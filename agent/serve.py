@@ -25,11 +25,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from edgefleet.common.defaults import DEFAULT_SERVE_ADDRESS
+from edgefleet.common.errors import EdgefleetError
+from edgefleet.common.protocol import ModelRef
 
-from .config import DEFAULT_SERVE_ADDRESS, AgentConfig
+from .config import AgentConfig
 from .errors import AgentError, ModelError, RequestError
-from .protocol import ModelRef
-from .runtime import DATATYPES, LoadedModel, ModelRuntime, NotServingError, RuntimeOptions
+from .runtime import (
+    DATATYPES,
+    LoadedModel,
+    ModelRuntime,
+    NotServingError,
+    RuntimeOptions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -508,7 +516,7 @@ def serve_command(args: argparse.Namespace) -> int:
         runtime.swap(runtime.load(args.model, ref))
         server = InferenceServer(runtime, args.http, args.max_request_bytes)
         server.start()
-    except AgentError as e:
+    except EdgefleetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     stop = threading.Event()

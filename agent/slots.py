@@ -15,16 +15,24 @@ verified version. Every write is temp + fsync + ``os.replace`` + fsync(dir).
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
-from .errors import AgentError, StorageError
-from .protocol import Desired, ModelRef, ProtocolError, TargetInfo
+from edgefleet.common.errors import ProtocolError
+from edgefleet.common.fs import (
+    Writer,
+    atomic_write,
+    fsync_dir,
+    read_json,
+    storage_error,
+)
+from edgefleet.common.protocol import Desired, ModelRef, TargetInfo
+
+from .errors import AgentError
 from .state import LOOP_LIMIT, State
 
 MODEL_FILE = "model.onnx"
@@ -32,58 +40,6 @@ GOLDEN_FILE = "golden.npz"
 META_FILE = "meta.json"
 STAGING = ".staging"
 TRASH = ".trash-"  # a directory being deleted; never a slot
-MAX_META_BYTES = 1024 * 1024  # our own files, still bounded before parsing
-
-_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-
-Writer = Callable[[BinaryIO, bytes], Any]
-
-
-def storage_error(e: OSError, what: str) -> StorageError:
-    """Translate a failed write into the agent's error, one line."""
-    if e.errno in _DISK_FULL:
-        return StorageError(f"disk full while writing {what}: free space on the device and retry")
-    return StorageError(f"cannot write {what}: {e.strerror or e}")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, writer: Writer | None = None) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old or the new file, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        # 0600: state files hold credentials (agent config) or nothing others need
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-            (writer or type(f).write)(f, data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise storage_error(e, str(path)) from e
-
-
-def read_json(path: Path) -> Any | None:
-    """Our own small JSON files; missing or unreadable means absent."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_META_BYTES + 1)
-    except FileNotFoundError:
-        return None
-    if len(data) > MAX_META_BYTES:
-        return None
-    try:
-        return json.loads(data)
-    except ValueError:
-        return None
-
 
 def slot_name(ref: ModelRef) -> str:
     """Deterministic slot name: re-running a step writes the same place."""

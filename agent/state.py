@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .protocol import Action, Desired, ExecutionState, ModelRef
+from edgefleet.common.protocol import Action, Desired, ExecutionState, ModelRef
 
 
 class State(str, enum.Enum):

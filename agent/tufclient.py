@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 from urllib.parse import quote
 
-from .errors import AgentError
+from edgefleet.common.errors import EdgefleetError
+
 from .fetch import ModelUpdater, trust_root
 
 
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print(parser.format_usage().rstrip(), file=sys.stderr)
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (AgentError, OSError) as e:
+    except (EdgefleetError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-
 from edgefleet.agent.runtime import _DATATYPE_OF
 
 REPO = Path(__file__).resolve().parent.parent

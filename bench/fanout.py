@@ -106,10 +106,9 @@ def wait_for(what: str, check, timeout: float, proc: subprocess.Popen | None = N
 def broker_fanout(broker_url: str, devices: int, timeout: float) -> float:
     """Publish N retained QoS 1 messages, one per topic, to N subscribed clients on one network thread."""
     import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    from edgefleet.agent.mqtt import BrokerURL, ConnectionOptions, MqttConnection
+    from edgefleet.common.mqtt import BrokerURL, ConnectionOptions, MqttConnection
     from edgefleet.simulator.network import NetworkLoop
+    from paho.mqtt.enums import CallbackAPIVersion
 
     url = BrokerURL.parse(broker_url + "?protocol=5")
     received = threading.Semaphore(0)
@@ -157,7 +156,6 @@ def broker_fanout(broker_url: str, devices: int, timeout: float) -> float:
 def recreate_database(database_url: str) -> None:
     """Drop and create the PostgreSQL database the URL names (a scratch database for this run)."""
     import sqlalchemy as sa
-
     from edgefleet.controller.db.session import normalize_url
 
     url = sa.make_url(normalize_url(database_url))

@@ -122,8 +122,14 @@ def measure_agent(model: Path, idle_seconds: float, requests: int) -> dict:
 
 def seed_state_dir(state_dir: Path, model: Path, golden: Path) -> None:
     """Install ``model`` in the active slot through the agent's own Slots, as a finished update leaves it."""
-    from edgefleet.agent.protocol import ModelRef, TargetInfo
-    from edgefleet.agent.slots import GOLDEN_FILE, MODEL_FILE, SlotMeta, Slots, slot_name
+    from edgefleet.agent.slots import (
+        GOLDEN_FILE,
+        MODEL_FILE,
+        SlotMeta,
+        Slots,
+        slot_name,
+    )
+    from edgefleet.common.protocol import ModelRef, TargetInfo
 
     ref = ModelRef(model="digits", version="1.0.0", variant="cpu-fp32", release=1)
     target = TargetInfo(model=ref.model, version=ref.version, variant=ref.variant, release=ref.release,
@@ -141,10 +147,9 @@ def seed_state_dir(state_dir: Path, model: Path, golden: Path) -> None:
 def _wait_reported(broker: str, seconds: float = 30.0) -> None:
     """The daemon's retained `reported` message on the broker: proof that it is connected."""
     import paho.mqtt.client as paho
+    from edgefleet.common import protocol
+    from edgefleet.common.mqtt import BrokerURL
     from paho.mqtt.enums import CallbackAPIVersion
-
-    from edgefleet.agent import protocol
-    from edgefleet.agent.mqtt import BrokerURL
 
     url = BrokerURL.parse(broker)
     got = threading.Event()

@@ -28,16 +28,16 @@ from typing import Sequence
 
 import paho.mqtt.client as paho
 import sqlalchemy as sa
-from paho.mqtt.enums import CallbackAPIVersion
-
-from bench._common import table
-from edgefleet.agent import protocol
-from edgefleet.agent.mqtt import BrokerURL
-from edgefleet.agent.protocol import Channel, Telemetry
+from edgefleet.common import protocol
+from edgefleet.common.mqtt import BrokerURL
+from edgefleet.common.protocol import Channel, Telemetry
 from edgefleet.controller.broker import Bridge, BridgeOptions
 from edgefleet.controller.db.models import Device, TelemetryRecord
 from edgefleet.controller.db.session import Database
 from edgefleet.controller.ingest import Ingest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from bench._common import table
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432"

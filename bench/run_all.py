@@ -24,10 +24,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO
 
+from edgefleet.common.fs import atomic_write
+
 from bench._common import REPO
 from bench.machine import describe, load_average
 from bench.report import Run, Section, render
-from edgefleet.agent.slots import atomic_write
 
 FULL_RUNS = REPO / "bench" / "runs"
 FULL_RESULTS = REPO / "bench" / "RESULTS.md"

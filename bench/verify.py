@@ -64,7 +64,6 @@ class RepositoryServer:
 
     def __init__(self, config) -> None:
         import uvicorn
-
         from edgefleet.controller.api.app import create_app
         from edgefleet.controller.api.deps import ApiContext
         from edgefleet.controller.store import open_store
@@ -105,7 +104,7 @@ def timed(repeat: int, run: Callable[[], None], before: Callable[[], None] = lam
 
 def measure(size_mb: float, repeat: int, work: Path) -> tuple[int, list[Result]]:
     from edgefleet.agent.fetch import ModelUpdater, trust_root
-    from edgefleet.agent.protocol import target_path
+    from edgefleet.common.protocol import target_path
     from edgefleet.controller.home import init_home
     from edgefleet.controller.signing import Repository
 

@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import paho.mqtt.client as paho
-
-from edgefleet.agent import protocol
-from edgefleet.agent.config import fleet_home
-from edgefleet.agent.mqtt import Backoff, BrokerURL, ConnectionOptions, MqttConnection
-from edgefleet.agent.protocol import Channel, Desired, Message, ProtocolError
+from edgefleet.common import protocol
+from edgefleet.common.defaults import fleet_home
+from edgefleet.common.errors import ProtocolError
+from edgefleet.common.mqtt import BrokerURL, ConnectionOptions, MqttConnection
+from edgefleet.common.protocol import Channel, Desired, Message
+from edgefleet.common.retry import Backoff
 
 from .config import ControllerConfig
 from .desired import stored_desired

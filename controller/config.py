@@ -6,12 +6,14 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from edgefleet.agent.config import DEFAULT_CONTROLLER_URL, fleet_home
+from edgefleet.common.defaults import (
+    DEFAULT_CONTROLLER_URL,
+    EMBEDDED_BROKER_HOST,
+    EMBEDDED_BROKER_PORT,
+    fleet_home,
+)
 
 from .errors import InvalidInput
-
-EMBEDDED_BROKER_HOST = "127.0.0.1"
-EMBEDDED_BROKER_PORT = 1884
 
 
 @dataclass

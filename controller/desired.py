@@ -4,9 +4,9 @@ from __future__ import annotations
 import logging
 
 import sqlalchemy as sa
+from edgefleet.common.errors import ProtocolError
+from edgefleet.common.protocol import Desired
 from sqlalchemy.orm import Session
-
-from edgefleet.agent.protocol import Desired, ProtocolError
 
 from .db.models import Device
 

@@ -15,8 +15,8 @@ from typing import Any, Callable
 from amqtt.broker import Broker
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
+from edgefleet.common.defaults import EMBEDDED_BROKER_HOST, EMBEDDED_BROKER_PORT
 
-from .config import EMBEDDED_BROKER_HOST, EMBEDDED_BROKER_PORT
 from .errors import Unavailable
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,8 @@ import shutil
 from dataclasses import fields
 from pathlib import Path
 
-from edgefleet.agent.errors import StorageError
-from edgefleet.agent.slots import atomic_write
+from edgefleet.common.errors import StorageError
+from edgefleet.common.fs import atomic_write
 
 from .config import ControllerConfig, StoreConfig
 from .errors import Conflict, Unavailable

@@ -18,15 +18,27 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
 import sqlalchemy as sa
+from edgefleet.common.hardware import HardwareProfile
+from edgefleet.common.protocol import (
+    Event,
+    ExecutionState,
+    Message,
+    Reported,
+    Status,
+    Telemetry,
+    TelemetryKind,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from edgefleet.agent.hardware import HardwareProfile
-from edgefleet.agent.protocol import (
-    Event, ExecutionState, Message, Reported, Status, Telemetry, TelemetryKind,
+from .db.models import (
+    Benchmark,
+    Device,
+    EventRecord,
+    Execution,
+    TelemetryRecord,
+    utcnow,
 )
-
-from .db.models import Benchmark, Device, EventRecord, Execution, TelemetryRecord, utcnow
 from .db.session import Database
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 
 import sqlalchemy as sa
-
-from edgefleet.agent.protocol import target_path
+from edgefleet.common.protocol import target_path
 
 from .db.models import Variant
 from .db.session import Database

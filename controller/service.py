@@ -20,11 +20,9 @@ from functools import partial
 from typing import Iterator
 
 import uvicorn
-
-from edgefleet.agent.daemon import sd_notify, watchdog_interval
+from edgefleet.common.systemd import sd_notify, watchdog_interval
 
 from .api.app import create_app
-from .tokens import read_operator_token, register_operator_token, verify_mqtt_password
 from .api.deps import ApiContext
 from .api.enroll import ROOT_KEY
 from .broker import Bridge, BridgeOptions
@@ -40,6 +38,7 @@ from .rollout import engine
 from .scheduler import Scheduler
 from .signing import Expiry, Repository
 from .store import ArtifactStore, open_store
+from .tokens import read_operator_token, register_operator_token, verify_mqtt_password
 
 log = logging.getLogger(__name__)
 

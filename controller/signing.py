@@ -21,6 +21,10 @@ from pathlib import Path
 from typing import Iterator
 
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from edgefleet.common.errors import ProtocolError, StorageError
+from edgefleet.common.fs import atomic_write
+from edgefleet.common.hardware import Requirements
+from edgefleet.common.protocol import NAME, TargetInfo, golden_path, target_path
 from securesystemslib.signer import CryptoSigner
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import (
@@ -34,11 +38,6 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization import DeserializationError
 from tuf.repository import Repository as TufRepository
-
-from edgefleet.agent.errors import StorageError
-from edgefleet.agent.hardware import Requirements
-from edgefleet.agent.protocol import NAME, ProtocolError, TargetInfo, golden_path, target_path
-from edgefleet.agent.slots import atomic_write
 
 from .config import ControllerConfig
 from .errors import Conflict, InvalidInput, NotFound, SigningError

@@ -21,7 +21,15 @@ from pathlib import Path
 from bench import models
 
 from .scenario import (
-    BIN, Controller, Fleetctl, ScenarioError, build_bundles, cleanup, wait_for, wait_for_fleet, wait_rollout,
+    BIN,
+    Controller,
+    Fleetctl,
+    ScenarioError,
+    build_bundles,
+    cleanup,
+    wait_for,
+    wait_for_fleet,
+    wait_rollout,
     write_config,
 )
 

@@ -127,7 +127,7 @@ def build_bundles(fleetctl: Fleetctl, work: Path, model_cache: Path,
 
 def spoil(bundle: Path) -> None:
     """Make a built bundle bad in the ways only devices notice (see the module docstring)."""
-    from edgefleet.agent.golden import GoldenSet
+    from edgefleet.common.golden import GoldenSet
 
     report = json.loads((bundle / "report.json").read_text())
     for entry in report["variants"]:

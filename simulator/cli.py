@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from edgefleet.agent.slots import atomic_write
+from edgefleet.common.fs import atomic_write
 
 from .faults import Faults
 from .fleet import CLASSES, Fleet, FleetConfig

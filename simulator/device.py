@@ -21,14 +21,15 @@ from typing import Callable, Protocol
 
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.daemon import TICK_S, agent_version, next_boot
-from edgefleet.agent.errors import AgentError, ModelError
+from edgefleet.agent.errors import ModelError
 from edgefleet.agent.fetch import ModelUpdater, RangeFetcher
-from edgefleet.agent.hardware import HardwareProfile
-from edgefleet.agent.mqtt import BrokerURL
-from edgefleet.agent.protocol import Desired, Event, SamplingPolicy, TelemetryKind
 from edgefleet.agent.reconcile import Reconciler
 from edgefleet.agent.sampler import Sampler, controller_poster
 from edgefleet.agent.slots import Slots
+from edgefleet.common.errors import EdgefleetError
+from edgefleet.common.hardware import HardwareProfile
+from edgefleet.common.mqtt import BrokerURL
+from edgefleet.common.protocol import Desired, Event, SamplingPolicy, TelemetryKind
 
 from .faults import Faults, FaultyFetcher, PowerCut
 from .link import SimLink
@@ -234,7 +235,7 @@ class SimDevice:
                 self.faults.clear_power_cut()
                 self.power_cut()
             return None
-        except AgentError as e:  # e.g. the disk is full: keep serving, try again later
+        except EdgefleetError as e:  # e.g. the disk is full: keep serving, try again later
             log.error("%s: reconcile pass failed: %s", self.id, e)
             delay = TICK_S
         return TICK_S if delay is None else delay

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
-
 from edgefleet.agent.fetch import RangeFetcher
-from edgefleet.agent.protocol import ModelRef
+from edgefleet.common.protocol import ModelRef
 
 
 class PowerCut(BaseException):

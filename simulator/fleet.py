@@ -23,9 +23,14 @@ from typing import TYPE_CHECKING, Any, Iterator
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.enroll import CONFIG_FILE, enroll
 from edgefleet.agent.fetch import HttpFetcher, trust_root
-from edgefleet.agent.hardware import HardwareProfile
-from edgefleet.agent.mqtt import PROTOCOLS, BrokerURL, ConnectionOptions, MqttConnection
 from edgefleet.agent.runtime import RuntimeOptions
+from edgefleet.common.hardware import HardwareProfile
+from edgefleet.common.mqtt import (
+    PROTOCOLS,
+    BrokerURL,
+    ConnectionOptions,
+    MqttConnection,
+)
 
 from .device import Shared, SimDevice
 from .faults import Faults
@@ -171,7 +176,9 @@ class Fleet:
         """One client for every enrollment: building an httpx client costs ~0.2 s of CPU (its TLS context)."""
         if not self.config.controller_url:
             return None
-        from edgefleet.controller.cli.client import ApiClient  # the operator's side: only when enrolling
+        from edgefleet.controller.cli.client import (
+            ApiClient,  # the operator's side: only when enrolling
+        )
 
         return ApiClient(self.config.controller_url, self.config.operator_token)
 

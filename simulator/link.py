@@ -15,10 +15,11 @@ import dataclasses
 import time
 from typing import Any, Callable
 
-from edgefleet.agent import protocol
 from edgefleet.agent.config import AgentConfig
-from edgefleet.agent.mqtt import AgentLink, BrokerURL
-from edgefleet.agent.protocol import Channel, Desired, Status
+from edgefleet.agent.link import AgentLink
+from edgefleet.common import protocol
+from edgefleet.common.mqtt import BrokerURL
+from edgefleet.common.protocol import Channel, Desired, Status
 
 from .network import NetworkLoop
 

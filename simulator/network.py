@@ -22,8 +22,7 @@ import time
 from typing import Any, Callable
 
 import paho.mqtt.client as paho
-
-from edgefleet.agent.mqtt import MqttConnection
+from edgefleet.common.mqtt import MqttConnection
 
 log = logging.getLogger(__name__)
 

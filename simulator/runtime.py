@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from edgefleet.agent.protocol import ModelRef
 from edgefleet.agent.runtime import LoadedModel, ModelRuntime, RuntimeOptions
+from edgefleet.common.protocol import ModelRef
 
 from .faults import Faults, FaultySession
 

@@ -27,12 +27,17 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-
-from edgefleet.agent.errors import AgentError, ModelError
-from edgefleet.agent.golden import GoldenFormatError, GoldenSet
-from edgefleet.agent.runtime import LoadedModel, ModelRuntime, NotServingError, TensorSpec
+from edgefleet.agent.errors import ModelError
+from edgefleet.agent.runtime import (
+    LoadedModel,
+    ModelRuntime,
+    NotServingError,
+    TensorSpec,
+)
 from edgefleet.agent.sampler import Post, Sampler
 from edgefleet.agent.slots import GOLDEN_FILE
+from edgefleet.common.errors import EdgefleetError, GoldenFormatError
+from edgefleet.common.golden import GoldenSet
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +205,7 @@ class DeviceTraffic:
                 if used.ref is not None:
                     self.sampler.observe(inputs, outputs, used.ref)
             self.traffic.count(requests=served, failures=failures)
-        except (AgentError, OSError) as e:  # e.g. a full disk under the sample buffer
+        except (EdgefleetError, OSError) as e:  # e.g. a full disk under the sample buffer
             log.warning("%s: traffic batch stopped: %s", self.device_id, e)
         finally:
             self._serving = False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgefleet.agent.protocol import Desired, target_path
+from edgefleet.common.protocol import Desired, target_path
 from edgefleet.controller.db.models import Device, Variant
 from edgefleet.controller.db.session import Database
 from edgefleet.controller.rollout.spec import RolloutSpec

@@ -2,7 +2,6 @@
 from pathlib import Path
 
 import pytest
-
 from edgefleet.agent.config import AgentConfig
 
 

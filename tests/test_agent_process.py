@@ -10,12 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from edgefleet.common.protocol import Gate, SamplingPolicy
 
 from tests.conftest import free_port
-from tests.support.fleet import AgentProcess, Load, ModelRepo, Observer, agent_config, desired
+from tests.support.fleet import (
+    AgentProcess,
+    Load,
+    ModelRepo,
+    Observer,
+    agent_config,
+    desired,
+)
 from tests.support.repo_server import Faults
-
-from edgefleet.agent.protocol import Gate, SamplingPolicy
 
 STRICT = Gate(bench_seconds=0.3, bench_min_queries=50, max_p99_regression=1.0)  # slow's p50 alone is ~15x digits
 LENIENT = Gate(bench_seconds=0.05, bench_min_queries=5, max_p99_regression=1000.0)  # "big" is the slow model

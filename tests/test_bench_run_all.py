@@ -8,7 +8,7 @@ import sys
 
 from bench import fanout, footprint, ingest, serving, swap, verify
 from bench.machine import Machine
-from bench.report import Run, Section, headlines, render, tables
+from bench.report import Run, headlines, render, tables
 from bench.run_all import BENCHMARKS
 from tests.conftest import REPO
 

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import re
 
-
-from tests.test_bench_scripts import run
 from tests.conftest import need_program
+from tests.test_bench_scripts import run
 
 
 def test_verify_script_prints_the_three_methods():

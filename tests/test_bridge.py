@@ -7,20 +7,39 @@ from typing import Iterator
 
 import pytest
 import sqlalchemy as sa
-
-from edgefleet.agent import protocol
 from edgefleet.agent.config import AgentConfig
-from edgefleet.agent.hardware import HardwareProfile
-from edgefleet.agent.mqtt import AgentLink, Backoff
-from edgefleet.agent.protocol import Channel, Desired, Event, ExecutionState, Status, Telemetry
+from edgefleet.agent.link import AgentLink
+from edgefleet.common import protocol
+from edgefleet.common.hardware import HardwareProfile
+from edgefleet.common.protocol import (
+    Channel,
+    Desired,
+    Event,
+    ExecutionState,
+    Status,
+    Telemetry,
+)
+from edgefleet.common.retry import Backoff
 from edgefleet.controller.broker import Bridge, BridgeOptions
 from edgefleet.controller.db.models import (
-    Benchmark, Device, EventRecord, Execution, Rollout, TelemetryRecord,
+    Benchmark,
+    Device,
+    EventRecord,
+    Execution,
+    Rollout,
+    TelemetryRecord,
 )
 from edgefleet.controller.db.session import Database
 from edgefleet.controller.ingest import Ingest
+
 from tests.support.mqtt import (  # noqa: F401  (fixtures)
-    Recorder, broker_url, embedded_broker, enroll, migrated, unique_device, wait_until,
+    Recorder,
+    broker_url,
+    embedded_broker,
+    enroll,
+    migrated,
+    unique_device,
+    wait_until,
 )
 
 pytestmark = pytest.mark.timeout(90)

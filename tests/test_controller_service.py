@@ -19,13 +19,13 @@ import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from paho.mqtt.enums import CallbackAPIVersion
-
-from edgefleet.agent.hardware import HardwareProfile
-from edgefleet.agent.protocol import Channel, ModelRef, Reported, Status, topic
+from edgefleet.common.hardware import HardwareProfile
+from edgefleet.common.protocol import Channel, ModelRef, Reported, Status, topic
 from edgefleet.controller.cli import main
 from edgefleet.controller.config import EMBEDDED_BROKER_HOST, EMBEDDED_BROKER_PORT
 from edgefleet.controller.db.session import Database
+from paho.mqtt.enums import CallbackAPIVersion
+
 from tests.conftest import free_port, reachable
 from tests.test_store_s3 import make_bucket, s3_endpoint  # noqa: F401  (module-scoped moto server fixture)
 

@@ -6,14 +6,20 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
-
-from edgefleet.agent.protocol import ExecutionState
+from edgefleet.common.protocol import ExecutionState
 from edgefleet.controller.db.catalog import model_names, model_versions
 from edgefleet.controller.db.models import (
-    Device, EventRecord, Execution, Rollout, RolloutState, TelemetryRecord, Variant,
+    Device,
+    EventRecord,
+    Execution,
+    Rollout,
+    RolloutState,
+    TelemetryRecord,
+    Variant,
 )
 from edgefleet.controller.db.session import Database, normalize_url
 from edgefleet.controller.errors import Conflict, InvalidInput, Unavailable
+
 from tests.conftest import free_port
 
 

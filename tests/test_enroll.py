@@ -13,10 +13,16 @@ import pytest
 import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from edgefleet.agent.hardware import HardwareProfile
+from edgefleet.common.hardware import HardwareProfile
+from edgefleet.controller.db.models import (
+    AuditEntry,
+    Device,
+    EnrollmentToken,
+    Sample,
+    utcnow,
+)
 from edgefleet.controller.tokens import verify_mqtt_password
-from edgefleet.controller.db.models import AuditEntry, Device, EnrollmentToken, Sample, utcnow
+
 from tests.support.api_server import running_controller
 
 HARDWARE = HardwareProfile(arch="aarch64", cpu_count=4, memory_mb=4096,

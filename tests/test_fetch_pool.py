@@ -11,9 +11,8 @@ import time
 from typing import Iterator
 
 import pytest
-from tuf.api import exceptions
-
 from edgefleet.agent.fetch import HttpFetcher
+from tuf.api import exceptions
 
 BODY_404 = b'{"error":"not here"}'
 

@@ -18,18 +18,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
-
 from edgefleet.agent.errors import ModelError
-from edgefleet.agent.protocol import ExecutionState as E, ModelRef, SamplingPolicy, Telemetry
 from edgefleet.agent.runtime import LoadedModel, ModelRuntime, RuntimeOptions
-from edgefleet.agent.sampler import Sampler, SampleMeta, encode_sample
+from edgefleet.agent.sampler import SampleMeta, Sampler, encode_sample
+from edgefleet.common.protocol import ExecutionState as E
+from edgefleet.common.protocol import ModelRef, SamplingPolicy, Telemetry
 from edgefleet.controller.dataset import decode_shard
 from edgefleet.controller.db.models import GateResult, Sample
 from edgefleet.controller.ingest import Ingest
 from edgefleet.controller.rollout import engine
 from edgefleet.simulator.faults import Faults, FaultySession
 from edgefleet.simulator.runtime import SessionCache, SimRuntime
-from edgefleet.simulator.traffic import DeviceTraffic, InputSource, Traffic, TrafficConfig
+from edgefleet.simulator.traffic import (
+    DeviceTraffic,
+    InputSource,
+    Traffic,
+    TrafficConfig,
+)
+
 from tests.rollout_fleet import RecordingPublisher, fleet_db, spec_for
 
 _seq = itertools.count(1)
@@ -128,7 +134,7 @@ def test_error_rate_and_confidence_gates_read_the_new_versions_data(tmp_path):
 
 
 def _event(device: str, generation: int, rid: str):
-    from edgefleet.agent.protocol import Event
+    from edgefleet.common.protocol import Event
 
     return Event(device=device, boot=1, seq=next(_seq), generation=generation, state=E.SUCCEEDED.value,
                  deployment=rid)
@@ -217,7 +223,6 @@ class Fleetctl:
 
     def __call__(self, *args: str) -> str:
         from click.testing import CliRunner
-
         from edgefleet.controller.cli import main
 
         result = CliRunner().invoke(main, list(args), env=self.env)
@@ -240,9 +245,10 @@ def test_production_data_reaches_the_gates_and_the_dataset(tmp_path, mosquitto_u
     """1.0.0 then 1.1.0 roll out with sampling on: every gate of 1.1.0 has a value. 1.2.0 passes
     its golden set but fails 60% of production requests on rpi-4: the error-rate gate stops it.
     The samples of all of it come back as a dataset and as statistics."""
-    from demo.scenario import Controller, wait_for, write_config
     from edgefleet.controller.cli.client import ApiClient, read_token
     from edgefleet.simulator import Fleet, FleetConfig
+
+    from demo.scenario import Controller, wait_for, write_config
     from tests.conftest import free_port
 
     home, api_port, run = tmp_path / "home", free_port(), uuid.uuid4().hex[:6]

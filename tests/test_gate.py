@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from edgefleet.agent.bench import run_benchmark
 from edgefleet.agent.gate import run_gate
-from edgefleet.agent.golden import GoldenSet
-from edgefleet.agent.protocol import Gate
 from edgefleet.agent.runtime import ModelRuntime
+from edgefleet.common.golden import GoldenSet
+from edgefleet.common.protocol import Gate
 
 GATE = Gate(p99_budget_ms=None, max_p99_regression=0.5, bench_seconds=0.2, bench_min_queries=50)
 

@@ -2,13 +2,12 @@
 migrated schema equals the models, and an out-of-date schema is refused."""
 from __future__ import annotations
 
-import sqlalchemy as sa
 import pytest
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from click.testing import CliRunner
-
 from edgefleet.controller.cli import main as fleetctl
 from edgefleet.controller.db.models import Base
 from edgefleet.controller.db.session import Database

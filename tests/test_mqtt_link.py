@@ -7,13 +7,19 @@ import time
 from typing import Iterator
 
 import pytest
-
-from edgefleet.agent import protocol
 from edgefleet.agent.config import AgentConfig
-from edgefleet.agent.mqtt import AgentLink, Backoff, BrokerURL, OfflineQueue, _Pending
-from edgefleet.agent.protocol import Channel, Desired, ExecutionState
+from edgefleet.agent.link import AgentLink, OfflineQueue, _Pending
+from edgefleet.common import protocol
+from edgefleet.common.mqtt import BrokerURL
+from edgefleet.common.protocol import Channel, Desired, ExecutionState
+from edgefleet.common.retry import Backoff
+
 from tests.support.mqtt import (  # noqa: F401  (fixtures)
-    Recorder, broker_url, embedded_broker, unique_device, wait_until,
+    Recorder,
+    broker_url,
+    embedded_broker,
+    unique_device,
+    wait_until,
 )
 
 pytestmark = pytest.mark.timeout(60)

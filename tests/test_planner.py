@@ -4,14 +4,20 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-
-from edgefleet.agent.protocol import ExecutionState as E
+from edgefleet.common.protocol import ExecutionState as E
 from edgefleet.controller.db.models import RolloutState, Verdict
 from edgefleet.controller.errors import Conflict
 from edgefleet.controller.rollout import planner
 from edgefleet.controller.rollout.planner import (
-    ClassObservation, DeviceView, Evidence, ExecutionView, StageDecision, Trigger, VariantView,
+    ClassObservation,
+    DeviceView,
+    Evidence,
+    ExecutionView,
+    StageDecision,
+    Trigger,
+    VariantView,
 )
+
 from tests.rollout_fleet import RPI, X86, spec_for
 
 CUDA = {**X86, "providers": ["CPUExecutionProvider", "CUDAExecutionProvider"], "hardware_class": "x86_64-cuda"}

@@ -9,15 +9,15 @@ from datetime import datetime, timedelta
 
 import numpy as np
 import pytest
-
 from edgefleet.agent.fetch import ModelUpdater
-from edgefleet.agent.hardware import HardwareProfile, normalize_arch
-from edgefleet.agent.protocol import ModelRef, Window
-from edgefleet.agent.mqtt import Backoff
 from edgefleet.agent.reconcile import WINDOW_RECHECK_S, Reconciler
 from edgefleet.agent.runtime import ModelRuntime
 from edgefleet.agent.slots import Slots, slot_name
 from edgefleet.agent.state import LOOP_LIMIT, State
+from edgefleet.common.hardware import HardwareProfile, normalize_arch
+from edgefleet.common.protocol import ModelRef, Window
+from edgefleet.common.retry import Backoff
+
 from tests.support.fleet import ModelRepo, agent_config, desired
 from tests.support.repo_server import Faults
 

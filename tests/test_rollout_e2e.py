@@ -12,7 +12,14 @@ import uuid
 import pytest
 
 from demo.scenario import (
-    AgentProcess, Controller, Fleetctl, build_bundles, wait_for, wait_for_fleet, wait_rollout, write_config,
+    AgentProcess,
+    Controller,
+    Fleetctl,
+    build_bundles,
+    wait_for,
+    wait_for_fleet,
+    wait_rollout,
+    write_config,
 )
 from tests.conftest import free_port
 

@@ -5,10 +5,9 @@ import threading
 
 import numpy as np
 import pytest
-
 from edgefleet.agent.errors import GateError, ModelError, RequestError
-from edgefleet.agent.protocol import ModelRef
 from edgefleet.agent.runtime import ModelRuntime, RuntimeOptions
+from edgefleet.common.protocol import ModelRef
 
 X = np.random.default_rng(0).random((1, 64), dtype=np.float32)
 

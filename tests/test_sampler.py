@@ -8,12 +8,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import numpy as np
 import pytest
-
 from edgefleet.agent.errors import RemoteError, TransportError
-from edgefleet.agent.protocol import ModelRef, SamplingPolicy
 from edgefleet.agent.runtime import ModelRuntime
 from edgefleet.agent.sampler import Sampler, confidence, controller_poster, read_meta
 from edgefleet.agent.serve import InferenceServer
+from edgefleet.common.protocol import ModelRef, SamplingPolicy
 
 REF = ModelRef(model="digits", version="2.0.0", variant="cpu-fp32")
 X = {"input": np.full((1, 64), 0.5, np.float32)}

@@ -8,7 +8,6 @@ from typing import Callable
 
 import pytest
 import sqlalchemy as sa
-
 from edgefleet.controller.config import ControllerConfig
 from edgefleet.controller.db.models import Benchmark, Device, TelemetryRecord, utcnow
 from edgefleet.controller.db.session import Database

@@ -11,10 +11,9 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-
-from edgefleet.agent.protocol import ModelRef
 from edgefleet.agent.runtime import ModelRuntime
 from edgefleet.agent.serve import InferenceServer
+from edgefleet.common.protocol import ModelRef
 
 X = np.random.default_rng(1).random((2, 64), dtype=np.float32)
 LIMIT = 64 * 1024

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from tuf.api.exceptions import UnsignedMetadataError
-from tuf.api.metadata import Metadata, Root
-
-from edgefleet.agent.protocol import TargetInfo
+from edgefleet.common.protocol import TargetInfo
 from edgefleet.controller.cli import main as fleetctl
 from edgefleet.controller.config import ControllerConfig
 from edgefleet.controller.errors import Conflict, InvalidInput, SigningError
 from edgefleet.controller.home import init_home
 from edgefleet.controller.signing import Expiry, Repository
+from tuf.api.exceptions import UnsignedMetadataError
+from tuf.api.metadata import Metadata, Root
+
 from tests.support.signed_repo import make_bundle
 
 

@@ -7,12 +7,12 @@ import sys
 import textwrap
 
 import pytest
-
 from edgefleet.agent import slots as slots_mod
-from edgefleet.agent.errors import AgentError, StorageError
-from edgefleet.agent.protocol import Desired, ModelRef, TargetInfo
+from edgefleet.agent.errors import AgentError
 from edgefleet.agent.slots import Journal, SlotMeta, Slots, slot_name
 from edgefleet.agent.state import LOOP_LIMIT, State
+from edgefleet.common.errors import StorageError
+from edgefleet.common.protocol import Desired, ModelRef, TargetInfo
 
 
 def ref(version: str, release: int) -> ModelRef:
@@ -185,8 +185,8 @@ def test_disk_full_by_file_size_limit_in_a_real_process(tmp_path):
     (staging / slots_mod.MODEL_FILE).write_bytes(b"small model")
     script = textwrap.dedent(f"""
         import resource, signal, sys
-        from edgefleet.agent.errors import StorageError
-        from edgefleet.agent.protocol import ModelRef, TargetInfo
+        from edgefleet.common.errors import StorageError
+        from edgefleet.common.protocol import ModelRef, TargetInfo
         from edgefleet.agent.slots import SlotMeta, Slots
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         # meta.json is several hundred bytes: the first write past 200 bytes fails

@@ -5,13 +5,18 @@ import copy
 from pathlib import Path
 
 import pytest
-
 from edgefleet.controller.db.models import Rollout, RolloutState
 from edgefleet.controller.errors import Conflict, InvalidInput, NotFound
 from edgefleet.controller.rollout import engine
 from edgefleet.controller.rollout.spec import (
-    RolloutSpec, load_manifest, parse_duration, parse_fraction, parse_stages, schema,
+    RolloutSpec,
+    load_manifest,
+    parse_duration,
+    parse_fraction,
+    parse_stages,
+    schema,
 )
+
 from tests.rollout_fleet import fleet_db, spec_for
 
 REPO = Path(__file__).resolve().parent.parent

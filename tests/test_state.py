@@ -2,8 +2,6 @@
 from datetime import datetime
 
 import pytest
-
-from edgefleet.agent.protocol import Desired, ExecutionState, ModelRef, ProtocolError, Window
 from edgefleet.agent.state import (
     TRANSITIONS,
     Outcome,
@@ -12,7 +10,10 @@ from edgefleet.agent.state import (
     next_state,
     plan,
 )
-from edgefleet.agent.window import Cron, is_open
+from edgefleet.agent.window import is_open
+from edgefleet.common.cron import Cron
+from edgefleet.common.errors import ProtocolError
+from edgefleet.common.protocol import Desired, ExecutionState, ModelRef, Window
 
 
 def desired(generation=1, action="install", version="1.0.0") -> Desired:

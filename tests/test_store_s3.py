@@ -12,12 +12,12 @@ from typing import Iterator
 
 import boto3
 import pytest
-
 from edgefleet.controller.config import ControllerConfig, StoreConfig
 from edgefleet.controller.errors import NotFound, Unavailable
 from edgefleet.controller.store import ArtifactStore, open_store
 from edgefleet.controller.store.local import LocalStore
 from edgefleet.controller.store.s3 import S3Store
+
 from tests.conftest import free_port, reachable
 
 CREDENTIALS = {

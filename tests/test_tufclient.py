@@ -8,9 +8,9 @@ from typing import Iterator
 from urllib.parse import quote
 
 import pytest
-
-from edgefleet.agent.protocol import golden_path, target_path
 from edgefleet.agent.tufclient import main
+from edgefleet.common.protocol import golden_path, target_path
+
 from tests.support.repo_server import Faults
 from tests.support.signed_repo import SignedRepo
 

@@ -10,19 +10,19 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from securesystemslib.signer import CryptoSigner
-from tuf.api.metadata import MetaFile
-
 from edgefleet.agent.errors import (
     AgentError,
-    StorageError,
     TransportError,
     UnknownTargetError,
     VerificationError,
 )
 from edgefleet.agent.fetch import ModelUpdater, check_release, trust_root
-from edgefleet.agent.hardware import HardwareProfile, Requirements
-from edgefleet.agent.protocol import target_path
+from edgefleet.common.errors import StorageError
+from edgefleet.common.hardware import HardwareProfile, Requirements
+from edgefleet.common.protocol import target_path
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import MetaFile
+
 from tests.support.repo_server import Faults
 from tests.support.signed_repo import SignedRepo
 

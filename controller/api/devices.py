@@ -6,16 +6,15 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from edgefleet.common.protocol import DEVICE_ID
 from fastapi import APIRouter, Depends, Path, Query, Response
 from pydantic import BaseModel, Field, field_validator
-
-from edgefleet.agent.protocol import DEVICE_ID
 
 from ..db.models import Device, EnrollmentToken, EventRecord, utcnow
 from ..errors import NotFound
 from ..rollout.selector import Selector
-from .audit import record_operator
 from ..tokens import ENROLL_PREFIX, hash_token, new_token
+from .audit import record_operator
 from .auth import Operator, require_operator
 from .deps import ApiContext, get_ctx
 

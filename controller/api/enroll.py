@@ -14,16 +14,15 @@ from typing import Any
 import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from edgefleet.common.hardware import HardwareProfile
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field, field_validator
-
-from edgefleet.agent.hardware import HardwareProfile
 
 from ..db.models import Device, EnrollmentToken, utcnow
 from ..errors import Conflict, NotFound, Unauthorized, Unavailable
 from ..store import REPOSITORY_PREFIX
-from .audit import record
 from ..tokens import DEVICE_PREFIX, hash_mqtt_password, hash_token, new_token
+from .audit import record
 from .auth import MAX_TOKEN_CHARS
 from .deps import ApiContext, get_ctx
 

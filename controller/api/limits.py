@@ -11,8 +11,6 @@ from typing import Callable
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-
-
 PAYLOAD_TOO_LARGE = 413
 
 

@@ -14,14 +14,22 @@ from pathlib import Path
 from typing import Any, Callable
 
 import onnx
-
-from edgefleet.agent.errors import StorageError
-from edgefleet.agent.protocol import NAME
-from edgefleet.agent.slots import atomic_write
+from edgefleet.common.errors import StorageError
+from edgefleet.common.fs import atomic_write
+from edgefleet.common.protocol import NAME
 
 from ..errors import BuildError
 from .data import Dataset, load_dataset, synthetic_dataset
-from .evaluate import Accuracy, compare, cpu_session, measure_latency, open_session, run_all, score_output, top1
+from .evaluate import (
+    Accuracy,
+    compare,
+    cpu_session,
+    measure_latency,
+    open_session,
+    run_all,
+    score_output,
+    top1,
+)
 from .golden import make_golden
 from .source import SourceModel, load_source, one_line
 from .variants import CUDA_FP16, Variant, select

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from edgefleet.agent.golden import GoldenFormatError, read_npz
+from edgefleet.common.errors import GoldenFormatError
+from edgefleet.common.golden import read_npz
 
 from ..errors import BuildError
 from .source import TensorSpec

@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
-
-from edgefleet.agent.golden import GoldenSet
+from edgefleet.common.golden import GoldenSet
 
 from .data import Dataset
 

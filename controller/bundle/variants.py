@@ -17,9 +17,8 @@ from typing import Callable
 
 import numpy as np
 import onnx
+from edgefleet.common.hardware import Requirements
 from onnxruntime.quantization import CalibrationDataReader
-
-from edgefleet.agent.hardware import Requirements
 
 from ..errors import BuildError
 from .data import Dataset
@@ -87,7 +86,13 @@ class _Reader(CalibrationDataReader):
 
 
 def make_int8(source: SourceModel, dest: Path, calibration: Dataset | None) -> None:
-    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         prepared = Path(tmp) / "prepared.onnx"

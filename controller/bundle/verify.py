@@ -5,8 +5,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgefleet.agent.errors import GateError
-from edgefleet.agent.golden import GoldenSet
+from edgefleet.common.errors import GoldenFormatError
+from edgefleet.common.golden import GoldenSet
 
 from ..errors import BuildError
 from .build import REPORT
@@ -56,7 +56,7 @@ def verify_bundle(out: Path) -> list[VariantCheck]:
         session, _ = cpu_session(_plain(out, entry.get("file")), fp16=name == CUDA_FP16)
         try:
             golden = GoldenSet.load(_plain(out, entry.get("golden")))
-        except GateError as e:
+        except GoldenFormatError as e:
             checks.append(VariantCheck(name, False, float("inf"), str(e)))
             continue
         names = [o.name for o in session.get_outputs()]

@@ -107,9 +107,8 @@ def publish(out: Path, output: str) -> None:
       fleetctl bundle publish out/
     """
     from ..config import ControllerConfig
-    from ..signing import Repository
-
     from ..errors import ControllerError
+    from ..signing import Repository
     from .client import connect
 
     infos = Repository.from_config(ControllerConfig.load()).publish(out)

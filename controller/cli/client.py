@@ -9,7 +9,14 @@ import click
 import httpx
 
 from ..config import ControllerConfig
-from ..errors import ControllerError, Conflict, InvalidInput, NotFound, Unauthorized, Unavailable
+from ..errors import (
+    Conflict,
+    ControllerError,
+    InvalidInput,
+    NotFound,
+    Unauthorized,
+    Unavailable,
+)
 from ..tokens import operator_token_file, read_operator_token
 
 TIMEOUT_S = 30.0

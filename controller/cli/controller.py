@@ -5,12 +5,10 @@ import logging
 from pathlib import Path
 
 import click
-
-from edgefleet.agent.config import fleet_home
+from edgefleet.common.defaults import fleet_home
 
 from ..config import ControllerConfig
 from ..errors import InvalidInput
-
 
 # Libraries that log every packet, job run or migration step at INFO.
 QUIET_LOGGERS = ("amqtt", "transitions", "apscheduler", "alembic")
@@ -43,6 +41,8 @@ def run(config_path: Path | None, log_level: str) -> None:
     if config_path is not None and not config_path.is_file():
         raise InvalidInput(f"config file {config_path} does not exist")
     config = ControllerConfig.load(fleet_home(), config_path)
-    from ..service import ControllerService  # the web stack loads only for this command: fleetctl starts fast
+    from ..service import (
+        ControllerService,  # the web stack loads only for this command: fleetctl starts fast
+    )
 
     ControllerService(config).run()

@@ -4,11 +4,16 @@ from __future__ import annotations
 from typing import Any
 
 import click
-
-from edgefleet.agent.protocol import SamplingPolicy
+from edgefleet.common.protocol import SamplingPolicy
 
 from ..errors import InvalidInput
-from ..rollout.spec import RolloutSpec, parse_duration, parse_fraction, parse_stages, percent
+from ..rollout.spec import (
+    RolloutSpec,
+    parse_duration,
+    parse_fraction,
+    parse_stages,
+    percent,
+)
 from ._output import emit, output_option, table
 from .client import ApiClient, api_command
 

@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import click
 import sqlalchemy as sa
-
-from edgefleet.agent.config import fleet_home
+from edgefleet.common.defaults import fleet_home
 
 from ..db.models import ApiToken, utcnow
 from ..db.session import Database
 from ..home import init_home
 from ..tokens import (
-    OPERATOR_PREFIX, hash_token, new_token, read_operator_token, register_operator_token, write_operator_token,
+    OPERATOR_PREFIX,
+    hash_token,
+    new_token,
+    read_operator_token,
+    register_operator_token,
+    write_operator_token,
 )
 
 OPERATOR_NAME = "admin"

@@ -16,10 +16,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
+from edgefleet.common.protocol import ExecutionState
 from sqlalchemy.ext.mutable import MutableDict
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-
-from edgefleet.agent.protocol import ExecutionState
 
 # Deterministic constraint names, so migrations can address them on every database.
 NAMING_CONVENTION = {

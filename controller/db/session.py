@@ -30,7 +30,7 @@ def normalize_url(url: str) -> str:
 
 
 def migrations_dir() -> Path:
-    from edgefleet import migrations
+    import edgefleet.migrations as migrations
 
     return Path(migrations.__file__).resolve().parent
 

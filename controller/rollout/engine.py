@@ -21,22 +21,44 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 import sqlalchemy as sa
+from edgefleet.common.errors import ProtocolError
+from edgefleet.common.hardware import HardwareProfile
+from edgefleet.common.protocol import (
+    Action,
+    Desired,
+    ExecutionState,
+    ModelRef,
+    TelemetryKind,
+    target_path,
+)
 from sqlalchemy.orm import Session
 
-from edgefleet.agent.hardware import HardwareProfile
-from edgefleet.agent.protocol import (
-    Action, Desired, ExecutionState, ModelRef, ProtocolError, TelemetryKind, target_path,
-)
-
 from ..db.models import (
-    BadVariant, Benchmark, Device, Execution, GateResult, Rollout, RolloutState, Sample, TelemetryRecord,
-    Variant, utcnow,
+    BadVariant,
+    Benchmark,
+    Device,
+    Execution,
+    GateResult,
+    Rollout,
+    RolloutState,
+    Sample,
+    TelemetryRecord,
+    Variant,
+    utcnow,
 )
 from ..db.session import Database
 from ..desired import stored_desired
 from ..errors import Conflict, ControllerError, InvalidInput, NotFound
 from . import planner
-from .planner import ClassObservation, DeviceView, Evidence, ExecutionView, StageDecision, Trigger, VariantView
+from .planner import (
+    ClassObservation,
+    DeviceView,
+    Evidence,
+    ExecutionView,
+    StageDecision,
+    Trigger,
+    VariantView,
+)
 from .spec import RolloutSpec
 
 log = logging.getLogger(__name__)

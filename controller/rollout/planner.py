@@ -15,8 +15,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-from edgefleet.agent.hardware import HardwareProfile, Requirements
-from edgefleet.agent.protocol import P99_NOISE_FLOOR_MS as NOISE_FLOOR_MS, ExecutionState
+from edgefleet.common.hardware import HardwareProfile, Requirements
+from edgefleet.common.protocol import P99_NOISE_FLOOR_MS as NOISE_FLOOR_MS
+from edgefleet.common.protocol import ExecutionState
 
 from ..db.models import RolloutState, Verdict
 from ..errors import Conflict

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from edgefleet.agent.hardware import HardwareProfile
+from edgefleet.common.hardware import HardwareProfile
 
 from ..errors import InvalidInput
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import jsonschema
 import yaml
-
-from edgefleet.agent.protocol import NAME, Gate, ProtocolError, SamplingPolicy, Window
+from edgefleet.common.errors import ProtocolError
+from edgefleet.common.protocol import NAME, Gate, SamplingPolicy, Window
 
 from ..errors import InvalidInput
 from .selector import Selector

@@ -16,15 +16,19 @@ from typing import Iterator
 
 import httpx
 import uvicorn
-from fastapi import FastAPI
-
 from edgefleet.controller.api.app import create_app
-from edgefleet.controller.tokens import OPERATOR_PREFIX, new_token, register_operator_token
 from edgefleet.controller.api.deps import ApiContext
 from edgefleet.controller.config import ControllerConfig
 from edgefleet.controller.db.session import Database
 from edgefleet.controller.home import init_home
 from edgefleet.controller.store import ArtifactStore, open_store
+from edgefleet.controller.tokens import (
+    OPERATOR_PREFIX,
+    new_token,
+    register_operator_token,
+)
+from fastapi import FastAPI
+
 from tests.conftest import free_port
 
 START_TIMEOUT_S = 15.0

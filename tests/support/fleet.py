@@ -18,11 +18,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.fetch import trust_root
-from edgefleet.agent.golden import GoldenSet
-from edgefleet.agent.protocol import Channel, Desired, Gate, TargetInfo, target_path, topic
+from edgefleet.common.golden import GoldenSet
+from edgefleet.common.protocol import (
+    Channel,
+    Desired,
+    Gate,
+    TargetInfo,
+    target_path,
+    topic,
+)
 
 from .repo_server import RepoServer
 from .signed_repo import CPU_REQUIREMENTS, SignedRepo

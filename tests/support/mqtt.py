@@ -8,13 +8,13 @@ from typing import Callable, Iterator
 
 import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
-
-from edgefleet.agent import protocol
-from edgefleet.agent.mqtt import BrokerURL
+from edgefleet.common import protocol
+from edgefleet.common.mqtt import BrokerURL
 from edgefleet.controller.db.models import Device
 from edgefleet.controller.db.session import Database
 from edgefleet.controller.embedded_broker import EmbeddedBroker
+from paho.mqtt.enums import CallbackAPIVersion
+
 from tests.conftest import free_port
 
 

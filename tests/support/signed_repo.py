@@ -17,15 +17,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from securesystemslib.signer import CryptoSigner
-from tuf.api.metadata import Metadata
-
 from edgefleet.agent.fetch import ModelUpdater, trust_root
-from edgefleet.agent.protocol import TargetInfo
+from edgefleet.common.protocol import TargetInfo
 from edgefleet.controller.config import ControllerConfig
 from edgefleet.controller.home import init_home
 from edgefleet.controller.signing import METADATA_PREFIX, Keyring, Repository
 from edgefleet.controller.store.local import LocalStore
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import Metadata
 
 from .repo_server import RepoServer, serve
 

@@ -17,8 +17,8 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from .errors import GateError
-from .slots import atomic_write
+from .errors import GoldenFormatError
+from .fs import atomic_write
 
 FORMAT = 1
 MAX_GOLDEN_BYTES = 16 * 1024 * 1024      # a golden file larger than this is refused unread
@@ -27,10 +27,6 @@ _INPUT, _OUTPUT, _META = "input/", "output/", "meta"
 
 Arrays = dict[str, np.ndarray]
 RunFn = Callable[[Arrays], Mapping[str, np.ndarray]]
-
-
-class GoldenFormatError(GateError):
-    """An .npz (golden set or data file) is malformed, oversized or of an unknown format."""
 
 
 def read_npz(path: Path, max_file_bytes: int, max_array_bytes: int = MAX_NPZ_ARRAY_BYTES) -> Arrays:

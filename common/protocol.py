@@ -18,15 +18,14 @@ import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, ClassVar, Self
 
+from .cron import Cron
+from .errors import ProtocolError
+
 VERSION = 1
 TOPIC_ROOT = "edgefleet/v1"
 MAX_MESSAGE_BYTES = 64 * 1024  # a larger MQTT payload is dropped unread
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
-
-class ProtocolError(ValueError):
-    """A message that does not follow the wire contract."""
 
 
 class Channel(str, enum.Enum):
@@ -267,8 +266,7 @@ class Window(Message):
     duration_s: int
 
     def validate(self) -> None:
-        if len(self.cron.split()) != 5:
-            raise ProtocolError(f"Window.cron {self.cron!r} must have 5 fields (min hour dom mon dow)")
+        Cron.parse(self.cron, field="Window.cron")
         if self.duration_s <= 0:
             raise ProtocolError("Window.duration_s must be > 0")
 
