@@ -13,11 +13,12 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
+
 from edgefleet.common.errors import EdgefleetError
 
 from .errors import AgentError

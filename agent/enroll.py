@@ -15,6 +15,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from edgefleet.common.errors import ProtocolError
 from edgefleet.common.fs import atomic_write
 from edgefleet.common.hardware import HardwareProfile

@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 import urllib3
-from edgefleet.common.errors import ProtocolError, StorageError
-from edgefleet.common.fs import atomic_write, fsync_dir, storage_error
-from edgefleet.common.protocol import TargetInfo, target_path
 from tuf.api import exceptions
 from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.api.serialization import DeserializationError
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
+
+from edgefleet.common.errors import ProtocolError, StorageError
+from edgefleet.common.fs import atomic_write, fsync_dir, storage_error
+from edgefleet.common.protocol import TargetInfo, target_path
 
 from .errors import TransportError, UnknownTargetError, VerificationError
 
@@ -288,7 +289,7 @@ class ModelUpdater:
             raise storage_error(e, str(dest)) from e
         return dest
 
-    def _fill(self, partial: "_Partial", url: str) -> None:
+    def _fill(self, partial: _Partial, url: str) -> None:
         with tuf_errors(f"download of {partial.target.path}"):
             try:
                 start, chunks = self._fetcher.fetch_from(url, partial.size)
@@ -313,9 +314,9 @@ class _Partial:
         self.target = target
         self.size = 0
         self._file: BinaryIO | None = None
-        self._hashes: dict[str, "hashlib._Hash"] = {}
+        self._hashes: dict[str, hashlib._Hash] = {}
 
-    def __enter__(self) -> "_Partial":
+    def __enter__(self) -> _Partial:
         self._file = open(self.path, "a+b")
         self._reset_hashes()
         self._file.seek(0)

@@ -10,10 +10,13 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import paho.mqtt.client as paho
+from paho.mqtt.enums import MQTTErrorCode
+
 from edgefleet.common import protocol
 from edgefleet.common.mqtt import (
     DEFAULT_SESSION_EXPIRY_S,
@@ -32,7 +35,6 @@ from edgefleet.common.protocol import (
     TelemetryKind,
 )
 from edgefleet.common.retry import Backoff
-from paho.mqtt.enums import MQTTErrorCode
 
 from .config import AgentConfig
 

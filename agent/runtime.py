@@ -12,12 +12,13 @@ from __future__ import annotations
 import bisect
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
 
 import numpy as np
+
 from edgefleet.common.protocol import ModelRef
 
 from .config import AgentConfig
@@ -63,7 +64,7 @@ class RuntimeOptions:
     hold_timeout_s: float = 30.0             # longest a request waits out a resource-preserving swap
 
     @classmethod
-    def from_config(cls, config: AgentConfig, providers: tuple[str, ...] | None = None) -> "RuntimeOptions":
+    def from_config(cls, config: AgentConfig, providers: tuple[str, ...] | None = None) -> RuntimeOptions:
         return cls(
             intra_op_threads=config.intra_op_threads,
             inter_op_threads=config.inter_op_threads,
@@ -200,7 +201,7 @@ class LoadedModel:
             values = session.run(self._output_names, feed)
         except ort.capi.onnxruntime_pybind11_state.InvalidArgument as e:
             raise RequestError(f"model {self.name} rejected the input: {_first_line(e)}") from e
-        except Exception as e:  # noqa: BLE001 - ORT raises many unrelated types for one failure
+        except Exception as e:  # ORT raises many unrelated types for one failure
             raise ModelError(f"model {self.name} {self.version} failed to run: {_first_line(e)}") from e
         return dict(zip(self._output_names, values))
 
@@ -302,7 +303,7 @@ class ModelRuntime:
         started = time.perf_counter()
         try:
             session = ort.InferenceSession(str(path), self.options.session_options(), providers=providers)
-        except Exception as e:  # noqa: BLE001 - ORT raises many unrelated types for one failure
+        except Exception as e:  # ORT raises many unrelated types for one failure
             raise ModelError(f"cannot load model {path.name}: {_first_line(e)}") from e
         return LoadedModel(session, path, ref, (time.perf_counter() - started) * 1000.0)
 

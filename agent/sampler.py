@@ -23,11 +23,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
+
 from edgefleet.common.errors import GoldenFormatError
 from edgefleet.common.golden import read_npz
 from edgefleet.common.protocol import ModelRef, SamplingPolicy

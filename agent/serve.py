@@ -19,12 +19,14 @@ import socketserver
 import sys
 import threading
 import zlib
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+
 from edgefleet.common.defaults import DEFAULT_SERVE_ADDRESS
 from edgefleet.common.errors import EdgefleetError
 from edgefleet.common.protocol import ModelRef
@@ -223,7 +225,7 @@ class _Handler(BaseHTTPRequestHandler):
     error_content_type = "application/json"
     error_message_format = '{"error": "%(code)d %(message)s"}'
     _answered: tuple[dict, dict, LoadedModel] | None = None
-    server: "_TCPServer | _UnixServer"
+    server: _TCPServer | _UnixServer
 
     def setup(self) -> None:
         # Headers and body go out as two writes: on TCP, Nagle + delayed ACK would add 40 ms to each answer.
@@ -250,7 +252,7 @@ class _Handler(BaseHTTPRequestHandler):
             status, body, headers = HTTPStatus.SERVICE_UNAVAILABLE, _error(str(e)), {}
         except ModelError as e:
             status, body, headers = HTTPStatus.INTERNAL_SERVER_ERROR, _error(str(e)), {}
-        except Exception as e:  # noqa: BLE001 - one bad request must never stop the server
+        except Exception as e:  # one bad request must never stop the server
             log.exception("inference server: unexpected error on %s", self.path)
             status, body, headers = HTTPStatus.INTERNAL_SERVER_ERROR, _error(f"internal error: {e}"), {}
         self._send(status, body, headers)
@@ -381,7 +383,7 @@ class _ServerMixin:
             return
         try:
             self.on_inference(inputs, outputs, loaded)
-        except Exception:  # noqa: BLE001 - sampling must never fail a request
+        except Exception:  # sampling must never fail a request
             log.exception("inference hook failed; the request was still answered")
 
     def process_request_thread(self, request, client_address) -> None:
@@ -473,7 +475,7 @@ class InferenceServer:
         if isinstance(server, _UnixServer):
             Path(server.server_address).unlink(missing_ok=True)
 
-    def __enter__(self) -> "InferenceServer":
+    def __enter__(self) -> InferenceServer:
         self.start()
         return self
 
@@ -481,7 +483,7 @@ class InferenceServer:
         self.stop()
 
 
-def _poke(server: "_TCPServer | _UnixServer") -> None:
+def _poke(server: _TCPServer | _UnixServer) -> None:
     family = socket.AF_UNIX if isinstance(server, _UnixServer) else socket.AF_INET
     if family == socket.AF_INET and ":" in server.server_address[0]:
         family = socket.AF_INET6

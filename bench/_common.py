@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import http.client
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
+
 from edgefleet.agent.runtime import _DATATYPE_OF
 
 REPO = Path(__file__).resolve().parent.parent

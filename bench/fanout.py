@@ -24,10 +24,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from bench._common import DEFAULT_CACHE, table
 
@@ -106,9 +106,10 @@ def wait_for(what: str, check, timeout: float, proc: subprocess.Popen | None = N
 def broker_fanout(broker_url: str, devices: int, timeout: float) -> float:
     """Publish N retained QoS 1 messages, one per topic, to N subscribed clients on one network thread."""
     import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
     from edgefleet.common.mqtt import BrokerURL, ConnectionOptions, MqttConnection
     from edgefleet.simulator.network import NetworkLoop
-    from paho.mqtt.enums import CallbackAPIVersion
 
     url = BrokerURL.parse(broker_url + "?protocol=5")
     received = threading.Semaphore(0)
@@ -156,6 +157,7 @@ def broker_fanout(broker_url: str, devices: int, timeout: float) -> float:
 def recreate_database(database_url: str) -> None:
     """Drop and create the PostgreSQL database the URL names (a scratch database for this run)."""
     import sqlalchemy as sa
+
     from edgefleet.controller.db.session import normalize_url
 
     url = sa.make_url(normalize_url(database_url))

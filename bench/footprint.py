@@ -147,9 +147,10 @@ def seed_state_dir(state_dir: Path, model: Path, golden: Path) -> None:
 def _wait_reported(broker: str, seconds: float = 30.0) -> None:
     """The daemon's retained `reported` message on the broker: proof that it is connected."""
     import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
     from edgefleet.common import protocol
     from edgefleet.common.mqtt import BrokerURL
-    from paho.mqtt.enums import CallbackAPIVersion
 
     url = BrokerURL.parse(broker)
     got = threading.Event()

@@ -22,12 +22,15 @@ import multiprocessing as mp
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import paho.mqtt.client as paho
 import sqlalchemy as sa
+from paho.mqtt.enums import CallbackAPIVersion
+
+from bench._common import table
 from edgefleet.common import protocol
 from edgefleet.common.mqtt import BrokerURL
 from edgefleet.common.protocol import Channel, Telemetry
@@ -35,9 +38,6 @@ from edgefleet.controller.broker import Bridge, BridgeOptions
 from edgefleet.controller.db.models import Device, TelemetryRecord
 from edgefleet.controller.db.session import Database
 from edgefleet.controller.ingest import Ingest
-from paho.mqtt.enums import CallbackAPIVersion
-
-from bench._common import table
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432"
@@ -127,7 +127,7 @@ def _bare_subscriber(url: str, prefix: str, devices: list[str], consumed, ready,
     out.put((state["n"], state["last"]))
 
 
-def _run_publishers(ctx, broker: str, names: list[str], seconds: float, consumed) -> tuple[float, "mp.Process", "mp.Queue"]:
+def _run_publishers(ctx, broker: str, names: list[str], seconds: float, consumed) -> tuple[float, mp.Process, mp.Queue]:
     start_at = time.time() + 1.0
     sent = ctx.Queue()
     publisher = ctx.Process(target=_publish, args=(broker, names, seconds, start_at, consumed, sent), daemon=True)

@@ -10,7 +10,7 @@ import platform
 import shutil
 import subprocess
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -108,5 +108,5 @@ def describe(postgres_url: str = DEFAULT_POSTGRES) -> Machine:
         kernel=platform.release(), python=platform.python_version(),
         packages={name: _package(name) for name in PACKAGES},
         mosquitto=mosquitto_version(), postgresql=postgresql_version(postgres_url),
-        date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     )

@@ -6,9 +6,9 @@ markdown tables the benchmark scripts printed, by column name.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from bench.machine import Machine
 
@@ -40,7 +40,7 @@ class Run:
         return json.dumps(asdict(self), indent=1).encode()
 
     @classmethod
-    def load(cls, path: Path) -> "Run":
+    def load(cls, path: Path) -> Run:
         data = json.loads(path.read_text())
         data["load_before"], data["load_after"] = tuple(data["load_before"]), tuple(data["load_after"])
         return cls(**data)

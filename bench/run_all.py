@@ -20,15 +20,14 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
-
-from edgefleet.common.fs import atomic_write
 
 from bench._common import REPO
 from bench.machine import describe, load_average
 from bench.report import Run, Section, render
+from edgefleet.common.fs import atomic_write
 
 FULL_RUNS = REPO / "bench" / "runs"
 FULL_RESULTS = REPO / "bench" / "RESULTS.md"
@@ -97,7 +96,7 @@ BY_KEY = {b.key: b for b in BENCHMARKS}
 def run_one(benchmark: Benchmark, small: bool) -> Run:
     """Run one benchmark to completion (or its timeout), sampling the machine's load meanwhile;
     never raises for the benchmark's own failure."""
-    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     load_before, clock = load_average(), time.monotonic()
     peak, note = load_before[0], ""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:

@@ -11,15 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+from bench._common import DEFAULT_CACHE, OipClient, summary_ms, table
 from edgefleet.agent.bench import synthesize
 from edgefleet.agent.runtime import ModelRuntime, RuntimeOptions
 from edgefleet.agent.serve import InferenceServer
 from edgefleet.common.protocol import ModelRef
-
-from bench._common import DEFAULT_CACHE, OipClient, summary_ms, table
 
 WARMUP = 3
 JSON_MAX_VALUES = 100_000  # JSON for a 150k-float image measures the JSON codec, not the server

@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from bench._common import DEFAULT_CACHE, OipClient, digits_model, summary_ms, table
 from edgefleet.agent.runtime import ModelRuntime
 from edgefleet.agent.serve import InferenceServer
 from edgefleet.common.protocol import ModelRef
-
-from bench._common import DEFAULT_CACHE, OipClient, digits_model, summary_ms, table
 
 
 class LoadGenerator:

@@ -24,9 +24,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -64,6 +64,7 @@ class RepositoryServer:
 
     def __init__(self, config) -> None:
         import uvicorn
+
         from edgefleet.controller.api.app import create_app
         from edgefleet.controller.api.deps import ApiContext
         from edgefleet.controller.store import open_store
@@ -76,7 +77,7 @@ class RepositoryServer:
         self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
         self._thread = threading.Thread(target=lambda: self._server.run(sockets=[self._socket]), daemon=True)
 
-    def __enter__(self) -> "RepositoryServer":
+    def __enter__(self) -> RepositoryServer:
         self._thread.start()
         deadline = time.monotonic() + 20
         while not self._server.started:

@@ -39,7 +39,7 @@ class Cron:
     dow_any: bool
 
     @classmethod
-    def parse(cls, expr: str, field: str = "cron") -> "Cron":
+    def parse(cls, expr: str, field: str = "cron") -> Cron:
         """``field`` names the expression in the error (``Window.cron``, ``--window``)."""
         parts = expr.split()
         if len(parts) != 5:

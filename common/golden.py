@@ -11,9 +11,9 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 
@@ -100,7 +100,7 @@ class GoldenSet:
         return Path(path)
 
     @classmethod
-    def load(cls, path: Path, max_bytes: int = MAX_GOLDEN_BYTES) -> "GoldenSet":
+    def load(cls, path: Path, max_bytes: int = MAX_GOLDEN_BYTES) -> GoldenSet:
         arrays = read_npz(Path(path), max_file_bytes=max_bytes, max_array_bytes=max_bytes * 8)
         meta = _meta(arrays.pop(_META, None), Path(path).name)
         return cls(

@@ -50,7 +50,7 @@ class HardwareProfile:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "HardwareProfile":
+    def from_dict(cls, data: dict[str, Any]) -> HardwareProfile:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         known["arch"] = normalize_arch(str(known.get("arch", "unknown")))
         known["cpu_features"] = tuple(known.get("cpu_features", ()))
@@ -92,7 +92,7 @@ class Requirements:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Requirements":
+    def from_dict(cls, data: dict[str, Any]) -> Requirements:
         return cls(
             arch=tuple(normalize_arch(a) for a in data.get("arch", ())),
             providers=tuple(data.get("providers", ("CPUExecutionProvider",))),

@@ -11,8 +11,9 @@ import logging
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import paho.mqtt.client as paho
@@ -41,7 +42,7 @@ class BrokerURL:
     protocol: str = "auto"
 
     @classmethod
-    def parse(cls, url: str) -> "BrokerURL":
+    def parse(cls, url: str) -> BrokerURL:
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ValueError(f"broker URL {url!r} is not valid: use mqtt://HOST:PORT or mqtts://HOST:PORT")

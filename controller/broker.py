@@ -18,11 +18,12 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import paho.mqtt.client as paho
+
 from edgefleet.common import protocol
 from edgefleet.common.defaults import fleet_home
 from edgefleet.common.errors import ProtocolError
@@ -57,7 +58,7 @@ class BridgeOptions:
     publish_timeout_s: float = 10.0
 
     @classmethod
-    def from_config(cls, config: ControllerConfig) -> "BridgeOptions":
+    def from_config(cls, config: ControllerConfig) -> BridgeOptions:
         return cls(
             url=config.effective_broker_url,
             client_id=controller_client_id(config.home),
@@ -129,7 +130,7 @@ class Bridge:
         )
 
     @classmethod
-    def from_config(cls, config: ControllerConfig, ingest: Ingest) -> "Bridge":
+    def from_config(cls, config: ControllerConfig, ingest: Ingest) -> Bridge:
         return cls(BridgeOptions.from_config(config), ingest)
 
     @property

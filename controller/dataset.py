@@ -17,9 +17,10 @@ import os
 import tempfile
 import zipfile
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,7 @@ class SampleRecord:
     ts: str = ""
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SampleRecord":
+    def from_dict(cls, data: dict[str, Any]) -> SampleRecord:
         return cls(**{k: data.get(k) for k in cls.__dataclass_fields__ if k in data})
 
 

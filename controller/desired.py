@@ -4,9 +4,10 @@ from __future__ import annotations
 import logging
 
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
 from edgefleet.common.errors import ProtocolError
 from edgefleet.common.protocol import Desired
-from sqlalchemy.orm import Session
 
 from .db.models import Device
 

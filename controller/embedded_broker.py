@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from amqtt.broker import Broker
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
+
 from edgefleet.common.defaults import EMBEDDED_BROKER_HOST, EMBEDDED_BROKER_PORT
 
 from .errors import Unavailable
@@ -131,7 +133,7 @@ class EmbeddedBroker:
         loop.close()
         self._loop = self._thread = self._broker = None
 
-    def __enter__(self) -> "EmbeddedBroker":
+    def __enter__(self) -> EmbeddedBroker:
         self.start()
         return self
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import sqlalchemy as sa
+
 from edgefleet.common.protocol import target_path
 
 from .db.models import Variant

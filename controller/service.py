@@ -15,11 +15,12 @@ import secrets
 import signal
 import socket
 import threading
+from collections.abc import Iterator
 from dataclasses import replace
 from functools import partial
-from typing import Iterator
 
 import uvicorn
+
 from edgefleet.common.systemd import sd_notify, watchdog_interval
 
 from .api.app import create_app

@@ -13,18 +13,14 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Iterator
 
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from edgefleet.common.errors import ProtocolError, StorageError
-from edgefleet.common.fs import atomic_write
-from edgefleet.common.hardware import Requirements
-from edgefleet.common.protocol import NAME, TargetInfo, golden_path, target_path
 from securesystemslib.signer import CryptoSigner
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import (
@@ -38,6 +34,11 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization import DeserializationError
 from tuf.repository import Repository as TufRepository
+
+from edgefleet.common.errors import ProtocolError, StorageError
+from edgefleet.common.fs import atomic_write
+from edgefleet.common.hardware import Requirements
+from edgefleet.common.protocol import NAME, TargetInfo, golden_path, target_path
 
 from .config import ControllerConfig
 from .errors import Conflict, InvalidInput, NotFound, SigningError
@@ -60,12 +61,12 @@ class Expiry:
     timestamp_s: int = 86400
 
     @classmethod
-    def from_config(cls, config: ControllerConfig) -> "Expiry":
+    def from_config(cls, config: ControllerConfig) -> Expiry:
         return cls(snapshot_s=config.snapshot_expiry_s, timestamp_s=config.timestamp_expiry_s)
 
     def expires(self, role: str) -> datetime:
         seconds = getattr(self, f"{role}_s")
-        return datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=seconds)
+        return datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=seconds)
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ class Keyring:
         """Move a replaced key out of the signing set (kept for audit under retired/)."""
         retired = self.directory / "retired"
         retired.mkdir(mode=0o700, exist_ok=True)
-        os.replace(path, retired / f"{path.stem}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}.pem")
+        os.replace(path, retired / f"{path.stem}-{datetime.now(UTC):%Y%m%dT%H%M%S}.pem")
 
 
 def _metadata_key(name: str) -> str:
@@ -249,7 +250,7 @@ class _Bundle:
     variants: tuple[_Variant, ...]
 
     @classmethod
-    def read(cls, directory: Path) -> "_Bundle":
+    def read(cls, directory: Path) -> _Bundle:
         path = Path(directory) / "report.json"
         try:
             if path.stat().st_size > MAX_REPORT_BYTES:
@@ -334,7 +335,7 @@ class Repository:
         self.expiry = expiry or Expiry()
 
     @classmethod
-    def from_config(cls, config: ControllerConfig) -> "Repository":
+    def from_config(cls, config: ControllerConfig) -> Repository:
         return cls(config.home, open_store(config), Expiry.from_config(config))
 
     @classmethod
@@ -345,7 +346,7 @@ class Repository:
         root_threshold: int = 1,
         root_keys: int = 1,
         expiry: Expiry | None = None,
-    ) -> "Repository":
+    ) -> Repository:
         """New keys and version-1 metadata for every top-level role (consistent snapshots on)."""
         if not 1 <= root_threshold <= root_keys:
             raise InvalidInput(
@@ -442,7 +443,7 @@ class Repository:
     def resign_if_expiring(self, margin_s: float) -> bool:
         """Re-sign snapshot and timestamp when they expire within ``margin_s``; True if anything was signed."""
         with self._session() as md:
-            limit = datetime.now(timezone.utc) + timedelta(seconds=margin_s)
+            limit = datetime.now(UTC) + timedelta(seconds=margin_s)
             snapshot_due = md.snapshot().expires <= limit
             if snapshot_due:
                 md.do_snapshot(force=True)

@@ -19,9 +19,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -156,7 +157,7 @@ class Controller:
     def __post_init__(self) -> None:
         self.log_path = self.home / "controller.log"
 
-    def start(self, timeout: float = 60.0) -> "Controller":
+    def start(self, timeout: float = 60.0) -> Controller:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [str(BIN / "fleetctl"), "controller", "run"], stdout=log, stderr=subprocess.STDOUT,
@@ -258,7 +259,7 @@ class AgentProcess:
     def config_path(self) -> Path:
         return self.state_dir / "agent.toml"
 
-    def enroll(self, fleetctl: Fleetctl, controller_url: str) -> "AgentProcess":
+    def enroll(self, fleetctl: Fleetctl, controller_url: str) -> AgentProcess:
         from edgefleet.agent.config import AgentConfig
 
         token = fleetctl.json("devices", "enroll", self.name)["token"]
@@ -275,7 +276,7 @@ class AgentProcess:
         self.config_path.write_text(config.to_toml())
         return self
 
-    def start(self) -> "AgentProcess":
+    def start(self) -> AgentProcess:
         with open(self.state_dir / "agent.log", "ab") as log:
             self.proc = subprocess.Popen(
                 [str(BIN / "fleet-agent"), "run", "--config", str(self.config_path)],

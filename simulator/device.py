@@ -15,9 +15,10 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.daemon import TICK_S, agent_version, next_boot
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 class Scheduler(Protocol):
     """What a device needs of the fleet's worker pool."""
 
-    def wake(self, device: "SimDevice", delay: float = 0.0) -> None: ...
+    def wake(self, device: SimDevice, delay: float = 0.0) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ class Shared:
 class _Incarnation:
     """The in-memory device between one boot and its shutdown or power cut."""
 
-    def __init__(self, device: "SimDevice") -> None:
+    def __init__(self, device: SimDevice) -> None:
         config, shared = device.config, device.shared
         self.boot = next_boot(Path(config.state_dir))
         self.slots = Slots(Path(config.state_dir))
@@ -83,7 +84,7 @@ class _Incarnation:
         self.started = time.monotonic()
         self.alive = True
 
-    def _traffic(self, device: "SimDevice") -> DeviceTraffic:
+    def _traffic(self, device: SimDevice) -> DeviceTraffic:
         """As the daemon wires it: the sampler resumes its on-disk buffer under the journal's policy."""
         config, journal = device.config, self.slots.journal()
         sampler = Sampler(journal.desired.sampling if journal else SamplingPolicy(), Path(config.state_dir) / "samples",
@@ -107,7 +108,7 @@ class _Incarnation:
 class _Recording:
     """The link as the reconciler sees it, remembering the device's last event for fleet statistics."""
 
-    def __init__(self, link: SimLink, device: "SimDevice") -> None:
+    def __init__(self, link: SimLink, device: SimDevice) -> None:
         self._link = link
         self._device = device
         self.report = link.report

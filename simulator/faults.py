@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
+
 from edgefleet.agent.fetch import RangeFetcher
 from edgefleet.common.protocol import ModelRef
 

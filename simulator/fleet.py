@@ -15,10 +15,11 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.enroll import CONFIG_FILE, enroll

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.link import AgentLink

@@ -19,9 +19,11 @@ import selectors
 import socket
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import paho.mqtt.client as paho
+
 from edgefleet.common.mqtt import MqttConnection
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,7 @@ CONNECTS_PER_TICK = 100  # a fleet starting at once must not flood the broker's 
 class Connection:
     """One ``MqttConnection`` whose network I/O the loop drives; reconnected when its socket closes."""
 
-    def __init__(self, loop: "NetworkLoop", conn: MqttConnection) -> None:
+    def __init__(self, loop: NetworkLoop, conn: MqttConnection) -> None:
         self.loop = loop
         self.conn = conn
         # built at once (the URL names the protocol, so no probe): messages sent before the

@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from edgefleet.agent.runtime import LoadedModel, ModelRuntime, RuntimeOptions
 from edgefleet.common.protocol import ModelRef

@@ -21,12 +21,13 @@ from __future__ import annotations
 import logging
 import random
 import threading
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
+
 from edgefleet.agent.errors import ModelError
 from edgefleet.agent.runtime import (
     LoadedModel,
@@ -85,7 +86,7 @@ class InputSource:
 
     @classmethod
     def matching(cls, arrays: Mapping[str, np.ndarray], specs: tuple[TensorSpec, ...],
-                 rng: random.Random) -> "InputSource | None":
+                 rng: random.Random) -> InputSource | None:
         """Rows of the arrays the model takes (others, such as labels, left out); None if they do not fit."""
         if not cls.fits(arrays, specs):
             return None
@@ -103,7 +104,7 @@ class InputSource:
         return True
 
     @classmethod
-    def generated(cls, specs: tuple[TensorSpec, ...], rng: random.Random, rows: int = 64) -> "InputSource":
+    def generated(cls, specs: tuple[TensorSpec, ...], rng: random.Random, rows: int = 64) -> InputSource:
         """Seeded inputs of the right dtype and shape (dynamic dimensions: 1)."""
         generator = np.random.default_rng(rng.getrandbits(32))
         arrays = {}

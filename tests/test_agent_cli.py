@@ -10,7 +10,6 @@ from pathlib import Path
 from edgefleet.agent.cli import main
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.daemon import hardware_profile, next_boot
-
 from tests.conftest import free_port
 from tests.support.api_server import running_controller
 

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+
 from edgefleet.agent.config import AgentConfig
 
 

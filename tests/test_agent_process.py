@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edgefleet.common.protocol import Gate, SamplingPolicy
 
+from edgefleet.common.protocol import Gate, SamplingPolicy
 from tests.conftest import free_port
 from tests.support.fleet import (
     AgentProcess,

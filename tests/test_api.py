@@ -6,6 +6,7 @@ import os
 import httpx
 import pytest
 import sqlalchemy as sa
+
 from edgefleet.controller.api.app import create_app
 from edgefleet.controller.api.deps import ApiContext
 from edgefleet.controller.api.repository import ByteRange, Unsatisfiable, parse_range
@@ -14,7 +15,6 @@ from edgefleet.controller.db.models import ApiToken, AuditEntry, Variant, utcnow
 from edgefleet.controller.db.session import Database
 from edgefleet.controller.store.local import LocalStore
 from edgefleet.controller.store.s3 import S3Store
-
 from tests.conftest import free_port
 from tests.support.api_server import running_controller, serve
 

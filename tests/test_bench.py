@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+
 from edgefleet.agent import bench
 from edgefleet.agent.runtime import ModelRuntime
 

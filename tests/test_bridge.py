@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
+
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.link import AgentLink
 from edgefleet.common import protocol
@@ -31,7 +32,6 @@ from edgefleet.controller.db.models import (
 )
 from edgefleet.controller.db.session import Database
 from edgefleet.controller.ingest import Ingest
-
 from tests.support.mqtt import (  # noqa: F401  (fixtures)
     Recorder,
     broker_url,

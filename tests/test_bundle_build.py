@@ -9,6 +9,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
+
+from bench import models
 from edgefleet.common.golden import GoldenSet
 from edgefleet.common.hardware import Requirements
 from edgefleet.controller.bundle.build import build_bundle
@@ -16,8 +18,6 @@ from edgefleet.controller.bundle.evaluate import fp16_as_fp32
 from edgefleet.controller.bundle.verify import verify_bundle
 from edgefleet.controller.cli import main
 from edgefleet.controller.errors import BuildError
-
-from bench import models
 
 
 def _session(path: Path) -> ort.InferenceSession:

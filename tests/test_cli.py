@@ -10,6 +10,7 @@ import sys
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
+
 from edgefleet.controller.api.app import create_app
 from edgefleet.controller.api.deps import ApiContext
 from edgefleet.controller.cli import main
@@ -20,7 +21,6 @@ from edgefleet.controller.db.session import Database
 from edgefleet.controller.errors import InvalidInput
 from edgefleet.controller.store import open_store
 from edgefleet.controller.tokens import hash_token
-
 from tests.conftest import free_port
 from tests.support.api_server import serve
 

@@ -10,8 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import paho.mqtt.client as paho
@@ -19,13 +19,13 @@ import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from paho.mqtt.enums import CallbackAPIVersion
+
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.protocol import Channel, ModelRef, Reported, Status, topic
 from edgefleet.controller.cli import main
 from edgefleet.controller.config import EMBEDDED_BROKER_HOST, EMBEDDED_BROKER_PORT
 from edgefleet.controller.db.session import Database
-from paho.mqtt.enums import CallbackAPIVersion
-
 from tests.conftest import free_port, reachable
 from tests.test_store_s3 import make_bucket, s3_endpoint  # noqa: F401  (module-scoped moto server fixture)
 

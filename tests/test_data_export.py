@@ -8,6 +8,7 @@ from datetime import timedelta
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from edgefleet.agent.sampler import SampleMeta, encode_sample
 from edgefleet.controller.cli import main
 from edgefleet.controller.config import ControllerConfig
@@ -15,7 +16,6 @@ from edgefleet.controller.dataset import SampleRecord, decode_shard, export
 from edgefleet.controller.db.models import Sample, utcnow
 from edgefleet.controller.errors import InvalidInput
 from edgefleet.controller.store import open_store
-
 from tests.rollout_fleet import seed
 from tests.support.api_server import running_controller
 from tests.test_store_s3 import make_bucket, s3_config, s3_endpoint  # noqa: F401  (fixture)

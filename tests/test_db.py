@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
+
 from edgefleet.common.protocol import ExecutionState
 from edgefleet.controller.db.catalog import model_names, model_versions
 from edgefleet.controller.db.models import (
@@ -19,7 +20,6 @@ from edgefleet.controller.db.models import (
 )
 from edgefleet.controller.db.session import Database, normalize_url
 from edgefleet.controller.errors import Conflict, InvalidInput, Unavailable
-
 from tests.conftest import free_port
 
 
@@ -50,11 +50,10 @@ def test_unit_of_work_commits(db: Database) -> None:
 
 
 def test_unit_of_work_rolls_back_on_error(db: Database) -> None:
-    with pytest.raises(RuntimeError):
-        with db.unit_of_work() as session:
-            session.add(Device(id="d1"))
-            session.flush()
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), db.unit_of_work() as session:
+        session.add(Device(id="d1"))
+        session.flush()
+        raise RuntimeError("boom")
     with db.unit_of_work() as session:
         assert session.get(Device, "d1") is None
 
@@ -62,9 +61,8 @@ def test_unit_of_work_rolls_back_on_error(db: Database) -> None:
 def test_duplicate_key_is_conflict(db: Database) -> None:
     with db.unit_of_work() as session:
         session.add(Device(id="d1"))
-    with pytest.raises(Conflict, match="conflicts with existing data") as caught:
-        with db.unit_of_work() as session:
-            session.add(Device(id="d1"))
+    with pytest.raises(Conflict, match="conflicts with existing data") as caught, db.unit_of_work() as session:
+        session.add(Device(id="d1"))
     assert "\n" not in str(caught.value)
 
 
@@ -72,9 +70,8 @@ def test_one_execution_per_rollout_and_device(db: Database) -> None:
     add_rollout(db, devices=("d1", "d2"))
     with db.unit_of_work() as session:
         session.add(Execution(rollout_id="r1", device_id="d1", stage=0, variant="cpu-fp32"))
-    with pytest.raises(Conflict):
-        with db.unit_of_work() as session:
-            session.add(Execution(rollout_id="r1", device_id="d1", stage=1, variant="cpu-int8"))
+    with pytest.raises(Conflict), db.unit_of_work() as session:
+        session.add(Execution(rollout_id="r1", device_id="d1", stage=1, variant="cpu-int8"))
     with db.unit_of_work() as session:
         session.add(Execution(rollout_id="r1", device_id="d2", stage=0))
         rows = session.scalars(sa.select(Execution).order_by(Execution.device_id)).all()
@@ -118,9 +115,8 @@ def test_events_are_unique_per_device_boot_seq(db: Database) -> None:
     event = dict(device_id="d1", boot=1, seq=5, generation=1, state="DOWNLOADING")
     with db.unit_of_work() as session:
         session.add(EventRecord(**event))
-    with pytest.raises(Conflict):
-        with db.unit_of_work() as session:
-            session.add(EventRecord(**event))
+    with pytest.raises(Conflict), db.unit_of_work() as session:
+        session.add(EventRecord(**event))
 
 
 def test_removing_a_device_removes_its_executions_and_telemetry(db: Database) -> None:
@@ -142,19 +138,17 @@ def test_states_and_timestamps_round_trip(db: Database) -> None:
     with db.unit_of_work() as session:
         rollout = session.get(Rollout, "r1")
         assert rollout.state is RolloutState.RUNNING and not rollout.state.terminal
-        assert rollout.stage_started_at == started and rollout.stage_started_at.tzinfo == timezone.utc
+        assert rollout.stage_started_at == started and rollout.stage_started_at.tzinfo == UTC
         rollout.state = "ABORTED"      # the string value is accepted too
     with db.unit_of_work() as session:
         assert session.get(Rollout, "r1").state is RolloutState.ABORTED
-    with pytest.raises((ValueError, sa.exc.StatementError)):
-        with db.unit_of_work() as session:
-            session.add(Rollout(id="r2", model="m", version="1", state="EXPLODED"))
+    with pytest.raises((ValueError, sa.exc.StatementError)), db.unit_of_work() as session:
+        session.add(Rollout(id="r2", model="m", version="1", state="EXPLODED"))
 
 
 def test_naive_datetimes_are_refused(db: Database) -> None:
-    with pytest.raises(sa.exc.StatementError, match="naive datetime"):
-        with db.unit_of_work() as session:
-            session.add(Device(id="d1", last_seen=datetime(2026, 1, 1)))
+    with pytest.raises(sa.exc.StatementError, match="naive datetime"), db.unit_of_work() as session:
+        session.add(Device(id="d1", last_seen=datetime(2026, 1, 1)))
 
 
 def test_catalog_groups_variants_by_model_version(db: Database) -> None:
@@ -175,9 +169,8 @@ def test_catalog_groups_variants_by_model_version(db: Database) -> None:
 
 def test_database_down_is_unavailable() -> None:
     db = Database(f"postgresql://postgres@127.0.0.1:{free_port()}/edgefleet")
-    with pytest.raises(Unavailable, match="^database unreachable: ") as caught:
-        with db.unit_of_work() as session:
-            session.get(Device, "d1")
+    with pytest.raises(Unavailable, match="^database unreachable: ") as caught, db.unit_of_work() as session:
+        session.get(Device, "d1")
     assert "\n" not in str(caught.value)
     with pytest.raises(Unavailable):
         db.check_schema()

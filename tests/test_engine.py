@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
+
 from edgefleet.common.protocol import Action, Event, Telemetry
 from edgefleet.common.protocol import ExecutionState as E
 from edgefleet.controller.db.models import (
@@ -25,7 +26,6 @@ from edgefleet.controller.errors import Conflict
 from edgefleet.controller.ingest import Ingest
 from edgefleet.controller.rollout import engine
 from edgefleet.controller.rollout.planner import Trigger
-
 from tests.rollout_fleet import RPI, RecordingPublisher, fleet_db, spec_for
 
 _seq = itertools.count(1)

@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.controller.db.models import (
     AuditEntry,
@@ -22,7 +23,6 @@ from edgefleet.controller.db.models import (
     utcnow,
 )
 from edgefleet.controller.tokens import verify_mqtt_password
-
 from tests.support.api_server import running_controller
 
 HARDWARE = HardwareProfile(arch="aarch64", cpu_count=4, memory_mb=4096,

@@ -8,11 +8,12 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
-from edgefleet.agent.fetch import HttpFetcher
 from tuf.api import exceptions
+
+from edgefleet.agent.fetch import HttpFetcher
 
 BODY_404 = b'{"error":"not here"}'
 

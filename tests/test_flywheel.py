@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
+
 from edgefleet.agent.errors import ModelError
 from edgefleet.agent.runtime import LoadedModel, ModelRuntime, RuntimeOptions
 from edgefleet.agent.sampler import SampleMeta, Sampler, encode_sample
@@ -35,7 +36,6 @@ from edgefleet.simulator.traffic import (
     Traffic,
     TrafficConfig,
 )
-
 from tests.rollout_fleet import RecordingPublisher, fleet_db, spec_for
 
 _seq = itertools.count(1)
@@ -223,6 +223,7 @@ class Fleetctl:
 
     def __call__(self, *args: str) -> str:
         from click.testing import CliRunner
+
         from edgefleet.controller.cli import main
 
         result = CliRunner().invoke(main, list(args), env=self.env)
@@ -245,10 +246,9 @@ def test_production_data_reaches_the_gates_and_the_dataset(tmp_path, mosquitto_u
     """1.0.0 then 1.1.0 roll out with sampling on: every gate of 1.1.0 has a value. 1.2.0 passes
     its golden set but fails 60% of production requests on rpi-4: the error-rate gate stops it.
     The samples of all of it come back as a dataset and as statistics."""
+    from demo.scenario import Controller, wait_for, write_config
     from edgefleet.controller.cli.client import ApiClient, read_token
     from edgefleet.simulator import Fleet, FleetConfig
-
-    from demo.scenario import Controller, wait_for, write_config
     from tests.conftest import free_port
 
     home, api_port, run = tmp_path / "home", free_port(), uuid.uuid4().hex[:6]

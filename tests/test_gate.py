@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from edgefleet.agent.bench import run_benchmark
 from edgefleet.agent.gate import run_gate
 from edgefleet.agent.runtime import ModelRuntime

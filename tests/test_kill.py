@@ -11,9 +11,9 @@ import time
 
 import numpy as np
 import pytest
+
 from edgefleet.agent.slots import Slots
 from edgefleet.common.protocol import Gate
-
 from tests.conftest import free_port
 from tests.support.fleet import AgentProcess, ModelRepo, Observer, agent_config, desired
 

@@ -5,10 +5,10 @@ import threading
 import time
 
 import pytest
+
 from edgefleet.controller.db.leader import LeaderLock
 from edgefleet.controller.db.session import Database
 from edgefleet.controller.errors import Unavailable
-
 from tests.conftest import free_port
 
 REPLICAS = 6

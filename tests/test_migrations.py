@@ -8,6 +8,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from click.testing import CliRunner
+
 from edgefleet.controller.cli import main as fleetctl
 from edgefleet.controller.db.models import Base
 from edgefleet.controller.db.session import Database

@@ -1,8 +1,8 @@
 """The catalog (variants table) mirrors the signed TUF targets, idempotently."""
 import sqlalchemy as sa
+
 from edgefleet.controller.db.models import Variant
 from edgefleet.controller.mirror import mirror_targets
-
 from tests.support.signed_repo import SignedRepo
 
 

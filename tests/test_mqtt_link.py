@@ -4,16 +4,16 @@ from __future__ import annotations
 import json
 import socket
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
+
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.link import AgentLink, OfflineQueue, _Pending
 from edgefleet.common import protocol
 from edgefleet.common.mqtt import BrokerURL
 from edgefleet.common.protocol import Channel, Desired, ExecutionState
 from edgefleet.common.retry import Backoff
-
 from tests.support.mqtt import (  # noqa: F401  (fixtures)
     Recorder,
     broker_url,

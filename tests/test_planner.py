@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+
 from edgefleet.common.protocol import ExecutionState as E
 from edgefleet.controller.db.models import RolloutState, Verdict
 from edgefleet.controller.errors import Conflict
@@ -17,7 +18,6 @@ from edgefleet.controller.rollout.planner import (
     Trigger,
     VariantView,
 )
-
 from tests.rollout_fleet import RPI, X86, spec_for
 
 CUDA = {**X86, "providers": ["CPUExecutionProvider", "CUDAExecutionProvider"], "hardware_class": "x86_64-cuda"}

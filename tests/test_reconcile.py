@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 
 import numpy as np
 import pytest
+
 from edgefleet.agent.fetch import ModelUpdater
 from edgefleet.agent.reconcile import WINDOW_RECHECK_S, Reconciler
 from edgefleet.agent.runtime import ModelRuntime
@@ -17,7 +18,6 @@ from edgefleet.agent.state import LOOP_LIMIT, State
 from edgefleet.common.hardware import HardwareProfile, normalize_arch
 from edgefleet.common.protocol import ModelRef, Window
 from edgefleet.common.retry import Backoff
-
 from tests.support.fleet import ModelRepo, agent_config, desired
 from tests.support.repo_server import Faults
 

@@ -9,11 +9,11 @@ import pytest
 import sqlalchemy as sa
 import yaml
 from click.testing import CliRunner
+
 from edgefleet.common.protocol import ExecutionState as E
 from edgefleet.controller.cli import main
 from edgefleet.controller.db.models import AuditEntry, Rollout
 from edgefleet.controller.rollout import engine
-
 from tests.rollout_fleet import RecordingPublisher, seed
 from tests.support.api_server import running_controller
 from tests.test_engine import say

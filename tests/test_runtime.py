@@ -5,6 +5,7 @@ import threading
 
 import numpy as np
 import pytest
+
 from edgefleet.agent.errors import GateError, ModelError, RequestError
 from edgefleet.agent.runtime import ModelRuntime, RuntimeOptions
 from edgefleet.common.protocol import ModelRef
@@ -38,7 +39,7 @@ class Load:
                 with self.lock:
                     self.errors.append(e)
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for t in self.threads:
             t.start()
         return self
@@ -181,8 +182,7 @@ def test_preserving_swap_with_failing_check_restores_the_old_model(digits, wrong
     def refuse(loaded):
         raise GateError("golden set failed")
 
-    with Load(runtime) as load:
-        with pytest.raises(GateError):
-            runtime.replace(wrong_model, ref("2"), check=refuse)
+    with Load(runtime) as load, pytest.raises(GateError):
+        runtime.replace(wrong_model, ref("2"), check=refuse)
     assert load.errors == []
     assert runtime.active.ref == ref("1") and set(load.served) == {"1"}

@@ -8,6 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import numpy as np
 import pytest
+
 from edgefleet.agent.errors import RemoteError, TransportError
 from edgefleet.agent.runtime import ModelRuntime
 from edgefleet.agent.sampler import Sampler, confidence, controller_poster, read_meta

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Callable
 
 import pytest
 import sqlalchemy as sa
+
 from edgefleet.controller.config import ControllerConfig
 from edgefleet.controller.db.models import Benchmark, Device, TelemetryRecord, utcnow
 from edgefleet.controller.db.session import Database

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+
 from edgefleet.controller.errors import InvalidInput
 from edgefleet.controller.rollout.selector import Selector, SelectorError
 

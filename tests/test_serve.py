@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
+
 from edgefleet.agent.runtime import ModelRuntime
 from edgefleet.agent.serve import InferenceServer
 from edgefleet.common.protocol import ModelRef
@@ -180,11 +181,10 @@ def test_chunked_body_is_refused(server, runtime):
 
 
 def test_not_ready_without_a_model(tmp_path):
-    with InferenceServer(ModelRuntime(), "127.0.0.1:0", LIMIT) as srv:
-        with httpx.Client(base_url=srv.url) as client:
-            assert client.get("/v2/health/live").status_code == 200
-            assert client.get("/v2/health/ready").status_code == 503
-            assert client.get("/v2/models/digits/ready").status_code == 404
+    with InferenceServer(ModelRuntime(), "127.0.0.1:0", LIMIT) as srv, httpx.Client(base_url=srv.url) as client:
+        assert client.get("/v2/health/live").status_code == 200
+        assert client.get("/v2/health/ready").status_code == 503
+        assert client.get("/v2/models/digits/ready").status_code == 404
 
 
 def test_address_in_use_is_one_clear_error(runtime):

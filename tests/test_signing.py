@@ -5,20 +5,20 @@ import json
 import stat
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from tuf.api.exceptions import UnsignedMetadataError
+from tuf.api.metadata import Metadata, Root
+
 from edgefleet.common.protocol import TargetInfo
 from edgefleet.controller.cli import main as fleetctl
 from edgefleet.controller.config import ControllerConfig
 from edgefleet.controller.errors import Conflict, InvalidInput, SigningError
 from edgefleet.controller.home import init_home
 from edgefleet.controller.signing import Expiry, Repository
-from tuf.api.exceptions import UnsignedMetadataError
-from tuf.api.metadata import Metadata, Root
-
 from tests.support.signed_repo import make_bundle
 
 
@@ -149,7 +149,7 @@ def test_resign_if_expiring_renews_timestamp_and_snapshot(home: Path) -> None:
     after = _versions(repo)
     assert after["timestamp"] == before["timestamp"] + 1 and after["snapshot"] == before["snapshot"] + 1
     expires = _metadata(repo, "timestamp.json").signed.expires
-    assert expires - datetime.now(timezone.utc) < timedelta(hours=1, minutes=1)
+    assert expires - datetime.now(UTC) < timedelta(hours=1, minutes=1)
     assert repo.resign_if_expiring(2 * 3600) is True  # timestamp (1 h) due, snapshot (3 h) not
     assert _versions(repo)["snapshot"] == after["snapshot"]
     assert _versions(repo)["timestamp"] == after["timestamp"] + 1

@@ -10,12 +10,12 @@ from collections import defaultdict
 import numpy as np
 import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
 from edgefleet.common.protocol import Channel, topic
 from edgefleet.simulator import Faults, Fleet, FleetConfig, profile_for
 from edgefleet.simulator.cli import apply_fault, parse_fault
 from edgefleet.simulator.faults import FaultySession
-from paho.mqtt.enums import CallbackAPIVersion
-
 from tests.support.fleet import ModelRepo, desired
 from tests.support.mqtt import wait_until
 

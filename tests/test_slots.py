@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+
 from edgefleet.agent import slots as slots_mod
 from edgefleet.agent.errors import AgentError
 from edgefleet.agent.slots import Journal, SlotMeta, Slots, slot_name

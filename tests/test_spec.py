@@ -5,6 +5,7 @@ import copy
 from pathlib import Path
 
 import pytest
+
 from edgefleet.controller.db.models import Rollout, RolloutState
 from edgefleet.controller.errors import Conflict, InvalidInput, NotFound
 from edgefleet.controller.rollout import engine
@@ -16,7 +17,6 @@ from edgefleet.controller.rollout.spec import (
     parse_stages,
     schema,
 )
-
 from tests.rollout_fleet import fleet_db, spec_for
 
 REPO = Path(__file__).resolve().parent.parent

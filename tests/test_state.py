@@ -2,6 +2,7 @@
 from datetime import datetime
 
 import pytest
+
 from edgefleet.agent.state import (
     TRANSITIONS,
     Outcome,

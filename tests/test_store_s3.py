@@ -7,17 +7,17 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import boto3
 import pytest
+
 from edgefleet.controller.config import ControllerConfig, StoreConfig
 from edgefleet.controller.errors import NotFound, Unavailable
 from edgefleet.controller.store import ArtifactStore, open_store
 from edgefleet.controller.store.local import LocalStore
 from edgefleet.controller.store.s3 import S3Store
-
 from tests.conftest import free_port, reachable
 
 CREDENTIALS = {

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import quote
 
 import pytest
+
 from edgefleet.agent.tufclient import main
 from edgefleet.common.protocol import golden_path, target_path
-
 from tests.support.repo_server import Faults
 from tests.support.signed_repo import SignedRepo
 

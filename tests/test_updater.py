@@ -5,11 +5,14 @@ line naming what is wrong, and nothing is staged at the destination.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator
 
 import pytest
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import MetaFile
+
 from edgefleet.agent.errors import (
     AgentError,
     TransportError,
@@ -20,9 +23,6 @@ from edgefleet.agent.fetch import ModelUpdater, check_release, trust_root
 from edgefleet.common.errors import StorageError
 from edgefleet.common.hardware import HardwareProfile, Requirements
 from edgefleet.common.protocol import target_path
-from securesystemslib.signer import CryptoSigner
-from tuf.api.metadata import MetaFile
-
 from tests.support.repo_server import Faults
 from tests.support.signed_repo import SignedRepo
 

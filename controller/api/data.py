@@ -2,8 +2,9 @@
 (streamed from the artifact store, local or S3), and statistics for retraining."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
-from typing import Any, Iterator
+from typing import Any
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Query
@@ -36,7 +37,7 @@ class SampleOut(BaseModel):
     ts: datetime
 
     @classmethod
-    def of(cls, row: Sample) -> "SampleOut":
+    def of(cls, row: Sample) -> SampleOut:
         return cls(id=row.id, key=row.store_key, device=row.device_id, hardware_class=row.hardware_class,
                    model=row.model, version=row.version, variant=row.variant, count=row.count, bytes=row.bytes,
                    low_confidence=row.low_confidence, top1_mean=row.top1_mean, ts=row.ts)

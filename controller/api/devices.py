@@ -6,9 +6,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from edgefleet.common.protocol import DEVICE_ID
 from fastapi import APIRouter, Depends, Path, Query, Response
 from pydantic import BaseModel, Field, field_validator
+
+from edgefleet.common.protocol import DEVICE_ID
 
 from ..db.models import Device, EnrollmentToken, EventRecord, utcnow
 from ..errors import NotFound
@@ -46,7 +47,7 @@ class DeviceOut(BaseModel):
     active: ActiveModel | None
 
     @classmethod
-    def of(cls, device: Device) -> "DeviceOut":
+    def of(cls, device: Device) -> DeviceOut:
         return cls(**_summary(device))
 
 
@@ -58,7 +59,7 @@ class DeviceDetail(DeviceOut):
     public_key: str | None
 
     @classmethod
-    def of(cls, device: Device) -> "DeviceDetail":
+    def of(cls, device: Device) -> DeviceDetail:
         return cls(
             **_summary(device),
             hardware=dict(device.hardware),

@@ -14,9 +14,10 @@ from typing import Any
 import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from edgefleet.common.hardware import HardwareProfile
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field, field_validator
+
+from edgefleet.common.hardware import HardwareProfile
 
 from ..db.models import Device, EnrollmentToken, utcnow
 from ..errors import Conflict, NotFound, Unauthorized, Unavailable

@@ -5,9 +5,10 @@ from collections import defaultdict
 from datetime import datetime
 from typing import Any
 
-from edgefleet.common.protocol import NAME
 from fastapi import APIRouter, Depends, Path
 from pydantic import BaseModel
+
+from edgefleet.common.protocol import NAME
 
 from ..db.catalog import ModelVersion, model_versions
 from ..errors import NotFound

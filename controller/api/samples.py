@@ -7,10 +7,11 @@ it is stored under
 """
 from __future__ import annotations
 
-from edgefleet.common.protocol import NAME
 from fastapi import APIRouter, Depends, Header, Request
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
+
+from edgefleet.common.protocol import NAME
 
 from ..dataset import decode_shard
 from ..db.models import Device, Sample, utcnow

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import onnx
+
 from edgefleet.common.errors import StorageError
 from edgefleet.common.fs import atomic_write
 from edgefleet.common.protocol import NAME
@@ -67,7 +69,7 @@ def build_bundle(
     report: dict[str, Any] = {
         "model": name,
         "version": version,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "reference": builder.reference_entry(),
         "variants": [],
         "refused": [],
@@ -116,7 +118,7 @@ class _Builder:
         staged = staging / f"{variant.name}.onnx"
         try:
             variant.make(self.source, staged, self.calibration)
-        except Exception as e:  # noqa: BLE001 - converters raise anything; one line names the variant
+        except Exception as e:  # converters raise anything; one line names the variant
             if isinstance(e, BuildError):
                 raise
             raise BuildError(f"{variant.name} could not be built: {one_line(e)}") from e

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from edgefleet.common.errors import GoldenFormatError
 from edgefleet.common.golden import read_npz
 

@@ -127,10 +127,10 @@ def cpu_session(path: Path, fp16: bool):
     """
     try:
         return open_session(path), False
-    except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types for a bad model
+    except Exception as e:  # ORT raises several unrelated types for a bad model
         if not fp16:
             raise BuildError(f"variant {path.name} does not load in ONNX Runtime: {one_line(e)}") from e
     try:
         return open_session(fp16_as_fp32(onnx.load(str(path))).SerializeToString()), True
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise BuildError(f"variant {path.name} cannot be evaluated on this CPU: {one_line(e)}") from e

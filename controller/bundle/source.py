@@ -76,7 +76,7 @@ def load_source(path: Path) -> SourceModel:
         raise BuildError(f"model {path} is not an ONNX model: it has no graph")
     try:
         ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types for a bad model
+    except Exception as e:  # ORT raises several unrelated types for a bad model
         raise BuildError(f"model {path} does not load in ONNX Runtime: {one_line(e)}") from e
     initializers = {t.name for t in proto.graph.initializer}
     return SourceModel(

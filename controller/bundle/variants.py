@@ -11,14 +11,15 @@ cuda-fp16  float16 conversion keeping float32 inputs and outputs.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
-from edgefleet.common.hardware import Requirements
 from onnxruntime.quantization import CalibrationDataReader
+
+from edgefleet.common.hardware import Requirements
 
 from ..errors import BuildError
 from .data import Dataset

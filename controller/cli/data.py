@@ -1,9 +1,9 @@
 """``fleetctl data export|stats``: sampled production data back for retraining."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator
 
 import click
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import click
+
 from edgefleet.common.protocol import SamplingPolicy
 
 from ..errors import InvalidInput

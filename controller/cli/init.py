@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 import sqlalchemy as sa
+
 from edgefleet.common.defaults import fleet_home
 
 from ..db.models import ApiToken, utcnow

@@ -7,8 +7,8 @@ controller's errors (Unavailable, Conflict).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import sqlalchemy as sa
 from sqlalchemy import event, exc
@@ -108,9 +108,8 @@ class Database:
     @contextlib.contextmanager
     def unit_of_work(self) -> Iterator[Session]:
         """A Session in one transaction: committed on success, rolled back on any error."""
-        with translate_errors():
-            with self._sessions() as session, session.begin():
-                yield session
+        with translate_errors(), self._sessions() as session, session.begin():
+            yield session
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[Session]:
@@ -126,9 +125,8 @@ class Database:
     @contextlib.contextmanager
     def connect(self) -> Iterator[sa.Connection]:
         """A Core connection in one transaction (for bulk statements and locks)."""
-        with translate_errors():
-            with self.engine.begin() as connection:
-                yield connection
+        with translate_errors(), self.engine.begin() as connection:
+            yield connection
 
     # --- schema version -------------------------------------------------
 

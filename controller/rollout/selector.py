@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from edgefleet.common.hardware import HardwareProfile
 
@@ -67,7 +68,7 @@ class Selector:
     requirements: tuple[Requirement, ...]
 
     @classmethod
-    def parse(cls, text: str) -> "Selector":
+    def parse(cls, text: str) -> Selector:
         return cls(_Parser(text).parse())
 
     def matches(self, labels: Mapping[str, str], hardware: Mapping[str, Any] | None = None) -> bool:

@@ -6,8 +6,9 @@ from collections import Counter, defaultdict
 from typing import Any
 
 import sqlalchemy as sa
-from edgefleet.common.protocol import ExecutionState
 from sqlalchemy.orm import Session
+
+from edgefleet.common.protocol import ExecutionState
 
 from ..db.models import Device, Execution, GateResult, Rollout
 from ..errors import NotFound

@@ -6,8 +6,9 @@ Keys are '/'-separated relative paths such as ``repository/metadata/timestamp.js
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from ..config import ControllerConfig
 from ..errors import NotFound

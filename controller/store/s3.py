@@ -7,8 +7,8 @@ to devices as presigned URLs. Credentials come from boto3's usual chain
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import boto3
 from boto3.exceptions import S3UploadFailedError

@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import uvicorn
+from fastapi import FastAPI
+
 from edgefleet.controller.api.app import create_app
 from edgefleet.controller.api.deps import ApiContext
 from edgefleet.controller.config import ControllerConfig
@@ -27,8 +29,6 @@ from edgefleet.controller.tokens import (
     new_token,
     register_operator_token,
 )
-from fastapi import FastAPI
-
 from tests.conftest import free_port
 
 START_TIMEOUT_S = 15.0

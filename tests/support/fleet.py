@@ -13,11 +13,13 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.fetch import trust_root
 from edgefleet.common.golden import GoldenSet
@@ -58,7 +60,7 @@ class ModelRepo:
     reference: Path          # golden outputs come from this model (digits) unless told otherwise
 
     @classmethod
-    def create(cls, root: Path, eval_inputs: np.ndarray, reference: Path) -> "ModelRepo":
+    def create(cls, root: Path, eval_inputs: np.ndarray, reference: Path) -> ModelRepo:
         return cls(SignedRepo.create(root), eval_inputs, reference)
 
     @property
@@ -135,7 +137,7 @@ class Observer:
 
         host, _, port = broker_url.removeprefix("mqtt://").partition(":")
         self.device = device
-        self.messages: "queue.Queue[tuple[Channel, dict]]" = queue.Queue()
+        self.messages: queue.Queue[tuple[Channel, dict]] = queue.Queue()
         self.seen: list[tuple[Channel, dict]] = []
         self.reported: dict | None = None
         self._lock = threading.Lock()
@@ -209,7 +211,7 @@ class AgentProcess:
         self._env = env
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "AgentProcess":
+    def start(self) -> AgentProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "fleet-agent"), "run", "--config", str(self.config_path)],
@@ -278,7 +280,7 @@ class Load:
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for t in self._threads:
             t.start()
         return self

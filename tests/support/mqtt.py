@@ -4,17 +4,17 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
 from edgefleet.common import protocol
 from edgefleet.common.mqtt import BrokerURL
 from edgefleet.controller.db.models import Device
 from edgefleet.controller.db.session import Database
 from edgefleet.controller.embedded_broker import EmbeddedBroker
-from paho.mqtt.enums import CallbackAPIVersion
-
 from tests.conftest import free_port
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import re
 import socket
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 CHUNK = 64 * 1024
@@ -103,7 +104,7 @@ class RepoServer:
         """Paths requested so far (optionally only those containing ``contains``)."""
         return [r.path for r in self.requests if contains in r.path]
 
-    def start(self) -> "RepoServer":
+    def start(self) -> RepoServer:
         server = self
 
         class Handler(_Handler):
@@ -125,7 +126,7 @@ class RepoServer:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> "RepoServer":
+    def __enter__(self) -> RepoServer:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -139,7 +140,7 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep test output quiet
         pass
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server naming
+    def do_GET(self) -> None:  # http.server naming
         key = unquote(urlsplit(self.path).path).lstrip("/")
         requested = self.headers.get("Range")
         self.repo.requests.append(Request(key, requested))

@@ -11,20 +11,22 @@ ones), so tests can play a repository that replays, expires or mis-signs.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import Metadata
+
 from edgefleet.agent.fetch import ModelUpdater, trust_root
 from edgefleet.common.protocol import TargetInfo
 from edgefleet.controller.config import ControllerConfig
 from edgefleet.controller.home import init_home
 from edgefleet.controller.signing import METADATA_PREFIX, Keyring, Repository
 from edgefleet.controller.store.local import LocalStore
-from securesystemslib.signer import CryptoSigner
-from tuf.api.metadata import Metadata
 
 from .repo_server import RepoServer, serve
 
@@ -67,12 +69,12 @@ class SignedRepo:
     server: RepoServer
 
     @classmethod
-    def create(cls, root: Path, **init: Any) -> "SignedRepo":
+    def create(cls, root: Path, **init: Any) -> SignedRepo:
         config = init_home(root / "home", **init)
         repository = Repository.from_config(config)
         return cls(root, config, repository, serve(config.store_path))
 
-    def __enter__(self) -> "SignedRepo":
+    def __enter__(self) -> SignedRepo:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -130,7 +132,7 @@ class SignedRepo:
         change(md.signed)
         if bump:
             md.signed.version += 1
-        md.signed.expires = datetime.now(timezone.utc).replace(microsecond=0) + expires_in
+        md.signed.expires = datetime.now(UTC).replace(microsecond=0) + expires_in
         md.signatures.clear()
         for signer in signers if signers is not None else self.signers(md.signed.type):
             md.sign(signer, append=True)
