@@ -121,6 +121,17 @@ def test_unreachable_controller_and_bad_tokens(fleet, tmp_path):
     assert "run `fleetctl init`" in one_line_error(no_home, "models", "list")
 
 
+NOUNS = ("init", "keys", "controller", "db", "bundle", "models", "devices", "deploy", "apply", "rollout",
+         "data", "audit")
+
+
+def test_help_lists_every_noun():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0, result.output
+    listed = result.output.split("Commands:", 1)[1].split()
+    assert [noun for noun in NOUNS if noun not in listed] == []
+
+
 def test_parse_labels():
     assert parse_labels(("a=1", "b=", "c-")) == ({"a": "1", "b": ""}, ["c"])
     with pytest.raises(InvalidInput):

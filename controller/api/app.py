@@ -5,7 +5,6 @@ ControllerError class (a database that is down is Unavailable: 503).
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import re
 from importlib.metadata import version
@@ -17,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from ..errors import ControllerError
-from . import audit, devices, enroll, models, repository, samples
+from . import audit, data, devices, enroll, models, repository, rollouts, samples
 from .deps import ApiContext, get_ctx
 from .limits import BodyLimit
 
@@ -26,8 +25,6 @@ log = logging.getLogger(__name__)
 MAX_JSON_BYTES = 1024 * 1024
 # Endpoints that take uploads up to config.max_upload_bytes; every other body is JSON.
 UPLOAD_PATHS = re.compile(r"^/v1/devices/[^/]+/samples$")
-# Routers written beside this package by the rollout helper; included when present.
-OPTIONAL_ROUTERS = ("rollouts", "data")
 
 health = APIRouter(tags=["health"])
 
@@ -39,6 +36,13 @@ def healthz(ctx: ApiContext = Depends(get_ctx)) -> dict[str, str]:
     return {"status": "ok"}
 
 
+# Every router the app serves, one per noun.
+ROUTERS: tuple[APIRouter, ...] = (
+    health, repository.router, enroll.router, samples.router, devices.router,
+    models.router, rollouts.router, data.router, audit.router,
+)
+
+
 def create_app(ctx: ApiContext) -> FastAPI:
     app = FastAPI(
         title="edgefleet controller",
@@ -46,8 +50,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         description="Operator API (bearer operator token), device API (bearer device token), TUF repository.",
     )
     app.state.ctx = ctx
-    for router in (health, repository.router, enroll.router, samples.router,
-                   devices.router, models.router, audit.router, *_optional_routers()):
+    for router in ROUTERS:
         app.include_router(router)
     upload_limit = ctx.config.max_upload_bytes
     app.add_middleware(
@@ -58,20 +61,6 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
     return app
-
-
-def _optional_routers() -> list[APIRouter]:
-    routers = []
-    for name in OPTIONAL_ROUTERS:
-        module_name = f"{__package__}.{name}"
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
-            continue
-        routers.append(module.router)
-    return routers
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

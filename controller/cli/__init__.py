@@ -1,23 +1,22 @@
 """``fleetctl``: the operator CLI, a thin layer over the library and the API.
 
-Every module in this package that defines ``cli`` (a click command or group)
-is one noun: ``fleetctl bundle ...``, ``fleetctl devices ...``.
+Each noun is one module whose ``cli`` (a click command or group) is listed in
+COMMANDS below: ``fleetctl bundle ...``, ``fleetctl devices ...``.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 import sys
 
 import click
 
 from ..errors import ControllerError
+from . import apply, audit, bundle, controller, data, db, deploy, devices, init, keys, models, rollout
 
 
 class _Fleetctl(click.Group):
     """Translates the controller's errors into one line and exit code 1."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
         except ControllerError as e:
@@ -38,14 +37,10 @@ def main() -> None:
     """
 
 
-def _register() -> None:
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        command = getattr(module, "cli", None)
-        if isinstance(command, click.Command):
-            main.add_command(command)
-
-
-_register()
+# Every command group of fleetctl, one per noun.
+COMMANDS: tuple[click.Command, ...] = (
+    init.cli, keys.cli, controller.cli, db.cli, bundle.cli, models.cli, devices.cli,
+    deploy.cli, apply.cli, rollout.cli, data.cli, audit.cli,
+)
+for command in COMMANDS:
+    main.add_command(command)
