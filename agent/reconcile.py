@@ -58,7 +58,7 @@ class Link(Protocol):
     def telemetry(self, kind: Any, data: dict) -> None: ...
 
 
-class Step:
+class HandlerResult:
     """Carries a handler's outcome and its one-line reason."""
 
     def __init__(self, outcome: Outcome, detail: str = "", data: dict | None = None) -> None:
@@ -89,7 +89,7 @@ class Reconciler:
         self._on_step = on_step  # the daemon pings the watchdog between steps
         self._refreshed = False
         self._targets: dict[str, tuple[Any, TargetInfo]] = {}
-        self._handlers: dict[State, Callable[[Journal], Step]] = {
+        self._handlers: dict[State, Callable[[Journal], HandlerResult]] = {
             State.DOWNLOAD: self._download,
             State.VERIFY: self._verify,
             State.STAGE: self._stage,
@@ -121,7 +121,7 @@ class Reconciler:
         self.slots.gc()
         return None
 
-    def _stay(self, journal: Journal, step: Step) -> float:
+    def _stay(self, journal: Journal, step: HandlerResult) -> float:
         if step.outcome is Outcome.WINDOW_CLOSED:
             return WINDOW_RECHECK_S
         delay = self.backoff.delay(self._attempts)
@@ -154,20 +154,20 @@ class Reconciler:
         self._event(journal)
         return journal
 
-    def _run_handler(self, journal: Journal) -> Step:
+    def _run_handler(self, journal: Journal) -> HandlerResult:
         self._on_step()
         try:
             return self._handlers[journal.state](journal)
         except TransportError as e:
-            return Step(Outcome.RETRY, str(e))
+            return HandlerResult(Outcome.RETRY, str(e))
         except RejectedError as e:
-            return Step(Outcome.REJECTED, str(e))
+            return HandlerResult(Outcome.REJECTED, str(e))
         except EdgefleetError as e:  # the remote sent something unusable, or the disk is full: terminal
-            return Step(Outcome.FAILED, str(e))
+            return HandlerResult(Outcome.FAILED, str(e))
 
     # --- handlers (one job each, idempotent) ----------------------------------
 
-    def _download(self, journal: Journal) -> Step:
+    def _download(self, journal: Journal) -> HandlerResult:
         desired = journal.desired
         target_file, info = self._find(desired.target or "")
         if (info.model, info.version, info.variant) != (desired.model, desired.version, desired.variant):
@@ -183,17 +183,17 @@ class Reconciler:
         journal.slot = name
         self._save(journal)
         if self.slots.get(name) is not None:
-            return Step(Outcome.DONE, f"{name} is already installed")
+            return HandlerResult(Outcome.DONE, f"{name} is already installed")
         staging = self.slots.staging(name)
         golden_file = self._golden(info)
         self._fetch(target_file, staging / MODEL_FILE)
         self._fetch(golden_file, staging / GOLDEN_FILE)
-        return Step(Outcome.DONE, f"downloaded {target_file.length} bytes")
+        return HandlerResult(Outcome.DONE, f"downloaded {target_file.length} bytes")
 
-    def _verify(self, journal: Journal) -> Step:
+    def _verify(self, journal: Journal) -> HandlerResult:
         name = journal.slot or ""
         if self.slots.get(name) is not None:
-            return Step(Outcome.DONE, f"{name} is installed")
+            return HandlerResult(Outcome.DONE, f"{name} is installed")
         target_file, info = self._find(journal.desired.target or "")
         staging = self.slots.staging_root / name
         golden_file = self._golden(info)
@@ -201,35 +201,35 @@ class Reconciler:
             problem = _mismatch(file, path)
             if problem:
                 path.unlink(missing_ok=True)
-                return Step(Outcome.RETRY, problem)
+                return HandlerResult(Outcome.RETRY, problem)
         if golden_file.hashes.get("sha256") != info.golden_sha256:
             raise VerificationError(f"golden set of {name} does not match the digest its model target names")
         check_release(info, self.slots.highest_release(info.model))
-        return Step(Outcome.DONE, f"{name} matches its signed length and hashes")
+        return HandlerResult(Outcome.DONE, f"{name} matches its signed length and hashes")
 
-    def _stage(self, journal: Journal) -> Step:
+    def _stage(self, journal: Journal) -> HandlerResult:
         name = journal.slot or ""
         if self.slots.get(name) is None:
             target_file, info = self._find(journal.desired.target or "")
             meta = SlotMeta(_ref(info), info, target_file.hashes["sha256"], installed=time.time())
             self.slots.install(name, meta)
         if not window.is_open(journal.desired.window):
-            return Step(Outcome.WINDOW_CLOSED, f"waiting for maintenance window {journal.desired.window.cron}")
-        return Step(Outcome.DONE, f"{name} installed")
+            return HandlerResult(Outcome.WINDOW_CLOSED, f"waiting for maintenance window {journal.desired.window.cron}")
+        return HandlerResult(Outcome.DONE, f"{name} installed")
 
-    def _wait_window(self, journal: Journal) -> Step:
+    def _wait_window(self, journal: Journal) -> HandlerResult:
         if window.is_open(journal.desired.window):
-            return Step(Outcome.DONE, "maintenance window is open")
-        return Step(Outcome.WINDOW_CLOSED, "maintenance window is closed")
+            return HandlerResult(Outcome.DONE, "maintenance window is open")
+        return HandlerResult(Outcome.WINDOW_CLOSED, "maintenance window is closed")
 
-    def _activate(self, journal: Journal) -> Step:
+    def _activate(self, journal: Journal) -> HandlerResult:
         name = journal.slot or ""
         slot = self.slots.get(name)
         if slot is None:
-            return Step(Outcome.RETRY, f"slot {name} is missing")
+            return HandlerResult(Outcome.RETRY, f"slot {name} is missing")
         active = self.runtime.active
         if self.slots.pointer().active == name and active is not None and active.ref == slot.meta.ref:
-            return Step(Outcome.DONE, f"{name} is active")
+            return HandlerResult(Outcome.DONE, f"{name} is active")
         previous = self.slots.active()
         recorded_p99 = previous.meta.p99_ms if previous is not None else None
         measured: dict = {}
@@ -250,20 +250,20 @@ class Reconciler:
             outcome = self.runtime.replace(slot.model, slot.meta.ref, gate_and_commit)
         except (GateError, ModelError) as e:
             self.slots.discard(name)
-            return Step(Outcome.GATE_FAILED, str(e), measured)
+            return HandlerResult(Outcome.GATE_FAILED, str(e), measured)
         finally:
             if measured:
                 self.link.telemetry(TelemetryKind.BENCHMARK.value, {"model": slot.meta.ref.to_dict(), **measured})
         detail = "swapped (requests held while the old model made room)" if outcome.preserved else "swapped"
-        return Step(Outcome.DONE, detail, measured)
+        return HandlerResult(Outcome.DONE, detail, measured)
 
-    def _rollback(self, journal: Journal) -> Step:
+    def _rollback(self, journal: Journal) -> HandlerResult:
         previous = self.slots.previous()
         if previous is None:
             raise AgentError("no previous model is installed to roll back to")
         # the previous slot passed its gate when it was first activated
         self.runtime.replace(previous.model, previous.meta.ref, lambda _loaded: self.slots.rollback())
-        return Step(Outcome.DONE, f"rolled back to {previous.meta.ref.model} {previous.meta.ref.version}")
+        return HandlerResult(Outcome.DONE, f"rolled back to {previous.meta.ref.model} {previous.meta.ref.version}")
 
     # --- helpers --------------------------------------------------------------
 
