@@ -33,7 +33,7 @@ from .fetch import check_release
 from .gate import run_gate
 from .runtime import LoadedModel, ModelRuntime
 from .slots import GOLDEN_FILE, MODEL_FILE, Journal, SlotMeta, Slots, slot_name
-from .state import Outcome, State, next_state, plan
+from .state import Outcome, State, first_state, next_state
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +145,11 @@ class Reconciler:
         self._resumed = True
         finished = journal.generation if journal is not None and journal.state.terminal else None
         active = self.slots.active()
-        decision = plan(desired, active.meta.ref if active else None, finished)
-        if decision.state is None or desired is None:
+        state = first_state(desired, active.meta.ref if active else None, finished)
+        if state is None or desired is None:
             return None
-        journal = Journal(desired=desired, state=decision.state)
-        journal.enter(decision.state)
+        journal = Journal(desired=desired, state=state)
+        journal.enter(state)
         self._save(journal)
         self._event(journal)
         return journal

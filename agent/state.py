@@ -10,7 +10,6 @@ keeps being re-entered (a model that crashes the process on load, say).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 
 from edgefleet.common.protocol import Action, Desired, ExecutionState, ModelRef
 
@@ -110,30 +109,23 @@ def same_model(ref: ModelRef | None, desired: Desired) -> bool:
     )
 
 
-@dataclass(frozen=True)
-class Plan:
-    """What one reconcile pass should do for a desired state."""
-
-    state: State | None   # first state of a new execution; None = nothing to do
-    converged: bool       # already running what is desired (report only)
-
-
-def plan(desired: Desired | None, active: ModelRef | None, finished_generation: int | None) -> Plan:
-    """Level-triggered comparison of desired and actual state.
+def first_state(desired: Desired | None, active: ModelRef | None, finished_generation: int | None) -> State | None:
+    """Level-triggered comparison of desired and actual state: the first state of a
+    new execution, or None when there is nothing to do.
 
     ``finished_generation`` is the generation whose execution already reached a
     terminal state: a failed or rejected generation is not retried until the
     controller sends a new one.
     """
     if desired is None:
-        return Plan(None, True)
+        return None
     action = Action(desired.action)
     if action is Action.NONE:
-        return Plan(None, True)
+        return None
     if finished_generation is not None and desired.generation <= finished_generation:
-        return Plan(None, action is Action.INSTALL and same_model(active, desired))
+        return None
     if action is Action.ROLLBACK:
-        return Plan(State.ROLLBACK, False)
+        return State.ROLLBACK
     if same_model(active, desired):
-        return Plan(State.SUCCEEDED, True)
-    return Plan(State.DOWNLOAD, False)
+        return State.SUCCEEDED
+    return State.DOWNLOAD

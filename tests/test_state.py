@@ -1,4 +1,4 @@
-"""The transition table, the level-triggered plan and the maintenance-window cron."""
+"""The transition table, the level-triggered first state and the maintenance-window cron."""
 from datetime import datetime
 
 import pytest
@@ -8,8 +8,8 @@ from edgefleet.agent.state import (
     Outcome,
     State,
     TransitionError,
+    first_state,
     next_state,
-    plan,
 )
 from edgefleet.agent.window import is_open
 from edgefleet.common.cron import Cron
@@ -68,18 +68,18 @@ def test_every_non_terminal_state_is_reachable_and_can_finish():
             assert any(s is state for s, _ in TRANSITIONS), state
 
 
-def test_plan_is_level_triggered():
+def test_first_state_is_level_triggered():
     v1 = ModelRef("digits", "1.0.0", "cpu-fp32", 1)
-    assert plan(None, v1, None).state is None
-    assert plan(desired(), None, None).state is State.DOWNLOAD
+    assert first_state(None, v1, None) is None
+    assert first_state(desired(), None, None) is State.DOWNLOAD
     # already running it: the execution is immediately done
-    assert plan(desired(), v1, None) .state is State.SUCCEEDED
-    assert plan(desired(version="2.0.0"), v1, None).state is State.DOWNLOAD
+    assert first_state(desired(), v1, None) is State.SUCCEEDED
+    assert first_state(desired(version="2.0.0"), v1, None) is State.DOWNLOAD
     # a finished generation (failed, say) is not retried until a newer one arrives
-    assert plan(desired(generation=3, version="2.0.0"), v1, 3).state is None
-    assert plan(desired(generation=4, version="2.0.0"), v1, 3).state is State.DOWNLOAD
-    assert plan(desired(generation=5, action="rollback"), v1, 4).state is State.ROLLBACK
-    assert plan(Desired(device="dev-1", generation=6, action="none"), v1, 5).state is None
+    assert first_state(desired(generation=3, version="2.0.0"), v1, 3) is None
+    assert first_state(desired(generation=4, version="2.0.0"), v1, 3) is State.DOWNLOAD
+    assert first_state(desired(generation=5, action="rollback"), v1, 4) is State.ROLLBACK
+    assert first_state(Desired(device="dev-1", generation=6, action="none"), v1, 5) is None
 
 
 def test_cron_fields():
