@@ -21,7 +21,7 @@ from .runtime import LoadedModel
 
 
 @dataclass(frozen=True)
-class GateResult:
+class ActivationGateResult:
     passed: bool
     reason: str                       # one line, for the event's detail
     data: dict = field(default_factory=dict)  # measured numbers, for the event's data
@@ -34,18 +34,18 @@ def run_gate(
     previous_p99_ms: float | None,
     noise_floor_ms: float = NOISE_FLOOR_MS,
     baseline: LoadedModel | None = None,
-) -> GateResult:
+) -> ActivationGateResult:
     data: dict = {"p99_budget_ms": gate.p99_budget_ms, "max_p99_regression": gate.max_p99_regression,
                   "previous_p99_ms": previous_p99_ms}
     try:
         golden = GoldenSet.load(golden_path)
         verdict = golden.check(loaded.run)
     except (EdgefleetError, OSError) as e:
-        return GateResult(False, f"golden set could not run: {e}", data)
+        return ActivationGateResult(False, f"golden set could not run: {e}", data)
     data.update(golden_passed=verdict.passed, max_abs_diff=verdict.max_abs_diff,
                 atol=golden.atol, rtol=golden.rtol, golden_samples=golden.samples)
     if not verdict.passed:
-        return GateResult(False, f"golden set failed: {verdict.detail}", data)
+        return ActivationGateResult(False, f"golden set failed: {verdict.detail}", data)
 
     try:
         if baseline is None:
@@ -55,19 +55,20 @@ def run_gate(
             previous_p99_ms = data["previous_p99_ms"] = before.p99_ms
             data["previous_measured"] = "paired"
     except EdgefleetError as e:
-        return GateResult(False, f"benchmark could not run: {e}", data)
+        return ActivationGateResult(False, f"benchmark could not run: {e}", data)
     data.update(p50_ms=result.p50_ms, p99_ms=result.p99_ms, max_ms=result.max_ms, benchmark=result.to_dict())
 
     if gate.p99_budget_ms is not None and result.p99_ms > gate.p99_budget_ms:
-        return GateResult(False, f"p99 {result.p99_ms:.3f} ms is over the budget of {gate.p99_budget_ms:g} ms", data)
+        over = f"p99 {result.p99_ms:.3f} ms is over the budget of {gate.p99_budget_ms:g} ms"
+        return ActivationGateResult(False, over, data)
     if previous_p99_ms is not None:
         limit = max(previous_p99_ms * (1 + gate.max_p99_regression), previous_p99_ms + noise_floor_ms)
         data["p99_limit_ms"] = limit
         if result.p99_ms > limit:
-            return GateResult(
+            return ActivationGateResult(
                 False,
                 f"p99 {result.p99_ms:.3f} ms regresses past {limit:.3f} ms "
                 f"(previous {previous_p99_ms:.3f} ms + {gate.max_p99_regression:.0%})",
                 data,
             )
-    return GateResult(True, f"golden set passed ({verdict.detail}); p99 {result.p99_ms:.3f} ms", data)
+    return ActivationGateResult(True, f"golden set passed ({verdict.detail}); p99 {result.p99_ms:.3f} ms", data)

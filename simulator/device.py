@@ -42,7 +42,7 @@ from .traffic import UPLOAD_TIMEOUT_S, DeviceTraffic, Traffic
 log = logging.getLogger(__name__)
 
 
-class Scheduler(Protocol):
+class WorkerPool(Protocol):
     """What a device needs of the fleet's worker pool."""
 
     def wake(self, device: SimDevice, delay: float = 0.0) -> None: ...
@@ -53,7 +53,7 @@ class Shared:
     """What every device of one fleet shares: immutable, or thread-safe."""
 
     loop: NetworkLoop
-    workers: Scheduler
+    workers: WorkerPool
     sessions: SessionCache
     fetcher: RangeFetcher
     broker: BrokerURL
