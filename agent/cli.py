@@ -24,8 +24,9 @@ from pathlib import Path
 
 from edgefleet.common.defaults import DEFAULT_STATE_DIR
 from edgefleet.common.errors import EdgefleetError
+from edgefleet.common.settings import environment_help
 
-from .config import AgentConfig
+from .config import ENV_PREFIX, AgentConfig
 from .slots import Slots
 
 CONFIG_ENV = "FLEET_AGENT_CONFIG"
@@ -152,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the agent daemon")
+    run = sub.add_parser("run", help="run the agent daemon", formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog=environment_help(AgentConfig, ENV_PREFIX, "agent.toml"))
     _add_config(run)
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.set_defaults(func=cmd_run)

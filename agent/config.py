@@ -1,9 +1,8 @@
-"""Agent configuration: one dataclass, read from ``agent.toml``."""
+"""Agent configuration: one dataclass, read from ``agent.toml``, overridden by ``EDGEFLEET_AGENT_<KEY>``."""
 from __future__ import annotations
 
-import json
-import tomllib
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgefleet.common.defaults import (
@@ -12,6 +11,10 @@ from edgefleet.common.defaults import (
     DEFAULT_SERVE_ADDRESS,
     DEFAULT_STATE_DIR,
 )
+from edgefleet.common.settings import COUNT, POSITIVE, load, to_toml
+
+# Distinct from the controller's EDGEFLEET_<KEY>: one shell may run both.
+ENV_PREFIX = "EDGEFLEET_AGENT_"
 
 
 @dataclass
@@ -23,20 +26,22 @@ class AgentConfig:
     mqtt_username: str = ""
     mqtt_password: str = ""
     mqtt_ca_file: str = ""                  # CA bundle for mqtts:// (empty: the system trust store)
-    reconnect_min_s: float = 0.5            # broker reconnect backoff (exponential, full jitter)
-    reconnect_max_s: float = 60.0
+    reconnect_min_s: float = field(default=0.5, metadata=POSITIVE)  # broker reconnect backoff (exponential, full jitter)
+    reconnect_max_s: float = field(default=60.0, metadata=POSITIVE)
     device_token: str = ""                  # bearer token for the controller's device API
     metadata_url: str = ""                  # TUF metadata; empty: {controller_url}/repository/metadata/
     target_base_url: str = ""               # TUF targets; empty: {controller_url}/repository/targets/
     serve: str = DEFAULT_SERVE_ADDRESS      # HOST:PORT, or unix:/path/to/socket
-    intra_op_threads: int = 1               # small shared devices: do not take every core
-    inter_op_threads: int = 1
+    # Small shared devices: do not take every core (0: ONNX Runtime's default, one per core).
+    intra_op_threads: int = field(default=1, metadata=COUNT)
+    inter_op_threads: int = field(default=1, metadata=COUNT)
     allow_spinning: bool = False            # ORT busy-wait threads burn CPU on shared devices
-    heartbeat_s: float = 30.0
-    download_timeout_s: float = 30.0        # a stalled download is abandoned after this, resumed later
-    max_request_bytes: int = 16 * 1024 * 1024
-    offline_queue_max: int = 1000           # reports kept while the broker is unreachable
-    sample_buffer_bytes: int = 64 * 1024 * 1024
+    heartbeat_s: float = field(default=30.0, metadata=POSITIVE)
+    # A stalled download is abandoned after this, resumed later.
+    download_timeout_s: float = field(default=30.0, metadata=POSITIVE)
+    max_request_bytes: int = field(default=16 * 1024 * 1024, metadata=POSITIVE)
+    offline_queue_max: int = field(default=1000, metadata=COUNT)  # reports kept while the broker is unreachable
+    sample_buffer_bytes: int = field(default=64 * 1024 * 1024, metadata=COUNT)
     hardware_override: dict = field(default_factory=dict)  # simulator / tests: fake profile fields
 
     @property
@@ -48,32 +53,10 @@ class AgentConfig:
         return self.target_base_url or f"{self.controller_url.rstrip('/')}/repository/targets/"
 
     @classmethod
-    def load(cls, path: Path) -> "AgentConfig":
-        """Read a TOML file; unknown keys are an error that names the key."""
-        try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ValueError(f"cannot read agent config {path}: {e}") from None
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"agent config {path}: unknown key(s) {', '.join(unknown)}")
-        if "state_dir" in data:
-            data["state_dir"] = Path(data["state_dir"])
-        return cls(**data)
+    def load(cls, path: Path, environ: Mapping[str, str] | None = None) -> "AgentConfig":
+        """The TOML file at ``path``, then ``EDGEFLEET_AGENT_<KEY>`` variables (default: os.environ);
+        a wrong name, type or range raises ConfigError naming the file or variable and the key."""
+        return load(cls, path, "agent config", ENV_PREFIX, environ)
 
     def to_toml(self) -> str:
-        return "".join(f"{f.name} = {_toml_value(getattr(self, f.name))}\n" for f in fields(self))
-
-
-def _toml_value(value: object) -> str:
-    """A TOML literal; JSON's string escapes are valid TOML basic strings."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    return json.dumps(str(value))
+        return to_toml(self)

@@ -1,9 +1,10 @@
-"""Controller configuration: one dataclass, read from ``$EDGEFLEET_HOME/config.toml``."""
+"""Controller configuration: one dataclass, read from ``$EDGEFLEET_HOME/config.toml``,
+overridden by ``EDGEFLEET_<KEY>`` (``[store]`` keys: ``EDGEFLEET_STORE_<KEY>``)."""
 from __future__ import annotations
 
 import hashlib
-import tomllib
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgefleet.common.defaults import (
@@ -12,8 +13,11 @@ from edgefleet.common.defaults import (
     EMBEDDED_BROKER_PORT,
     fleet_home,
 )
+from edgefleet.common.settings import COUNT, FIXED, PORT, POSITIVE, ConfigError, load
 
 from .errors import InvalidInput
+
+ENV_PREFIX = "EDGEFLEET_"  # EDGEFLEET_HOME, the fleet home, is no key: it says where config.toml is
 
 
 @dataclass
@@ -24,29 +28,29 @@ class StoreConfig:
     prefix: str = ""                 # s3: key prefix inside the bucket
     endpoint_url: str = ""           # s3-compatible stores (MinIO, moto, Ceph)
     region: str = "us-east-1"
-    presign_ttl_s: int = 3600        # lifetime of presigned download URLs
+    presign_ttl_s: int = field(default=3600, metadata=POSITIVE)  # lifetime of presigned download URLs
 
 
 @dataclass
 class ControllerConfig:
-    home: Path = field(default_factory=fleet_home)
+    home: Path = field(default_factory=fleet_home, metadata=FIXED)
     api_host: str = "127.0.0.1"
-    api_port: int = 8470
+    api_port: int = field(default=8470, metadata=PORT)
     public_url: str = DEFAULT_CONTROLLER_URL   # how devices reach the API and repository
     database_url: str = ""           # default: sqlite:///HOME/controller.db (WAL)
     broker_url: str = ""             # empty: start the embedded broker on 127.0.0.1:embedded_broker_port
-    embedded_broker_port: int = EMBEDDED_BROKER_PORT
+    embedded_broker_port: int = field(default=EMBEDDED_BROKER_PORT, metadata=PORT)
     mqtt_username: str = ""
     mqtt_password: str = ""
     share_group: str = ""            # MQTT 5 shared-subscription group of this fleet's replicas (see below)
     store: StoreConfig = field(default_factory=StoreConfig)
-    timestamp_expiry_s: int = 86400        # lifetime of a signed timestamp
-    snapshot_expiry_s: int = 7 * 86400
-    resign_margin_s: int = 6 * 3600        # re-sign when less than this is left
-    heartbeat_timeout_s: int = 90          # no heartbeat for this long: offline
-    telemetry_retention_days: int = 30
-    scheduler_interval_s: float = 2.0      # rollout stepping and sweeps
-    max_upload_bytes: int = 32 * 1024 * 1024
+    timestamp_expiry_s: int = field(default=86400, metadata=POSITIVE)  # lifetime of a signed timestamp
+    snapshot_expiry_s: int = field(default=7 * 86400, metadata=POSITIVE)
+    resign_margin_s: int = field(default=6 * 3600, metadata=COUNT)  # re-sign when less than this is left
+    heartbeat_timeout_s: int = field(default=90, metadata=POSITIVE)  # no heartbeat for this long: offline
+    telemetry_retention_days: int = field(default=30, metadata=POSITIVE)
+    scheduler_interval_s: float = field(default=2.0, metadata=POSITIVE)  # rollout stepping and sweeps
+    max_upload_bytes: int = field(default=32 * 1024 * 1024, metadata=POSITIVE)
 
     @property
     def embedded_broker(self) -> bool:
@@ -72,29 +76,13 @@ class ControllerConfig:
         return Path(self.store.path) if self.store.path else self.home / "store"
 
     @classmethod
-    def load(cls, home: Path | None = None, path: Path | None = None) -> "ControllerConfig":
-        """Defaults, overridden by ``path`` (default HOME/config.toml) when it exists."""
+    def load(cls, home: Path | None = None, path: Path | None = None,
+             environ: Mapping[str, str] | None = None) -> "ControllerConfig":
+        """Defaults, then ``path`` (default HOME/config.toml) when it exists, then ``EDGEFLEET_<KEY>``
+        variables (default: os.environ). A wrong name, type or range is InvalidInput."""
         home = home or fleet_home()
         path = path or home / "config.toml"
-        data: dict = {}
-        if path.exists():
-            try:
-                data = tomllib.loads(path.read_text())
-            except tomllib.TOMLDecodeError as e:
-                raise InvalidInput(f"{path}: {e}; fix the file or run `fleetctl init --force`") from None
-        return cls.from_dict(data, home=home, source=str(path))
-
-    @classmethod
-    def from_dict(cls, data: dict, home: Path, source: str = "config") -> "ControllerConfig":
-        data = dict(data)
-        store = data.pop("store", {})
-        _reject_unknown(cls, data, source)
-        _reject_unknown(StoreConfig, store, f"{source} [store]")
-        return cls(home=home, store=StoreConfig(**store), **data)
-
-
-def _reject_unknown(kind: type, data: dict, source: str) -> None:
-    known = {f.name for f in fields(kind)} - {"home", "store"}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise InvalidInput(f"{source}: unknown key(s) {', '.join(unknown)}; see docs for the valid keys")
+        try:
+            return load(cls, path if path.exists() else None, "controller config", ENV_PREFIX, environ, home=home)
+        except ConfigError as e:
+            raise InvalidInput(str(e)) from None

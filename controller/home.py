@@ -12,6 +12,7 @@ from pathlib import Path
 
 from edgefleet.common.errors import StorageError
 from edgefleet.common.fs import atomic_write
+from edgefleet.common.settings import toml_value
 
 from .config import ControllerConfig, StoreConfig
 from .errors import Conflict, Unavailable
@@ -24,25 +25,16 @@ CONFIG_HEADER = """\
 """
 
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
-
-
 def config_template() -> str:
     """config.toml with every key commented out at its default."""
     defaults = ControllerConfig(home=Path("HOME"))
     lines = [CONFIG_HEADER]
     for f in fields(ControllerConfig):
         if f.name not in ("home", "store"):
-            lines.append(f"# {f.name} = {_toml_value(getattr(defaults, f.name))}")
+            lines.append(f"# {f.name} = {toml_value(getattr(defaults, f.name))}")
     lines += ["", "# [store]  # kind: \"local\" (a directory, default HOME/store) or \"s3\""]
     for f in fields(StoreConfig):
-        lines.append(f"# {f.name} = {_toml_value(getattr(defaults.store, f.name))}")
+        lines.append(f"# {f.name} = {toml_value(getattr(defaults.store, f.name))}")
     return "\n".join(lines) + "\n"
 
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import click
 from edgefleet.common.defaults import fleet_home
+from edgefleet.common.settings import environment_help
 
-from ..config import ControllerConfig
+from ..config import ENV_PREFIX, ControllerConfig
 from ..errors import InvalidInput
 
 # Libraries that log every packet, job run or migration step at INFO.
@@ -19,7 +20,7 @@ def cli() -> None:
     """Run the controller service."""
 
 
-@cli.command()
+@cli.command(epilog="\b\n" + environment_help(ControllerConfig, ENV_PREFIX, "config.toml"))
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               help="config.toml to use (default: HOME/config.toml; HOME is $EDGEFLEET_HOME or ~/.edgefleet).")
 @click.option("--log-level", default="info", show_default=True,
