@@ -21,7 +21,8 @@ from .store import open_store
 
 CONFIG_HEADER = """\
 # edgefleet controller configuration. Every key is optional: the commented
-# values are the defaults. Uncomment and edit to change one.
+# values are the defaults. Uncomment and edit to change one. EDGEFLEET_<KEY>
+# in the environment beats this file ([store] keys: EDGEFLEET_STORE_<KEY>).
 """
 
 
