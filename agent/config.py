@@ -53,7 +53,7 @@ class AgentConfig:
         return self.target_base_url or f"{self.controller_url.rstrip('/')}/repository/targets/"
 
     @classmethod
-    def load(cls, path: Path, environ: Mapping[str, str] | None = None) -> "AgentConfig":
+    def load(cls, path: Path, environ: Mapping[str, str] | None = None) -> AgentConfig:
         """The TOML file at ``path``, then ``EDGEFLEET_AGENT_<KEY>`` variables (default: os.environ);
         a wrong name, type or range raises ConfigError naming the file or variable and the key."""
         return load(cls, path, "agent config", ENV_PREFIX, environ)

@@ -94,7 +94,7 @@ def environment_variables(cls: type, env_prefix: str) -> list[str]:
     """Every variable that overrides a setting of ``cls``, nested tables included."""
     names: list[str] = []
     for f, kind in _settings(cls):
-        if dataclasses.is_dataclass(kind):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
             names += environment_variables(kind, f"{env_prefix}{f.name.upper()}_")
         else:
             names.append(f"{env_prefix}{f.name.upper()}")
@@ -140,7 +140,7 @@ def _build(cls: type[T], table: Mapping[str, object], source: Source, key_prefix
     values: dict[str, object] = dict(fixed)
     for f, kind in settings:
         key, variable = f"{key_prefix}{f.name}", f"{env_prefix}{f.name.upper()}"
-        if dataclasses.is_dataclass(kind):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
             nested = table.get(f.name, {})
             if not isinstance(nested, dict):
                 raise source.in_file(f"{key} must be a table ([{key}]), got {_shown(nested)}")

@@ -77,7 +77,7 @@ class ControllerConfig:
 
     @classmethod
     def load(cls, home: Path | None = None, path: Path | None = None,
-             environ: Mapping[str, str] | None = None) -> "ControllerConfig":
+             environ: Mapping[str, str] | None = None) -> ControllerConfig:
         """Defaults, then ``path`` (default HOME/config.toml) when it exists, then ``EDGEFLEET_<KEY>``
         variables (default: os.environ). A wrong name, type or range is InvalidInput."""
         home = home or fleet_home()
