@@ -26,7 +26,8 @@ class AgentConfig:
     mqtt_username: str = ""
     mqtt_password: str = ""
     mqtt_ca_file: str = ""                  # CA bundle for mqtts:// (empty: the system trust store)
-    reconnect_min_s: float = field(default=0.5, metadata=POSITIVE)  # broker reconnect backoff (exponential, full jitter)
+    # Broker reconnect backoff (exponential, full jitter).
+    reconnect_min_s: float = field(default=0.5, metadata=POSITIVE)
     reconnect_max_s: float = field(default=60.0, metadata=POSITIVE)
     device_token: str = ""                  # bearer token for the controller's device API
     metadata_url: str = ""                  # TUF metadata; empty: {controller_url}/repository/metadata/

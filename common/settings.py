@@ -144,7 +144,7 @@ def _build(cls: type[T], table: Mapping[str, object], source: Source, key_prefix
             nested = table.get(f.name, {})
             if not isinstance(nested, dict):
                 raise source.in_file(f"{key} must be a table ([{key}]), got {_shown(nested)}")
-            values[f.name] = _build(kind, nested, source, f"{key}.", f"{variable}_", {})  # type: ignore[arg-type]
+            values[f.name] = _build(kind, nested, source, f"{key}.", f"{variable}_", {})
             continue
         if f.name in table:
             try:

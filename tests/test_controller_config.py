@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
 from edgefleet.controller.cli import main
 from edgefleet.controller.config import ControllerConfig
 from edgefleet.controller.errors import InvalidInput

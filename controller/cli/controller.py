@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 import click
+
 from edgefleet.common.defaults import fleet_home
 from edgefleet.common.settings import environment_help
 
