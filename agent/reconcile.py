@@ -32,8 +32,8 @@ from .errors import (
 from .fetch import check_release
 from .gate import run_gate
 from .runtime import LoadedModel, ModelRuntime
-from .slots import GOLDEN_FILE, MODEL_FILE, Journal, SlotMeta, Slots, slot_name
-from .state import Outcome, State, first_state, next_state
+from .slots import GOLDEN_FILE, MODEL_FILE, SlotMeta, Slots, slot_name
+from .state import Journal, Outcome, State, first_state, next_state
 
 log = logging.getLogger(__name__)
 

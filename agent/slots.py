@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +30,17 @@ from edgefleet.common.fs import (
     read_json,
     storage_error,
 )
-from edgefleet.common.protocol import Desired, ModelRef, TargetInfo
+from edgefleet.common.protocol import ModelRef, TargetInfo
 
 from .errors import AgentError
-from .state import LOOP_LIMIT, State
+from .state import Journal
 
 MODEL_FILE = "model.onnx"
 GOLDEN_FILE = "golden.npz"
 META_FILE = "meta.json"
 STAGING = ".staging"
 TRASH = ".trash-"  # a directory being deleted; never a slot
+
 
 def slot_name(ref: ModelRef) -> str:
     """Deterministic slot name: re-running a step writes the same place."""
@@ -99,49 +100,6 @@ class Slot:
 class Pointer:
     active: str | None = None
     previous: str | None = None
-
-
-@dataclass
-class Journal:
-    """The update execution in progress, saved before each step acts."""
-
-    desired: Desired
-    state: State
-    slot: str | None = None
-    detail: str = ""
-    entries: dict[str, int] = field(default_factory=dict)  # loop guard: times each state was entered
-
-    @property
-    def generation(self) -> int:
-        return self.desired.generation
-
-    def enter(self, state: State, detail: str = "") -> bool:
-        """Move to ``state``; False when the loop guard trips."""
-        self.state, self.detail = state, detail
-        self.entries[state.value] = self.entries.get(state.value, 0) + 1
-        return self.entries[state.value] <= LOOP_LIMIT
-
-    def to_json(self) -> bytes:
-        return json.dumps(
-            {
-                "desired": self.desired.to_dict(),
-                "state": self.state.value,
-                "slot": self.slot,
-                "detail": self.detail,
-                "entries": self.entries,
-            },
-            sort_keys=True,
-        ).encode()
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Journal":
-        return cls(
-            desired=Desired.from_dict(data["desired"]),
-            state=State(data["state"]),
-            slot=data.get("slot"),
-            detail=str(data.get("detail", "")),
-            entries={str(k): int(v) for k, v in dict(data.get("entries", {})).items()},
-        )
 
 
 class Slots:

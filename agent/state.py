@@ -1,5 +1,5 @@
 """Named update states and the transition table: the one place that decides
-the next state. No I/O.
+the next state, and the journal of the execution in progress. No I/O.
 
 Modelled on Mender's client: each state is a tiny handler (in reconcile.py)
 that does its work and posts one :class:`Outcome`; :func:`next_state` looks the
@@ -10,6 +10,9 @@ keeps being re-entered (a model that crashes the process on load, say).
 from __future__ import annotations
 
 import enum
+import json
+from dataclasses import dataclass, field
+from typing import Any
 
 from edgefleet.common.protocol import Action, Desired, ExecutionState, ModelRef
 
@@ -98,6 +101,49 @@ def next_state(state: State, outcome: Outcome) -> State:
         return TRANSITIONS[(state, outcome)]
     except KeyError:
         raise TransitionError(f"no transition from {state.value} on {outcome.value}") from None
+
+
+@dataclass
+class Journal:
+    """The update execution in progress, saved before each step acts."""
+
+    desired: Desired
+    state: State
+    slot: str | None = None
+    detail: str = ""
+    entries: dict[str, int] = field(default_factory=dict)  # loop guard: times each state was entered
+
+    @property
+    def generation(self) -> int:
+        return self.desired.generation
+
+    def enter(self, state: State, detail: str = "") -> bool:
+        """Move to ``state``; False when the loop guard trips."""
+        self.state, self.detail = state, detail
+        self.entries[state.value] = self.entries.get(state.value, 0) + 1
+        return self.entries[state.value] <= LOOP_LIMIT
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "desired": self.desired.to_dict(),
+                "state": self.state.value,
+                "slot": self.slot,
+                "detail": self.detail,
+                "entries": self.entries,
+            },
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Journal:
+        return cls(
+            desired=Desired.from_dict(data["desired"]),
+            state=State(data["state"]),
+            slot=data.get("slot"),
+            detail=str(data.get("detail", "")),
+            entries={str(k): int(v) for k, v in dict(data.get("entries", {})).items()},
+        )
 
 
 def same_model(ref: ModelRef | None, desired: Desired) -> bool:

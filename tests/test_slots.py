@@ -10,8 +10,8 @@ import pytest
 
 from edgefleet.agent import slots as slots_mod
 from edgefleet.agent.errors import AgentError
-from edgefleet.agent.slots import Journal, SlotMeta, Slots, slot_name
-from edgefleet.agent.state import LOOP_LIMIT, State
+from edgefleet.agent.slots import SlotMeta, Slots, slot_name
+from edgefleet.agent.state import LOOP_LIMIT, Journal, State
 from edgefleet.common.errors import StorageError
 from edgefleet.common.protocol import Desired, ModelRef, TargetInfo
 
