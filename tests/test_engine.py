@@ -17,15 +17,13 @@ from edgefleet.controller.db.models import (
     Execution,
     GateResult,
     Rollout,
-    RolloutState,
-    Verdict,
     utcnow,
 )
 from edgefleet.controller.db.session import Database
 from edgefleet.controller.errors import Conflict
 from edgefleet.controller.ingest import Ingest
 from edgefleet.controller.rollout import engine
-from edgefleet.controller.rollout.planner import Trigger
+from edgefleet.controller.rollout.states import RolloutState, Trigger, Verdict
 from tests.rollout_fleet import RPI, RecordingPublisher, fleet_db, spec_for
 
 _seq = itertools.count(1)

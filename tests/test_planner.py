@@ -1,4 +1,4 @@
-"""The pure planner: stage spreading, variant choice, gate verdicts, the state table."""
+"""The pure planner: stage spreading, variant choice, gate verdicts."""
 from __future__ import annotations
 
 from collections import Counter
@@ -6,8 +6,6 @@ from collections import Counter
 import pytest
 
 from edgefleet.common.protocol import ExecutionState as E
-from edgefleet.controller.db.models import RolloutState, Verdict
-from edgefleet.controller.errors import Conflict
 from edgefleet.controller.rollout import planner
 from edgefleet.controller.rollout.planner import (
     ClassObservation,
@@ -15,9 +13,9 @@ from edgefleet.controller.rollout.planner import (
     Evidence,
     ExecutionView,
     StageDecision,
-    Trigger,
     VariantView,
 )
+from edgefleet.controller.rollout.states import Verdict
 from tests.rollout_fleet import RPI, X86, spec_for
 
 CUDA = {**X86, "providers": ["CPUExecutionProvider", "CUDAExecutionProvider"], "hardware_class": "x86_64-cuda"}
@@ -157,21 +155,6 @@ def test_stage_decision():
     assert early.decision is StageDecision.FAIL and "failure_rate on rpi-4: 0.5 (limit 0.3) FAIL" in early.reason
     slow = planner.decide_stage(spec, execs("rpi-4", E.SUCCEEDED), {"rpi-4": ClassObservation([20.0], [10.0])}, 601)
     assert slow.decision is StageDecision.FAIL and "p99_regression on rpi-4: 1" in slow.reason
-
-
-def test_state_table():
-    S = RolloutState
-    assert planner.transition(S.PENDING, Trigger.START, 0, 3).state is S.RUNNING
-    step = planner.transition(S.RUNNING, Trigger.STAGE_PASSED, 0, 3)
-    assert (step.state, step.stage, step.stage_advanced) == (S.RUNNING, 1, True)
-    assert planner.transition(S.RUNNING, Trigger.STAGE_PASSED, 2, 3).state is S.SUCCEEDED
-    assert planner.transition(S.PAUSED, Trigger.PROMOTE, 0, 3).stage == 1
-    assert planner.transition(S.RUNNING, Trigger.GATE_FAILED, 0, 3).state is S.FAILED
-    assert planner.transition(S.FAILED, Trigger.ROLLBACK, 0, 3).state is S.ROLLED_BACK
-    with pytest.raises(Conflict, match="rollout is SUCCEEDED; cannot pause it \\(allowed: rollback\\)"):
-        planner.transition(S.SUCCEEDED, Trigger.PAUSE, 2, 3)
-    with pytest.raises(Conflict, match="rollout is ROLLED_BACK; cannot resume it \\(it is finished\\)"):
-        planner.transition(S.ROLLED_BACK, Trigger.RESUME, 0, 3)
 
 
 def test_a_failing_gate_does_not_wait_for_the_bake():

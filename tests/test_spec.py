@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.controller.db.models import Rollout, RolloutState
+from edgefleet.controller.db.models import Rollout
 from edgefleet.controller.errors import Conflict, InvalidInput, NotFound
 from edgefleet.controller.rollout import engine
 from edgefleet.controller.rollout.spec import (
@@ -17,6 +17,7 @@ from edgefleet.controller.rollout.spec import (
     parse_stages,
     schema,
 )
+from edgefleet.controller.rollout.states import RolloutState
 from tests.rollout_fleet import fleet_db, spec_for
 
 REPO = Path(__file__).resolve().parent.parent

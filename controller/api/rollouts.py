@@ -12,8 +12,8 @@ from fastapi import APIRouter, Depends, Path, Query, Response
 from pydantic import BaseModel, Field
 
 from ..rollout import engine, status
-from ..rollout.planner import Trigger
 from ..rollout.spec import RolloutSpec
+from ..rollout.states import Trigger
 from .audit import record_operator
 from .auth import Operator, require_operator
 from .deps import ApiContext, get_ctx

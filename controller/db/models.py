@@ -20,6 +20,8 @@ from edgefleet.common.protocol import ExecutionState
 from sqlalchemy.ext.mutable import MutableDict
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from ..rollout.states import RolloutState, Verdict
+
 # Deterministic constraint names, so migrations can address them on every database.
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -78,27 +80,6 @@ def _state(kind: type[enum.Enum]) -> sa.Enum:
         validate_strings=True,
         values_callable=lambda members: [m.value for m in members],
     )
-
-
-class RolloutState(str, enum.Enum):
-    PENDING = "PENDING"
-    RUNNING = "RUNNING"
-    PAUSED = "PAUSED"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    ABORTED = "ABORTED"
-    ROLLED_BACK = "ROLLED_BACK"
-    SUPERSEDED = "SUPERSEDED"
-
-    @property
-    def terminal(self) -> bool:
-        return self not in (RolloutState.PENDING, RolloutState.RUNNING, RolloutState.PAUSED)
-
-
-class Verdict(str, enum.Enum):
-    PASS = "PASS"
-    FAIL = "FAIL"
-    NO_DATA = "NO_DATA"   # not enough evidence yet; the stage waits
 
 
 class Base(DeclarativeBase):

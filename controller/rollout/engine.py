@@ -40,7 +40,6 @@ from ..db.models import (
     Execution,
     GateResult,
     Rollout,
-    RolloutState,
     Sample,
     TelemetryRecord,
     Variant,
@@ -49,17 +48,17 @@ from ..db.models import (
 from ..db.session import Database
 from ..desired import stored_desired
 from ..errors import Conflict, ControllerError, InvalidInput, NotFound
-from . import planner
+from . import planner, states
 from .planner import (
     ClassObservation,
     DeviceView,
     Evidence,
     ExecutionView,
     StageDecision,
-    Trigger,
     VariantView,
 )
 from .spec import RolloutSpec
+from .states import RolloutState, Trigger
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +230,7 @@ def _overlapping(session: Session, spec: RolloutSpec, devices: list[DeviceView],
     everyone = all_devices(session)
     overlapping = []
     active = session.scalars(
-        sa.select(Rollout).where(Rollout.state.in_(list(planner.ACTIVE | {RolloutState.PAUSED})))
+        sa.select(Rollout).where(Rollout.state.in_(list(states.ACTIVE | {RolloutState.PAUSED})))
         .where(Rollout.id != rollout_id).order_by(Rollout.created_at)
     )
     for other in active:
@@ -255,12 +254,12 @@ def control(session: Session, rollout_id: str, trigger: Trigger, actor: str, now
 
 def _apply(session: Session, rollout: Rollout, trigger: Trigger, detail: str, now: datetime) -> None:
     spec = RolloutSpec.from_stored(rollout.spec)
-    step = planner.transition(rollout.state, trigger, rollout.stage, len(spec.stages))
+    step = states.transition(rollout.state, trigger, rollout.stage, len(spec.stages))
     rollout.state, rollout.stage, rollout.detail = step.state, step.stage, detail
     if step.stage_advanced or trigger is Trigger.START:
         rollout.stage_started_at = now
     if step.state.terminal:
-        _cancel_pending(session, rollout, detail, unsent_only=step.state in planner.ROLLING_BACK)
+        _cancel_pending(session, rollout, detail, unsent_only=step.state in states.ROLLING_BACK)
 
 
 def _cancel_pending(session: Session, rollout: Rollout, detail: str, unsent_only: bool) -> None:
@@ -298,8 +297,8 @@ def step_all(db: Database, publisher: Publisher, now: datetime | None = None) ->
     with db.reading() as session:
         ids = list(session.scalars(
             sa.select(Rollout.id).where(sa.or_(
-                Rollout.state.in_(list(planner.ACTIVE)),
-                sa.and_(Rollout.state.in_(list(planner.ROLLING_BACK | {RolloutState.ABORTED})),
+                Rollout.state.in_(list(states.ACTIVE)),
+                sa.and_(Rollout.state.in_(list(states.ROLLING_BACK | {RolloutState.ABORTED})),
                         Rollout.updated_at >= now - SETTLE_HORIZON),
             )).order_by(Rollout.created_at)
         ))
@@ -593,7 +592,7 @@ def _desired_for(rollout: Rollout, execution: Execution, device: Device, now: da
                   and desired.get("version") == rollout.version)
     if not still_ours:
         return None
-    if rollout.state in planner.ROLLING_BACK:
+    if rollout.state in states.ROLLING_BACK:
         return "rollback" if execution.state is ExecutionState.SUCCEEDED else "hold"
     if rollout.state is RolloutState.ABORTED and execution.state is not ExecutionState.SUCCEEDED:
         return "hold"
