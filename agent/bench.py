@@ -58,7 +58,8 @@ class BenchmarkResult:
             ("session create", f"{self.session_create_ms:.1f} ms"),
             ("first query", f"{self.first_query_ms:.2f} ms"),
             ("queries", f"{self.queries} in {self.duration_s:.2f} s"),
-            ("latency p50/p90/p99/max", f"{self.p50_ms:.3f} / {self.p90_ms:.3f} / {self.p99_ms:.3f} / {self.max_ms:.3f} ms"),
+            ("latency p50/p90/p99/max",
+             f"{self.p50_ms:.3f} / {self.p90_ms:.3f} / {self.p99_ms:.3f} / {self.max_ms:.3f} ms"),
             ("SingleStream throughput", f"{self.throughput_qps:.1f} queries/s"),
             ("Offline throughput", "skipped" if self.offline_samples_per_s is None
              else f"{self.offline_samples_per_s:.1f} samples/s (batch {self.offline_batch})"),
@@ -168,11 +169,14 @@ def _single_stream(
     started = time.perf_counter()
     while len(latencies[0]) < min_queries or time.perf_counter() - started < seconds:
         query = queries[len(latencies[0]) % samples]
-        for model, timed in zip(models, latencies):
-            timed.append(_time(lambda: model.run(query)))
+        for model, timed in zip(models, latencies, strict=True):
+            timed.append(_time(lambda model=model, query=query: model.run(query)))
     duration = time.perf_counter() - started
     # each model's own busy time: in a paired run the other model's queries are not its duration
-    return [_Stream(f, timed, duration if len(models) == 1 else sum(timed)) for f, timed in zip(first, latencies)]
+    return [
+        _Stream(f, timed, duration if len(models) == 1 else sum(timed))
+        for f, timed in zip(first, latencies, strict=True)
+    ]
 
 
 def _result(loaded: LoadedModel, stream: _Stream, batch: int, offline: float | None) -> BenchmarkResult:

@@ -68,7 +68,7 @@ def working_providers(candidates: list[str] | None = None) -> tuple[str, ...]:
             continue  # a remote-inference shim, never a local device capability
         try:
             session = ort.InferenceSession(model, providers=[provider])
-        except Exception:  # noqa: BLE001 - any failure means "not usable here"
+        except Exception:  # noqa: BLE001, S112 - any failure means "not usable here"
             continue
         if provider in session.get_providers():
             working.append(provider)

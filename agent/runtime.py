@@ -39,7 +39,7 @@ _TYPES: dict[str, tuple[str, np.dtype]] = {
     "tensor(float)": ("FP32", np.dtype(np.float32)),
     "tensor(double)": ("FP64", np.dtype(np.float64)),
 }
-DATATYPES: dict[str, np.dtype] = {name: dtype for name, dtype in _TYPES.values()}
+DATATYPES: dict[str, np.dtype] = dict(_TYPES.values())
 """Open Inference Protocol datatype -> numpy dtype, for the tensor types the runtime serves."""
 
 
@@ -107,7 +107,7 @@ class TensorSpec:
             got = _DATATYPE_OF.get(value.dtype, str(value.dtype))
             raise RequestError(f"input {self.name!r} has datatype {got}; the model expects {self.datatype}")
         if value.ndim != len(self.shape) or any(
-            want is not None and got != want for got, want in zip(value.shape, self.shape)
+            want is not None and got != want for got, want in zip(value.shape, self.shape, strict=True)
         ):
             raise RequestError(
                 f"input {self.name!r} has shape {list(value.shape)}; the model expects "
@@ -142,8 +142,10 @@ class LoadedModel:
         self.provider = session.get_providers()[0]
         inputs = [_spec(a) for a in session.get_inputs()]
         if any(spec is None for spec in inputs):
-            bad = [a.name for a, s in zip(session.get_inputs(), inputs) if s is None]
-            raise ModelError(f"model {path.name} has non-tensor input(s) {', '.join(bad)}; only tensor inputs are served")
+            bad = [a.name for a, s in zip(session.get_inputs(), inputs, strict=True) if s is None]
+            raise ModelError(
+                f"model {path.name} has non-tensor input(s) {', '.join(bad)}; only tensor inputs are served"
+            )
         self.inputs: tuple[TensorSpec, ...] = tuple(inputs)  # type: ignore[arg-type]
         self.outputs: tuple[TensorSpec, ...] = tuple(s for s in map(_spec, session.get_outputs()) if s is not None)
         self._output_names = [s.name for s in self.outputs]
@@ -203,7 +205,7 @@ class LoadedModel:
             raise RequestError(f"model {self.name} rejected the input: {_first_line(e)}") from e
         except Exception as e:  # ORT raises many unrelated types for one failure
             raise ModelError(f"model {self.name} {self.version} failed to run: {_first_line(e)}") from e
-        return dict(zip(self._output_names, values))
+        return dict(zip(self._output_names, values, strict=True))
 
     def retire(self) -> None:
         """Release the session once in-flight requests drain (at once if none)."""

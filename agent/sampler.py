@@ -143,7 +143,7 @@ class Sampler:
         self.device = device
         self.max_buffer_bytes = max_buffer_bytes
         self._clock = clock
-        self._rng = rng or random.Random()
+        self._rng = rng or random.Random()  # noqa: S311 - picks which requests to sample, not a secret
         self._lock = threading.Lock()
         self._seq = itertools.count()
         self.dropped = 0  # samples refused by a cap or pushed out of the full buffer
@@ -189,7 +189,9 @@ class Sampler:
                     self.dropped += 1
                     return None
                 return reason if self._commit(encode_sample(inputs, outputs, meta), now) else None
-            if policy.reservoir_per_window > 0 and self._reservoir_offer(policy.reservoir_per_window, inputs, outputs, meta):
+            if policy.reservoir_per_window > 0 and self._reservoir_offer(
+                policy.reservoir_per_window, inputs, outputs, meta
+            ):
                 return "reservoir"
         return None
 
@@ -315,9 +317,9 @@ def controller_poster(controller_url: str, device_id: str, device_token: str, ti
     def post(data: bytes, meta: dict) -> None:
         headers = {"Authorization": f"Bearer {device_token}", "Content-Type": "application/octet-stream",
                    **SampleMeta(**meta).headers()}
-        request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+        request = urllib.request.Request(url, data=data, headers=headers, method="POST")  # noqa: S310 - agent.toml's URL
         try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - as above
                 response.read()
         except urllib.error.HTTPError as e:
             # 401/403/408/429 and 5xx may pass (token rotation, overload): retry later

@@ -89,7 +89,9 @@ def decode_request(body: bytes, header_length: int | None) -> tuple[dict, dict[s
         size = _binary_size(tensor)
         if size is not None:
             if offset + size > len(binary):
-                raise RequestError(f"input {name!r} declares {size} binary bytes; the body has {len(binary) - offset} left")
+                raise RequestError(
+                    f"input {name!r} declares {size} binary bytes; the body has {len(binary) - offset} left"
+                )
             inputs[name] = _from_bytes(name, binary[offset:offset + size], dtype, shape)
             offset += size
         elif "data" in tensor:
@@ -203,7 +205,10 @@ def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
     """Decompress a gzip/deflate body without ever holding more than ``limit`` bytes."""
     wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
     if wbits is None:
-        raise HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none")
+        raise HTTPError(
+            HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+            f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none",
+        )
     inflater = zlib.decompressobj(wbits)
     try:
         data = inflater.decompress(body, limit + 1)
@@ -232,7 +237,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.disable_nagle_algorithm = self.request.family != socket.AF_UNIX
         super().setup()
 
-    def log_message(self, format: str, *args: Any) -> None:
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - BaseHTTPRequestHandler's signature
         log.debug("%s " + format, self.path if hasattr(self, "path") else "", *args)
 
     def do_GET(self) -> None:
@@ -325,7 +330,9 @@ class _Handler(BaseHTTPRequestHandler):
         if name != loaded.name:
             raise HTTPError(HTTPStatus.NOT_FOUND, f"unknown model {name!r}; this server serves {loaded.name!r}")
         if version is not None and version != loaded.version:
-            raise HTTPError(HTTPStatus.NOT_FOUND, f"model {name!r} has no version {version!r}; serving {loaded.version!r}")
+            raise HTTPError(
+                HTTPStatus.NOT_FOUND, f"model {name!r} has no version {version!r}; serving {loaded.version!r}"
+            )
         return loaded
 
     def _read_body(self) -> bytes:
@@ -343,7 +350,9 @@ class _Handler(BaseHTTPRequestHandler):
         limit = self.server.max_request_bytes
         if length > limit:
             self.close_connection = True  # the body stays unread: this connection cannot be reused
-            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body is {length} bytes; the limit is {limit}")
+            raise HTTPError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body is {length} bytes; the limit is {limit}"
+            )
         body = self.rfile.read(length)
         if len(body) != length:
             self.close_connection = True
@@ -453,7 +462,9 @@ class InferenceServer:
                 host, _, port = self.address.rpartition(":")
                 server = _TCPServer((host.strip("[]") or "127.0.0.1", int(port)), _Handler)
         except (OSError, ValueError) as e:
-            raise AgentError(f"cannot serve on {self.address}: {e}; use HOST:PORT or unix:/path with a free address") from e
+            raise AgentError(
+                f"cannot serve on {self.address}: {e}; use HOST:PORT or unix:/path with a free address"
+            ) from e
         server.setup_server(self.runtime, self.max_request_bytes, self.on_inference)
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="oip-server", daemon=True)

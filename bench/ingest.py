@@ -91,7 +91,7 @@ def _publish(url: str, devices: list[str], seconds: float, start_at: float, cons
             time.sleep(0.0005)
         seq += 1
         last = []
-        for client, topic, device in zip(clients, topics, devices):
+        for client, topic, device in zip(clients, topics, devices, strict=True):
             payload = Telemetry(device=device, boot=1, seq=seq, kind="counters",
                                 data={"requests": seq, "errors": 0}, ts=time.time()).to_json()
             last.append(client.publish(topic, payload, qos=1))
@@ -141,7 +141,9 @@ def bare_phase(broker: str, devices: int, seconds: float) -> tuple[int, int, flo
     prefix = f"b{uuid.uuid4().hex[:6]}-"
     names = [f"{prefix}{i}" for i in range(devices)]
     consumed, counts, ready, stop = ctx.Value("q", 0, lock=False), ctx.Queue(), ctx.Event(), ctx.Event()
-    bare = ctx.Process(target=_bare_subscriber, args=(broker, prefix, names, consumed, ready, stop, counts), daemon=True)
+    bare = ctx.Process(
+        target=_bare_subscriber, args=(broker, prefix, names, consumed, ready, stop, counts), daemon=True
+    )
     bare.start()
     if not ready.wait(30):
         raise RuntimeError(f"the bare subscriber did not subscribe on {broker}")

@@ -56,7 +56,7 @@ def tables(text: str) -> list[list[Row]]:
             continue
         if len(block) >= 2:
             header = block[0]
-            found.append([dict(zip(header, cells)) for cells in block[2:]])
+            found.append([dict(zip(header, cells, strict=False)) for cells in block[2:]])
         block = []
     return found
 
@@ -66,7 +66,8 @@ def _number(cell: str) -> float:
 
 
 def _fanout(rows: list[Row]) -> list[str]:
-    return [f"Fan-out to {int(_number(r['devices'])):,} devices: deploy → all SUCCEEDED in {r['deploy→all SUCCEEDED s']} s "
+    return [f"Fan-out to {int(_number(r['devices'])):,} devices: "
+            f"deploy → all SUCCEEDED in {r['deploy→all SUCCEEDED s']} s "
             f"= **{r['devices/min']} devices/min**, {r['vs AWS IoT Jobs (1,000/min)']}x AWS IoT Jobs' 1,000/min "
             f"({r['deploy / bare broker']}x a bare broker fan-out)" for r in rows]
 
@@ -151,7 +152,9 @@ def render(machine: Machine, sections: list[Section], runs: dict[str, Run], whol
         "",
         machine.markdown(),
         "",
-        "Code measured: " + ", ".join(sorted({run.code or "not recorded" for run in runs.values()})) + " (per run below).",
+        "Code measured: "
+        + ", ".join(sorted({run.code or "not recorded" for run in runs.values()}))
+        + " (per run below).",
         "",
         f"Load: this machine is shared with other engineers' test runs; the highest 1-minute load average recorded "
         f"around the benchmarks (before and after each run, and sampled during it where shown) was {peak:.2f} on "

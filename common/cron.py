@@ -45,7 +45,7 @@ class Cron:
         if len(parts) != 5:
             raise ProtocolError(f"{field} {expr!r} must have 5 fields (min hour dom mon dow)")
         try:
-            sets = [_field(p, lo, hi) for p, (lo, hi) in zip(parts, _RANGES)]
+            sets = [_field(p, lo, hi) for p, (lo, hi) in zip(parts, _RANGES, strict=True)]
         except ValueError as e:
             raise ProtocolError(f"{field} {expr!r} has an invalid field {e}") from None
         dow = frozenset(d % 7 for d in sets[4])

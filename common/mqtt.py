@@ -69,7 +69,7 @@ class ConnectionOptions:
     ca_file: str = ""                 # TLS trust anchors (mqtts://); empty: the system store
     persistent: bool = True           # keep subscriptions and queued QoS 1 messages across reconnects
     session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S
-    backoff: Backoff = Backoff()
+    backoff: Backoff = Backoff()  # noqa: RUF009 - Backoff is frozen
     keepalive_s: int = KEEPALIVE_S
     manual_ack: bool = False          # the owner acks each QoS 1 message itself (client.ack)
     receive_maximum: int | None = None  # MQTT 5: unacked QoS 1 messages the broker may send us

@@ -15,4 +15,4 @@ class Backoff:
 
     def delay(self, attempt: int) -> float:
         cap = min(self.max_s, self.min_s * (2 ** min(attempt, 32)))
-        return random.uniform(self.min_s, max(self.min_s, cap))
+        return random.uniform(self.min_s, max(self.min_s, cap))  # noqa: S311 - jitter, not a secret

@@ -256,7 +256,7 @@ def summarize(shards: Iterable[tuple[SampleRecord, DecodedShard]]) -> list[dict[
         group.low_confidence += int(shard.low.sum())
         if shard.top1 is not None:
             counts, _ = np.histogram(np.clip(shard.top1, 0, 1), bins=CONFIDENCE_BINS)
-            group.confidence = [a + int(b) for a, b in zip(group.confidence, counts)]
+            group.confidence = [a + int(b) for a, b in zip(group.confidence, counts, strict=True)]
         if shard.predicted is not None:
             group.classes.update(int(c) for c in shard.predicted)
     return [groups[k].to_dict() for k in sorted(groups)]

@@ -25,7 +25,7 @@ from .errors import Unavailable
 OPERATOR_PREFIX = "efo_"
 DEVICE_PREFIX = "efd_"
 ENROLL_PREFIX = "efe_"
-OPERATOR_TOKEN_FILE = "operator-token"
+OPERATOR_TOKEN_FILE = "operator-token"  # noqa: S105 - a file name, not a token
 MQTT_PBKDF2_ITERATIONS = 101  # Mosquitto's own default for "$7$" hashes
 
 

@@ -46,7 +46,9 @@ def parse_fault(text: str) -> tuple[str, str, str, str]:
                                          "slow-download=100000 (bytes/s), power-cut=activate (state), "
                                          "fail-infer=0.2 (fraction)")
     if kind == "fail-infer" and not _fraction(value):
-        raise argparse.ArgumentTypeError(f"fault {text!r}: fail-infer takes a fraction within 0..1, e.g. fail-infer=0.2")
+        raise argparse.ArgumentTypeError(
+            f"fault {text!r}: fail-infer takes a fraction within 0..1, e.g. fail-infer=0.2"
+        )
     return target, kind, value, version
 
 
@@ -164,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     fleet.start()
     for device in offline:  # enrolled, running, but never reachable
         device.go_offline()
-    print(json.dumps({"event": "started", "devices": len(fleet.devices), "setup_s": round(time.monotonic() - started, 2)}),
-          flush=True)
+    setup_s = round(time.monotonic() - started, 2)
+    print(json.dumps({"event": "started", "devices": len(fleet.devices), "setup_s": setup_s}), flush=True)
     try:
         while not stop.wait(args.status_interval):
             report(fleet, args.status_file)

@@ -121,7 +121,9 @@ class _Recording:
 
 
 class SimDevice:
-    def __init__(self, config: AgentConfig, profile: HardwareProfile, shared: Shared, faults: Faults | None = None) -> None:
+    def __init__(
+        self, config: AgentConfig, profile: HardwareProfile, shared: Shared, faults: Faults | None = None
+    ) -> None:
         self.config = config
         self.profile = profile
         self.shared = shared

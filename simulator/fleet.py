@@ -170,7 +170,7 @@ class Fleet:
             session_expiry_s=self.config.session_expiry_s, heartbeat_s=self.config.heartbeat_s,
             restart_after_s=self.config.restart_after_s, traffic=self.traffic,
         )
-        for (device_id, cls), config in zip(ids, configs):
+        for (device_id, cls), config in zip(ids, configs, strict=True):
             self.devices[device_id] = SimDevice(config, profile_for(cls), self._shared)
 
     def _operator_client(self) -> ApiClient | None:

@@ -99,7 +99,7 @@ class InputSource:
             value = arrays.get(spec.name)
             if value is None or value.dtype != spec.dtype or value.ndim != len(spec.shape) or len(value) == 0:
                 return False
-            if any(want is not None and got != want for got, want in zip(value.shape[1:], spec.shape[1:])):
+            if any(want is not None and got != want for got, want in zip(value.shape[1:], spec.shape[1:], strict=True)):
                 return False
         return True
 
@@ -181,7 +181,8 @@ class DeviceTraffic:
                 self._serving = True
                 self.traffic.pool.submit(self._serve, due)
         self._since_upload += elapsed_s
-        if self.post is not None and not self._uploading and self._since_upload >= self.traffic.config.upload_interval_s:
+        upload_due = self._since_upload >= self.traffic.config.upload_interval_s
+        if self.post is not None and not self._uploading and upload_due:
             self._since_upload = 0.0
             self._uploading = True
             self.traffic.pool.submit(self._upload)

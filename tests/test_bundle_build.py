@@ -27,7 +27,7 @@ def _session(path: Path) -> ort.InferenceSession:
 def _runner(path: Path):
     session = _session(path)
     names = [o.name for o in session.get_outputs()]
-    return lambda inputs: dict(zip(names, session.run(names, inputs)))
+    return lambda inputs: dict(zip(names, session.run(names, inputs), strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_bad_inputs_are_one_line_build_errors(digits, broken_model, tmp_path):
     not_onnx.write_bytes(b"\x00\xffthis is not a protobuf at all" * 10)
     with pytest.raises(BuildError, match="is not an ONNX"):
         build(not_onnx)
-    with pytest.raises(BuildError, match="does not load in ONNX Runtime.*EdgefleetNoSuchOp"):
+    with pytest.raises(BuildError, match=r"does not load in ONNX Runtime.*EdgefleetNoSuchOp"):
         build(broken_model)
     wrong_shape = tmp_path / "eval.npz"
     np.savez(wrong_shape, input=np.zeros((5, 32), np.float32), labels=np.zeros(5, np.int64))
@@ -164,11 +164,11 @@ def test_cli_build_table_json_and_verify(digits, tmp_path):
     header = result.output.splitlines()[0].split()
     assert header[:3] == ["VARIANT", "SIZE_BYTES", "OPS"] and "AGREEMENT" in header
     assert any(line.startswith("cpu-fp32") for line in result.output.splitlines())
-    as_json = runner.invoke(main, args + ["--format", "json"])
+    as_json = runner.invoke(main, [*args, "--format", "json"])
     assert json.loads(as_json.output)["variants"][0]["variant"] == "cpu-fp32"
     verify = runner.invoke(main, ["bundle", "verify", str(out), "-o", "json"])
     assert verify.exit_code == 0 and json.loads(verify.output)[0]["passed"] is True
-    bad = runner.invoke(main, args[:2] + [str(tmp_path / "missing.onnx")] + args[3:])
+    bad = runner.invoke(main, [*args[:2], str(tmp_path / "missing.onnx"), *args[3:]])
     assert bad.exit_code != 0
 
 

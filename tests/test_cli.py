@@ -54,7 +54,8 @@ def one_line_error(env: dict, *args: str) -> str:
 def test_init_writes_a_private_operator_token_and_refuses_to_run_twice(fleet):
     token_file = os.path.join(fleet["EDGEFLEET_HOME"], "operator-token")
     assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
-    assert open(token_file).read().startswith("efo_")
+    with open(token_file) as f:
+        assert f.read().startswith("efo_")
     assert "already a fleet home" in one_line_error(fleet, "init")
 
 

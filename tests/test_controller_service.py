@@ -210,7 +210,7 @@ def test_runs_with_no_configuration(controller):
     assert not reachable(EMBEDDED_BROKER_HOST, EMBEDDED_BROKER_PORT), "embedded broker still listening after stop"
 
 
-def test_runs_with_mosquitto_postgresql_and_s3(controller, mosquitto_url, postgres_url, s3_endpoint):  # noqa: F811
+def test_runs_with_mosquitto_postgresql_and_s3(controller, mosquitto_url, postgres_url, s3_endpoint):
     bucket = make_bucket(s3_endpoint)
     port = int(controller.url.rsplit(":", 1)[1])
     write_config(controller.home, api_port=port, public_url=controller.url, database_url=postgres_url,

@@ -112,7 +112,7 @@ def test_racing_writers_create_one_execution(database_url: str) -> None:
 def test_events_are_unique_per_device_boot_seq(db: Database) -> None:
     with db.unit_of_work() as session:
         session.add(Device(id="d1"))
-    event = dict(device_id="d1", boot=1, seq=5, generation=1, state="DOWNLOADING")
+    event = {"device_id": "d1", "boot": 1, "seq": 5, "generation": 1, "state": "DOWNLOADING"}
     with db.unit_of_work() as session:
         session.add(EventRecord(**event))
     with pytest.raises(Conflict), db.unit_of_work() as session:
@@ -169,7 +169,7 @@ def test_catalog_groups_variants_by_model_version(db: Database) -> None:
 
 def test_database_down_is_unavailable() -> None:
     db = Database(f"postgresql://postgres@127.0.0.1:{free_port()}/edgefleet")
-    with pytest.raises(Unavailable, match="^database unreachable: ") as caught, db.unit_of_work() as session:
+    with pytest.raises(Unavailable, match=r"^database unreachable: ") as caught, db.unit_of_work() as session:
         session.get(Device, "d1")
     assert "\n" not in str(caught.value)
     with pytest.raises(Unavailable):
@@ -183,16 +183,20 @@ def test_sqlite_in_an_unwritable_place_is_unavailable(tmp_path) -> None:
     (tmp_path / "ro").mkdir()
     db = Database(f"sqlite:///{tmp_path / 'ro' / 'missing' / 'controller.db'}")
     (tmp_path / "ro" / "missing").rmdir()   # gone after start-up: cannot open the file
-    with pytest.raises(Unavailable, match="database unreachable: unable to open database file"):
-        with db.unit_of_work() as session:
-            session.get(Device, "d1")
+    with (
+        pytest.raises(Unavailable, match="database unreachable: unable to open database file"),
+        db.unit_of_work() as session,
+    ):
+        session.get(Device, "d1")
 
 
 def test_missing_schema_says_how_to_fix_it(database_url: str) -> None:
     db = Database(database_url)   # never upgraded
-    with pytest.raises(Unavailable, match=r"^database schema is missing \(.*devices.*\): run `fleetctl db upgrade`$"):
-        with db.unit_of_work() as session:
-            session.get(Device, "d1")
+    with (
+        pytest.raises(Unavailable, match=r"^database schema is missing \(.*devices.*\): run `fleetctl db upgrade`$"),
+        db.unit_of_work() as session,
+    ):
+        session.get(Device, "d1")
     db.dispose()
 
 

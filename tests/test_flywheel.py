@@ -192,8 +192,8 @@ def test_device_traffic_serves_samples_uploads_and_shows_faults(digits, tmp_path
         assert 3 <= counters["failures"] <= 19  # 60% of 20, and not all or none
         slowest = counters["latency_counts"]
         buckets = counters["latency_buckets_ms"]
-        assert sum(c for b, c in zip(buckets, slowest) if b >= 20) == sum(slowest) > 0
-        assert sum(c for b, c in zip(buckets, fast) if b >= 20) == 0
+        assert sum(c for b, c in zip(buckets, slowest, strict=False) if b >= 20) == sum(slowest) > 0
+        assert sum(c for b, c in zip(buckets, fast, strict=False) if b >= 20) == 0
         assert traffic.snapshot().to_dict() == {"requests": 30, "failures": counters["failures"], "shed": 0,
                                                 "samples_uploaded": len(uploaded)}
     finally:

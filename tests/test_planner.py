@@ -43,7 +43,7 @@ def test_stage_quota():
 
 
 def test_stages_are_spread_across_classes_and_label_groups():
-    devices = fleet(20) + [DeviceView("lonely-rpi5", {"site": "berlin"}, {**RPI, "device_model": "Raspberry Pi 5"},
+    devices = [*fleet(20), DeviceView("lonely-rpi5", {"site": "berlin"}, {**RPI, "device_model": "Raspberry Pi 5"},
                                       "rpi-5", online=False)]
     plan = planner.plan("r1", spec_for(stages=(0.05, 0.25, 1.0), min_devices_per_stage=2), devices, VARIANTS)
     first = plan.stages[0].choices

@@ -269,7 +269,7 @@ def test_retries_never_trip_the_loop_guard_but_a_crash_loop_does(tmp_path, repo)
     agent = Agent(tmp_path, repo)
     repo.server.faults = Faults(match=".onnx", status=404)
     try:
-        delay, d = agent.apply(repo.infos["v1"])
+        _delay, d = agent.apply(repo.infos["v1"])
         for _ in range(LOOP_LIMIT + 2):
             assert agent.reconciler.run_pass(d) is not None  # still retrying, not failed
     finally:

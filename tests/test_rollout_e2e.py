@@ -73,7 +73,7 @@ def test_good_rollout_restart_and_canary_rollback(fleet):
     _deploy(fleetctl, "1.0.0", "r1")
     first = wait_rollout(fleetctl, "r1")
     assert first["state"] == "SUCCEEDED", fleetctl("rollout", "status", "r1", check=False)
-    assert [p["classes"] for p in first["progress"]][0].keys() == {"x86_64", "rpi-4"}, "stage 1 spans both classes"
+    assert next(p["classes"] for p in first["progress"]).keys() == {"x86_64", "rpi-4"}, "stage 1 spans both classes"
     assert all(a.serving() == "1.0.0" for a in agents), [a.log() for a in agents]
 
     # Kill the controller as soon as the first stage is under way, then start it again.

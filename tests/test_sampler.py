@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import httpx
 import numpy as np
@@ -99,7 +100,7 @@ def test_buffer_bound_drops_oldest_first(tmp_path):
     probe.observe(X, CONFIDENT, REF)
     size = probe.pending()[0].stat().st_size
     sampler = make(tmp_path / "s", clock, rate=1.0, max_buffer_bytes=int(size * 3.5))
-    for i in range(6):
+    for _ in range(6):
         clock.now += 1
         sampler.observe(X, CONFIDENT, REF)
     kept = [read_meta(p, 1_000_000).ts for p in sampler.pending()]
@@ -155,7 +156,7 @@ def test_upload_deletes_only_after_success(tmp_path):
 
 class _Collector(BaseHTTPRequestHandler):
     status = 204
-    received: list = []
+    received: ClassVar[list] = []
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))

@@ -37,7 +37,7 @@ def test_only_the_leader_replica_runs_jobs(db: Database, tmp_path) -> None:
     lock = threading.Lock()
     replicas: dict[str, Scheduler] = {}
     engines = [Database(db.url) for _ in range(3)]
-    for name, engine in zip("abc", engines):
+    for name, engine in zip("abc", engines, strict=True):
         replica = Scheduler(engine, config, holder_id=name, lease_s=30)
 
         def job(name: str = name) -> None:

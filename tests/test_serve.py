@@ -113,15 +113,17 @@ def test_unknown_method_gets_json(server):
 
 def test_unix_socket(runtime, tmp_path):
     path = tmp_path / "oip.sock"
-    with InferenceServer(runtime, f"unix:{path}", LIMIT):
-        with httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), base_url="http://agent") as client:
-            assert client.get("/v2/health/ready").status_code == 200
-            assert client.get("/v2/models/digits").json()["name"] == "digits"
-            response = client.post("/v2/models/digits/infer", content=json_infer_body())
-            assert response.status_code == 200, response.text
-            out = {o["name"]: o for o in response.json()["outputs"]}
-            got = np.array(out["probabilities"]["data"], np.float32).reshape(out["probabilities"]["shape"])
-            assert np.allclose(got, expected(runtime), atol=1e-6)
+    with (
+        InferenceServer(runtime, f"unix:{path}", LIMIT),
+        httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), base_url="http://agent") as client,
+    ):
+        assert client.get("/v2/health/ready").status_code == 200
+        assert client.get("/v2/models/digits").json()["name"] == "digits"
+        response = client.post("/v2/models/digits/infer", content=json_infer_body())
+        assert response.status_code == 200, response.text
+        out = {o["name"]: o for o in response.json()["outputs"]}
+        got = np.array(out["probabilities"]["data"], np.float32).reshape(out["probabilities"]["shape"])
+        assert np.allclose(got, expected(runtime), atol=1e-6)
     assert not path.exists()
 
 

@@ -111,7 +111,7 @@ def test_republishing_same_bytes_is_a_no_op(repo: Repository, tmp_path: Path) ->
 def test_republishing_a_version_with_different_bytes_is_refused(repo: Repository, tmp_path: Path) -> None:
     repo.publish(make_bundle(tmp_path / "a", seed=0))
     versions = _versions(repo)
-    with pytest.raises(Conflict, match="different bytes.*new --version") as refused:
+    with pytest.raises(Conflict, match=r"different bytes.*new --version") as refused:
         repo.publish(make_bundle(tmp_path / "b", seed=1))
     assert "\n" not in str(refused.value)
     assert _versions(repo) == versions

@@ -34,7 +34,7 @@ def test_parsers():
     assert parse_duration("250ms") == 0.25
     assert parse_fraction("2%") == 0.02 and parse_fraction("0.02") == 0.02
     for bad in ("10x", "m", "-5s", ""):
-        with pytest.raises(InvalidInput, match="not a duration|must not be negative"):
+        with pytest.raises(InvalidInput, match=r"not a duration|must not be negative"):
             parse_duration(bad)
     with pytest.raises(InvalidInput, match="not a share"):
         parse_fraction("two percent")
@@ -119,9 +119,11 @@ def test_unknown_model_and_version(database_url):
 
 def test_selector_matching_nothing_creates_no_rollout(database_url):
     db = fleet_db(database_url)
-    with pytest.raises(InvalidInput, match="selector 'site=mars' matches no device; no rollout created"):
-        with db.unit_of_work() as session:
-            engine.create_rollout(session, spec_for(selector="site=mars"), "test")
+    with (
+        pytest.raises(InvalidInput, match="selector 'site=mars' matches no device; no rollout created"),
+        db.unit_of_work() as session,
+    ):
+        engine.create_rollout(session, spec_for(selector="site=mars"), "test")
     with db.unit_of_work() as session:
         assert session.query(Rollout).count() == 0
 
@@ -129,7 +131,7 @@ def test_selector_matching_nothing_creates_no_rollout(database_url):
 def test_downgrade_needs_allow_downgrade(database_url):
     db = fleet_db(database_url, running="1.1.0")
     with db.unit_of_work() as session:
-        with pytest.raises(InvalidInput, match="1.0.0 is older than 1.1.0 running on 6 selected device.*--allow-downgrade"):
+        with pytest.raises(InvalidInput, match=r"1.0.0 is older than 1.1.0 running on 6 selected device.*--allow-downgrade"):
             engine.create_rollout(session, spec_for(version="1.0.0"), "test")
         created = engine.create_rollout(session, spec_for(version="1.0.0", allow_downgrade=True), "test")
         assert session.get(Rollout, created.rollout_id).state is RolloutState.PENDING
@@ -140,9 +142,11 @@ def test_second_conflicting_rollout_is_refused_unless_it_supersedes(database_url
     with db.unit_of_work() as session:
         first = engine.create_rollout(session, spec_for(selector="hw.class=rpi-4"), "test").rollout_id
         engine.create_rollout(session, spec_for(selector="hw.class=x86_64"), "test")  # disjoint devices: fine
-    with db.unit_of_work() as session:
-        with pytest.raises(Conflict, match=f"already in active rollout\\(s\\) {first}, .*--supersede"):
-            engine.create_rollout(session, spec_for(selector="site=berlin"), "test")
+    with (
+        db.unit_of_work() as session,
+        pytest.raises(Conflict, match=f"already in active rollout\\(s\\) {first}, .*--supersede"),
+    ):
+        engine.create_rollout(session, spec_for(selector="site=berlin"), "test")
     with db.unit_of_work() as session:
         second = engine.create_rollout(session, spec_for(selector="hw.class=rpi-4", supersede=True), "test")
         assert second.superseded == [first]

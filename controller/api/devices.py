@@ -215,6 +215,7 @@ def create_enroll_token(
             device.labels = {**device.labels, **request.labels}
         session.add(EnrollmentToken(token_hash=hash_token(token), device_id=device_id, expires_at=expires_at))
         record_operator(
-            session, operator, "device.enroll-token", device_id, labels=request.labels, expires_at=expires_at.isoformat()
+            session, operator, "device.enroll-token", device_id,
+            labels=request.labels, expires_at=expires_at.isoformat(),
         )
     return EnrollTokenOut(device_id=device_id, token=token, expires_at=expires_at)

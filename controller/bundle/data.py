@@ -62,7 +62,7 @@ def _check_input(array: np.ndarray, spec: TensorSpec, role: str) -> np.ndarray:
     if array.dtype != spec.dtype:
         raise BuildError(f"{role} input {spec.name!r} is {array.dtype}, the model wants {spec.dtype}")
     shape_ok = array.ndim == len(spec.shape) and all(
-        not isinstance(want, int) or got == want for got, want in zip(array.shape[1:], spec.shape[1:])
+        not isinstance(want, int) or got == want for got, want in zip(array.shape[1:], spec.shape[1:], strict=True)
     )
     if not shape_ok:
         raise BuildError(

@@ -49,7 +49,7 @@ def run_all(session, data: Dataset) -> dict[str, np.ndarray]:
     names = [o.name for o in session.get_outputs()]
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for start in range(0, data.count, batch):
-        for name, value in zip(names, session.run(names, data.take(slice(start, start + batch)))):
+        for name, value in zip(names, session.run(names, data.take(slice(start, start + batch))), strict=True):
             parts[name].append(value)
     return {n: np.concatenate(v) for n, v in parts.items()}
 

@@ -60,6 +60,8 @@ def verify_bundle(out: Path) -> list[VariantCheck]:
             checks.append(VariantCheck(name, False, float("inf"), str(e)))
             continue
         names = [o.name for o in session.get_outputs()]
-        result = golden.check(lambda inputs: dict(zip(names, session.run(names, inputs))))
+        result = golden.check(
+            lambda inputs, names=names, session=session: dict(zip(names, session.run(names, inputs), strict=True))
+        )
         checks.append(VariantCheck(name, result.passed, result.max_abs_diff, result.detail))
     return checks

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import click
@@ -27,9 +27,10 @@ def emit(data: Any, output: str, columns: Sequence[str] | None = None) -> None:
 def table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    line: Callable[[Sequence[str]], str] = lambda values: "  ".join(
-        v.ljust(w) for v, w in zip(values, widths)
-    ).rstrip()
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)).rstrip()
+
     return "\n".join([line([c.upper() for c in columns])] + [line(r) for r in cells])
 
 

@@ -73,7 +73,9 @@ def stats(client: ApiClient, model: str | None, version: str | None, since: date
     rows = [{
         **g,
         "confidence": " ".join(str(n) for n in g["confidence_histogram"]),
-        "top_classes": ", ".join(f"{c}:{n}" for c, n in sorted(g["class_histogram"].items(), key=lambda kv: -kv[1])[:5]),
+        "top_classes": ", ".join(
+            f"{c}:{n}" for c, n in sorted(g["class_histogram"].items(), key=lambda kv: -kv[1])[:5]
+        ),
     } for g in data["groups"]]
     click.echo(table(rows, ["model", "version", "hardware_class", "samples", "low_confidence", "confidence",
                             "top_classes"]))

@@ -78,15 +78,18 @@ def parse_target(text: str) -> tuple[str, str]:
 @click.option("--max-p99-regression", default="15%", show_default=True,
               callback=_converter(parse_fraction, "--max-p99-regression"),
               help="On-device p99 vs the previous version on the same hardware class.")
-@click.option("--max-error-rate", default="1%", show_default=True, callback=_converter(parse_fraction, "--max-error-rate"))
+@click.option("--max-error-rate", default="1%", show_default=True,
+              callback=_converter(parse_fraction, "--max-error-rate"))
 @click.option("--max-confidence-shift", default="0.2", show_default=True,
               callback=_converter(parse_fraction, "--max-confidence-shift"),
               help="Change of the mean top-1 confidence vs the previous version.")
 @click.option("--min-devices-per-stage", default=1, show_default=True, type=click.IntRange(0),
               help="Of every hardware class, where possible.")
-@click.option("--window", "window_cron", metavar="CRON", help='Maintenance window (device local time), e.g. "0 2 * * *".')
+@click.option("--window", "window_cron", metavar="CRON",
+              help='Maintenance window (device local time), e.g. "0 2 * * *".')
 @click.option("--window-duration", callback=_converter(parse_duration, "--window-duration"), help="e.g. 2h")
-@click.option("--device-timeout", default="30m", show_default=True, callback=_converter(parse_duration, "--device-timeout"))
+@click.option("--device-timeout", default="30m", show_default=True,
+              callback=_converter(parse_duration, "--device-timeout"))
 @click.option("--max-retries", default=2, show_default=True, type=click.IntRange(0, 20))
 @click.option("--sample-rate", default=None, callback=_converter(parse_fraction, "--sample-rate"),
               help="Keep this share of production requests for retraining, e.g. 1%.")

@@ -124,7 +124,9 @@ def enroll(client: ApiClient, name: str, labels: tuple[str, ...], ttl: str, outp
     to_set, to_remove = parse_labels(labels)
     if to_remove:
         raise InvalidInput("--label takes key=value")
-    issued = client.post(f"/v1/devices/{name}/enroll-token", {"labels": to_set, "ttl_s": int(parse_duration(ttl, "--ttl"))})
+    issued = client.post(
+        f"/v1/devices/{name}/enroll-token", {"labels": to_set, "ttl_s": int(parse_duration(ttl, "--ttl"))}
+    )
     if output == "json":
         emit(issued, output)
         return

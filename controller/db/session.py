@@ -115,12 +115,14 @@ class Database:
     def reading(self) -> Iterator[Session]:
         """A Session for reads only: on SQLite it takes no write lock, so a long read (a
         fleet-wide scan) never holds up the MQTT ingest. Writes in it are rolled back."""
-        with translate_errors():
-            with Session(self.engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False) as session:
-                try:
-                    yield session
-                finally:
-                    session.rollback()
+        with (
+            translate_errors(),
+            Session(self.engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False) as session,
+        ):
+            try:
+                yield session
+            finally:
+                session.rollback()
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[sa.Connection]:
@@ -150,7 +152,9 @@ class Database:
 
         head = ScriptDirectory.from_config(self._alembic_config()).get_current_head()
         if head is None:
-            raise Unavailable(f"no migrations found in {migrations_dir()}: the installation is broken, reinstall edgefleet")
+            raise Unavailable(
+                f"no migrations found in {migrations_dir()}: the installation is broken, reinstall edgefleet"
+            )
         return head
 
     def check_schema(self) -> None:

@@ -33,7 +33,9 @@ class S3Store(ArtifactStore):
         self.config = config
         self.bucket = config.bucket
         self.prefix = config.prefix.strip("/")
-        self.where = "/".join(filter(None, (f"s3://{self.bucket}", self.prefix))) + (f" at {config.endpoint_url}" if config.endpoint_url else "")
+        self.where = "/".join(filter(None, (f"s3://{self.bucket}", self.prefix))) + (
+            f" at {config.endpoint_url}" if config.endpoint_url else ""
+        )
         self.client = boto3.client(
             "s3",
             endpoint_url=config.endpoint_url or None,
@@ -67,7 +69,9 @@ class S3Store(ArtifactStore):
         except S3UploadFailedError as e:   # upload_file wraps the ClientError in text
             raise Unavailable(f"S3 store {self.where} refused {key}: {e}") from e
         except NoCredentialsError as e:
-            raise Unavailable("S3 store has no credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile") from e
+            raise Unavailable(
+                "S3 store has no credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile"
+            ) from e
         except BotoCoreError as e:
             raise Unavailable(f"S3 store {self.where} is unreachable: {e}") from e
 

@@ -212,13 +212,12 @@ class AgentProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> AgentProcess:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "fleet-agent"), "run", "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, preexec_fn=self._preexec,
-            env={**os.environ, **(self._env or {})},
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(Path(sys.executable).parent / "fleet-agent"), "run", "--config", str(self.config_path)],
+                stdout=log, stderr=subprocess.STDOUT, preexec_fn=self._preexec,
+                env={**os.environ, **(self._env or {})},
+            )
         return self
 
     def log(self) -> str:
