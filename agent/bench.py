@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +162,7 @@ def _single_stream(
 ) -> list[_Stream]:
     samples = min(len(a) for a in pool.values())
     queries = [{k: v[i:i + 1] for k, v in pool.items()} for i in range(samples)]
-    first = [_time(lambda m=m: m.run(queries[0])) * 1000.0 for m in models]
+    first = [_time(partial(m.run, queries[0])) * 1000.0 for m in models]
     for i in range(1, WARMUP_QUERIES):
         for model in models:
             model.run(queries[i % samples])
@@ -170,7 +171,7 @@ def _single_stream(
     while len(latencies[0]) < min_queries or time.perf_counter() - started < seconds:
         query = queries[len(latencies[0]) % samples]
         for model, timed in zip(models, latencies, strict=True):
-            timed.append(_time(lambda model=model, query=query: model.run(query)))
+            timed.append(_time(partial(model.run, query)))
     duration = time.perf_counter() - started
     # each model's own busy time: in a paired run the other model's queries are not its duration
     return [

@@ -317,12 +317,12 @@ class _Partial:
         self._hashes: dict[str, hashlib._Hash] = {}
 
     def __enter__(self) -> _Partial:
-        self._file = open(self.path, "a+b")
+        self._file = file = open(self.path, "a+b")
         self._reset_hashes()
-        self._file.seek(0)
-        if os.fstat(self._file.fileno()).st_size > self.target.length:
+        file.seek(0)
+        if os.fstat(file.fileno()).st_size > self.target.length:
             self.restart()
-        for block in iter(lambda: self._file.read(CHUNK), b""):
+        for block in iter(lambda: file.read(CHUNK), b""):
             self._update(block)
         return self
 

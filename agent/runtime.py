@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,6 +24,9 @@ from edgefleet.common.protocol import ModelRef
 
 from .config import AgentConfig
 from .errors import ModelError, RequestError
+
+if TYPE_CHECKING:
+    import onnxruntime as ort  # imported when a model loads, not with the agent
 
 # ORT element type -> (Open Inference Protocol datatype, numpy dtype)
 _TYPES: dict[str, tuple[str, np.dtype]] = {
@@ -72,7 +76,7 @@ class RuntimeOptions:
             providers=providers or cls.providers,
         )
 
-    def session_options(self):  # -> onnxruntime.SessionOptions
+    def session_options(self) -> ort.SessionOptions:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -118,7 +122,7 @@ class TensorSpec:
 _DATATYPE_OF = {dtype: name for name, dtype in DATATYPES.items()}
 
 
-def _spec(arg) -> TensorSpec | None:
+def _spec(arg: ort.NodeArg) -> TensorSpec | None:
     known = _TYPES.get(arg.type)
     if known is None:
         return None  # sequences, maps, strings: not served over the tensor protocol
@@ -133,7 +137,7 @@ class LoadedModel:
     and its last in-flight request has finished.
     """
 
-    def __init__(self, session, path: Path, ref: ModelRef | None, load_ms: float) -> None:
+    def __init__(self, session: ort.InferenceSession, path: Path, ref: ModelRef | None, load_ms: float) -> None:
         self.session = session
         self.path = path
         self.ref = ref

@@ -26,6 +26,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -81,7 +82,7 @@ def confidence(outputs: Mapping[str, np.ndarray]) -> tuple[float, float] | None:
 
 
 def encode_sample(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], meta: SampleMeta) -> bytes:
-    arrays = {f"input/{k}": np.asarray(v) for k, v in inputs.items()}
+    arrays: dict[str, Any] = {f"input/{k}": np.asarray(v) for k, v in inputs.items()}
     arrays.update({f"output/{k}": np.asarray(v) for k, v in outputs.items()})
     arrays["meta"] = np.array(json.dumps(asdict(meta)))
     buffer = io.BytesIO()
@@ -214,7 +215,9 @@ class Sampler:
             self._promote_reservoir()
             self._window, self._seen = window, 0
 
-    def _reservoir_offer(self, k: int, inputs, outputs, meta: SampleMeta) -> bool:
+    def _reservoir_offer(
+        self, k: int, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], meta: SampleMeta
+    ) -> bool:
         self._seen += 1
         slot = self._seen - 1 if self._seen <= k else self._rng.randrange(self._seen)
         if slot >= k:

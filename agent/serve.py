@@ -23,7 +23,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -234,7 +234,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         # Headers and body go out as two writes: on TCP, Nagle + delayed ACK would add 40 ms to each answer.
-        self.disable_nagle_algorithm = self.request.family != socket.AF_UNIX
+        # typeshed calls it a ClassVar, but StreamRequestHandler.setup() reads it from the instance
+        self.disable_nagle_algorithm = self.request.family != socket.AF_UNIX  # type: ignore[misc]
         super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - BaseHTTPRequestHandler's signature
@@ -395,7 +396,7 @@ class _ServerMixin:
         except Exception:  # sampling must never fail a request
             log.exception("inference hook failed; the request was still answered")
 
-    def process_request_thread(self, request, client_address) -> None:
+    def process_request_thread(self, request: Any, client_address: Any) -> None:  # request: a stream socket
         with self.connections_lock:
             self.connections.add(request)
         try:
@@ -421,7 +422,7 @@ class _TCPServer(_ServerMixin, ThreadingHTTPServer):
 class _UnixServer(_ServerMixin, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
-    def get_request(self):  # http.server expects (host, port)-like client addresses
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:  # http.server expects (host, port)-like
         request, _ = super().get_request()
         return request, ("unix", 0)
 
@@ -446,9 +447,10 @@ class InferenceServer:
     @property
     def url(self) -> str:
         """``http://host:port`` for TCP; for a Unix socket, the ``unix:`` address itself."""
-        if self._server is None or self.address.startswith("unix:"):
+        server = self._server
+        if server is None or isinstance(server, _UnixServer):
             return self.address
-        host, port = self._server.server_address[:2]
+        host, port = _tcp_address(server)
         return f"http://{host}:{port}"
 
     def start(self) -> None:
@@ -484,7 +486,7 @@ class InferenceServer:
         if self._thread is not None:
             self._thread.join()
         if isinstance(server, _UnixServer):
-            Path(server.server_address).unlink(missing_ok=True)
+            Path(_unix_path(server)).unlink(missing_ok=True)
 
     def __enter__(self) -> InferenceServer:
         self.start()
@@ -494,14 +496,27 @@ class InferenceServer:
         self.stop()
 
 
+def _tcp_address(server: _TCPServer) -> tuple[str, int]:
+    """(host, port) of a bound server: getsockname() gives a str host (typeshed also allows bytes)."""
+    host, port = server.server_address[:2]
+    return cast(str, host), port
+
+
+def _unix_path(server: _UnixServer) -> str:
+    return cast(str, server.server_address)  # the str path it was bound to
+
+
 def _poke(server: _TCPServer | _UnixServer) -> None:
-    family = socket.AF_UNIX if isinstance(server, _UnixServer) else socket.AF_INET
-    if family == socket.AF_INET and ":" in server.server_address[0]:
-        family = socket.AF_INET6
+    address: str | tuple[str, int]
+    if isinstance(server, _UnixServer):
+        family, address = socket.AF_UNIX, _unix_path(server)
+    else:
+        address = _tcp_address(server)
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as s:
             s.settimeout(0.2)
-            s.connect(server.server_address if family == socket.AF_UNIX else server.server_address[:2])
+            s.connect(address)
     except OSError:
         pass
 

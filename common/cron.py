@@ -48,8 +48,8 @@ class Cron:
             sets = [_field(p, lo, hi) for p, (lo, hi) in zip(parts, _RANGES, strict=True)]
         except ValueError as e:
             raise ProtocolError(f"{field} {expr!r} has an invalid field {e}") from None
-        dow = frozenset(d % 7 for d in sets[4])
-        return cls(*sets[:4], dow, parts[2] == "*", parts[4] == "*")
+        minute, hour, dom, month, dow = sets
+        return cls(minute, hour, dom, month, frozenset(d % 7 for d in dow), parts[2] == "*", parts[4] == "*")
 
     def matches(self, t: datetime) -> bool:
         if t.minute not in self.minute or t.hour not in self.hour or t.month not in self.month:

@@ -14,6 +14,7 @@ import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -90,7 +91,7 @@ class GoldenSet:
         return len(next(iter(self.inputs.values())))
 
     def save(self, path: Path) -> Path:
-        arrays = {_INPUT + k: v for k, v in self.inputs.items()}
+        arrays: dict[str, Any] = {_INPUT + k: v for k, v in self.inputs.items()}
         arrays.update({_OUTPUT + k: v for k, v in self.outputs.items()})
         meta = {"format": FORMAT, "atol": self.atol, "rtol": self.rtol, "top1": self.top1}
         arrays[_META] = np.array(json.dumps(meta))
@@ -120,8 +121,8 @@ class GoldenSet:
                 actual[name].append(np.asarray(got[name]))
         worst, failures = 0.0, []
         for name, expected in self.outputs.items():
-            got = np.concatenate(actual[name]) if expected.ndim else np.asarray(actual[name][0])
-            diff, problem = self._compare(name, expected, got)
+            observed = np.concatenate(actual[name]) if expected.ndim else np.asarray(actual[name][0])
+            diff, problem = self._compare(name, expected, observed)
             worst = max(worst, diff)
             if problem:
                 failures.append(problem)

@@ -17,15 +17,16 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from .retry import Backoff
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = {"5": paho.MQTTv5, "3.1.1": paho.MQTTv311, "auto": None}
+PROTOCOLS: dict[str, MQTTProtocolVersion | None] = {"5": paho.MQTTv5, "3.1.1": paho.MQTTv311, "auto": None}
 DEFAULT_SESSION_EXPIRY_S = 7 * 86400  # MQTT 5: how long the broker keeps our session offline
 KEEPALIVE_S = 30
 PROBE_TIMEOUT_S = 5.0
@@ -103,7 +104,7 @@ class MqttConnection:
         self._on_disconnect = on_disconnect
         self._will = will
         self.client: paho.Client | None = None
-        self.protocol: int | None = PROTOCOLS[url.protocol]
+        self.protocol: MQTTProtocolVersion | None = PROTOCOLS[url.protocol]
         self.connected = threading.Event()
         self._lost = threading.Event()
         self._stop = threading.Event()
@@ -153,16 +154,15 @@ class MqttConnection:
             self._session_ok = False
             self._lost.clear()
             try:
-                if self.client is None:
-                    self.build_client()
-                self.client.reconnect()
+                client = self.build_client() if self.client is None else self.client
+                client.reconnect()
             except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
                 log.info("MQTT broker %s:%s unreachable: %s", self.url.host, self.url.port, e)
             else:
                 # paho's own network thread: its publish() wake-up path relies on it.
-                self.client.loop_start()
+                client.loop_start()
                 self._lost.wait()
-                self.client.loop_stop()
+                client.loop_stop()
             if self._session_ok:
                 attempt = 0
             if self._stop.is_set():
@@ -177,7 +177,7 @@ class MqttConnection:
         if self.url.tls:
             client.tls_set(ca_certs=self.options.ca_file or None, cert_reqs=ssl.CERT_REQUIRED)
 
-    def _probe(self) -> int:
+    def _probe(self) -> MQTTProtocolVersion:
         """MQTT 5 if the broker answers a v5 CONNECT with anything but 'unsupported protocol'."""
         probe = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=f"{self.options.client_id}-probe", protocol=paho.MQTTv5
@@ -201,7 +201,7 @@ class MqttConnection:
         log.info("MQTT broker %s:%s speaks %s", self.url.host, self.url.port, "MQTT 5" if v5 else "MQTT 3.1.1")
         return paho.MQTTv5 if v5 else paho.MQTTv311
 
-    def _build(self, version: int) -> paho.Client:
+    def _build(self, version: MQTTProtocolVersion) -> paho.Client:
         opts = self.options
         kwargs: dict[str, Any] = {}
         if version != paho.MQTTv5:
@@ -233,7 +233,10 @@ class MqttConnection:
         )
         return client
 
-    def _handle_connect(self, client: paho.Client, _userdata, flags, reason, _props) -> None:
+    def _handle_connect(
+        self, client: paho.Client, _userdata: Any, flags: paho.ConnectFlags, reason: ReasonCode,
+        _props: Properties | None,
+    ) -> None:
         if reason.is_failure:
             log.warning("MQTT broker %s:%s refused %s: %s", self.url.host, self.url.port,
                         self.options.client_id, reason)
@@ -245,7 +248,10 @@ class MqttConnection:
             log.exception("MQTT on-connect handler failed")
         self.connected.set()
 
-    def _handle_disconnect(self, _client, _userdata, _flags, reason, _props) -> None:
+    def _handle_disconnect(
+        self, _client: paho.Client, _userdata: Any, _flags: paho.DisconnectFlags, reason: ReasonCode,
+        _props: Properties | None,
+    ) -> None:
         self.connected.clear()
         if self._on_disconnect is not None:
             self._on_disconnect()
@@ -253,7 +259,7 @@ class MqttConnection:
             log.info("MQTT connection to %s:%s lost: %s", self.url.host, self.url.port, reason)
         self._lost.set()
 
-    def _handle_message(self, _client, _userdata, message: paho.MQTTMessage) -> None:
+    def _handle_message(self, _client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
         try:
             self._on_message(message)
         except Exception:

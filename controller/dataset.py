@@ -50,7 +50,7 @@ class SampleRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SampleRecord:
-        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__ if k in data})
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ class ShardWriter:
             return
         name = f"shard-{len(self.result.shards):05d}.npz"
         names = [k for k, _ in self._pending[0][0].items()]
-        stacked = {k: np.concatenate([t[k] for t, _ in self._pending]) for k in names}
+        stacked: dict[str, Any] = {k: np.concatenate([t[k] for t, _ in self._pending]) for k in names}
         _write_atomic(self.out / name, lambda f: np.savez_compressed(f, **stacked))
         row = 0
         for _, entries in self._pending:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from functools import partial
+from typing import Any, cast
 
 import sqlalchemy as sa
 
@@ -18,13 +19,14 @@ def sweep_offline(db: Database, heartbeat_timeout_s: float, now: datetime | None
     """Mark devices offline whose last heartbeat is older than the timeout; returns how many."""
     cutoff = (now or utcnow()) - timedelta(seconds=heartbeat_timeout_s)
     with db.unit_of_work() as session:
-        return session.execute(
+        swept = session.execute(
             sa.update(Device)
             .where(Device.online.is_(True))
             .where(sa.or_(Device.last_seen.is_(None), Device.last_seen < cutoff))
             .values(online=False)
             .execution_options(synchronize_session=False)
-        ).rowcount
+        )
+        return cast(sa.CursorResult[Any], swept).rowcount
 
 
 def prune_telemetry(db: Database, retention_days: float, now: datetime | None = None) -> int:
@@ -33,9 +35,10 @@ def prune_telemetry(db: Database, retention_days: float, now: datetime | None = 
     deleted = 0
     with db.unit_of_work() as session:
         for table in (TelemetryRecord, Benchmark):
-            deleted += session.execute(
+            pruned = session.execute(
                 sa.delete(table).where(table.ts < cutoff).execution_options(synchronize_session=False)
-            ).rowcount
+            )
+            deleted += cast(sa.CursorResult[Any], pruned).rowcount
     return deleted
 
 

@@ -109,7 +109,7 @@ class ControllerService:
     def _schedule(self) -> Scheduler:
         config = self.config
         scheduler = Scheduler(self.db, config, holder_id=f"{socket.gethostname()}-{secrets.token_hex(4)}")
-        assert self.store is not None and self.bridge is not None
+        assert self.repository is not None and self.store is not None and self.bridge is not None
         scheduler.add_job("resign-metadata", partial(self.repository.resign_if_expiring, config.resign_margin_s),
                           RESIGN_INTERVAL_S)
         scheduler.add_job("mirror-targets", partial(mirror_targets, self.db, self.repository), MIRROR_INTERVAL_S)

@@ -7,12 +7,14 @@ the plain ``alembic -c migrations/alembic.ini`` CLI works from the URL.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from alembic import context
 
 config = context.config
 
 
-def _configure_and_run(**kwargs) -> None:
+def _configure_and_run(**kwargs: Any) -> None:
     # SQLite cannot ALTER most things: batch mode copies the table instead.
     context.configure(render_as_batch=True, target_metadata=None, **kwargs)
     with context.begin_transaction():
@@ -30,7 +32,7 @@ def run_online() -> None:
         return
     from edgefleet.controller.db.session import Database
 
-    database = Database(config.get_main_option("sqlalchemy.url"))
+    database = Database(config.get_main_option("sqlalchemy.url", ""))  # no URL: Database says what to write
     try:
         with database.engine.begin() as connection:
             _configure_and_run(connection=connection)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.daemon import TICK_S, agent_version, next_boot
@@ -114,7 +114,7 @@ class _Recording:
         self.report = link.report
         self.telemetry = link.telemetry
 
-    def event(self, state: str, **fields) -> Event:
+    def event(self, state: str, **fields: Any) -> Event:
         event = self._link.event(state, **fields)
         self._device.last_event = event
         return event

@@ -159,7 +159,7 @@ class Fleet:
         operator = self._operator_client()
         try:
             with ThreadPoolExecutor(max_workers=self.config.workers) as pool:
-                configs = list(pool.map(lambda pair: self._device_config(*pair, operator), ids))
+                configs = list(pool.map(lambda pair: self._device_config(pair[0], pair[1], operator), ids))
         finally:
             if operator is not None:
                 operator.close()

@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import paho.mqtt.client as paho
 
@@ -74,11 +74,12 @@ class Connection:
     def _disconnect(self, abrupt: bool, after: Callable[[], None] | None) -> None:
         self.enabled = False
         client = self.client
-        if client.socket() is not None:
+        sock = client.socket()
+        if sock is not None:
             if abrupt:
-                sock = client.socket()
                 try:
-                    sock.shutdown(socket.SHUT_RDWR)  # the next read sees EOF: paho closes it as lost
+                    # paho's TCP transport: a socket.socket (ssl.SSLSocket is one too)
+                    cast(socket.socket, sock).shutdown(socket.SHUT_RDWR)  # the next read sees EOF: paho closes it
                 except OSError:
                     pass
                 self.loop.read_now(client)
@@ -221,10 +222,11 @@ class NetworkLoop:
         self._selector.register(sock, events, client)
 
     def _modify(self, sock: Any, events: int, client: paho.Client) -> None:
-        if client.socket() is not sock:
+        current = client.socket()
+        if current is None or current is not sock:
             return  # closed meanwhile
         try:
-            self._selector.modify(sock, events, client)
+            self._selector.modify(current, events, client)
         except (KeyError, ValueError):
             pass
 

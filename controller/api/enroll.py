@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
@@ -80,7 +80,7 @@ class EnrollResponse(BaseModel):
 def _spend(session: sa.orm.Session, token_hash: str) -> EnrollmentToken:
     """Mark the token used, or say precisely why it cannot be."""
     now = utcnow()
-    spent = session.execute(
+    spent = cast(sa.CursorResult[Any], session.execute(
         sa.update(EnrollmentToken)
         .where(
             EnrollmentToken.token_hash == token_hash,
@@ -88,7 +88,7 @@ def _spend(session: sa.orm.Session, token_hash: str) -> EnrollmentToken:
             EnrollmentToken.expires_at > now,
         )
         .values(used_at=now)
-    )
+    ))
     row = session.get(EnrollmentToken, token_hash)
     if row is None:
         raise Unauthorized("enrollment token is not valid: ask the operator for one (`fleetctl devices enroll NAME`)")

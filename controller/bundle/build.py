@@ -99,7 +99,7 @@ class _Builder:
         self.reference_latency = measure_latency(session, evalset.take(slice(0, 1)), latency_budget_s)
 
     def reference_entry(self) -> dict[str, Any]:
-        labelled = self.evalset.labels is not None and self.score is not None
+        labels, score = self.evalset.labels, self.score
         return {
             "file": self.source.path.name,
             "size_bytes": self.source.path.stat().st_size,
@@ -107,7 +107,7 @@ class _Builder:
             "latency_ms": {"p50": self.reference_latency.p50, "p99": self.reference_latency.p99},
             "samples": self.evalset.count,
             "eval": "synthetic" if self.evalset.synthetic else "labelled",
-            "top1": round(top1(self.reference[self.score], self.evalset.labels), 6) if labelled else None,
+            "top1": round(top1(self.reference[score], labels), 6) if labels is not None and score is not None else None,
             "score_output": self.score,
         }
 
@@ -156,6 +156,7 @@ class _Builder:
         if accuracy.max_abs_diff == float("inf"):
             raise BuildError(f"{name} produces non-finite outputs on the eval set")
         if accuracy.top1_drop is not None and accuracy.top1_drop > self.max_top1_drop + 1e-9:
+            assert accuracy.top1 is not None  # the drop is measured from it
             before = accuracy.top1 + accuracy.top1_drop
             raise BuildError(
                 f"{name} loses {accuracy.top1_drop * 100:.2f} points of top-1 "

@@ -86,8 +86,9 @@ def synthetic_dataset(specs: tuple[TensorSpec, ...], count: int = SYNTHETIC_SAMP
     rng = np.random.default_rng(seed)
     inputs = {}
     for spec in specs:
-        if spec.dtype.kind != "f" or not all(isinstance(d, int) for d in spec.shape[1:]):
+        dims = tuple(d for d in spec.shape[1:] if isinstance(d, int))
+        if spec.dtype.kind != "f" or len(dims) != len(spec.shape[1:]):
             raise BuildError(
                 f"model input {spec.name!r} is {spec.describe()}: synthetic data cannot be made; give --eval DATA.npz")
-        inputs[spec.name] = rng.standard_normal((count, *spec.shape[1:])).astype(spec.dtype)
+        inputs[spec.name] = rng.standard_normal((count, *dims)).astype(spec.dtype)
     return Dataset(inputs, synthetic=True)

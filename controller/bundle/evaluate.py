@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -11,6 +12,9 @@ import onnx
 from ..errors import BuildError
 from .data import Dataset
 from .source import TensorSpec, one_line
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 EVAL_BATCH = 64
 WARMUP_RUNS = 3
@@ -35,14 +39,14 @@ class Accuracy:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
-def open_session(model: Path | bytes):
+def open_session(model: Path | bytes) -> ort.InferenceSession:
     import onnxruntime as ort
 
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
 
 
-def run_all(session, data: Dataset) -> dict[str, np.ndarray]:
+def run_all(session: ort.InferenceSession, data: Dataset) -> dict[str, np.ndarray]:
     """Outputs for every sample, in batches (of 1 when the model's batch size is fixed)."""
     fixed = any(isinstance(i.shape[0], int) for i in session.get_inputs() if i.shape)
     batch = 1 if fixed else EVAL_BATCH
@@ -54,7 +58,9 @@ def run_all(session, data: Dataset) -> dict[str, np.ndarray]:
     return {n: np.concatenate(v) for n, v in parts.items()}
 
 
-def measure_latency(session, sample: dict[str, np.ndarray], budget_s: float, max_runs: int = 500) -> Latency:
+def measure_latency(
+    session: ort.InferenceSession, sample: dict[str, np.ndarray], budget_s: float, max_runs: int = 500
+) -> Latency:
     for _ in range(WARMUP_RUNS):
         session.run(None, sample)
     times: list[float] = []
@@ -120,7 +126,7 @@ def fp16_as_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def cpu_session(path: Path, fp16: bool):
+def cpu_session(path: Path, fp16: bool) -> tuple[ort.InferenceSession, bool]:
     """A CPU session of the variant, or of its fp32 emulation when fp16 kernels are missing.
 
     Returns (session, emulated).

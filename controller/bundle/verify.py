@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from edgefleet.common.errors import GoldenFormatError
 from edgefleet.common.golden import GoldenSet
@@ -12,6 +17,9 @@ from ..errors import BuildError
 from .build import REPORT
 from .evaluate import cpu_session
 from .variants import CUDA_FP16
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 MAX_REPORT_BYTES = 1024 * 1024
 
@@ -48,6 +56,12 @@ def _plain(out: Path, name: object) -> Path:
     return path
 
 
+def _outputs(
+    session: ort.InferenceSession, names: list[str], inputs: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    return dict(zip(names, session.run(names, inputs), strict=True))
+
+
 def verify_bundle(out: Path) -> list[VariantCheck]:
     out = Path(out)
     checks = []
@@ -60,8 +74,6 @@ def verify_bundle(out: Path) -> list[VariantCheck]:
             checks.append(VariantCheck(name, False, float("inf"), str(e)))
             continue
         names = [o.name for o in session.get_outputs()]
-        result = golden.check(
-            lambda inputs, names=names, session=session: dict(zip(names, session.run(names, inputs), strict=True))
-        )
+        result = golden.check(partial(_outputs, session, names))
         checks.append(VariantCheck(name, result.passed, result.max_abs_diff, result.detail))
     return checks

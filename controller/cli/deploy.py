@@ -1,6 +1,7 @@
 """``fleetctl deploy NAME:VERSION --to SELECTOR``: start a staged rollout (or --dry-run it)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -19,7 +20,9 @@ from ._output import emit, output_option, table
 from .client import ApiClient, api_command
 
 
-def _converter(parse, what: str):
+def _converter(
+    parse: Callable[[str, str], Any], what: str
+) -> Callable[[click.Context, click.Parameter, Any], Any]:
     def convert(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
         return None if value is None else parse(value, what)
     return convert

@@ -12,7 +12,9 @@ replicas' clocks, so clock skew between replicas must stay well below the TTL.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -20,7 +22,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from .models import LeaderLockRow, utcnow
 from .session import Database
 
-_INSERT = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
+_INSERT: dict[str, Callable[[sa.Table], postgresql.Insert | sqlite.Insert]] = {
+    "postgresql": postgresql.insert, "sqlite": sqlite.insert,
+}
 
 
 class LeaderLock:
@@ -37,7 +41,7 @@ class LeaderLock:
         """Acquire or renew; True while this holder is the leader. Raises Unavailable."""
         now = utcnow()
         expires = now + self.ttl
-        row = LeaderLockRow.__table__
+        row = cast(sa.Table, LeaderLockRow.__table__)
         with self.db.connect() as connection:
             # RETURNING, not rowcount: drivers do not report rowcount for INSERT reliably.
             renewed = connection.execute(
@@ -63,7 +67,7 @@ class LeaderLock:
 
     def release(self) -> None:
         """Give the lock up now (only if we hold it), so another replica takes over at once."""
-        row = LeaderLockRow.__table__
+        row = cast(sa.Table, LeaderLockRow.__table__)
         with self.db.connect() as connection:
             connection.execute(
                 sa.delete(row).where(row.c.name == self.name).where(row.c.holder == self.holder)
@@ -72,7 +76,7 @@ class LeaderLock:
 
     def current_holder(self) -> str | None:
         """Who holds an unexpired lease on this lock, if anyone."""
-        row = LeaderLockRow.__table__
+        row = cast(sa.Table, LeaderLockRow.__table__)
         with self.db.connect() as connection:
             return connection.execute(
                 sa.select(row.c.holder).where(row.c.name == self.name).where(row.c.expires_at >= utcnow())

@@ -7,8 +7,10 @@ controller's errors (Unavailable, Conflict).
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy import event, exc
@@ -16,6 +18,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import Conflict, InvalidInput, Unavailable
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000   # writers wait this long for the single SQLite write lock
 CONNECT_TIMEOUT_S = 5             # PostgreSQL: fail fast when the server is down
@@ -74,7 +79,7 @@ class Database:
         engine = sa.create_engine(parsed, echo=echo, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
 
         @event.listens_for(engine, "connect")
-        def _on_connect(dbapi_connection, _record) -> None:
+        def _on_connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
             # SQLAlchemy emits BEGIN itself (below), so pysqlite must not.
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
@@ -132,7 +137,7 @@ class Database:
 
     # --- schema version -------------------------------------------------
 
-    def _alembic_config(self, connection: sa.Connection | None = None):
+    def _alembic_config(self, connection: sa.Connection | None = None) -> Config:
         from alembic.config import Config
 
         config = Config()
@@ -191,7 +196,9 @@ class Database:
 
     def _sqlite_foreign_keys(self, connection: sa.Connection, on: bool) -> None:
         if self.dialect == "sqlite":
-            connection.connection.driver_connection.execute(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}")
+            driver = connection.connection.driver_connection
+            assert driver is not None  # a connection in use has its DB-API connection
+            driver.execute(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}")
 
     def _sqlite_check_foreign_keys(self, connection: sa.Connection) -> None:
         if self.dialect == "sqlite":

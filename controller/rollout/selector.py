@@ -11,7 +11,7 @@ import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from edgefleet.common.hardware import HardwareProfile
 
@@ -168,5 +168,5 @@ class _Parser:
             self._fail(token[2] if token else len(self.text), f"expected {op!r}")
         self.i += 1
 
-    def _fail(self, pos: int, message: str) -> None:
+    def _fail(self, pos: int, message: str) -> NoReturn:
         raise SelectorError(f"selector {self.text!r}: {message} at position {pos + 1}")

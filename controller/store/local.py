@@ -4,8 +4,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 from ..errors import NotFound, Unavailable
 from . import ArtifactStore, check_key
@@ -21,7 +22,7 @@ class LocalStore(ArtifactStore):
     def path(self, key: str) -> Path:
         return self.root / check_key(key)
 
-    def _write(self, key: str, fill) -> None:
+    def _write(self, key: str, fill: Callable[[IO[bytes]], object]) -> None:
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
@@ -39,7 +40,7 @@ class LocalStore(ArtifactStore):
         self._write(key, lambda f: f.write(data))
 
     def put_file(self, key: str, path: Path) -> None:
-        def copy(f):
+        def copy(f: IO[bytes]) -> None:
             with open(path, "rb") as src:
                 shutil.copyfileobj(src, f, CHUNK)
 

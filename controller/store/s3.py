@@ -14,6 +14,7 @@ import boto3
 from boto3.exceptions import S3UploadFailedError
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from botocore.response import StreamingBody
 
 from ..config import StoreConfig
 from ..errors import NotFound, Unavailable
@@ -116,7 +117,7 @@ class S3Store(ArtifactStore):
                 raise
         return self._stream(key, body)
 
-    def _stream(self, key: str, body) -> Iterator[bytes]:
+    def _stream(self, key: str, body: StreamingBody) -> Iterator[bytes]:
         with self._errors(key), contextlib.closing(body):
             yield from body.iter_chunks(CHUNK)
 
