@@ -23,7 +23,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Self, cast
 
 import numpy as np
 
@@ -488,7 +488,7 @@ class InferenceServer:
         if isinstance(server, _UnixServer):
             Path(_unix_path(server)).unlink(missing_ok=True)
 
-    def __enter__(self) -> InferenceServer:
+    def __enter__(self) -> Self:
         self.start()
         return self
 

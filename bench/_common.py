@@ -5,6 +5,7 @@ import http.client
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +38,7 @@ class OipClient:
 def encode_request(inputs: dict[str, np.ndarray], binary: bool) -> tuple[bytes, dict[str, str]]:
     tensors, chunks = [], []
     for name, value in inputs.items():
-        tensor = {"name": name, "shape": list(value.shape), "datatype": _DATATYPE_OF[value.dtype]}
+        tensor: dict[str, Any] = {"name": name, "shape": list(value.shape), "datatype": _DATATYPE_OF[value.dtype]}
         if binary:
             raw = np.ascontiguousarray(value).tobytes()
             tensor["parameters"] = {"binary_data_size": len(raw)}

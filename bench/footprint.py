@@ -79,6 +79,7 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            assert proc.stderr is not None  # started with stderr=PIPE
             raise RuntimeError(f"the agent exited with {proc.returncode}: {proc.stderr.read().decode()[-500:]}")
         try:
             if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
@@ -197,6 +198,7 @@ def measure_daemon(model: Path, golden: Path, broker: str, idle_seconds: float, 
 def measure_bare(idle_seconds: float, imports: str = BARE_IMPORTS) -> dict:
     code = f"{imports}; import sys, time; print('ready', flush=True); time.sleep(3600)"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
     try:
         if proc.stdout.readline().strip() != b"ready":
             raise RuntimeError(f"bare imports failed: {proc.stderr.read().decode()[-500:]}")

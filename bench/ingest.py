@@ -180,7 +180,7 @@ def _drop(postgres: str, name: str) -> None:
 
 def _stored(db: Database) -> int:
     with db.unit_of_work() as session:
-        return session.scalar(sa.select(sa.func.count()).select_from(TelemetryRecord))
+        return session.scalar(sa.select(sa.func.count()).select_from(TelemetryRecord)) or 0
 
 
 def bridge_phase(kind: str, broker: str, postgres: str, devices: int, seconds: float,

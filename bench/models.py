@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -65,7 +66,7 @@ def _save_model(model: onnx.ModelProto, path: Path) -> Path:
     return _atomic_write(path, lambda tmp: onnx.save(model, str(tmp)))
 
 
-def _save_npz(arrays: dict[str, np.ndarray], path: Path) -> Path:
+def _save_npz(arrays: dict[str, Any], path: Path) -> Path:  # Any: np.savez(**arrays) would take allow_pickle too
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)

@@ -181,9 +181,9 @@ def render(machine: Machine, sections: list[Section], runs: dict[str, Run], whol
         if run is None:
             lines.append("Not run yet.")
             continue
-        peak = "" if run.load_peak is None else f", peak {run.load_peak:.2f} during"
+        during = "" if run.load_peak is None else f", peak {run.load_peak:.2f} during"
         lines += [f"Run {run.started} on {run.code or 'unrecorded code'}, {run.seconds:.0f} s, {run.size} size; "
-                  f"load average (1/5/15 min) {_load(run.load_before)} before, {_load(run.load_after)} after{peak}.",
+                  f"load average (1/5/15 min) {_load(run.load_before)} before, {_load(run.load_after)} after{during}.",
                   ""]
         if run.stdout.strip():
             lines += [run.stdout.strip(), ""]

@@ -81,8 +81,9 @@ def overlaps(intervals: list[tuple[float, float]]):
 def run(model: Path, swaps: int, clients: int, steady_seconds: float, interval: float) -> dict:
     runtime = ModelRuntime()
     name = "digits"
-    runtime.swap(runtime.load(model, ModelRef(model=name, version="0", variant="cpu-fp32")))
-    inputs = {runtime.active.inputs[0].name: np.random.default_rng(0).random((1, 64), dtype=np.float32)}
+    first = runtime.load(model, ModelRef(model=name, version="0", variant="cpu-fp32"))
+    runtime.swap(first)
+    inputs = {first.inputs[0].name: np.random.default_rng(0).random((1, 64), dtype=np.float32)}
     retired = []
     with InferenceServer(runtime, "127.0.0.1:0", 1 << 20) as server:
         load = LoadGenerator(server.url, name, inputs, clients)
@@ -94,6 +95,7 @@ def run(model: Path, swaps: int, clients: int, steady_seconds: float, interval: 
         for i in range(1, swaps + 1):
             started = time.perf_counter()
             old = runtime.swap(runtime.load(model, ModelRef(model=name, version=str(i), variant="cpu-fp32")))
+            assert old is not None  # a model was active
             old.wait_released(5)
             swapping.append((started, time.perf_counter()))
             retired.append(old)

@@ -9,9 +9,9 @@ from edgefleet.controller.db.models import Device, Variant
 from edgefleet.controller.db.session import Database
 from edgefleet.controller.rollout.spec import RolloutSpec
 
-X86 = {"arch": "x86_64", "cpu_features": ["avx2"], "providers": ["CPUExecutionProvider"], "memory_mb": 8000,
+X86: dict[str, Any] = {"arch": "x86_64", "cpu_features": ["avx2"], "providers": ["CPUExecutionProvider"], "memory_mb": 8000,
        "hardware_class": "x86_64"}
-RPI = {"arch": "aarch64", "cpu_features": ["neon"], "providers": ["CPUExecutionProvider"], "memory_mb": 4000,
+RPI: dict[str, Any] = {"arch": "aarch64", "cpu_features": ["neon"], "providers": ["CPUExecutionProvider"], "memory_mb": 4000,
        "device_model": "Raspberry Pi 4 Model B Rev 1.4", "hardware_class": "rpi-4"}
 VARIANTS = [  # name, requirements, preference
     ("cuda-fp16", {"providers": ["CUDAExecutionProvider"]}, 0),

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import socket
 import uuid
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
 import sqlalchemy as sa
@@ -135,7 +137,7 @@ def test_will_marks_offline_and_a_late_will_from_an_older_boot_is_ignored(broker
     link.start()
     try:
         assert wait_until(lambda: device_row(db, device).online)
-        link._conn.client.socket().shutdown(2)  # unclean: the broker publishes the will
+        cast(socket.socket, link._conn.client.socket()).shutdown(2)  # unclean: the broker publishes the will
         assert wait_until(lambda: not device_row(db, device).online), "the will did not mark the device offline"
         assert wait_until(lambda: device_row(db, device).online), "the reconnect did not mark it online"
         stale_before = bridge.stats.ingested.stale

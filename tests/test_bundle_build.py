@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -137,7 +138,8 @@ def test_bad_inputs_are_one_line_build_errors(digits, broken_model, tmp_path):
 def test_resnet50_optimized_and_int8_load_and_run(resnet50, tmp_path):
     rng = np.random.default_rng(7)
     calibration = tmp_path / "calibration.npz"
-    np.savez(calibration, **{models.RESNET_INPUT: rng.standard_normal((2, 3, 224, 224)).astype(np.float32)})
+    arrays: dict[str, Any] = {models.RESNET_INPUT: rng.standard_normal((2, 3, 224, 224)).astype(np.float32)}
+    np.savez(calibration, **arrays)
     out = tmp_path / "bundle"
     report = build_bundle(resnet50, "resnet50", "1.0.0", ["cpu-fp32", "cpu-int8"], calibration, None, out,
                           latency_budget_s=0.5)

@@ -139,7 +139,7 @@ def test_states_and_timestamps_round_trip(db: Database) -> None:
         rollout = session.get(Rollout, "r1")
         assert rollout.state is RolloutState.RUNNING and not rollout.state.terminal
         assert rollout.stage_started_at == started and rollout.stage_started_at.tzinfo == UTC
-        rollout.state = "ABORTED"      # the string value is accepted too
+        rollout.state = "ABORTED"  # type: ignore[assignment]  # the string value is accepted too
     with db.unit_of_work() as session:
         assert session.get(Rollout, "r1").state is RolloutState.ABORTED
     with pytest.raises((ValueError, sa.exc.StatementError)), db.unit_of_work() as session:

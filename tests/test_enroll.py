@@ -6,6 +6,7 @@ import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from typing import Any
 
 import httpx
 import numpy as np
@@ -149,7 +150,7 @@ def test_bad_public_key_is_400(shared):
 # --- sample uploads (device token) -----------------------------------------------
 
 
-def shard(rows: int = 4, **extra: np.ndarray) -> bytes:
+def shard(rows: int = 4, **extra: Any) -> bytes:  # Any: savez_compressed(**extra) takes allow_pickle too
     buffer = io.BytesIO()
     np.savez_compressed(buffer, input=np.random.rand(rows, 8).astype(np.float32),
                         output=np.random.rand(rows, 10).astype(np.float32), **extra)
@@ -207,26 +208,30 @@ def test_sample_upload_needs_the_devices_own_token(api, device):
     (b"x" * (65 * 1024), 413, "larger than"),
 ])
 def test_bad_sample_shards_are_refused(shared, shared_device, body, status, words):
-    response = upload(shared, *shared_device, body)
+    device_id, token = shared_device
+    response = upload(shared, device_id, token, body)
     assert response.status_code == status, response.text
     assert words in response.json()["error"]
     assert shared.store.list("samples") == []
 
 
 def test_pickled_arrays_are_refused(shared, shared_device):
+    device_id, token = shared_device
     buffer = io.BytesIO()
     np.savez(buffer, rows=np.array([{"evil": 1}, None], dtype=object))
-    response = upload(shared, *shared_device, buffer.getvalue())
+    response = upload(shared, device_id, token, buffer.getvalue())
     assert response.status_code == 400 and "not a readable npz" in response.json()["error"]
 
 
 def test_zip_bomb_is_refused_before_decompressing(shared, shared_device):
+    device_id, token = shared_device
     buffer = io.BytesIO()
     np.savez_compressed(buffer, zeros=np.zeros(1024 * 1024, np.uint8))  # 1 MiB in ~1 KiB
-    response = upload(shared, *shared_device, buffer.getvalue())
+    response = upload(shared, device_id, token, buffer.getvalue())
     assert response.status_code == 400 and "expands" in response.json()["error"]
 
 
 def test_bad_sample_headers_are_400(shared, shared_device):
-    response = upload(shared, *shared_device, shard(), headers={"X-Edgefleet-Model": "../../etc"})
+    device_id, token = shared_device
+    response = upload(shared, device_id, token, shard(), headers={"X-Edgefleet-Model": "../../etc"})
     assert response.status_code == 400 and "X-Edgefleet-Model" in response.json()["error"]

@@ -126,7 +126,9 @@ def test_error_rate_and_confidence_gates_read_the_new_versions_data(tmp_path):
         ])
     engine.step_all(db, publisher)
     with db.unit_of_work() as session:
-        gates = {(g.gate, g.hardware_class): (g.value, g.verdict.value) for g in session.scalars(sa.select(GateResult))}
+        gates: dict[tuple[str, str], tuple[object, str]] = {
+            (g.gate, g.hardware_class): (g.value, g.verdict.value) for g in session.scalars(sa.select(GateResult))
+        }
     assert gates[("error_rate", "x86_64")] == (pytest.approx(17 / 75), "PASS")    # (2+5+10) / (20+5+50)
     assert gates[("error_rate", "rpi-4")] == (None, "NO_DATA")
     assert gates[("confidence_shift", "rpi-4")] == (pytest.approx(0.9 - 0.65), "FAIL")  # mean of 0.5x5, 0.7x15

@@ -73,7 +73,7 @@ def test_sigkill_at_random_moments_during_updates(tmp_path, digits, mosquitto_ur
                 assert agent.serving_version() in (old, new), agent.log()
             done = observer.wait_terminal(generation, 60)
             assert done["state"] == "SUCCEEDED", (done, agent.log())
-            observer.wait(lambda new=new: agent.serving_version() == new, 10, f"{new} to be served")
+            observer.wait(lambda: agent.serving_version() == new, 10, f"{new} to be served")  # noqa: B023 - waited on here
             assert assert_serves_a_verified_slot(config.state_dir, signed) == new
         # the kills landed inside the update's steps, not only around it
         assert kills >= KILLS

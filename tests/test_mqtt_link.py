@@ -5,6 +5,7 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
 
@@ -86,7 +87,7 @@ def test_will_marks_offline_and_desired_is_redelivered_after_reconnect(broker_ur
         time.sleep(0.3)  # amqtt may deliver a retained message twice on one subscribe
         delivered = len(got)
         # Cut the TCP connection under paho: the broker sees an unclean disconnect.
-        link._conn.client.socket().shutdown(socket.SHUT_RDWR)
+        cast(socket.socket, link._conn.client.socket()).shutdown(socket.SHUT_RDWR)
         assert wait_until(lambda: any(s["online"] is False for s in statuses(recorder)))
         will = next(s for s in statuses(recorder) if s["online"] is False)
         assert will["boot"] == 42

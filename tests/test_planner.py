@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,7 @@ from edgefleet.controller.rollout.planner import (
 from edgefleet.controller.rollout.states import Verdict
 from tests.rollout_fleet import RPI, X86, spec_for
 
-CUDA = {**X86, "providers": ["CPUExecutionProvider", "CUDAExecutionProvider"], "hardware_class": "x86_64-cuda"}
+CUDA: dict[str, Any] = {**X86, "providers": ["CPUExecutionProvider", "CUDAExecutionProvider"], "hardware_class": "x86_64-cuda"}
 VARIANTS = [
     VariantView("cuda-fp16", "m/1/cuda-fp16.onnx", {"providers": ["CUDAExecutionProvider"]}, 0),
     VariantView("cpu-int8", "m/1/cpu-int8.onnx", {"arch": ["x86_64"], "cpu_features": ["avx2"]}, 1),

@@ -31,8 +31,8 @@ class Clock:
 
 
 def make(tmp_path, clock=None, max_buffer_bytes=10_000_000, **policy) -> Sampler:
-    policy = SamplingPolicy(enabled=True, **policy)
-    return Sampler(policy, tmp_path / "samples", device="dev-1", max_buffer_bytes=max_buffer_bytes,
+    sampling = SamplingPolicy(enabled=True, **policy)
+    return Sampler(sampling, tmp_path / "samples", device="dev-1", max_buffer_bytes=max_buffer_bytes,
                    clock=clock or Clock(), rng=random.Random(7))
 
 
@@ -133,7 +133,7 @@ def test_upload_deletes_only_after_success(tmp_path):
     sampler = make(tmp_path, rate=1.0)
     for _ in range(5):
         sampler.observe(X, CONFIDENT, REF)
-    posted = []
+    posted: list[tuple[bytes, dict]] = []
 
     def flaky(data: bytes, meta: dict) -> None:
         if len(posted) == 2:

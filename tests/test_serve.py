@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from edgefleet.agent.runtime import ModelRuntime
+from edgefleet.agent.runtime import LoadedModel, ModelRuntime
 from edgefleet.agent.serve import InferenceServer
 from edgefleet.common.protocol import ModelRef
 
@@ -30,10 +30,14 @@ def runtime(digits):
     runtime.close()
 
 
+class _SeenServer(InferenceServer):
+    seen: list[tuple[dict, dict, LoadedModel]]
+
+
 @pytest.fixture
 def server(runtime):
-    seen = []
-    with InferenceServer(runtime, "127.0.0.1:0", LIMIT, on_inference=lambda i, o, m: seen.append((i, o, m))) as srv:
+    seen: list[tuple[dict, dict, LoadedModel]] = []
+    with _SeenServer(runtime, "127.0.0.1:0", LIMIT, on_inference=lambda i, o, m: seen.append((i, o, m))) as srv:
         srv.seen = seen
         yield srv
 

@@ -6,6 +6,7 @@ import json
 import threading
 import uuid
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 import paho.mqtt.client as paho
@@ -27,7 +28,7 @@ WORKERS = 4
 def repo(tmp_path_factory, digits):
     eval_inputs = np.load(digits.eval_data)["input"]
     signed = ModelRepo.create(tmp_path_factory.mktemp("sim-repo"), eval_inputs, digits.model)
-    signed.v1 = signed.publish(digits.model, "1.0.0")
+    signed.infos["v1"] = signed.publish(digits.model, "1.0.0")
     yield signed
     signed.stop()
 
@@ -42,7 +43,11 @@ class Watcher:
         self._lock = threading.Lock()
         ready = threading.Event()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"watch-{uuid.uuid4().hex[:8]}")
-        self.client.on_connect = lambda c, *_: (c.subscribe("edgefleet/v1/+/+", qos=1), ready.set())
+        def on_connect(client: paho.Client, *_: Any) -> None:
+            client.subscribe("edgefleet/v1/+/+", qos=1)
+            ready.set()
+
+        self.client.on_connect = on_connect
         self.client.on_message = self._on_message
         self.client.connect(host, int(port))
         self.client.loop_start()
@@ -88,7 +93,7 @@ def test_fleet_updates_with_faults_on_one_network_thread(repo, mosquitto_url, tm
         assert wait_until(lambda: fleet.stats().connected == DEVICES, 30), fleet.stats()
 
         for device in ids:
-            watcher.publish_desired(desired(device, 1, repo.v1))
+            watcher.publish_desired(desired(device, 1, repo.infos["v1"]))
         terminal = {"SUCCEEDED", "ROLLED_BACK", "FAILED", "REJECTED"}
 
         def settled() -> bool:

@@ -14,13 +14,12 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import MetaFile
 
 from edgefleet.agent.errors import (
-    AgentError,
     TransportError,
     UnknownTargetError,
     VerificationError,
 )
 from edgefleet.agent.fetch import ModelUpdater, check_release, trust_root
-from edgefleet.common.errors import StorageError
+from edgefleet.common.errors import EdgefleetError, StorageError
 from edgefleet.common.hardware import HardwareProfile, Requirements
 from edgefleet.common.protocol import target_path
 from tests.support.repo_server import Faults
@@ -48,7 +47,7 @@ def staged(tmp_path: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
 
 
-def fails(error: type[AgentError], match: str, call, *args) -> AgentError:
+def fails(error: type[EdgefleetError], match: str, call, *args) -> EdgefleetError:
     with pytest.raises(error, match=match) as raised:
         call(*args)
     assert "\n" not in str(raised.value), str(raised.value)

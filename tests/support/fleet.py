@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ class ModelRepo:
     signed: SignedRepo
     eval_inputs: np.ndarray
     reference: Path          # golden outputs come from this model (digits) unless told otherwise
+    infos: dict[str, TargetInfo] = field(default_factory=dict)  # what a test module published, by its own names
 
     @classmethod
     def create(cls, root: Path, eval_inputs: np.ndarray, reference: Path) -> ModelRepo:
@@ -143,7 +144,11 @@ class Observer:
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"observer-{uuid.uuid4().hex[:8]}")
-        self.client.on_connect = lambda c, *_: (c.subscribe(f"edgefleet/v1/{device}/#", qos=1), self._ready.set())
+        def on_connect(client: paho.Client, *_: Any) -> None:
+            client.subscribe(f"edgefleet/v1/{device}/#", qos=1)
+            self._ready.set()
+
+        self.client.on_connect = on_connect
         self.client.on_message = self._on_message
         self.client.connect(host, int(port))
         self.client.loop_start()

@@ -65,7 +65,7 @@ class Recorder:
 
     def _on_message(self, _client, _userdata, message: paho.MQTTMessage) -> None:
         with self._lock:
-            self.messages.append((message.topic, message.payload, bool(message.retain)))
+            self.messages.append((message.topic, bytes(message.payload), bool(message.retain)))
 
     def on(self, channel: protocol.Channel) -> list[bytes]:
         with self._lock:

@@ -98,7 +98,7 @@ class RepoServer:
     def url(self) -> str:
         assert self._httpd is not None
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def paths(self, contains: str = "") -> list[str]:
         """Paths requested so far (optionally only those containing ``contains``)."""
