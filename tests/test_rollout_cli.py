@@ -12,7 +12,9 @@ from click.testing import CliRunner
 
 from edgefleet.common.protocol import ExecutionState as E
 from edgefleet.controller.cli import main
+from edgefleet.controller.cli.client import ApiClient
 from edgefleet.controller.db.models import AuditEntry, Rollout
+from edgefleet.controller.errors import InvalidInput
 from edgefleet.controller.rollout import engine
 from tests.rollout_fleet import RecordingPublisher, seed
 from tests.support.api_server import running_controller
@@ -122,3 +124,42 @@ def test_deploy_bad_input_is_one_line(api, args, message):
     result = fleetctl(api, "deploy", "digits:1.1.0", *args, ok=False)
     assert result.exit_code == 1 and message in result.output
     assert result.output.count("\n") == 1
+
+
+def rollout_count(api) -> int:
+    with api.db.unit_of_work() as session:
+        return session.scalar(sa.select(sa.func.count()).select_from(Rollout))
+
+
+@pytest.mark.parametrize("cron, message", [
+    ("61 25 * * *", "error: --window '61 25 * * *': minute 61 is out of range 0-59"),
+    ("0 2 * * MON-FRY", "error: --window '0 2 * * MON-FRY': day-of-week 'FRY' in 'MON-FRY' is not a number 0-7 or a name SUN-SAT"),
+    ("0 0 30 2 *", "error: --window '0 0 30 2 *' never fires: no day 30 exists in month 2"),
+])
+def test_deploy_refuses_a_window_the_agent_could_not_parse(api, cron, message):
+    result = fleetctl(api, "deploy", "digits:1.1.0", "--to", "site=berlin", "--window", cron,
+                      "--window-duration", "2h", ok=False)
+    assert result.exit_code == 1 and result.output == message + "\n"
+    assert rollout_count(api) == 0
+
+
+def test_deploy_takes_day_names_and_devices_get_them(api):
+    fleetctl(api, "deploy", "digits:1.1.0", "--to", "site=berlin", "--stages", "100%", "--name", "weekdays",
+             "--window", "30 1 * * mon-fri", "--window-duration", "2h")
+    publisher = RecordingPublisher()  # re-parses every desired state as the agent will
+    engine.step_all(api.db, publisher)
+    assert publisher.sent and {d.window.cron for d in publisher.sent} == {"30 1 * * mon-fri"}
+
+
+def test_api_refuses_a_bad_window_in_a_manifest(api):
+    """The route `fleetctl apply` posts to, called directly (a client that skips the local check)."""
+    manifest = yaml.safe_load((REPO / "manifests" / "rollout.yaml").read_text())
+    manifest["spec"]["window"]["cron"] = "0 2 31 APR *"
+    client = ApiClient(api.url, api.token)
+    try:
+        with pytest.raises(InvalidInput) as info:
+            client.post("/v1/rollouts", {"manifest": manifest, "dry_run": False})
+    finally:
+        client.close()
+    assert str(info.value) == "manifest: $.spec.window.cron '0 2 31 APR *' never fires: no day 31 exists in month 4"
+    assert rollout_count(api) == 0

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from edgefleet.common.protocol import ExecutionState
 from edgefleet.controller.db.models import Rollout
 from edgefleet.controller.errors import Conflict, InvalidInput, NotFound
 from edgefleet.controller.rollout import engine
@@ -18,7 +19,8 @@ from edgefleet.controller.rollout.spec import (
     schema,
 )
 from edgefleet.controller.rollout.states import RolloutState
-from tests.rollout_fleet import fleet_db, spec_for
+from tests.rollout_fleet import RecordingPublisher, fleet_db, spec_for
+from tests.test_engine import say
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "manifests" / "rollout.yaml"
@@ -160,3 +162,34 @@ def test_dry_run_stores_nothing(database_url):
         created = engine.create_rollout(session, spec_for(), "test", dry_run=True)
         assert not created.created and created.plan.device_count == 6
         assert session.query(Rollout).count() == 0
+
+
+class BridgePublisher(RecordingPublisher):
+    """Publishes what the database holds, as controller.broker.Bridge does (the agent judges it)."""
+
+    def publish_desired(self, *desired) -> None:
+        self.sent.extend(desired)
+
+
+def test_a_stored_spec_is_trusted_so_a_stricter_release_does_not_stall_it(database_url):
+    """A spec an older release stored, which this release's validator refuses, still steps."""
+    db = fleet_db(database_url)
+    with db.unit_of_work() as session:
+        rid = engine.create_rollout(session, spec_for(window_cron="0 2 * * *", window_duration_s=3600), "test").rollout_id
+    with db.unit_of_work() as session:
+        rollout = session.get(Rollout, rid)
+        stored = copy.deepcopy(rollout.spec)
+        stored["spec"]["window"]["cron"] = "0 0 30 2 *"  # never fires: refused since
+        stored["spec"]["gates"]["max_p99_regression"] = 50.0  # out of range: refused since
+        rollout.spec = stored
+    with pytest.raises(InvalidInput):
+        RolloutSpec.from_manifest(stored)
+    publisher = BridgePublisher()
+    for _ in range(4):
+        engine.step_all(db, publisher)
+        for d in publisher.sent:
+            say(db, d.device, ExecutionState.SUCCEEDED, rid, d.generation)
+    with db.unit_of_work() as session:
+        assert session.get(Rollout, rid).state is RolloutState.SUCCEEDED
+    assert {d.window.cron for d in publisher.sent} == {"0 0 30 2 *"} and len(publisher.sent) == 6
+    assert {d.gate.max_p99_regression for d in publisher.sent} == {50.0}

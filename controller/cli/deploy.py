@@ -11,6 +11,7 @@ from edgefleet.common.protocol import SamplingPolicy
 from ..errors import InvalidInput
 from ..rollout.spec import (
     RolloutSpec,
+    parse_cron,
     parse_duration,
     parse_fraction,
     parse_stages,
@@ -88,8 +89,8 @@ def parse_target(text: str) -> tuple[str, str]:
               help="Change of the mean top-1 confidence vs the previous version.")
 @click.option("--min-devices-per-stage", default=1, show_default=True, type=click.IntRange(0),
               help="Of every hardware class, where possible.")
-@click.option("--window", "window_cron", metavar="CRON",
-              help='Maintenance window (device local time), e.g. "0 2 * * *".')
+@click.option("--window", "window_cron", metavar="CRON", callback=_converter(parse_cron, "--window"),
+              help='Maintenance window (device local time), e.g. "0 2 * * *" or "30 1 * * MON-FRI".')
 @click.option("--window-duration", callback=_converter(parse_duration, "--window-duration"), help="e.g. 2h")
 @click.option("--device-timeout", default="30m", show_default=True,
               callback=_converter(parse_duration, "--device-timeout"))

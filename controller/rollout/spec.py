@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import InitVar, asdict, dataclass, field, fields
 from functools import cache
 from importlib import resources
 from typing import Any
 
 import jsonschema
 import yaml
+from edgefleet.common.cron import Cron
 from edgefleet.common.errors import ProtocolError
 from edgefleet.common.protocol import NAME, Gate, SamplingPolicy, Window
 
@@ -69,6 +70,15 @@ def parse_stages(text: str) -> tuple[float, ...]:
     return tuple(parse_fraction(p, "stage") for p in parts)
 
 
+def parse_cron(text: str, what: str = "cron") -> str:
+    """A maintenance-window cron the agent will accept, checked by the parser the agent runs."""
+    try:
+        Cron.parse(text, field=what)
+    except ProtocolError as e:
+        raise InvalidInput(str(e)) from None
+    return text
+
+
 def percent(value: float) -> str:
     return f"{value * 100:.4g}%"
 
@@ -95,10 +105,14 @@ class RolloutSpec:
     max_retries: int = 2
     retry_backoff_s: float = 60.0        # doubled per retry
     sampling: SamplingPolicy = field(default_factory=SamplingPolicy)
+    # True only for a spec read back from the database: it was validated when the rollout was
+    # created, and a stricter release must not stall a rollout that is running
+    trusted: InitVar[bool] = False
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, trusted: bool) -> None:
         object.__setattr__(self, "stages", tuple(float(s) for s in self.stages))
-        self.validate()
+        if not trusted:
+            self.validate()
 
     def validate(self) -> None:
         for name in ("model", "version"):
@@ -189,36 +203,10 @@ class RolloutSpec:
     def from_manifest(cls, manifest: Any, source: str = "manifest") -> "RolloutSpec":
         validate_manifest(manifest, source)
         spec = manifest["spec"]
-        gates = spec.get("gates", {})
-        window = spec.get("window")
-        values: dict[str, Any] = {
-            "model": spec["model"],
-            "version": spec["version"],
-            "selector": spec["selector"],
-        }
-        converters = {
-            "stages": ("stages", lambda v: tuple(parse_fraction(s, "stage") for s in v)),
-            "bake": ("bake_s", lambda v: parse_duration(v, "bake")),
-            "min_devices_per_stage": ("min_devices_per_stage", int),
-            "allow_downgrade": ("allow_downgrade", bool),
-            "supersede": ("supersede", bool),
-            "device_timeout": ("device_timeout_s", lambda v: parse_duration(v, "device_timeout")),
-            "max_retries": ("max_retries", int),
-            "retry_backoff": ("retry_backoff_s", lambda v: parse_duration(v, "retry_backoff")),
-        }
-        for key, (attr, convert) in converters.items():
-            if key in spec:
-                values[attr] = convert(spec[key])
-        for key in ("max_failure_rate", "max_p99_regression", "max_error_rate", "max_confidence_shift"):
-            if key in gates:
-                values[key] = parse_fraction(gates[key], key)
-        for key in ("p99_budget_ms", "bench_seconds"):
-            if key in gates:
-                values[key] = gates[key]
-        if window:
-            values["window_cron"] = window["cron"]
-            values["window_duration_s"] = parse_duration(window["duration"], "window duration")
+        values = _values(spec)
         try:
+            if "window" in spec:
+                parse_cron(spec["window"]["cron"], "$.spec.window.cron")
             if "sampling" in spec:
                 values["sampling"] = SamplingPolicy.from_dict(spec["sampling"])
             return cls(**values)
@@ -227,8 +215,46 @@ class RolloutSpec:
 
     @classmethod
     def from_stored(cls, data: dict[str, Any]) -> "RolloutSpec":
-        """Read back the manifest stored with a rollout."""
-        return cls.from_manifest(data, "stored rollout spec")
+        """Read back the manifest stored with a rollout as trusted data: not validated again."""
+        spec = data["spec"]
+        values = _values(spec)
+        if "sampling" in spec:
+            values["sampling"] = SamplingPolicy(**spec["sampling"])
+        return cls(**values, trusted=True)
+
+
+def _values(spec: dict[str, Any]) -> dict[str, Any]:
+    """RolloutSpec's fields from a manifest's ``spec`` (units converted; sampling aside)."""
+    gates = spec.get("gates", {})
+    window = spec.get("window")
+    values: dict[str, Any] = {
+        "model": spec["model"],
+        "version": spec["version"],
+        "selector": spec["selector"],
+    }
+    converters = {
+        "stages": ("stages", lambda v: tuple(parse_fraction(s, "stage") for s in v)),
+        "bake": ("bake_s", lambda v: parse_duration(v, "bake")),
+        "min_devices_per_stage": ("min_devices_per_stage", int),
+        "allow_downgrade": ("allow_downgrade", bool),
+        "supersede": ("supersede", bool),
+        "device_timeout": ("device_timeout_s", lambda v: parse_duration(v, "device_timeout")),
+        "max_retries": ("max_retries", int),
+        "retry_backoff": ("retry_backoff_s", lambda v: parse_duration(v, "retry_backoff")),
+    }
+    for key, (attr, convert) in converters.items():
+        if key in spec:
+            values[attr] = convert(spec[key])
+    for key in ("max_failure_rate", "max_p99_regression", "max_error_rate", "max_confidence_shift"):
+        if key in gates:
+            values[key] = parse_fraction(gates[key], key)
+    for key in ("p99_budget_ms", "bench_seconds"):
+        if key in gates:
+            values[key] = gates[key]
+    if window:
+        values["window_cron"] = window["cron"]
+        values["window_duration_s"] = parse_duration(window["duration"], "window duration")
+    return values
 
 
 @cache
