@@ -21,6 +21,7 @@ from edgefleet.common.errors import EdgefleetError
 from edgefleet.common.fs import atomic_write, read_json
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.protocol import Desired, SamplingPolicy, TelemetryKind
+from edgefleet.common.retry import Backoff
 from edgefleet.common.systemd import sd_notify, watchdog_interval
 
 from .config import AgentConfig
@@ -40,6 +41,7 @@ TICK_S = 60.0        # a level-triggered pass runs at least this often
 UPLOAD_S = 60.0      # buffered samples are offered to the controller this often
 PING_EVERY_S = 1.0   # at most this often to the watchdog from inside a step
 PID_FILE = "agent.pid"
+LOOP_BACKOFF = Backoff(min_s=1.0, max_s=TICK_S)  # after the main loop raised: retry, never exit
 
 
 def agent_version() -> str:
@@ -187,29 +189,45 @@ class Agent:
     def _loop(self) -> None:
         due = 0.0  # run a pass at once: it resumes an interrupted update
         next_heartbeat = 0.0
+        failures = 0  # consecutive turns that raised
         while not self._stop.is_set():
             self._ping()
             now = time.monotonic()
-            if self._rollback.is_set():
-                self._rollback.clear()
-                self._local_rollback()
-            if self._wake.is_set() or now >= due:
-                self._wake.clear()
-                with self._lock:
-                    desired = self._desired
-                try:
-                    delay = self.reconciler.run_pass(desired)
-                except EdgefleetError as e:  # e.g. the disk is full: keep serving, try again later
-                    log.error("reconcile pass failed: %s", e)
-                    delay = TICK_S
-                due = time.monotonic() + (TICK_S if delay is None else delay)
-            if now >= next_heartbeat:
-                self._heartbeat()
-                next_heartbeat = now + self.config.heartbeat_s
+            try:
+                if self._rollback.is_set():
+                    self._rollback.clear()
+                    self._local_rollback()
+                if self._wake.is_set() or now >= due:
+                    self._wake.clear()
+                    due = time.monotonic() + self._pass()
+                if now >= next_heartbeat:
+                    next_heartbeat = now + self.config.heartbeat_s
+                    self._heartbeat()
+                failures = 0
+            except Exception:  # the last resort (Mender's per-state error handling): never exit, keep serving
+                delay = LOOP_BACKOFF.delay(failures)
+                failures += 1
+                log.exception("agent main loop failed; still serving, next pass in %.0fs", delay)
+                due = time.monotonic() + delay
             timeout = min(due, next_heartbeat) - time.monotonic()
             if self._watchdog is not None:
                 timeout = min(timeout, self._watchdog)
             self._wake.wait(max(0.0, timeout))
+
+    def _pass(self) -> float:
+        """One reconcile pass; seconds until the next. What it raises fails the execution in
+        progress with its reason (reported), and the next pass waits a growing backoff."""
+        with self._lock:
+            desired = self._desired
+        try:
+            delay = self.reconciler.run_pass(desired)
+        except EdgefleetError as e:  # e.g. the disk is full: keep serving, try again later
+            log.error("reconcile pass failed: %s", e)
+            return TICK_S
+        except Exception as e:  # a bug: not met again on every pass
+            self.reconciler.fail(e)
+            raise
+        return TICK_S if delay is None else delay
 
     def _local_rollback(self) -> None:
         """`fleet-agent rollback` asked for it: the agent flips its own slots (its files stay its own)."""

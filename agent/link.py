@@ -7,6 +7,8 @@ queue that holds them while the broker is away.
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 import logging
 import threading
 import time
@@ -114,6 +116,7 @@ class AgentLink:
         self.device = protocol.check_device_id(config.device_id)
         self.boot = boot
         self._on_desired = on_desired
+        self._rejected = b""  # digest of the last desired state refused
         self._seq = 0
         self._outbox = threading.Condition()
         self._online = threading.Event()
@@ -241,8 +244,36 @@ class AgentLink:
             _device, channel, desired = protocol.decode(message.topic, message.payload)
         except protocol.ProtocolError as e:
             log.warning("dropped a malformed message on %s: %s", message.topic, e)
+            if message.topic == self._topic(Channel.DESIRED):
+                self._reject(message.payload, str(e))
             return
         if channel is not Channel.DESIRED or not isinstance(desired, Desired):
             log.warning("dropped an unexpected %s message on %s", channel.value, message.topic)
             return
         self._on_desired(desired)
+
+    def _reject(self, payload: bytes, reason: str) -> None:
+        """A desired state this agent cannot parse is REJECTED, under the generation and deployment
+        it names where those can be read, so the controller learns why. Once per payload: the
+        broker resends the retained desired state on every reconnect."""
+        digest = hashlib.sha256(payload).digest()
+        if digest == self._rejected:
+            return
+        self._rejected = digest
+        generation, deployment = _identity(payload)
+        self.event(ExecutionState.REJECTED, generation=generation, deployment=deployment,
+                   detail=f"desired state refused: {reason}"[:2000])
+
+
+def _identity(payload: bytes) -> tuple[int, str | None]:
+    """The generation and deployment a refused desired state names, where readable (else 0, None)."""
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return 0, None
+    if not isinstance(data, dict):
+        return 0, None
+    generation, deployment = data.get("generation"), data.get("deployment")
+    readable = isinstance(generation, int) and not isinstance(generation, bool) and generation >= 0
+    named = isinstance(deployment, str) and protocol.NAME.match(deployment) is not None
+    return (generation if readable else 0), (deployment if named else None)

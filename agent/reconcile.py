@@ -142,6 +142,10 @@ class Reconciler:
                     self._save(journal)
                     self._event(journal)
                 return journal
+            # a newer generation (an install, a rollback, or an abort's "none") overrides whatever
+            # this one waits for, and closes it for good: a restart must not resume it
+            self._close(journal, f"{journal.state.value} superseded by generation {desired.generation} "
+                                 f"({desired.action})")
         self._resumed = True
         finished = journal.generation if journal is not None and journal.state.terminal else None
         active = self.slots.active()
@@ -154,6 +158,11 @@ class Reconciler:
         self._event(journal)
         return journal
 
+    def _close(self, journal: Journal, reason: str) -> None:
+        journal.enter(State.FAILED, reason)
+        self._save(journal)
+        self._event(journal)
+
     def _run_handler(self, journal: Journal) -> HandlerResult:
         self._on_step()
         try:
@@ -164,6 +173,9 @@ class Reconciler:
             return HandlerResult(Outcome.REJECTED, str(e))
         except EdgefleetError as e:  # the remote sent something unusable, or the disk is full: terminal
             return HandlerResult(Outcome.FAILED, str(e))
+        except Exception as e:  # a bug met on this desired state: fail it, keep serving what runs
+            log.exception("%s of generation %d failed unexpectedly", journal.state.value, journal.generation)
+            return HandlerResult(Outcome.FAILED, f"{journal.state.value} failed unexpectedly: {type(e).__name__}: {e}")
 
     # --- handlers (one job each, idempotent) ----------------------------------
 
@@ -330,6 +342,13 @@ class Reconciler:
         journal = self.slots.journal()
         if journal is not None and journal.state.terminal:
             self._event(journal)
+
+    def fail(self, error: Exception) -> None:
+        """The last resort after a pass raised ``error`` (a bug): the execution in progress fails
+        with it as the reason (reported), so the same error is not met again on every pass."""
+        journal = self.slots.journal()
+        if journal is not None and not journal.state.terminal:
+            self._close(journal, f"agent error: {type(error).__name__}: {error}")
 
 
 def _ref(info: TargetInfo) -> ModelRef:

@@ -30,10 +30,10 @@ from edgefleet.common.fs import (
     read_json,
     storage_error,
 )
-from edgefleet.common.protocol import ModelRef, TargetInfo
+from edgefleet.common.protocol import Action, Desired, ModelRef, TargetInfo
 
 from .errors import AgentError
-from .state import Journal
+from .state import Journal, State
 
 MODEL_FILE = "model.onnx"
 GOLDEN_FILE = "golden.npz"
@@ -100,6 +100,24 @@ class Slot:
 class Pointer:
     active: str | None = None
     previous: str | None = None
+
+
+def failed_journal(data: Any, reason: str) -> Journal | None:
+    """A journal an older or buggier agent wrote that this one cannot read, as a FAILED execution
+    of the generation it names: the agent starts, reports why, and waits for a newer generation.
+    None when not even the generation can be read."""
+    desired = data.get("desired") if isinstance(data, dict) else None
+    if not isinstance(desired, dict):
+        return None
+    generation = desired.get("generation")
+    if not isinstance(generation, int) or isinstance(generation, bool) or generation < 0:
+        return None
+    named = {k: v for k in ("device", "deployment", "model", "version", "variant") if isinstance(v := desired.get(k), str)}
+    # built, not parsed: the stand-in only names the execution in the FAILED event
+    stand_in = Desired(**{"device": "", **named}, generation=generation, action=Action.NONE.value)
+    journal = Journal(desired=stand_in, state=State.FAILED)
+    journal.enter(State.FAILED, reason)
+    return journal
 
 
 class Slots:
@@ -275,8 +293,8 @@ class Slots:
             return None
         try:
             return Journal.from_dict(data)
-        except (KeyError, TypeError, ValueError, ProtocolError):
-            return None
+        except (KeyError, TypeError, ValueError, ProtocolError) as e:
+            return failed_journal(data, f"the journal on disk no longer parses ({e}); failed")
 
     def save_journal(self, journal: Journal) -> None:
         self._write(self.state_dir / "journal.json", journal.to_json())

@@ -70,22 +70,22 @@ _REPORTED = {
 TRANSITIONS: dict[tuple[State, Outcome], State] = {
     (State.DOWNLOAD, Outcome.DONE): State.VERIFY,
     (State.DOWNLOAD, Outcome.RETRY): State.DOWNLOAD,
-    (State.DOWNLOAD, Outcome.FAILED): State.FAILED,
-    (State.DOWNLOAD, Outcome.REJECTED): State.REJECTED,
     (State.VERIFY, Outcome.DONE): State.STAGE,
     (State.VERIFY, Outcome.RETRY): State.DOWNLOAD,  # staged bytes gone or corrupt: fetch again
-    (State.VERIFY, Outcome.FAILED): State.FAILED,
     (State.STAGE, Outcome.DONE): State.ACTIVATE,
+    (State.STAGE, Outcome.RETRY): State.STAGE,
     (State.STAGE, Outcome.WINDOW_CLOSED): State.WAIT_WINDOW,
-    (State.STAGE, Outcome.FAILED): State.FAILED,
     (State.WAIT_WINDOW, Outcome.DONE): State.ACTIVATE,
+    (State.WAIT_WINDOW, Outcome.RETRY): State.WAIT_WINDOW,
     (State.WAIT_WINDOW, Outcome.WINDOW_CLOSED): State.WAIT_WINDOW,
     (State.ACTIVATE, Outcome.DONE): State.SUCCEEDED,
     (State.ACTIVATE, Outcome.RETRY): State.VERIFY,  # the installed slot vanished: re-check from staging
     (State.ACTIVATE, Outcome.GATE_FAILED): State.ROLLED_BACK,
-    (State.ACTIVATE, Outcome.FAILED): State.FAILED,
     (State.ROLLBACK, Outcome.DONE): State.ROLLED_BACK,
-    (State.ROLLBACK, Outcome.FAILED): State.FAILED,
+    (State.ROLLBACK, Outcome.RETRY): State.ROLLBACK,
+    # Any handler may raise (Mender's ArtifactFailure): every state can fail or be rejected, with its reason.
+    **{(s, Outcome.FAILED): State.FAILED for s in State if not s.terminal},
+    **{(s, Outcome.REJECTED): State.REJECTED for s in State if not s.terminal},
 }
 
 # A state entered this many times for one execution (across restarts) fails it.

@@ -241,6 +241,10 @@ class SimDevice:
         except EdgefleetError as e:  # e.g. the disk is full: keep serving, try again later
             log.error("%s: reconcile pass failed: %s", self.id, e)
             delay = TICK_S
+        except Exception as e:  # the daemon's last resort: the execution fails, the device keeps serving
+            log.exception("%s: reconcile pass failed unexpectedly", self.id)
+            life.reconciler.fail(e)
+            delay = TICK_S
         return TICK_S if delay is None else delay
 
     def _heartbeat(self, life: _Incarnation) -> None:

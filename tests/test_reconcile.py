@@ -4,6 +4,7 @@ Only the MQTT link is a recorder here; tests/test_agent_process.py drives the
 same paths through a real `fleet-agent run` process and a real broker.
 """
 import errno
+import json
 import platform
 from datetime import datetime, timedelta
 
@@ -286,3 +287,74 @@ def test_retries_never_trip_the_loop_guard_but_a_crash_loop_does(tmp_path, repo)
     assert last["state"] == "FAILED" and "crash loop" in last["detail"]
     agent.close()
     restarted.close()
+
+
+# --- the agent never dies on a desired state (issue 10) -------------------------------
+
+
+def closed_window() -> Window:
+    later = datetime.now().astimezone() + timedelta(hours=3)
+    return Window(cron=f"{later.minute} {later.hour} * * *", duration_s=600)
+
+
+def test_a_handler_raising_unexpectedly_fails_the_update_and_keeps_serving(agent, repo, monkeypatch):
+    agent.apply(repo.infos["v1"])
+
+    def boom(_journal):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(agent.reconciler._handlers, State.VERIFY, boom)
+    assert agent.apply(repo.infos["v2"])[0] is None
+    last = agent.link.events[-1]
+    assert (last["state"], last["generation"]) == ("FAILED", 2)
+    assert last["detail"] == "verify failed unexpectedly: RuntimeError: boom"
+    assert agent.serving() == ref(repo.infos["v1"])
+    monkeypatch.undo()
+    agent.apply(repo.infos["v2"])  # the next good generation
+    assert agent.link.states(3)[-1] == "SUCCEEDED" and agent.serving() == ref(repo.infos["v2"])
+
+
+@pytest.mark.parametrize("override, serving", [
+    ({"action": "none"}, "v2"),      # an abort that leaves the device as it is
+    ({"info": "v2"}, "v2"),          # an abort that holds the device on what ran before
+    ({"action": "rollback"}, "v1"),  # a cloud rollback
+])
+def test_a_newer_generation_closes_a_journal_stuck_waiting(agent, repo, tmp_path, override, serving):
+    """Any newer generation overrides a wait that would never end, for good: a restart (whose
+    first pass has no desired state yet) must not resume it."""
+    for version in ("v1", "v2"):
+        agent.apply(repo.infos[version])
+    agent.apply(repo.infos["v7"], window=closed_window())
+    assert agent.link.states(3)[-1] == "WAITING_WINDOW"
+    fields = dict(override)
+    agent.apply(repo.infos[fields.pop("info")] if "info" in fields else None, **fields)
+    assert agent.link.states(3)[-1] == "FAILED"
+    assert [e["detail"] for e in agent.link.events if e["generation"] == 3][-1].startswith("wait_window superseded by generation 4")
+    assert agent.slots.journal().state.terminal and agent.serving() == ref(repo.infos[serving])
+    restarted = Agent(tmp_path, repo)
+    restarted.runtime.swap(restarted.runtime.load(restarted.slots.active().model, restarted.slots.active().meta.ref))
+    assert restarted.reconciler.run_pass(None) is None
+    assert restarted.link.events == [] and restarted.serving() == ref(repo.infos[serving])
+    restarted.close()
+
+
+def test_a_journal_that_no_longer_parses_is_a_failed_execution(tmp_path, repo):
+    first = Agent(tmp_path, repo)
+    first.apply(repo.infos["v1"])
+    first.close()
+    # what an older agent journalled: waiting for a window this release refuses to parse
+    stale = desired(first.device, 2, repo.infos["v2"]).to_dict()
+    stale["window"] = {"cron": "61 25 * * *", "duration_s": 7200}
+    (first.config.state_dir / "journal.json").write_text(json.dumps(
+        {"desired": stale, "state": "wait_window", "slot": None, "detail": "", "entries": {"wait_window": 1}}))
+    agent = Agent(tmp_path, repo)
+    agent.runtime.swap(agent.runtime.load(agent.slots.active().model, agent.slots.active().meta.ref))
+    agent.reconciler.announce()
+    (failed,) = agent.link.events
+    assert (failed["state"], failed["generation"], failed["deployment"]) == ("FAILED", 2, "dep-2")
+    assert "journal on disk no longer parses" in failed["detail"] and "minute 61 is out of range" in failed["detail"]
+    assert agent.link.reports[-1]["generation"] == 2
+    agent.generation = 2
+    agent.apply(repo.infos["v2"])  # the next good generation
+    assert agent.link.states(3)[-1] == "SUCCEEDED" and agent.serving() == ref(repo.infos["v2"])
+    agent.close()
