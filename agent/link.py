@@ -252,7 +252,7 @@ class AgentLink:
             return
         self._on_desired(desired)
 
-    def _reject(self, payload: bytes, reason: str) -> None:
+    def _reject(self, payload: bytes | bytearray, reason: str) -> None:
         """A desired state this agent cannot parse is REJECTED, under the generation and deployment
         it names where those can be read, so the controller learns why. Once per payload: the
         broker resends the retained desired state on every reconnect."""
@@ -265,7 +265,7 @@ class AgentLink:
                    detail=f"desired state refused: {reason}"[:2000])
 
 
-def _identity(payload: bytes) -> tuple[int, str | None]:
+def _identity(payload: bytes | bytearray) -> tuple[int, str | None]:
     """The generation and deployment a refused desired state names, where readable (else 0, None)."""
     try:
         data = json.loads(payload)
@@ -274,6 +274,8 @@ def _identity(payload: bytes) -> tuple[int, str | None]:
     if not isinstance(data, dict):
         return 0, None
     generation, deployment = data.get("generation"), data.get("deployment")
-    readable = isinstance(generation, int) and not isinstance(generation, bool) and generation >= 0
-    named = isinstance(deployment, str) and protocol.NAME.match(deployment) is not None
-    return (generation if readable else 0), (deployment if named else None)
+    if not isinstance(generation, int) or isinstance(generation, bool) or generation < 0:
+        generation = 0
+    if not isinstance(deployment, str) or not protocol.NAME.match(deployment):
+        deployment = None
+    return generation, deployment

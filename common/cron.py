@@ -81,7 +81,7 @@ class Cron:
     dow_any: bool
 
     @classmethod
-    def parse(cls, expr: str, field: str = "cron") -> "Cron":
+    def parse(cls, expr: str, field: str = "cron") -> Cron:
         """``field`` names the expression in the error (``Window.cron``, ``--window``, a manifest path)."""
         parts = expr.split()
         if len(parts) != 5:
@@ -90,11 +90,12 @@ class Cron:
                 f"e.g. '0 2 * * MON-FRI'"
             )
         try:
-            sets = [f.parse(p) for f, p in zip(_FIELDS, parts)]
+            minute, hour, dom, month, dow = (f.parse(p) for f, p in zip(_FIELDS, parts))
         except ValueError as e:
             raise ProtocolError(f"{field} {expr!r}: {e}") from None
         # Vixie cron: a day field starting with '*' is unrestricted (then both day fields must match)
-        cron = cls(*sets[:4], frozenset(d % 7 for d in sets[4]), parts[2].startswith("*"), parts[4].startswith("*"))
+        cron = cls(minute, hour, dom, month, frozenset(d % 7 for d in dow),
+                   dom_any=parts[2].startswith("*"), dow_any=parts[4].startswith("*"))
         if not cron._can_fire():
             raise ProtocolError(
                 f"{field} {expr!r} never fires: no day {_list(cron.dom)} exists in month {_list(cron.month)}"

@@ -12,7 +12,7 @@ import re
 from dataclasses import InitVar, asdict, dataclass, field, fields
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, Callable
 
 import jsonschema
 import yaml
@@ -232,7 +232,7 @@ def _values(spec: dict[str, Any]) -> dict[str, Any]:
         "version": spec["version"],
         "selector": spec["selector"],
     }
-    converters = {
+    converters: dict[str, tuple[str, Callable[[Any], Any]]] = {
         "stages": ("stages", lambda v: tuple(parse_fraction(s, "stage") for s in v)),
         "bake": ("bake_s", lambda v: parse_duration(v, "bake")),
         "min_devices_per_stage": ("min_devices_per_stage", int),
