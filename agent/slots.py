@@ -102,7 +102,7 @@ class Pointer:
     previous: str | None = None
 
 
-def failed_journal(data: Any, reason: str) -> Journal | None:
+def _failed_journal(data: Any, reason: str) -> Journal | None:
     """A journal an older or buggier agent wrote that this one cannot read, as a FAILED execution
     of the generation it names: the agent starts, reports why, and waits for a newer generation.
     None when not even the generation can be read."""
@@ -294,7 +294,7 @@ class Slots:
         try:
             return Journal.from_dict(data)
         except (KeyError, TypeError, ValueError, ProtocolError) as e:
-            return failed_journal(data, f"the journal on disk no longer parses ({e}); failed")
+            return _failed_journal(data, f"the journal on disk no longer parses: {e}")
 
     def save_journal(self, journal: Journal) -> None:
         self._write(self.state_dir / "journal.json", journal.to_json())

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from edgefleet.agent.fetch import ModelUpdater
-from edgefleet.agent.reconcile import WINDOW_RECHECK_S, Reconciler
+from edgefleet.agent.reconcile import WINDOW_RECHECK_S, HandlerResult, Reconciler
 from edgefleet.agent.runtime import ModelRuntime
 from edgefleet.agent.slots import Slots, slot_name
-from edgefleet.agent.state import LOOP_LIMIT, State
+from edgefleet.agent.state import LOOP_LIMIT, Outcome, State, TransitionError
 from edgefleet.common.hardware import HardwareProfile, normalize_arch
 from edgefleet.common.protocol import ModelRef, Window
 from edgefleet.common.retry import Backoff
@@ -358,3 +358,19 @@ def test_a_journal_that_no_longer_parses_is_a_failed_execution(tmp_path, repo):
     agent.apply(repo.infos["v2"])  # the next good generation
     assert agent.link.states(3)[-1] == "SUCCEEDED" and agent.serving() == ref(repo.infos["v2"])
     agent.close()
+
+
+def test_a_pass_raising_outside_a_handler_fails_the_execution_in_progress(agent, repo, monkeypatch):
+    """What the daemon's last resort does when a pass raises: the execution fails with the
+    reason (reported) and the next generation is taken."""
+    agent.apply(repo.infos["v1"])
+    monkeypatch.setitem(agent.reconciler._handlers, State.DOWNLOAD, lambda _j: HandlerResult(Outcome.GATE_FAILED, "?"))
+    with pytest.raises(TransitionError) as info:
+        agent.apply(repo.infos["v2"])
+    agent.reconciler.fail(info.value)
+    last = agent.link.events[-1]
+    assert (last["state"], last["generation"]) == ("FAILED", 2)
+    assert last["detail"] == "agent error: TransitionError: no transition from download on gate_failed"
+    monkeypatch.undo()
+    agent.apply(repo.infos["v2"])
+    assert agent.link.states(3)[-1] == "SUCCEEDED" and agent.serving() == ref(repo.infos["v2"])
