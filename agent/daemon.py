@@ -13,9 +13,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterator
 
 from edgefleet.common.errors import EdgefleetError
 from edgefleet.common.fs import atomic_write, read_json

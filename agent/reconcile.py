@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from edgefleet.common.errors import EdgefleetError
 from edgefleet.common.fs import storage_error
@@ -53,9 +54,9 @@ class Updater(Protocol):
 class Link(Protocol):
     """What reconcile needs of :class:`.mqtt.AgentLink`."""
 
-    def report(self, **fields: Any) -> None: ...
-    def event(self, state: Any, **fields: Any) -> None: ...
-    def telemetry(self, kind: Any, data: dict) -> None: ...
+    def report(self, generation: int, **fields: Any) -> object: ...
+    def event(self, state: Any, **fields: Any) -> object: ...
+    def telemetry(self, kind: Any, data: dict[str, Any]) -> object: ...
 
 
 class HandlerResult:
@@ -114,7 +115,8 @@ class Reconciler:
                 return self._stay(journal, step)
             self._attempts = 0
             if not journal.enter(state, step.detail):
-                journal.enter(State.FAILED, f"{state.value} was entered too often (crash loop?); giving up: {step.detail}")
+                journal.enter(State.FAILED,
+                              f"{state.value} was entered too often (crash loop?); giving up: {step.detail}")
             self._save(journal)
             self._event(journal, data=step.data)
         self._report(journal.generation)
@@ -225,8 +227,9 @@ class Reconciler:
             target_file, info = self._find(journal.desired.target or "")
             meta = SlotMeta(_ref(info), info, target_file.hashes["sha256"], installed=time.time())
             self.slots.install(name, meta)
-        if not window.is_open(journal.desired.window):
-            return HandlerResult(Outcome.WINDOW_CLOSED, f"waiting for maintenance window {journal.desired.window.cron}")
+        held = journal.desired.window
+        if held is not None and not window.is_open(held):
+            return HandlerResult(Outcome.WINDOW_CLOSED, f"waiting for maintenance window {held.cron}")
         return HandlerResult(Outcome.DONE, f"{name} installed")
 
     def _wait_window(self, journal: Journal) -> HandlerResult:
@@ -256,7 +259,8 @@ class Reconciler:
             p99 = _p99(measured)
             if p99 is not None:
                 self.slots.record_p99(name, p99)
-            self.slots.activate(name)  # the pointer moves before the swap: a crash in between serves the new, gated model
+            # the pointer moves before the swap: a crash in between serves the new, gated model
+            self.slots.activate(name)
 
         try:
             outcome = self.runtime.replace(slot.model, slot.meta.ref, gate_and_commit)
@@ -273,8 +277,10 @@ class Reconciler:
         previous = self.slots.previous()
         if previous is None:
             raise AgentError("no previous model is installed to roll back to")
-        # the previous slot passed its gate when it was first activated
-        self.runtime.replace(previous.model, previous.meta.ref, lambda _loaded: self.slots.rollback())
+        def commit(_loaded: LoadedModel) -> None:  # the previous slot passed its gate when first activated
+            self.slots.rollback()
+
+        self.runtime.replace(previous.model, previous.meta.ref, commit)
         return HandlerResult(Outcome.DONE, f"rolled back to {previous.meta.ref.model} {previous.meta.ref.version}")
 
     # --- helpers --------------------------------------------------------------

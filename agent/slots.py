@@ -71,7 +71,7 @@ class SlotMeta:
         ).encode()
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SlotMeta":
+    def from_dict(cls, data: dict[str, Any]) -> SlotMeta:
         return cls(
             ref=ModelRef.from_dict(data["ref"]),
             target=TargetInfo.from_dict(data["target"]),
@@ -112,9 +112,15 @@ def _failed_journal(data: Any, reason: str) -> Journal | None:
     generation = desired.get("generation")
     if not isinstance(generation, int) or isinstance(generation, bool) or generation < 0:
         return None
-    named = {k: v for k in ("device", "deployment", "model", "version", "variant") if isinstance(v := desired.get(k), str)}
+
+    def named(key: str) -> str | None:
+        value = desired.get(key)
+        return value if isinstance(value, str) else None
+
     # built, not parsed: the stand-in only names the execution in the FAILED event
-    stand_in = Desired(**{"device": "", **named}, generation=generation, action=Action.NONE.value)
+    stand_in = Desired(device=named("device") or "", generation=generation, action=Action.NONE.value,
+                       deployment=named("deployment"), model=named("model"), version=named("version"),
+                       variant=named("variant"))
     journal = Journal(desired=stand_in, state=State.FAILED)
     journal.enter(State.FAILED, reason)
     return journal

@@ -90,7 +90,7 @@ class Cron:
                 f"e.g. '0 2 * * MON-FRI'"
             )
         try:
-            minute, hour, dom, month, dow = (f.parse(p) for f, p in zip(_FIELDS, parts))
+            minute, hour, dom, month, dow = (f.parse(p) for f, p in zip(_FIELDS, parts, strict=True))
         except ValueError as e:
             raise ProtocolError(f"{field} {expr!r}: {e}") from None
         # Vixie cron: a day field starting with '*' is unrestricted (then both day fields must match)

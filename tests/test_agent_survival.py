@@ -6,8 +6,8 @@ import textwrap
 
 import numpy as np
 import pytest
-from edgefleet.common.protocol import Channel, Window, topic
 
+from edgefleet.common.protocol import Channel, Window, topic
 from tests.support.fleet import Load, ModelRepo, desired
 from tests.test_agent_process import Device
 
@@ -28,7 +28,7 @@ def publish_raw(device: Device, payload: bytes) -> None:
 
 
 def still_serving(device: Device, load: Load, version: str) -> None:
-    assert device.agent.proc.poll() is None, device.agent.log()
+    assert device.agent.proc is not None and device.agent.proc.poll() is None, device.agent.log()
     served = load.ok
     device.observer.wait(lambda: load.ok > served + 10, 30, "requests after the refusal")
     assert device.agent.serving_version() == version and load.failures == [], load.failures[:3]
@@ -120,6 +120,7 @@ def test_a_handler_or_pass_raising_unexpectedly_keeps_the_agent_up(tmp_path, rep
         done = device.apply(action="rollback", timeout=90)
         assert done["state"] == "ROLLED_BACK", (done, device.agent.log())
         assert "agent main loop failed; still serving" in device.agent.log()
-        assert device.agent.proc.poll() is None and device.agent.serving_version() == "1.0.0"
+        assert device.agent.proc is not None and device.agent.proc.poll() is None
+        assert device.agent.serving_version() == "1.0.0"
     finally:
         device.close()

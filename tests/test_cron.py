@@ -2,6 +2,7 @@
 from datetime import datetime
 
 import pytest
+
 from edgefleet.agent.window import is_open
 from edgefleet.common.cron import Cron
 from edgefleet.common.errors import ProtocolError
@@ -69,7 +70,7 @@ def test_refusals_are_one_line_naming_the_field(expr, message):
 
 
 def test_the_wire_window_validates_with_the_same_parser():
-    with pytest.raises(ProtocolError, match="^Window.cron '0 0 30 2 \\*' never fires"):
+    with pytest.raises(ProtocolError, match=r"^Window.cron '0 0 30 2 \*' never fires"):
         Window.from_dict({"cron": "0 0 30 2 *", "duration_s": 60})
     assert Window.from_dict({"cron": "0 2 * * MON-FRI", "duration_s": 60}).cron == "0 2 * * MON-FRI"
 

@@ -32,8 +32,8 @@ class RecordingLink:
     def event(self, state, **fields):
         self.events.append({"state": state, **fields})
 
-    def report(self, **fields):
-        self.reports.append(fields)
+    def report(self, generation, **fields):
+        self.reports.append({"generation": generation, **fields})
 
     def telemetry(self, kind, data):
         self.sent.append((kind, data))
@@ -82,6 +82,12 @@ class Agent:
 
     def serving(self):
         return self.runtime.active.ref
+
+    def serve_active(self) -> None:
+        """As the daemon does at start."""
+        active = self.slots.active()
+        assert active is not None
+        self.runtime.swap(self.runtime.load(active.model, active.meta.ref))
 
     def close(self):
         self.runtime.close()
@@ -332,7 +338,7 @@ def test_a_newer_generation_closes_a_journal_stuck_waiting(agent, repo, tmp_path
     assert [e["detail"] for e in agent.link.events if e["generation"] == 3][-1].startswith("wait_window superseded by generation 4")
     assert agent.slots.journal().state.terminal and agent.serving() == ref(repo.infos[serving])
     restarted = Agent(tmp_path, repo)
-    restarted.runtime.swap(restarted.runtime.load(restarted.slots.active().model, restarted.slots.active().meta.ref))
+    restarted.serve_active()
     assert restarted.reconciler.run_pass(None) is None
     assert restarted.link.events == [] and restarted.serving() == ref(repo.infos[serving])
     restarted.close()
@@ -348,7 +354,7 @@ def test_a_journal_that_no_longer_parses_is_a_failed_execution(tmp_path, repo):
     (first.config.state_dir / "journal.json").write_text(json.dumps(
         {"desired": stale, "state": "wait_window", "slot": None, "detail": "", "entries": {"wait_window": 1}}))
     agent = Agent(tmp_path, repo)
-    agent.runtime.swap(agent.runtime.load(agent.slots.active().model, agent.slots.active().meta.ref))
+    agent.serve_active()
     agent.reconciler.announce()
     (failed,) = agent.link.events
     assert (failed["state"], failed["generation"], failed["deployment"]) == ("FAILED", 2, "dep-2")

@@ -148,7 +148,7 @@ def test_deploy_takes_day_names_and_devices_get_them(api):
              "--window", "30 1 * * mon-fri", "--window-duration", "2h")
     publisher = RecordingPublisher()  # re-parses every desired state as the agent will
     engine.step_all(api.db, publisher)
-    assert publisher.sent and {d.window.cron for d in publisher.sent} == {"30 1 * * mon-fri"}
+    assert publisher.sent and {d.window and d.window.cron for d in publisher.sent} == {"30 1 * * mon-fri"}
 
 
 def test_api_refuses_a_bad_window_in_a_manifest(api):

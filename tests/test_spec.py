@@ -5,6 +5,7 @@ import copy
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from edgefleet.common.protocol import ExecutionState
 from edgefleet.controller.db.models import Rollout
@@ -178,6 +179,7 @@ def test_a_stored_spec_is_trusted_so_a_stricter_release_does_not_stall_it(databa
         rid = engine.create_rollout(session, spec_for(window_cron="0 2 * * *", window_duration_s=3600), "test").rollout_id
     with db.unit_of_work() as session:
         rollout = session.get(Rollout, rid)
+        assert rollout is not None
         stored = copy.deepcopy(rollout.spec)
         stored["spec"]["window"]["cron"] = "0 0 30 2 *"  # never fires: refused since
         stored["spec"]["gates"]["max_p99_regression"] = 50.0  # out of range: refused since
@@ -190,6 +192,6 @@ def test_a_stored_spec_is_trusted_so_a_stricter_release_does_not_stall_it(databa
         for d in publisher.sent:
             say(db, d.device, ExecutionState.SUCCEEDED, rid, d.generation)
     with db.unit_of_work() as session:
-        assert session.get(Rollout, rid).state is RolloutState.SUCCEEDED
-    assert {d.window.cron for d in publisher.sent} == {"0 0 30 2 *"} and len(publisher.sent) == 6
+        assert session.scalar(sa.select(Rollout.state).where(Rollout.id == rid)) is RolloutState.SUCCEEDED
+    assert {d.window and d.window.cron for d in publisher.sent} == {"0 0 30 2 *"} and len(publisher.sent) == 6
     assert {d.gate.max_p99_regression for d in publisher.sent} == {50.0}

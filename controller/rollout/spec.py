@@ -7,15 +7,18 @@ schema cannot (stages increasing, thresholds in range).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import re
+from collections.abc import Callable
 from dataclasses import InitVar, asdict, dataclass, field, fields
 from functools import cache
 from importlib import resources
-from typing import Any, Callable
+from typing import Any
 
 import jsonschema
 import yaml
+
 from edgefleet.common.cron import Cron
 from edgefleet.common.errors import ProtocolError
 from edgefleet.common.protocol import NAME, Gate, SamplingPolicy, Window
@@ -59,7 +62,9 @@ def parse_fraction(text: str | float | int, what: str = "value") -> float:
     try:
         return float(raw)
     except ValueError:
-        raise InvalidInput(f"{what} {text!r} is not a share: write a percentage like 2% or a fraction like 0.02") from None
+        raise InvalidInput(
+            f"{what} {text!r} is not a share: write a percentage like 2% or a fraction like 0.02"
+        ) from None
 
 
 def parse_stages(text: str) -> tuple[float, ...]:
@@ -123,7 +128,7 @@ class RolloutSpec:
         Selector.parse(self.selector)
         if not self.stages:
             raise InvalidInput("stages is empty: write e.g. 5%,25%,100%")
-        for before, after in zip(self.stages, self.stages[1:]):
+        for before, after in itertools.pairwise(self.stages):
             if after <= before:
                 raise InvalidInput(f"stages must increase: {percent(after)} follows {percent(before)}")
         if self.stages[0] <= 0:
@@ -200,7 +205,7 @@ class RolloutSpec:
         return manifest
 
     @classmethod
-    def from_manifest(cls, manifest: Any, source: str = "manifest") -> "RolloutSpec":
+    def from_manifest(cls, manifest: Any, source: str = "manifest") -> RolloutSpec:
         validate_manifest(manifest, source)
         spec = manifest["spec"]
         values = _values(spec)
@@ -214,7 +219,7 @@ class RolloutSpec:
             raise InvalidInput(f"{source}: {e}") from None
 
     @classmethod
-    def from_stored(cls, data: dict[str, Any]) -> "RolloutSpec":
+    def from_stored(cls, data: dict[str, Any]) -> RolloutSpec:
         """Read back the manifest stored with a rollout as trusted data: not validated again."""
         spec = data["spec"]
         values = _values(spec)
