@@ -17,7 +17,7 @@ import hashlib
 import os
 import re
 import shutil
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -66,7 +66,7 @@ class HttpFetcher(RangeFetcher):
     def _fetch(self, url: str) -> Iterator[bytes]:
         return self.fetch_from(url, 0)[1]
 
-    def fetch_from(self, url: str, offset: int) -> tuple[int, Generator[bytes, None, None]]:
+    def fetch_from(self, url: str, offset: int) -> tuple[int, Iterator[bytes]]:
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         try:
             response = self._pool.request(
@@ -95,7 +95,7 @@ class HttpFetcher(RangeFetcher):
         return start, self._chunks(url, response)
 
     @staticmethod
-    def _chunks(url: str, response: urllib3.BaseHTTPResponse) -> Generator[bytes, None, None]:
+    def _chunks(url: str, response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
         complete = False
         try:
             # read1 hands over whatever arrived, so a cut loses no received bytes

@@ -8,7 +8,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import pytest
 from tuf.api import exceptions
@@ -78,6 +78,7 @@ def test_error_answer_body_never_leaks_into_the_next_request(server):
 def test_a_body_read_only_in_part_never_leaks_into_the_next_request(server):
     fetcher = HttpFetcher(timeout_s=5)
     chunks = fetcher.fetch_from(f"{server}/big", 0)[1]
+    assert isinstance(chunks, Generator)
     next(chunks)
     chunks.close()  # the reader stops early, as at a length cap
     assert b"".join(fetcher.fetch_from(f"{server}/ok", 0)[1]) == b"hello"
