@@ -118,7 +118,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
             print(f"active model is now {slots.pointer().active}")
             return 0
         time.sleep(0.1)
-    raise CliError(f"the agent did not roll back within {ROLLBACK_WAIT_S:.0f}s; see its log (journalctl -u fleet-agent)")
+    raise CliError(
+        f"the agent did not roll back within {ROLLBACK_WAIT_S:.0f}s; see its log (journalctl -u fleet-agent)"
+    )
 
 
 def _keep_owner(state_dir: Path, path: Path) -> None:

@@ -47,7 +47,7 @@ class ControllerConfig:
     timestamp_expiry_s: int = field(default=86400, metadata=POSITIVE)  # lifetime of a signed timestamp
     snapshot_expiry_s: int = field(default=7 * 86400, metadata=POSITIVE)
     resign_margin_s: int = field(default=6 * 3600, metadata=COUNT)  # re-sign when less than this is left
-    heartbeat_timeout_s: int = field(default=90, metadata=POSITIVE)  # no heartbeat for this long: offline
+    heartbeat_timeout_s: float = field(default=90, metadata=POSITIVE)  # no heartbeat for this long: offline
     telemetry_retention_days: int = field(default=30, metadata=POSITIVE)
     scheduler_interval_s: float = field(default=2.0, metadata=POSITIVE)  # rollout stepping and sweeps
     max_upload_bytes: int = field(default=32 * 1024 * 1024, metadata=POSITIVE)
