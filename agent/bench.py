@@ -14,13 +14,14 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from edgefleet.common.errors import EdgefleetError
+from edgefleet.common.protocol import BenchmarkResult
 
 from .errors import AgentError
 from .runtime import LoadedModel, ModelRuntime, RuntimeOptions, TensorSpec
@@ -29,45 +30,22 @@ WARMUP_QUERIES = 5
 OFFLINE_SHARE = 0.5  # the Offline run lasts this share of the SingleStream duration
 
 
-@dataclass(frozen=True)
-class BenchmarkResult:
-    model: str
-    version: str
-    provider: str
-    session_create_ms: float      # cold start, part 1: InferenceSession creation
-    first_query_ms: float         # cold start, part 2: the first (warm-up) query
-    warmup_queries: int
-    queries: int                  # SingleStream queries timed
-    duration_s: float
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    max_ms: float
-    mean_ms: float
-    throughput_qps: float         # SingleStream: queries / duration
-    offline_batch: int            # 0 when the Offline run was skipped
-    offline_samples_per_s: float | None
-    peak_rss_mb: float            # of this process (VmHWM), model and all
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def table(self) -> str:
-        rows = [
-            ("model", f"{self.model} {self.version}"),
-            ("provider", self.provider),
-            ("session create", f"{self.session_create_ms:.1f} ms"),
-            ("first query", f"{self.first_query_ms:.2f} ms"),
-            ("queries", f"{self.queries} in {self.duration_s:.2f} s"),
-            ("latency p50/p90/p99/max",
-             f"{self.p50_ms:.3f} / {self.p90_ms:.3f} / {self.p99_ms:.3f} / {self.max_ms:.3f} ms"),
-            ("SingleStream throughput", f"{self.throughput_qps:.1f} queries/s"),
-            ("Offline throughput", "skipped" if self.offline_samples_per_s is None
-             else f"{self.offline_samples_per_s:.1f} samples/s (batch {self.offline_batch})"),
-            ("peak RSS", f"{self.peak_rss_mb:.1f} MiB"),
-        ]
-        width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+def table(result: BenchmarkResult) -> str:
+    rows = [
+        ("model", f"{result.model} {result.version}"),
+        ("provider", result.provider),
+        ("session create", f"{result.session_create_ms:.1f} ms"),
+        ("first query", f"{result.first_query_ms:.2f} ms"),
+        ("queries", f"{result.queries} in {result.duration_s:.2f} s"),
+        ("latency p50/p90/p99/max",
+         f"{result.p50_ms:.3f} / {result.p90_ms:.3f} / {result.p99_ms:.3f} / {result.max_ms:.3f} ms"),
+        ("SingleStream throughput", f"{result.throughput_qps:.1f} queries/s"),
+        ("Offline throughput", "skipped" if result.offline_samples_per_s is None
+         else f"{result.offline_samples_per_s:.1f} samples/s (batch {result.offline_batch})"),
+        ("peak RSS", f"{result.peak_rss_mb:.1f} MiB"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def synthesize(specs: tuple[TensorSpec, ...], batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
@@ -249,7 +227,7 @@ def bench_command(args: argparse.Namespace, default_model: Callable[[], Path] | 
     except EdgefleetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    print(json.dumps(result.to_dict(), indent=2) if args.json else table(result))
     return 0
 
 

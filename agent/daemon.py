@@ -20,7 +20,7 @@ from pathlib import Path
 from edgefleet.common.errors import EdgefleetError
 from edgefleet.common.fs import atomic_write, read_json
 from edgefleet.common.hardware import HardwareProfile
-from edgefleet.common.protocol import Desired, SamplingPolicy, TelemetryKind
+from edgefleet.common.protocol import Desired, Heartbeat, SamplingPolicy
 from edgefleet.common.retry import Backoff
 from edgefleet.common.systemd import sd_notify, watchdog_interval
 
@@ -250,20 +250,17 @@ class Agent:
 
     def _heartbeat(self) -> None:
         active = self.runtime.active
-        self.link.telemetry(
-            TelemetryKind.HEARTBEAT.value,
-            {
-                "uptime_s": round(time.monotonic() - self._started, 1),
-                "active": active.ref.to_dict() if active is not None and active.ref else None,
-                "counters": self.runtime.counters(),
-                "rss_kb": _rss_kb(),
-                "samples_pending": len(self.sampler.pending()),
-                "samples_dropped": self.sampler.dropped,
-            },
-        )
+        self.link.telemetry(Heartbeat(
+            uptime_s=round(time.monotonic() - self._started, 1),
+            active=active.ref if active is not None else None,
+            counters=self.runtime.counters(),
+            rss_kb=_rss_kb(),
+            samples_pending=len(self.sampler.pending()),
+            samples_dropped=self.sampler.dropped,
+        ))
         counters = self.runtime.active_counters()
         if counters is not None:  # the rollout's error-rate gate reads these, per model version
-            self.link.telemetry(TelemetryKind.COUNTERS.value, counters)
+            self.link.telemetry(counters)
 
 
 def _rss_kb() -> int:

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
@@ -34,13 +34,16 @@ from edgefleet.common.protocol import (
     Reported,
     Status,
     Telemetry,
-    TelemetryKind,
+    TelemetryPayload,
+    kind_of,
 )
 from edgefleet.common.retry import Backoff
 
 from .config import AgentConfig
 
 log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=protocol.Message)
 
 @dataclass(frozen=True)
 class _Pending:
@@ -183,16 +186,17 @@ class AgentLink:
         """Publish what the device runs now (retained): active, previous, hardware, agent_version."""
         return self._send(Channel.REPORTED, Reported, retain=True, generation=generation, **fields)
 
-    def event(self, state: ExecutionState | str, **fields: Any) -> Event:
+    def event(self, state: ExecutionState, **fields: Any) -> Event:
         """Publish one execution transition; ``generation`` is required, the rest as in protocol.Event."""
-        state = state.value if isinstance(state, ExecutionState) else state
         return self._send(Channel.EVENTS, Event, state=state, ts=time.time(), **fields)
 
-    def telemetry(self, kind: TelemetryKind | str, data: dict[str, Any]) -> Telemetry:
-        kind = kind.value if isinstance(kind, TelemetryKind) else kind
-        return self._send(Channel.TELEMETRY, Telemetry, kind=kind, data=data, ts=time.time())
+    def telemetry(self, payload: TelemetryPayload) -> Telemetry:
+        """Publish a heartbeat, benchmark report or counters, as the telemetry kind of that payload."""
+        kind = kind_of(payload)
+        carried: dict[str, Any] = {kind.value: payload}
+        return self._send(Channel.TELEMETRY, Telemetry, kind=kind, ts=time.time(), **carried)
 
-    def _send(self, channel: Channel, schema: type[protocol.Message], retain: bool = False, **fields: Any):
+    def _send(self, channel: Channel, schema: Callable[..., M], retain: bool = False, **fields: Any) -> M:
         with self._outbox:
             self._seq += 1
             message = schema(device=self.device, boot=self.boot, seq=self._seq, **fields)

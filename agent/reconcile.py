@@ -17,8 +17,16 @@ from typing import Any, Protocol
 
 from edgefleet.common.errors import EdgefleetError
 from edgefleet.common.fs import storage_error
-from edgefleet.common.hardware import HardwareProfile, Requirements
-from edgefleet.common.protocol import Desired, ModelRef, TargetInfo, TelemetryKind
+from edgefleet.common.hardware import HardwareProfile
+from edgefleet.common.protocol import (
+    BenchmarkReport,
+    Desired,
+    ExecutionState,
+    GateReport,
+    ModelRef,
+    TargetInfo,
+    TelemetryPayload,
+)
 from edgefleet.common.retry import Backoff
 
 from . import window
@@ -55,15 +63,15 @@ class Link(Protocol):
     """What reconcile needs of :class:`.mqtt.AgentLink`."""
 
     def report(self, generation: int, **fields: Any) -> object: ...
-    def event(self, state: Any, **fields: Any) -> object: ...
-    def telemetry(self, kind: Any, data: dict[str, Any]) -> object: ...
+    def event(self, state: ExecutionState, **fields: Any) -> object: ...
+    def telemetry(self, payload: TelemetryPayload) -> object: ...
 
 
 class HandlerResult:
-    """Carries a handler's outcome and its one-line reason."""
+    """Carries a handler's outcome, its one-line reason and what the activation gate measured."""
 
-    def __init__(self, outcome: Outcome, detail: str = "", data: dict | None = None) -> None:
-        self.outcome, self.detail, self.data = outcome, detail, data or {}
+    def __init__(self, outcome: Outcome, detail: str = "", gate: GateReport | None = None) -> None:
+        self.outcome, self.detail, self.gate = outcome, detail, gate
 
 
 class Reconciler:
@@ -118,7 +126,7 @@ class Reconciler:
                 journal.enter(State.FAILED,
                               f"{state.value} was entered too often (crash loop?); giving up: {step.detail}")
             self._save(journal)
-            self._event(journal, data=step.data)
+            self._event(journal, gate=step.gate)
         self._report(journal.generation)
         self.slots.gc()
         return None
@@ -189,7 +197,7 @@ class Reconciler:
                 f"signed target {desired.target} is {info.model} {info.version} {info.variant}, "
                 f"not what the desired state names"
             )
-        unmet = Requirements.from_dict(info.requirements).unmet(self.profile)
+        unmet = info.requirements.unmet(self.profile)
         if unmet:
             raise RejectedError(f"{info.variant} cannot run here: {'; '.join(unmet)}")
         check_release(info, self.slots.highest_release(info.model))
@@ -247,18 +255,17 @@ class Reconciler:
             return HandlerResult(Outcome.DONE, f"{name} is active")
         previous = self.slots.active()
         recorded_p99 = previous.meta.p99_ms if previous is not None else None
-        measured: dict = {}
+        reports: list[GateReport] = []  # the gate's, once it ran
 
         def gate_and_commit(loaded: LoadedModel) -> None:
             self._on_step()
             serving = self.runtime.active  # side by side: the previous version, measured in turn with the new
             result = run_gate(loaded, slot.golden, journal.desired.gate, recorded_p99, baseline=serving)
-            measured.update(result.data or {})
+            reports.append(result.report)
             if not result.passed:
                 raise GateError(result.reason)
-            p99 = _p99(measured)
-            if p99 is not None:
-                self.slots.record_p99(name, p99)
+            if result.report.benchmark is not None:
+                self.slots.record_p99(name, result.report.benchmark.p99_ms)
             # the pointer moves before the swap: a crash in between serves the new, gated model
             self.slots.activate(name)
 
@@ -266,12 +273,12 @@ class Reconciler:
             outcome = self.runtime.replace(slot.model, slot.meta.ref, gate_and_commit)
         except (GateError, ModelError) as e:
             self.slots.discard(name)
-            return HandlerResult(Outcome.GATE_FAILED, str(e), measured)
+            return HandlerResult(Outcome.GATE_FAILED, str(e), reports[0] if reports else None)
         finally:
-            if measured:
-                self.link.telemetry(TelemetryKind.BENCHMARK.value, {"model": slot.meta.ref.to_dict(), **measured})
+            if reports:
+                self.link.telemetry(BenchmarkReport(model=slot.meta.ref, gate=reports[0]))
         detail = "swapped (requests held while the old model made room)" if outcome.preserved else "swapped"
-        return HandlerResult(Outcome.DONE, detail, measured)
+        return HandlerResult(Outcome.DONE, detail, reports[0])
 
     def _rollback(self, journal: Journal) -> HandlerResult:
         previous = self.slots.previous()
@@ -313,17 +320,17 @@ class Reconciler:
     def _save(self, journal: Journal) -> None:
         self.slots.save_journal(journal)
 
-    def _event(self, journal: Journal, detail: str | None = None, data: dict | None = None) -> None:
+    def _event(self, journal: Journal, detail: str | None = None, gate: GateReport | None = None) -> None:
         desired = journal.desired
         self.link.event(
-            journal.state.reported.value,
+            journal.state.reported,
             generation=desired.generation,
             deployment=desired.deployment,
             model=desired.model,
             version=desired.version,
             variant=desired.variant,
             detail=(journal.detail if detail is None else detail)[:2000],
-            data=data or {},
+            gate=gate,
         )
 
     def _report(self, generation: int) -> None:
@@ -377,8 +384,3 @@ def _mismatch(target_file: Any, path: Path) -> str | None:
         if digest.hexdigest() != expected:
             return f"{path.name} does not match its signed {algorithm}"
     return None
-
-
-def _p99(measured: dict) -> float | None:
-    value = measured.get("p99_ms")
-    return float(value) if isinstance(value, (int, float)) else None

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgefleet.common.protocol import ModelRef
+from edgefleet.common.protocol import CounterSnapshot, ModelCounters, ModelRef
 
 from .config import AgentConfig
 from .errors import ModelError, RequestError
@@ -255,14 +255,11 @@ class Counters:
         if seconds is not None:
             self.latency_counts[bisect.bisect_left(self.latency_buckets_ms, seconds * 1000.0)] += 1
 
-    def to_dict(self) -> dict:
-        return {
-            "requests": self.requests,
-            "rejected": self.rejected,
-            "failures": self.failures,
-            "latency_buckets_ms": list(self.latency_buckets_ms),  # upper bounds; the last count is +Inf
-            "latency_counts": list(self.latency_counts),
-        }
+    def snapshot(self) -> CounterSnapshot:
+        return CounterSnapshot(
+            requests=self.requests, rejected=self.rejected, failures=self.failures,
+            latency_buckets_ms=self.latency_buckets_ms, latency_counts=tuple(self.latency_counts),
+        )
 
 
 @dataclass(frozen=True)
@@ -421,12 +418,12 @@ class ModelRuntime:
             self._counters.add(rejected, failures, seconds)
             loaded.counters.add(rejected, failures, seconds)
 
-    def counters(self) -> dict:
+    def counters(self) -> CounterSnapshot:
         """Every request since the runtime started, whichever model served it."""
         with self._counter_lock:
-            return self._counters.to_dict()
+            return self._counters.snapshot()
 
-    def active_counters(self) -> dict | None:
+    def active_counters(self) -> ModelCounters | None:
         """The payload of ``counters`` telemetry: the active model's own counters since it was
         loaded, tagged with its ModelRef; ``since`` tells one load (segment) from the next.
         None when nothing with a ModelRef is being served."""
@@ -434,7 +431,7 @@ class ModelRuntime:
         if loaded is None or loaded.ref is None:
             return None
         with self._counter_lock:
-            return {"model": loaded.ref.to_dict(), "since": loaded.since, **loaded.counters.to_dict()}
+            return ModelCounters.of(loaded.ref, loaded.since, loaded.counters.snapshot())
 
     def close(self) -> None:
         with self._cond:

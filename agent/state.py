@@ -165,7 +165,7 @@ def first_state(desired: Desired | None, active: ModelRef | None, finished_gener
     """
     if desired is None:
         return None
-    action = Action(desired.action)
+    action = desired.action
     if action is Action.NONE:
         return None
     if finished_generation is not None and desired.generation <= finished_generation:

@@ -33,7 +33,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 from bench._common import table
 from edgefleet.common import protocol
 from edgefleet.common.mqtt import BrokerURL
-from edgefleet.common.protocol import Channel, Telemetry
+from edgefleet.common.protocol import (
+    Channel,
+    ModelCounters,
+    ModelRef,
+    Telemetry,
+    TelemetryKind,
+)
 from edgefleet.controller.broker import Bridge, BridgeOptions
 from edgefleet.controller.db.models import Device, TelemetryRecord
 from edgefleet.controller.db.session import Database
@@ -43,6 +49,7 @@ DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432"
 WINDOW = 500  # published but not yet consumed, over all devices
 DRAIN_TIMEOUT_S = 60.0  # after the publishers stop, everything must be consumed by then
+BENCH_MODEL = ModelRef(model="bench", version="1", variant="cpu-fp32")  # what the counters name
 
 
 @dataclass
@@ -92,8 +99,10 @@ def _publish(url: str, devices: list[str], seconds: float, start_at: float, cons
         seq += 1
         last = []
         for client, topic, device in zip(clients, topics, devices, strict=True):
-            payload = Telemetry(device=device, boot=1, seq=seq, kind="counters",
-                                data={"requests": seq, "errors": 0}, ts=time.time()).to_json()
+            counters = ModelCounters(model=BENCH_MODEL, since=start_at, requests=seq, rejected=0, failures=0,
+                                     latency_buckets_ms=(1.0,), latency_counts=(seq, 0))
+            payload = Telemetry(device=device, boot=1, seq=seq, kind=TelemetryKind.COUNTERS, counters=counters,
+                                ts=time.time()).to_json()
             last.append(client.publish(topic, payload, qos=1))
             sent += 1
     for info in last:  # PUBACKs come in order: the last one acknowledged means all were

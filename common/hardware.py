@@ -10,6 +10,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .record import Record
+
 ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8l": "aarch64"}
 
 
@@ -60,13 +62,16 @@ class HardwareProfile:
 
 
 @dataclass(frozen=True)
-class Requirements:
+class Requirements(Record):
     """What a variant needs from a device. Empty fields mean "anything"."""
 
     arch: tuple[str, ...] = ()             # any of these
     providers: tuple[str, ...] = ("CPUExecutionProvider",)  # all of these must work
     cpu_features: tuple[str, ...] = ()     # all of these
     min_memory_mb: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "arch", tuple(normalize_arch(a) for a in self.arch))
 
     def unmet(self, profile: HardwareProfile) -> list[str]:
         """Reasons the profile does not meet these requirements (empty when it does)."""
@@ -82,20 +87,3 @@ class Requirements:
         if self.min_memory_mb and profile.memory_mb < self.min_memory_mb:
             reasons.append(f"memory {profile.memory_mb} MB is below {self.min_memory_mb} MB")
         return reasons
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "arch": list(self.arch),
-            "providers": list(self.providers),
-            "cpu_features": list(self.cpu_features),
-            "min_memory_mb": self.min_memory_mb,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Requirements:
-        return cls(
-            arch=tuple(normalize_arch(a) for a in data.get("arch", ())),
-            providers=tuple(data.get("providers", ("CPUExecutionProvider",))),
-            cpu_features=tuple(data.get("cpu_features", ())),
-            min_memory_mb=int(data.get("min_memory_mb", 0)),
-        )

@@ -15,11 +15,13 @@ from __future__ import annotations
 import enum
 import json
 import re
-from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, ClassVar, Self
+from dataclasses import dataclass, field, fields
+from typing import Any, Self
 
 from .cron import Cron
 from .errors import ProtocolError
+from .hardware import Requirements
+from .record import Record
 
 VERSION = 1
 TOPIC_ROOT = "edgefleet/v1"
@@ -105,78 +107,27 @@ TERMINAL_STATES = frozenset(
 )
 
 
-# --- schema machinery ------------------------------------------------------
-
-_JSON_TYPES: dict[str, tuple[type, ...]] = {
-    "str": (str,),
-    "int": (int,),
-    "float": (int, float),
-    "bool": (bool,),
-    "dict": (dict,),
-    "list": (list,),
-}
-
-
-def _check_type(cls_name: str, name: str, value: Any, type_name: str) -> None:
-    optional = type_name.endswith("| None")
-    base = type_name.removesuffix("| None").strip()
-    if value is None:
-        if optional:
-            return
-        raise ProtocolError(f"{cls_name}.{name} is required")
-    expected = _JSON_TYPES.get(base.split("[")[0])
-    if expected is None:  # nested message type, validated by its own from_dict
-        if not isinstance(value, dict):
-            raise ProtocolError(f"{cls_name}.{name} must be an object")
-        return
-    if isinstance(value, bool) and bool not in expected:
-        raise ProtocolError(f"{cls_name}.{name} must be {base}, not a boolean")
-    if not isinstance(value, expected):
-        raise ProtocolError(f"{cls_name}.{name} must be {base}, got {type(value).__name__}")
+# --- wire messages ---------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Message:
-    """Base of every wire message: strict JSON (de)serialization."""
-
-    NESTED: ClassVar[dict[str, type["Message"]]] = {}
+class Message(Record):
+    """Base of every wire message: a :class:`Record` with the wire version ``"v"``."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"v": VERSION, **asdict(self)}
+        return {"v": VERSION, **super().to_dict()}
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod
     def from_dict(cls, data: Any) -> Self:
-        if not isinstance(data, dict):
-            raise ProtocolError(f"{cls.__name__} must be a JSON object")
-        data = dict(data)
-        version = data.pop("v", VERSION)
-        if version != VERSION:
-            raise ProtocolError(f"{cls.__name__} has wire version {version!r}; this side speaks {VERSION}")
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ProtocolError(f"{cls.__name__} has unknown field(s) {', '.join(unknown)}")
-        values: dict[str, Any] = {}
-        for name, f in known.items():
-            if name not in data:
-                if f.default is not MISSING or f.default_factory is not MISSING:
-                    continue
-                raise ProtocolError(f"{cls.__name__}.{name} is required")
-            value = data[name]
-            _check_type(cls.__name__, name, value, str(f.type))
-            nested = cls.NESTED.get(name)
-            if nested is not None and value is not None:
-                value = nested.from_dict(value)
-            values[name] = value
-        try:
-            message = cls(**values)
-        except TypeError as e:
-            raise ProtocolError(f"{cls.__name__}: {e}") from None
-        message.validate()
-        return message
+        if isinstance(data, dict) and "v" in data:
+            data = dict(data)
+            version = data.pop("v")
+            if version != VERSION:
+                raise ProtocolError(f"{cls.__name__} has wire version {version!r}; this side speaks {VERSION}")
+        return super().from_dict(data)
 
     @classmethod
     def from_json(cls, payload: bytes | str) -> Self:
@@ -189,9 +140,6 @@ class Message:
         except (ValueError, UnicodeDecodeError) as e:
             raise ProtocolError(f"{cls.__name__} is not valid JSON: {e}") from None
         return cls.from_dict(data)
-
-    def validate(self) -> None:
-        """Cross-field checks; override to add."""
 
 
 def _non_negative(cls: str, **values: int | float | None) -> None:
@@ -281,11 +229,9 @@ class Action(str, enum.Enum):
 class Desired(Message):
     """Controller -> agent: what the device should run. Retained, QoS 1."""
 
-    NESTED: ClassVar[dict[str, type[Message]]] = {"sampling": SamplingPolicy, "gate": Gate, "window": Window}
-
     device: str
     generation: int                 # increases with every new desired state for this device
-    action: str = Action.INSTALL.value
+    action: Action = Action.INSTALL
     deployment: str | None = None   # rollout/execution id the events refer to
     model: str | None = None
     version: str | None = None
@@ -298,11 +244,7 @@ class Desired(Message):
     def validate(self) -> None:
         check_device_id(self.device)
         _non_negative("Desired", generation=self.generation)
-        try:
-            action = Action(self.action)
-        except ValueError:
-            raise ProtocolError(f"Desired.action {self.action!r} is not one of install, rollback, none") from None
-        if action is Action.INSTALL:
+        if self.action is Action.INSTALL:
             for name in ("model", "version", "variant", "target"):
                 if not getattr(self, name):
                     raise ProtocolError(f"Desired.{name} is required for action install")
@@ -324,20 +266,65 @@ class ModelRef(Message):
 class Reported(Message):
     """Agent -> controller: what the device runs now. Retained, QoS 1."""
 
-    NESTED: ClassVar[dict[str, type[Message]]] = {"active": ModelRef, "previous": ModelRef}
-
     device: str
     boot: int
     seq: int
     generation: int                 # generation of the desired state last acted on
     active: ModelRef | None = None
     previous: ModelRef | None = None
-    hardware: dict | None = None    # HardwareProfile.to_dict()
+    hardware: dict[str, Any] | None = None  # HardwareProfile.to_dict(), read leniently by its from_dict
     agent_version: str = ""
 
     def validate(self) -> None:
         check_device_id(self.device)
         _non_negative("Reported", boot=self.boot, seq=self.seq, generation=self.generation)
+
+
+@dataclass(frozen=True)
+class BenchmarkResult(Message):
+    """One on-device benchmark run (agent/bench.py): cold start, SingleStream latency, Offline throughput."""
+
+    model: str
+    version: str
+    provider: str
+    session_create_ms: float      # cold start, part 1: InferenceSession creation
+    first_query_ms: float         # cold start, part 2: the first (warm-up) query
+    warmup_queries: int
+    queries: int                  # SingleStream queries timed
+    duration_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    mean_ms: float
+    throughput_qps: float         # SingleStream: queries / duration
+    offline_batch: int            # 0 when the Offline run was skipped
+    offline_samples_per_s: float | None
+    peak_rss_mb: float            # of this process (VmHWM), model and all
+
+
+@dataclass(frozen=True)
+class GoldenCheck(Message):
+    """The golden-set check of a freshly loaded model."""
+
+    passed: bool
+    max_abs_diff: float
+    atol: float
+    rtol: float
+    samples: int
+
+
+@dataclass(frozen=True)
+class GateReport(Message):
+    """What the activation gate measured, and the bounds it applied."""
+
+    p99_budget_ms: float | None
+    max_p99_regression: float
+    previous_p99_ms: float | None = None  # the p99 the new version is held against
+    paired: bool = False                  # previous_p99_ms was measured now, side by side with the new
+    golden: GoldenCheck | None = None     # None: the golden set could not run
+    benchmark: BenchmarkResult | None = None  # None: the gate stopped before the benchmark
+    p99_limit_ms: float | None = None     # the regression bound, when there was a previous p99
 
 
 @dataclass(frozen=True)
@@ -348,22 +335,18 @@ class Event(Message):
     boot: int
     seq: int
     generation: int
-    state: str
+    state: ExecutionState
     deployment: str | None = None
     model: str | None = None
     version: str | None = None
     variant: str | None = None
     detail: str = ""
-    data: dict = field(default_factory=dict)  # e.g. gate measurements
+    gate: GateReport | None = None  # on the transition the activation gate decided
     ts: float = 0.0
 
     def validate(self) -> None:
         check_device_id(self.device)
         _non_negative("Event", boot=self.boot, seq=self.seq, generation=self.generation)
-        try:
-            ExecutionState(self.state)
-        except ValueError:
-            raise ProtocolError(f"Event.state {self.state!r} is not an execution state") from None
         if len(self.detail) > 2000:
             raise ProtocolError("Event.detail is longer than 2000 characters")
 
@@ -375,23 +358,100 @@ class TelemetryKind(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class CounterSnapshot(Message):
+    """Inference counters, cumulative since counting began (agent start or model load)."""
+
+    requests: int    # every request that reached a model, good or bad
+    rejected: int    # bad requests
+    failures: int    # the model failed to run
+    latency_buckets_ms: tuple[float, ...]  # upper bounds; the last count is +Inf
+    latency_counts: tuple[int, ...]
+
+    def validate(self) -> None:
+        name = type(self).__name__
+        _non_negative(name, requests=self.requests, rejected=self.rejected, failures=self.failures)
+        if len(self.latency_counts) != len(self.latency_buckets_ms) + 1:
+            raise ProtocolError(f"{name}.latency_counts must have one count more than latency_buckets_ms")
+
+
+@dataclass(frozen=True)
+class ModelCounters(CounterSnapshot):
+    """``counters`` telemetry: one model version's counters since it was loaded; ``since``
+    (wall clock) tells one load (segment) from the next."""
+
+    model: ModelRef
+    since: float
+
+    @classmethod
+    def of(cls, model: ModelRef, since: float, snapshot: CounterSnapshot) -> ModelCounters:
+        counts = {f.name: getattr(snapshot, f.name) for f in fields(CounterSnapshot)}
+        return cls(model=model, since=since, **counts)
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    """``heartbeat`` telemetry: the agent is up, and how it fares."""
+
+    uptime_s: float
+    active: ModelRef | None
+    counters: CounterSnapshot        # every request since the agent started, whichever model served it
+    rss_kb: int | None = None        # None: not measured (the simulator)
+    samples_pending: int = 0
+    samples_dropped: int = 0
+
+
+@dataclass(frozen=True)
+class BenchmarkReport(Message):
+    """``benchmark`` telemetry: the activation gate's measurements of one model version."""
+
+    model: ModelRef
+    gate: GateReport
+
+
+TelemetryPayload = Heartbeat | BenchmarkReport | ModelCounters
+_KIND_OF: dict[type[Message], TelemetryKind] = {
+    Heartbeat: TelemetryKind.HEARTBEAT,
+    BenchmarkReport: TelemetryKind.BENCHMARK,
+    ModelCounters: TelemetryKind.COUNTERS,
+}
+
+
+def kind_of(payload: TelemetryPayload) -> TelemetryKind:
+    """The telemetry kind that carries ``payload``; Telemetry holds it in the field of that name."""
+    return _KIND_OF[type(payload)]
+
+
+@dataclass(frozen=True)
 class Telemetry(Message):
-    """Agent -> controller: heartbeat, benchmark result, inference counters."""
+    """Agent -> controller: heartbeat, benchmark result or inference counters.
+
+    The payload sits in the field its kind names; the others are null.
+    """
 
     device: str
     boot: int
     seq: int
-    kind: str
-    data: dict = field(default_factory=dict)
+    kind: TelemetryKind
+    heartbeat: Heartbeat | None = None
+    benchmark: BenchmarkReport | None = None
+    counters: ModelCounters | None = None
     ts: float = 0.0
+
+    @property
+    def payload(self) -> TelemetryPayload:
+        payload: TelemetryPayload | None = getattr(self, self.kind.value)
+        assert payload is not None  # validate() holds it
+        return payload
 
     def validate(self) -> None:
         check_device_id(self.device)
         _non_negative("Telemetry", boot=self.boot, seq=self.seq)
-        try:
-            TelemetryKind(self.kind)
-        except ValueError:
-            raise ProtocolError(f"Telemetry.kind {self.kind!r} is not one of heartbeat, benchmark, counters") from None
+        present = [k.value for k in TelemetryKind if getattr(self, k.value) is not None]
+        if present != [self.kind.value]:
+            raise ProtocolError(
+                f"Telemetry.{self.kind.value} must carry the payload of kind {self.kind.value!r}"
+                f" and nothing else; present: {', '.join(present) or 'none'}"
+            )
 
 
 @dataclass(frozen=True)
@@ -451,10 +511,10 @@ class TargetInfo(Message):
     version: str
     variant: str
     release: int                  # per-model counter; an agent never installs a lower one
-    requirements: dict            # hardware.Requirements.to_dict()
+    requirements: Requirements
     golden: str                   # TUF target path of the golden set
     golden_sha256: str            # digest of the golden set file
-    accuracy: dict = field(default_factory=dict)  # top1, agreement, max_abs_diff vs fp32
+    accuracy: dict[str, float] = field(default_factory=dict)  # top1, agreement, max_abs_diff vs fp32
     preference: int = 0           # lower is preferred when there is no evidence
     p99_ms: float | None = None   # latency measured at build time (reference machine)
 

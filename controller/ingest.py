@@ -20,13 +20,12 @@ from typing import Any, Callable, Sequence
 import sqlalchemy as sa
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.protocol import (
+    BenchmarkReport,
     Event,
-    ExecutionState,
     Message,
     Reported,
     Status,
     Telemetry,
-    TelemetryKind,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
@@ -192,9 +191,10 @@ class _Batch:
         seen.add(key)
         self.event_rows.append({
             "device_id": device.id, "boot": message.boot, "seq": message.seq,
-            "generation": message.generation, "deployment": message.deployment, "state": message.state,
+            "generation": message.generation, "deployment": message.deployment, "state": message.state.value,
             "model": message.model, "version": message.version, "variant": message.variant,
-            "detail": message.detail, "data": message.data, "ts": message_time(message.ts),
+            "detail": message.detail, "data": message.gate.to_dict() if message.gate else {},
+            "ts": message_time(message.ts),
         })
         if (message.boot, message.seq) > (device.last_event_boot, device.last_event_seq):
             device.last_event_boot, device.last_event_seq = message.boot, message.seq
@@ -215,7 +215,7 @@ class _Batch:
             return execution
         if execution.state.terminal and message.generation == execution.generation:
             return execution  # a late, reordered event cannot reopen a finished attempt
-        execution.state = ExecutionState(message.state)
+        execution.state = message.state
         execution.detail = message.detail
         return execution
 
@@ -231,11 +231,11 @@ class _Batch:
             device.last_telemetry_boot, device.last_telemetry_seq = message.boot, message.seq
         ts = message_time(message.ts)
         self.telemetry_rows.append({
-            "device_id": device.id, "kind": message.kind, "boot": message.boot,
-            "seq": message.seq, "data": message.data, "ts": ts,
+            "device_id": device.id, "kind": message.kind.value, "boot": message.boot,
+            "seq": message.seq, "data": message.payload.to_dict(), "ts": ts,
         })
-        if message.kind == TelemetryKind.BENCHMARK.value:
-            row = benchmark_row(device, message.data, ts)
+        if message.benchmark is not None:
+            row = benchmark_row(device, message.benchmark, ts)
             if row is not None:
                 self.benchmark_rows.append(row)
         self._seen(device, message.boot)
@@ -260,31 +260,17 @@ def _telemetry_mark(device: Device) -> tuple[int, int]:
     return device.last_telemetry_boot, device.last_telemetry_seq
 
 
-def benchmark_row(device: Device, data: dict[str, Any], ts: datetime) -> dict[str, Any] | None:
-    """A benchmarks row from a benchmark telemetry payload, or None if it lacks the essentials.
-
-    The agent sends ``{"model": ModelRef, ...measurements}`` with the latency figures at
-    the top level or under ``"benchmark"``.
-    """
-    ref = data.get("model")
-    ref = ref if isinstance(ref, dict) else data
-    figures = data.get("benchmark") if isinstance(data.get("benchmark"), dict) else data
-    names = [ref.get(k) for k in ("model", "version", "variant")]
-    p50, p99 = figures.get("p50_ms"), figures.get("p99_ms")
-    if not all(isinstance(n, str) and n for n in names) or not device.hardware_class:
-        log.info("benchmark telemetry from %s names no model/version/variant or hardware class; "
+def benchmark_row(device: Device, report: BenchmarkReport, ts: datetime) -> dict[str, Any] | None:
+    """A benchmarks row from a benchmark report, or None if the gate stopped before its benchmark."""
+    figures = report.gate.benchmark
+    if figures is None or not device.hardware_class:
+        log.info("benchmark telemetry from %s has no benchmark or the device no hardware class; "
                  "kept as telemetry only", device.id)
         return None
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (p50, p99)):
-        log.info("benchmark telemetry from %s carries no p50_ms/p99_ms; kept as telemetry only", device.id)
-        return None
-    throughput = figures.get("throughput_qps", figures.get("throughput"))
-    baseline = data.get("previous_p99_ms") if data.get("previous_measured") == "paired" else None
     return {
         "device_id": device.id, "hardware_class": device.hardware_class,
-        "model": names[0], "version": names[1], "variant": names[2],
-        "p50_ms": float(p50), "p99_ms": float(p99),
-        "throughput": float(throughput) if isinstance(throughput, (int, float)) else None,
-        "baseline_p99_ms": float(baseline) if isinstance(baseline, (int, float)) and baseline > 0 else None,
+        "model": report.model.model, "version": report.model.version, "variant": report.model.variant,
+        "p50_ms": figures.p50_ms, "p99_ms": figures.p99_ms, "throughput": figures.throughput_qps,
+        "baseline_p99_ms": report.gate.previous_p99_ms if report.gate.paired else None,
         "ts": ts,
     }

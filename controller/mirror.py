@@ -33,7 +33,7 @@ def mirror_targets(db: Database, repository: Repository) -> int:
                 continue
             session.add(Variant(
                 model=info.model, version=info.version, variant=info.variant, target_path=path,
-                release=info.release, requirements=info.requirements, accuracy=info.accuracy,
+                release=info.release, requirements=info.requirements.to_dict(), accuracy=info.accuracy,
                 preference=info.preference, golden_path=info.golden, size_bytes=lengths.get(path),
                 p99_ms=info.p99_ms,
             ))

@@ -30,7 +30,13 @@ from edgefleet.agent.slots import Slots
 from edgefleet.common.errors import EdgefleetError
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.mqtt import BrokerURL
-from edgefleet.common.protocol import Desired, Event, SamplingPolicy, TelemetryKind
+from edgefleet.common.protocol import (
+    Desired,
+    Event,
+    ExecutionState,
+    Heartbeat,
+    SamplingPolicy,
+)
 
 from .faults import Faults, FaultyFetcher, PowerCut
 from .link import SimLink
@@ -114,7 +120,7 @@ class _Recording:
         self.report = link.report
         self.telemetry = link.telemetry
 
-    def event(self, state: str, **fields: Any) -> Event:
+    def event(self, state: ExecutionState, **fields: Any) -> Event:
         event = self._link.event(state, **fields)
         self._device.last_event = event
         return event
@@ -252,14 +258,14 @@ class SimDevice:
             return
         active = life.runtime.active
         if life.link.connected:  # as AgentLink's offline queue drops telemetry first, don't pile it up
-            life.link.telemetry(TelemetryKind.HEARTBEAT.value, {
-                "uptime_s": round(time.monotonic() - life.started, 1),
-                "active": active.ref.to_dict() if active is not None and active.ref else None,
-                "counters": life.runtime.counters(),
-            })
+            life.link.telemetry(Heartbeat(
+                uptime_s=round(time.monotonic() - life.started, 1),
+                active=active.ref if active is not None else None,
+                counters=life.runtime.counters(),
+            ))
             counters = life.runtime.active_counters()
             if counters is not None:  # as the daemon sends them: the rollout's error-rate gate reads these
-                life.link.telemetry(TelemetryKind.COUNTERS.value, counters)
+                life.link.telemetry(counters)
         self.shared.loop.call_later(self.shared.heartbeat_s, lambda: self._heartbeat(life))
 
     def _traffic_tick(self, life: _Incarnation) -> None:

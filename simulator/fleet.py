@@ -234,7 +234,7 @@ class Fleet:
 
     def stats(self) -> FleetStats:
         devices = list(self.devices.values())
-        states = collections.Counter(d.last_event.state for d in devices if d.last_event is not None)
+        states = collections.Counter(d.last_event.state.value for d in devices if d.last_event is not None)
         rss = rss_kb()
         return FleetStats(
             devices=len(devices), running=sum(d.running for d in devices),

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.common.protocol import Gate, SamplingPolicy
+from edgefleet.common.protocol import Action, Gate, SamplingPolicy
 from tests.conftest import free_port
 from tests.support.fleet import (
     AgentProcess,
@@ -111,7 +111,7 @@ def test_rollbacks_on_failing_golden_set_and_slow_model(device, repo):
     # the controller's rollback command, then the local CLI flips back again
     v2 = device.apply(repo.infos["v2"])
     assert v2["state"] == "SUCCEEDED", v2
-    assert device.apply(action="rollback")["state"] == "ROLLED_BACK"
+    assert device.apply(action=Action.ROLLBACK)["state"] == "ROLLED_BACK"
     assert device.agent.serving_version() == "1.0.0"
     cli = subprocess.run([str(Path(sys.executable).parent / "fleet-agent"), "rollback", "--config",
                           str(device.agent.config_path)], capture_output=True, text=True, timeout=30)
@@ -144,7 +144,7 @@ def test_bad_inputs_fail_or_reject_and_keep_serving(device, repo):
         done = device.observer.wait_terminal(device.generation, 60)
         assert done["state"] == "SUCCEEDED", (done["detail"], done["generation"], device.observer.states(done["generation"]), fault)
         assert device.agent.serving_version() == repo.infos[big].version
-        assert device.apply(action="rollback")["state"] == "ROLLED_BACK"  # back to v1 for the next fault
+        assert device.apply(action=Action.ROLLBACK)["state"] == "ROLLED_BACK"  # back to v1 for the next fault
     assert device.agent.serving_version() == "1.0.0"
     assert device.agent.infer()["model_version"] == "1.0.0"
 

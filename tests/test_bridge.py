@@ -15,12 +15,15 @@ from edgefleet.agent.link import AgentLink
 from edgefleet.common import protocol
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.protocol import (
+    Action,
     Channel,
     Desired,
     Event,
     ExecutionState,
+    ModelRef,
     Status,
     Telemetry,
+    TelemetryKind,
 )
 from edgefleet.common.retry import Backoff
 from edgefleet.controller.broker import Bridge, BridgeOptions
@@ -34,6 +37,7 @@ from edgefleet.controller.db.models import (
 )
 from edgefleet.controller.db.session import Database
 from edgefleet.controller.ingest import Ingest
+from tests.support.messages import benchmark_report, heartbeat, model_counters
 from tests.support.mqtt import (  # noqa: F401  (fixtures)
     Recorder,
     broker_url,
@@ -43,6 +47,8 @@ from tests.support.mqtt import (  # noqa: F401  (fixtures)
     unique_device,
     wait_until,
 )
+
+DIGITS = ModelRef(model="digits", version="1.0", variant="cpu-fp32")
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -102,16 +108,15 @@ def test_round_trip_desired_out_reports_events_telemetry_in(broker_url, db, brid
                           variant="cpu-fp32", target="digits/1.0/cpu-fp32.onnx")
         bridge.publish_desired(desired)  # returns after the PUBACK
         assert wait_until(lambda: got and got[-1] == desired)
-        newer = [Desired(device=device, generation=g, action="none") for g in (2, 3)]
+        newer = [Desired(device=device, generation=g, action=Action.NONE) for g in (2, 3)]
         bridge.publish_desired(*newer)  # one batch, every PUBACK awaited
         assert wait_until(lambda: got[-1] == newer[-1])
 
         link.report(generation=1, hardware=HardwareProfile(arch="x86_64").to_dict())
         link.event(ExecutionState.DOWNLOADING, generation=1, deployment="r1")
         link.event(ExecutionState.SUCCEEDED, generation=1, deployment="r1", detail="swapped")
-        link.telemetry("benchmark", {"model": {"model": "digits", "version": "1.0", "variant": "cpu-fp32"},
-                                     "p50_ms": 0.1, "p99_ms": 0.3, "throughput_qps": 900.0})
-        link.telemetry("heartbeat", {})
+        link.telemetry(benchmark_report(DIGITS, p99_ms=0.3))
+        link.telemetry(heartbeat())
         assert wait_until(lambda: count(db, TelemetryRecord, device_id=device) == 2)
         assert bridge.wait_idle(10)
     finally:
@@ -155,8 +160,8 @@ def test_qos1_redeliveries_are_deduplicated(broker_url, db, bridge):
     device = unique_device()
     enroll(db, device)
     rec = Recorder(broker_url, "x/none")
-    event = Event(device=device, boot=1, seq=1, generation=1, state="DOWNLOADING")
-    telemetry = Telemetry(device=device, boot=1, seq=2, kind="counters", data={"n": 1})
+    event = Event(device=device, boot=1, seq=1, generation=1, state=ExecutionState.DOWNLOADING)
+    telemetry = Telemetry(device=device, boot=1, seq=2, kind=TelemetryKind.COUNTERS, counters=model_counters(DIGITS, 1))
     for message, channel in ((event, Channel.EVENTS), (telemetry, Channel.TELEMETRY)):
         rec.publish(protocol.topic(device, channel), message.to_json())
         rec.publish(protocol.topic(device, channel), message.to_json())
@@ -172,17 +177,21 @@ def test_bad_messages_are_dropped_without_writes_and_the_bridge_keeps_going(brok
     device, stranger = unique_device(), unique_device("stranger")
     enroll(db, device)
     rec = Recorder(broker_url, "x/none")
-    good = Telemetry(device=device, boot=1, seq=1, kind="heartbeat").to_json()
+    good = Telemetry(device=device, boot=1, seq=1, kind=TelemetryKind.HEARTBEAT, heartbeat=heartbeat()).to_json()
     rec.publish(protocol.topic(device, Channel.EVENTS), b"{not json")
     rec.publish(protocol.topic(device, Channel.TELEMETRY), b"x" * (protocol.MAX_MESSAGE_BYTES + 1))
     rec.publish(protocol.topic(device, Channel.TELEMETRY),
-                Telemetry(device="other-device", boot=1, seq=1, kind="heartbeat").to_json())
+                Telemetry(device="other-device", boot=1, seq=1, kind=TelemetryKind.HEARTBEAT,
+                          heartbeat=heartbeat()).to_json())
+    rec.publish(protocol.topic(device, Channel.TELEMETRY),  # a payload that is not the one its kind names
+                Telemetry(device=device, boot=1, seq=1, kind=TelemetryKind.COUNTERS, heartbeat=heartbeat()).to_json())
     rec.publish(protocol.topic(device, Channel.TELEMETRY), json.dumps({"v": 1, "device": device}).encode())
     rec.publish(f"{protocol.TOPIC_ROOT}/{device}/firmware", good)  # unknown channel: not even received
     rec.publish(protocol.topic(stranger, Channel.TELEMETRY),
-                Telemetry(device=stranger, boot=1, seq=1, kind="heartbeat").to_json())
+                Telemetry(device=stranger, boot=1, seq=1, kind=TelemetryKind.HEARTBEAT,
+                          heartbeat=heartbeat()).to_json())
     # A shared broker may carry other tests' traffic too: counts are lower bounds.
-    assert wait_until(lambda: bridge.stats.dropped >= 4 and bridge.stats.ingested.unknown >= 1)
+    assert wait_until(lambda: bridge.stats.dropped >= 5 and bridge.stats.ingested.unknown >= 1)
     assert bridge.wait_idle(10)
     assert count(db, TelemetryRecord) == 0 and count(db, EventRecord) == 0
     assert device_row(db, device).last_seen is None and device_row(db, stranger) is None
@@ -209,9 +218,9 @@ def test_database_down_then_back_loses_nothing(mosquitto_url, make_postgres_db):
             c.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
             c.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name})
         for i in range(60):
-            link.telemetry("counters", {"i": i})
+            link.telemetry(model_counters(DIGITS, i))
             if i % 10 == 0:
-                link.event("DOWNLOADING", generation=i)
+                link.event(ExecutionState.DOWNLOADING, generation=i)
         assert wait_until(lambda: bridge.stats.retries >= 2, timeout=20), "the bridge never hit the outage"
         with admin.connect() as c:
             c.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
@@ -229,7 +238,7 @@ def test_database_down_then_back_loses_nothing(mosquitto_url, make_postgres_db):
 
 def test_restarted_embedded_broker_gets_the_desired_states_back(embedded_broker, db):
     device = unique_device()
-    desired = Desired(device=device, generation=4, action="none")
+    desired = Desired(device=device, generation=4, action=Action.NONE)
     enroll(db, device)
     with db.unit_of_work() as s:
         s.get(Device, device).desired = desired.to_dict()
@@ -263,7 +272,8 @@ def test_replicas_split_the_load_with_shared_subscriptions(mosquitto_url, db):
             assert b.wait_connected(10) and b.is_v5
         for seq in range(1, 41):
             rec.publish(protocol.topic(device, Channel.TELEMETRY),
-                        Telemetry(device=device, boot=1, seq=seq, kind="counters").to_json())
+                        Telemetry(device=device, boot=1, seq=seq, kind=TelemetryKind.COUNTERS,
+                                  counters=model_counters(DIGITS, seq)).to_json())
         # Split between the replicas, committed out of order, and still none lost or doubled.
         assert wait_until(lambda: count(db, TelemetryRecord, device_id=device) == 40)
         assert first.stats.ingested.applied > 0 and second.stats.ingested.applied > 0

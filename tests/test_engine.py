@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from edgefleet.common.protocol import Action, Event, Telemetry
+from edgefleet.common.protocol import Action, Event, ModelRef, Telemetry, TelemetryKind
 from edgefleet.common.protocol import ExecutionState as E
 from edgefleet.controller.db.models import (
     BadVariant,
@@ -25,23 +25,23 @@ from edgefleet.controller.ingest import Ingest
 from edgefleet.controller.rollout import engine
 from edgefleet.controller.rollout.states import RolloutState, Trigger, Verdict
 from tests.rollout_fleet import RPI, RecordingPublisher, fleet_db, spec_for
+from tests.support.messages import benchmark_report
 
 _seq = itertools.count(1)
 
 
-def say(db: Database, device: str, state: E, deployment: str | None, generation: int, **data) -> None:
+def say(db: Database, device: str, state: E, deployment: str | None, generation: int) -> None:
     """What the agent would send: one execution event."""
-    Ingest(db).apply([Event(device=device, boot=1, seq=next(_seq), generation=generation, state=state.value,
-                            deployment=deployment, data=data)])
+    Ingest(db).apply([Event(device=device, boot=1, seq=next(_seq), generation=generation, state=state,
+                            deployment=deployment)])
 
 
 def bench(db: Database, device: str, version: str, variant: str, p99_ms: float,
           paired_previous_ms: float | None = None) -> None:
     """What the agent's gate sends; with ``paired_previous_ms`` the replaced model was timed in turn."""
-    paired = {} if paired_previous_ms is None else {"previous_p99_ms": paired_previous_ms, "previous_measured": "paired"}
-    Ingest(db).apply([Telemetry(device=device, boot=1, seq=next(_seq), kind="benchmark", data={
-        "model": {"model": "digits", "version": version, "variant": variant, "release": 2},
-        "p50_ms": p99_ms / 2, "p99_ms": p99_ms, **paired})])
+    ref = ModelRef(model="digits", version=version, variant=variant, release=2)
+    Ingest(db).apply([Telemetry(device=device, boot=1, seq=next(_seq), kind=TelemetryKind.BENCHMARK,
+                                benchmark=benchmark_report(ref, p99_ms, paired_previous_ms))])
 
 
 def create(db: Database, **changes) -> str:
@@ -79,7 +79,7 @@ def test_full_rollout_steps_through_stages(database_url):
     sent = {d.device: d for d in publisher.sent}
     classes = {"x": "cpu-int8", "p": "cpu-fp32"}
     for device, desired in sent.items():
-        assert desired.action == Action.INSTALL.value and desired.deployment == rid
+        assert desired.action == Action.INSTALL and desired.deployment == rid
         assert desired.variant == classes[device[0]] and desired.target == f"digits/1.1.0/{desired.variant}.onnx"
         assert desired.gate.max_p99_regression == 0.15
     assert engine.step_all(db, publisher).published == 0     # idempotent: nothing owed twice
@@ -123,9 +123,9 @@ def test_failing_gate_stops_rolls_back_and_marks_variant_bad(database_url):
     assert failed.state is RolloutState.FAILED and failed.stage == 0
     assert "p99_regression on rpi-4: 0.5 (limit 0.15) FAIL" in failed.detail
     # cloud rollback for every device that activated the new version, nothing for the one that rolled back itself
-    rollbacks = {d.device: d for d in publisher.sent[4:] if d.action == Action.ROLLBACK.value}
+    rollbacks = {d.device: d for d in publisher.sent[4:] if d.action == Action.ROLLBACK}
     assert set(rollbacks) == set(x86[1:] + rpi) and report.published == len(rollbacks) + 1
-    holds = [d for d in publisher.sent[4:] if d.action != Action.ROLLBACK.value]
+    holds = [d for d in publisher.sent[4:] if d.action != Action.ROLLBACK]
     assert [(h.device, h.version, h.deployment) for h in holds] == [(x86[0], "1.0.0", None)]
     assert all(r.generation == stage0[r.device].generation + 1 for r in rollbacks.values())
     with db.unit_of_work() as session:

@@ -23,7 +23,13 @@ from edgefleet.agent.errors import ModelError
 from edgefleet.agent.runtime import LoadedModel, ModelRuntime, RuntimeOptions
 from edgefleet.agent.sampler import SampleMeta, Sampler, encode_sample
 from edgefleet.common.protocol import ExecutionState as E
-from edgefleet.common.protocol import ModelRef, SamplingPolicy, Telemetry
+from edgefleet.common.protocol import (
+    ModelCounters,
+    ModelRef,
+    SamplingPolicy,
+    Telemetry,
+    TelemetryKind,
+)
 from edgefleet.controller.dataset import decode_shard
 from edgefleet.controller.db.models import GateResult, Sample
 from edgefleet.controller.ingest import Ingest
@@ -37,6 +43,7 @@ from edgefleet.simulator.traffic import (
     TrafficConfig,
 )
 from tests.rollout_fleet import RecordingPublisher, fleet_db, spec_for
+from tests.support.messages import counter_snapshot
 
 _seq = itertools.count(1)
 
@@ -60,7 +67,8 @@ def test_counters_are_segmented_per_active_model(digits):
     for x in rows(digits, 3):
         runtime.infer({"input": x[None]})
     first = runtime.active_counters()
-    assert first["model"] == ref("1.0.0").to_dict() and first["requests"] == 3 and first["failures"] == 0
+    assert first is not None
+    assert first.model == ref("1.0.0") and first.requests == 3 and first.failures == 0
 
     # the new version fails half its requests; its segment starts from zero
     new = runtime.load(digits.model, ref("1.1.0"))
@@ -73,15 +81,15 @@ def test_counters_are_segmented_per_active_model(digits):
         except ModelError:
             pass
     second = runtime.active_counters()
-    assert second["model"]["version"] == "1.1.0"
-    assert (second["requests"], second["failures"]) == (4, 2), "not diluted by the old version's 3 good requests"
-    assert second["since"] >= first["since"] and sum(second["latency_counts"]) == 2
-    assert runtime.counters()["requests"] == 7  # the runtime's own total still counts everything
+    assert second is not None and second.model.version == "1.1.0"
+    assert (second.requests, second.failures) == (4, 2), "not diluted by the old version's 3 good requests"
+    assert second.since >= first.since and sum(second.latency_counts) == 2
+    assert runtime.counters().requests == 7  # the runtime's own total still counts everything
 
     # the same version loaded again (a restart, a rollback and forward) is a new segment
     runtime.swap(runtime.load(digits.model, ref("1.1.0")))
     again = runtime.active_counters()
-    assert again["requests"] == 0 and again["since"] > second["since"]
+    assert again is not None and again.requests == 0 and again.since > second.since
 
 
 # --- the controller: the gates read counters and sample confidence -----------------------------
@@ -99,8 +107,9 @@ def test_error_rate_and_confidence_gates_read_the_new_versions_data(tmp_path):
         Ingest(db).apply([_event(device, desired.generation, rid)])
 
     def counters(device: str, boot: int, version: str, since: float, requests: int, failures: int) -> Telemetry:
-        return Telemetry(device=device, boot=boot, seq=next(_seq), kind="counters", ts=time.time(), data={
-            "model": ref(version).to_dict(), "since": since, "requests": requests, "failures": failures})
+        snapshot = counter_snapshot(requests, failures)
+        return Telemetry(device=device, boot=boot, seq=next(_seq), kind=TelemetryKind.COUNTERS, ts=time.time(),
+                         counters=ModelCounters.of(ref(version), since, snapshot))
 
     now = time.time()
     Ingest(db).apply([
@@ -138,7 +147,7 @@ def test_error_rate_and_confidence_gates_read_the_new_versions_data(tmp_path):
 def _event(device: str, generation: int, rid: str):
     from edgefleet.common.protocol import Event
 
-    return Event(device=device, boot=1, seq=next(_seq), generation=generation, state=E.SUCCEEDED.value,
+    return Event(device=device, boot=1, seq=next(_seq), generation=generation, state=E.SUCCEEDED,
                  deployment=rid)
 
 
@@ -169,19 +178,24 @@ def test_device_traffic_serves_samples_uploads_and_shows_faults(digits, tmp_path
     traffic = Traffic(TrafficConfig(requests_per_s=5, upload_interval_s=2, inputs=digits.eval_data, threads=1))
     device = DeviceTraffic(traffic, "d1", runtime, sampler, lambda data, meta: uploaded.append(meta))
     try:
+        def active_counters() -> ModelCounters:
+            counters = runtime.active_counters()
+            assert counters is not None
+            return counters
+
         def tick_and_drain(times: int = 1) -> None:
             for _ in range(times):
                 device.tick(1.0)
                 traffic.pool.submit(lambda: None).result(10)  # one thread: everything before it has run
 
         tick_and_drain()
-        assert runtime.active_counters()["requests"] == 5 and len(sampler.pending()) == 5
+        assert active_counters().requests == 5 and len(sampler.pending()) == 5
         assert not uploaded, "uploads wait for their interval"
         tick_and_drain()
         assert len(uploaded) == 5 + 5 and not sampler.pending()
         assert {(m["model"], m["version"], m["device"]) for m in uploaded} == {("digits", "1.0.0", "d1")}
         assert all(0 < m["top1"] <= 1 for m in uploaded)
-        fast = runtime.active_counters()["latency_counts"]
+        fast = active_counters().latency_counts
 
         # the next version is slow and fails 60% of production requests, yet passes a check before activation
         faults.extra_latency_ms, faults.fail_infer, faults.versions = 30.0, 0.6, frozenset({"1.1.0"})
@@ -189,14 +203,14 @@ def test_device_traffic_serves_samples_uploads_and_shows_faults(digits, tmp_path
         assert slow.run({"input": rows(digits, 1)})["probabilities"].shape == (1, 10)  # the golden-check path
         runtime.swap(slow)
         tick_and_drain(4)
-        counters = runtime.active_counters()
-        assert counters["model"]["version"] == "1.1.0" and counters["requests"] == 20
-        assert 3 <= counters["failures"] <= 19  # 60% of 20, and not all or none
-        slowest = counters["latency_counts"]
-        buckets = counters["latency_buckets_ms"]
+        counters = active_counters()
+        assert counters.model.version == "1.1.0" and counters.requests == 20
+        assert 3 <= counters.failures <= 19  # 60% of 20, and not all or none
+        slowest = counters.latency_counts
+        buckets = counters.latency_buckets_ms
         assert sum(c for b, c in zip(buckets, slowest, strict=False) if b >= 20) == sum(slowest) > 0
         assert sum(c for b, c in zip(buckets, fast, strict=False) if b >= 20) == 0
-        assert traffic.snapshot().to_dict() == {"requests": 30, "failures": counters["failures"], "shed": 0,
+        assert traffic.snapshot().to_dict() == {"requests": 30, "failures": counters.failures, "shed": 0,
                                                 "samples_uploaded": len(uploaded)}
     finally:
         traffic.close()

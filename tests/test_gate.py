@@ -25,16 +25,17 @@ def golden(digits, tmp_path_factory):
 def test_digits_passes_and_reports_its_numbers(digits, golden):
     result = run_gate(ModelRuntime().load(digits.model), golden, GATE, previous_p99_ms=None)
     assert result.passed, result.reason
-    assert result.data["golden_passed"] and result.data["max_abs_diff"] < 1e-4
-    assert 0 < result.data["p50_ms"] <= result.data["p99_ms"]
-    assert result.data["benchmark"]["queries"] >= 50
+    golden, benchmark = result.report.golden, result.report.benchmark
+    assert golden is not None and golden.passed and golden.max_abs_diff < 1e-4 and golden.samples == 16
+    assert benchmark is not None and 0 < benchmark.p50_ms <= benchmark.p99_ms and benchmark.queries >= 50
 
 
 def test_wrong_digits_fails_the_golden_set(wrong_model, golden):
     result = run_gate(ModelRuntime().load(wrong_model), golden, GATE, previous_p99_ms=None)
     assert not result.passed
     assert result.reason.startswith("golden set failed") and "\n" not in result.reason
-    assert "p99_ms" not in result.data  # no benchmark for a wrong model
+    assert result.report.golden is not None and not result.report.golden.passed
+    assert result.report.benchmark is None  # no benchmark for a wrong model
 
 
 def test_slow_digits_fails_the_regression_bound_against_digits(digits, slow_model, golden):
@@ -43,7 +44,9 @@ def test_slow_digits_fails_the_regression_bound_against_digits(digits, slow_mode
     result = run_gate(runtime.load(slow_model), golden, GATE, previous_p99_ms=previous)
     assert not result.passed
     assert "regresses past" in result.reason
-    assert result.data["p99_ms"] > result.data["p99_limit_ms"] >= previous
+    report = result.report
+    assert report.benchmark is not None and report.p99_limit_ms is not None
+    assert report.benchmark.p99_ms > report.p99_limit_ms >= previous and not report.paired
 
 
 def test_p99_budget(digits, golden):

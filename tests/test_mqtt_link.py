@@ -13,8 +13,9 @@ from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.link import AgentLink, OfflineQueue, _Pending
 from edgefleet.common import protocol
 from edgefleet.common.mqtt import BrokerURL
-from edgefleet.common.protocol import Channel, Desired, ExecutionState
+from edgefleet.common.protocol import Action, Channel, Desired, ExecutionState
 from edgefleet.common.retry import Backoff
+from tests.support.messages import heartbeat
 from tests.support.mqtt import (  # noqa: F401  (fixtures)
     Recorder,
     broker_url,
@@ -46,7 +47,7 @@ def recorder(broker_url, device) -> Iterator[Recorder]:
 
 
 def desired_for(device: str, generation: int) -> Desired:
-    return Desired(device=device, generation=generation, action="none")
+    return Desired(device=device, generation=generation, action=Action.NONE)
 
 
 def statuses(rec: Recorder) -> list[dict]:
@@ -65,7 +66,7 @@ def test_round_trip_desired_in_reports_events_telemetry_out(broker_url, recorder
 
         link.report(generation=3, agent_version="t")
         link.event(ExecutionState.DOWNLOADING, generation=3, deployment="r1")
-        link.telemetry("heartbeat", {"uptime_s": 1})
+        link.telemetry(heartbeat())
         assert wait_until(lambda: recorder.on(Channel.TELEMETRY))
         sent = [json.loads(recorder.on(ch)[-1]) for ch in (Channel.REPORTED, Channel.EVENTS, Channel.TELEMETRY)]
         assert [m["seq"] for m in sent] == [1, 2, 3]
@@ -128,10 +129,10 @@ def test_offline_queue_keeps_events_drops_oldest_telemetry_and_flushes_in_order(
     link = make_link(embedded_broker.url, device, [], queue_max=5)
     # Not started yet: the broker is unreachable as far as the link knows.
     link.report(generation=1)                                  # seq 1
-    link.event("DOWNLOADING", generation=1)                    # seq 2
+    link.event(ExecutionState.DOWNLOADING, generation=1)                    # seq 2
     for i in range(6):
-        link.telemetry("counters", {"i": i})                   # seq 3..8
-    link.event("VERIFYING", generation=1)                      # seq 9
+        link.telemetry(heartbeat(i))                            # seq 3..8
+    link.event(ExecutionState.VERIFYING, generation=1)                      # seq 9
     link.report(generation=2)                                  # seq 10 replaces seq 1
     assert len(link.queue) == 5 and link.queue.dropped == 4  # a superseded report is no loss
     link.start()
@@ -163,14 +164,14 @@ def test_reconnects_after_broker_restart(embedded_broker):
         assert link.wait_connected(10)
         embedded_broker.stop()
         assert wait_until(lambda: not link.connected)
-        link.event("STAGED", generation=1)  # queued while the broker is away
+        link.event(ExecutionState.STAGED, generation=1)  # queued while the broker is away
         embedded_broker.start()
         assert link.wait_connected(10)
         rec = Recorder(embedded_broker.url, f"{protocol.TOPIC_ROOT}/{device}/#")
         try:
             rec.publish(protocol.topic(device, Channel.DESIRED), desired_for(device, 5).to_json(), retain=True)
             assert wait_until(lambda: got and got[-1].generation == 5)
-            link.telemetry("heartbeat", {})
+            link.telemetry(heartbeat())
             assert wait_until(lambda: rec.on(Channel.TELEMETRY))
             assert json.loads(rec.on(Channel.TELEMETRY)[-1])["seq"] == 2
         finally:

@@ -17,7 +17,7 @@ from edgefleet.agent.runtime import ModelRuntime
 from edgefleet.agent.slots import Slots, slot_name
 from edgefleet.agent.state import LOOP_LIMIT, Outcome, State, TransitionError
 from edgefleet.common.hardware import HardwareProfile, normalize_arch
-from edgefleet.common.protocol import ModelRef, Window
+from edgefleet.common.protocol import Action, BenchmarkReport, ModelRef, Window
 from edgefleet.common.retry import Backoff
 from tests.support.fleet import ModelRepo, agent_config, desired
 from tests.support.repo_server import Faults
@@ -35,8 +35,8 @@ class RecordingLink:
     def report(self, generation, **fields):
         self.reports.append({"generation": generation, **fields})
 
-    def telemetry(self, kind, data):
-        self.sent.append((kind, data))
+    def telemetry(self, payload):
+        self.sent.append(payload)
 
     def states(self, generation):
         return [e["state"] for e in self.events if e["generation"] == generation]
@@ -113,8 +113,9 @@ def test_update_walks_every_state_and_is_idempotent(agent, repo):
     assert agent.slots.active().meta.ref == ref(v1) and agent.slots.active().meta.p99_ms > 0
     assert agent.link.reports[-1]["active"] == ref(v1) and agent.link.reports[-1]["generation"] == 1
     assert agent.link.reports[-1]["hardware"]["arch"] == ARCH
-    kind, bench = agent.link.sent[-1]
-    assert kind == "benchmark" and bench["golden_passed"] and bench["p99_ms"] > 0
+    bench = agent.link.sent[-1]
+    assert isinstance(bench, BenchmarkReport) and bench.model == ref(v1)
+    assert bench.gate.golden.passed and bench.gate.benchmark.p99_ms > 0
     # level-triggered: the same desired state again changes nothing and reports nothing new
     events = len(agent.link.events)
     assert agent.reconciler.run_pass(d) is None
@@ -148,7 +149,7 @@ def test_slow_model_rolls_back_on_the_benchmark_gate(agent, repo):
     agent.apply(repo.infos["slow"])
     last = agent.link.events[-1]
     assert last["state"] == "ROLLED_BACK" and "regresses past" in last["detail"], last
-    assert last["data"]["p99_ms"] > last["data"]["previous_p99_ms"]
+    assert last["gate"].benchmark.p99_ms > last["gate"].p99_limit_ms >= last["gate"].previous_p99_ms
     assert agent.serving() == ref(repo.infos["v1"])
 
 
@@ -213,7 +214,7 @@ def test_transport_trouble_stays_downloading_and_resumes(agent, repo, fault):
 def test_rollback_action_reactivates_previous(agent, repo):
     agent.apply(repo.infos["v1"])
     agent.apply(repo.infos["v2"])
-    agent.apply(action="rollback")
+    agent.apply(action=Action.ROLLBACK)
     assert agent.link.events[-1]["state"] == "ROLLED_BACK"
     assert agent.serving() == ref(repo.infos["v1"])
     pointer = agent.slots.pointer()
@@ -222,7 +223,7 @@ def test_rollback_action_reactivates_previous(agent, repo):
 
 def test_rollback_without_previous_fails(agent, repo):
     agent.apply(repo.infos["v1"])
-    agent.apply(action="rollback")
+    agent.apply(action=Action.ROLLBACK)
     assert agent.link.events[-1]["state"] == "FAILED"
     assert "no previous model" in agent.link.events[-1]["detail"]
 

@@ -62,7 +62,7 @@ def test_load_reads_metadata_and_infers(digits):
     assert outputs["probabilities"].shape == (5, 10)
     assert np.allclose(outputs["probabilities"].sum(axis=1), 1.0, atol=1e-4)
     counters = runtime.counters()
-    assert counters["requests"] == 1 and counters["failures"] == 0 and sum(counters["latency_counts"]) == 1
+    assert counters.requests == 1 and counters.failures == 0 and sum(counters.latency_counts) == 1
 
 
 def test_broken_model_raises_one_line_model_error(broken_model):
@@ -86,7 +86,7 @@ def test_bad_inputs_raise_request_error(digits, inputs, message):
     runtime.swap(runtime.load(digits.model))
     with pytest.raises(RequestError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         runtime.infer(inputs)
-    assert runtime.counters()["rejected"] == 1
+    assert runtime.counters().rejected == 1
 
 
 def test_infer_without_a_model_is_refused():

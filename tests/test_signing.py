@@ -92,7 +92,7 @@ def test_publish_signs_model_and_golden_targets_with_release_counter(repo: Repos
     info = TargetInfo.from_custom(model.custom)
     assert info == first[0]
     assert info.golden == golden.path and info.golden_sha256 == golden.hashes["sha256"]
-    assert info.requirements["min_memory_mb"] == 64 and info.p99_ms == 1.5 and info.accuracy["top1"] == 0.97
+    assert info.requirements.min_memory_mb == 64 and info.p99_ms == 1.5 and info.accuracy["top1"] == 0.97
     stored = repo.store.get_bytes(f"repository/targets/digits/1.0.0/{model.hashes['sha256']}.cpu-fp32.onnx")
     assert stored == (tmp_path / "a/cpu-fp32.onnx").read_bytes()
     assert [(i.model, i.version, i.variant) for i in repo.targets()] == [

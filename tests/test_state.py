@@ -14,10 +14,10 @@ from edgefleet.agent.state import (
 from edgefleet.agent.window import is_open
 from edgefleet.common.cron import Cron
 from edgefleet.common.errors import ProtocolError
-from edgefleet.common.protocol import Desired, ExecutionState, ModelRef, Window
+from edgefleet.common.protocol import Action, Desired, ExecutionState, ModelRef, Window
 
 
-def desired(generation=1, action="install", version="1.0.0") -> Desired:
+def desired(generation=1, action=Action.INSTALL, version="1.0.0") -> Desired:
     return Desired(
         device="dev-1", generation=generation, action=action, model="digits", version=version,
         variant="cpu-fp32", target=f"digits/{version}/cpu-fp32.onnx",
@@ -78,8 +78,8 @@ def test_first_state_is_level_triggered():
     # a finished generation (failed, say) is not retried until a newer one arrives
     assert first_state(desired(generation=3, version="2.0.0"), v1, 3) is None
     assert first_state(desired(generation=4, version="2.0.0"), v1, 3) is State.DOWNLOAD
-    assert first_state(desired(generation=5, action="rollback"), v1, 4) is State.ROLLBACK
-    assert first_state(Desired(device="dev-1", generation=6, action="none"), v1, 5) is None
+    assert first_state(desired(generation=5, action=Action.ROLLBACK), v1, 4) is State.ROLLBACK
+    assert first_state(Desired(device="dev-1", generation=6, action=Action.NONE), v1, 5) is None
 
 
 def test_cron_fields():

@@ -20,7 +20,7 @@ from edgefleet.agent.errors import (
 )
 from edgefleet.agent.fetch import ModelUpdater, check_release, trust_root
 from edgefleet.common.errors import EdgefleetError, StorageError
-from edgefleet.common.hardware import HardwareProfile, Requirements
+from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.protocol import target_path
 from tests.support.repo_server import Faults
 from tests.support.signed_repo import SignedRepo
@@ -162,12 +162,12 @@ def test_variant_for_other_hardware_is_detected(fleet: SignedRepo, tmp_path: Pat
     device = fleet.updater(tmp_path / "device/metadata")
     _, info = device.find(target_path("digits", "2.0.0", "cuda-fp16"))
     pi = HardwareProfile(arch="aarch64", memory_mb=1024, providers=("CPUExecutionProvider",))
-    reasons = Requirements.from_dict(info.requirements).unmet(pi)
+    reasons = info.requirements.unmet(pi)
     assert reasons == ["execution provider CUDAExecutionProvider not available",
                        "memory 1024 MB is below 4096 MB"]
     jetson = HardwareProfile(arch="aarch64", memory_mb=8192,
                              providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
-    assert Requirements.from_dict(info.requirements).unmet(jetson) == []
+    assert info.requirements.unmet(jetson) == []
 
 
 def test_download_resumes_after_a_mid_stream_cut(fleet: SignedRepo, device: ModelUpdater, tmp_path: Path) -> None:

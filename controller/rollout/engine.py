@@ -27,6 +27,7 @@ from edgefleet.common.protocol import (
     Action,
     Desired,
     ExecutionState,
+    ModelCounters,
     ModelRef,
     TelemetryKind,
     target_path,
@@ -497,23 +498,21 @@ def _counters(session: Session, model: str, version: str, executions: list[Execu
             TelemetryRecord.ts >= min(window.values()),
         ).order_by(TelemetryRecord.ts, TelemetryRecord.id)
     )
-    segments: dict[tuple[str, int, object], list[dict]] = defaultdict(list)
+    segments: dict[tuple[str, int, float], list[ModelCounters]] = defaultdict(list)
     for device, boot, ts, data in rows:
-        ref = data.get("model") if isinstance(data, dict) else None
-        if ts >= window[device] and isinstance(ref, dict) and (ref.get("model"), ref.get("version")) == (model, version):
-            segments[(device, boot, data.get("since"))].append(data)
+        try:
+            counters = ModelCounters.from_dict(data)
+        except ProtocolError:  # stored by an older release in another shape: one row must not stall a rollout
+            continue
+        if ts >= window[device] and (counters.model.model, counters.model.version) == (model, version):
+            segments[(device, boot, counters.since)].append(counters)
     requests = errors = 0
     for (device, _, since), seen in segments.items():
-        began_inside = isinstance(since, (int, float)) and since >= window[device].timestamp()
-        base = {} if began_inside else seen[0]
-        requests += max(0, _count(seen[-1], "requests") - _count(base, "requests"))
-        errors += max(0, _count(seen[-1], "failures") - _count(base, "failures"))
+        first, last = seen[0], seen[-1]
+        began_inside = since >= window[device].timestamp()
+        requests += max(0, last.requests - (0 if began_inside else first.requests))
+        errors += max(0, last.failures - (0 if began_inside else first.failures))
     return requests, errors
-
-
-def _count(data: dict, key: str) -> int:
-    value = data.get(key, 0)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def _confidence(session: Session, model: str, version: str, cls: str, since: datetime | None) -> tuple[float, int]:
@@ -681,20 +680,20 @@ def _build(kind: str, rollout: Rollout, spec: RolloutSpec, execution: Execution,
     try:
         if kind == "install":
             return Desired(
-                device=device, generation=generation, action=Action.INSTALL.value, deployment=rollout.id,
+                device=device, generation=generation, action=Action.INSTALL, deployment=rollout.id,
                 model=rollout.model, version=rollout.version, variant=execution.variant,
                 target=target_path(rollout.model, rollout.version, execution.variant or ""),
                 sampling=spec.sampling, gate=spec.device_gate, window=spec.window,
             )
         if kind == "rollback":
-            return Desired(device=device, generation=generation, action=Action.ROLLBACK.value,
+            return Desired(device=device, generation=generation, action=Action.ROLLBACK,
                            deployment=rollout.id)
         # hold: stay on what ran before; no deployment, so the agent's report does not touch this execution
         previous = ModelRef.from_dict(execution.previous) if execution.previous else None
         if previous is None:
-            return Desired(device=device, generation=generation, action=Action.NONE.value)
+            return Desired(device=device, generation=generation, action=Action.NONE)
         return Desired(
-            device=device, generation=generation, action=Action.INSTALL.value, model=previous.model,
+            device=device, generation=generation, action=Action.INSTALL, model=previous.model,
             version=previous.version, variant=previous.variant,
             target=target_path(previous.model, previous.version, previous.variant),
         )
