@@ -130,7 +130,7 @@ class Message(Record):
         return super().from_dict(data)
 
     @classmethod
-    def from_json(cls, payload: bytes | str) -> Self:
+    def from_json(cls, payload: bytes | bytearray | str) -> Self:
         if len(payload) > MAX_MESSAGE_BYTES:
             raise ProtocolError(
                 f"{cls.__name__} payload is {len(payload)} bytes; the limit is {MAX_MESSAGE_BYTES}"
@@ -140,6 +140,13 @@ class Message(Record):
         except (ValueError, UnicodeDecodeError) as e:
             raise ProtocolError(f"{cls.__name__} is not valid JSON: {e}") from None
         return cls.from_dict(data)
+
+
+@dataclass(frozen=True)
+class DeviceMessage(Message):
+    """A message on a device's topic: it names the device, which must match the topic."""
+
+    device: str
 
 
 def _non_negative(cls: str, **values: int | float | None) -> None:
@@ -226,10 +233,9 @@ class Action(str, enum.Enum):
 
 
 @dataclass(frozen=True)
-class Desired(Message):
+class Desired(DeviceMessage):
     """Controller -> agent: what the device should run. Retained, QoS 1."""
 
-    device: str
     generation: int                 # increases with every new desired state for this device
     action: Action = Action.INSTALL
     deployment: str | None = None   # rollout/execution id the events refer to
@@ -263,10 +269,9 @@ class ModelRef(Message):
 
 
 @dataclass(frozen=True)
-class Reported(Message):
+class Reported(DeviceMessage):
     """Agent -> controller: what the device runs now. Retained, QoS 1."""
 
-    device: str
     boot: int
     seq: int
     generation: int                 # generation of the desired state last acted on
@@ -328,10 +333,9 @@ class GateReport(Message):
 
 
 @dataclass(frozen=True)
-class Event(Message):
+class Event(DeviceMessage):
     """Agent -> controller: one update-execution transition. QoS 1."""
 
-    device: str
     boot: int
     seq: int
     generation: int
@@ -422,13 +426,12 @@ def kind_of(payload: TelemetryPayload) -> TelemetryKind:
 
 
 @dataclass(frozen=True)
-class Telemetry(Message):
+class Telemetry(DeviceMessage):
     """Agent -> controller: heartbeat, benchmark result or inference counters.
 
     The payload sits in the field its kind names; the others are null.
     """
 
-    device: str
     boot: int
     seq: int
     kind: TelemetryKind
@@ -440,7 +443,8 @@ class Telemetry(Message):
     @property
     def payload(self) -> TelemetryPayload:
         payload: TelemetryPayload | None = getattr(self, self.kind.value)
-        assert payload is not None  # validate() holds it
+        if payload is None:  # only a message built in code and never validated
+            raise ProtocolError(f"Telemetry.{self.kind.value} is null: it must carry the kind's payload")
         return payload
 
     def validate(self) -> None:
@@ -455,11 +459,10 @@ class Telemetry(Message):
 
 
 @dataclass(frozen=True)
-class Status(Message):
+class Status(DeviceMessage):
     """Agent -> controller: online/offline. The MQTT will carries online=False
     with the boot sequence, so a late will cannot mark a fresh session offline."""
 
-    device: str
     boot: int
     online: bool
     ts: float = 0.0
@@ -469,7 +472,7 @@ class Status(Message):
         _non_negative("Status", boot=self.boot)
 
 
-SCHEMAS: dict[Channel, type[Message]] = {
+SCHEMAS: dict[Channel, type[DeviceMessage]] = {
     Channel.DESIRED: Desired,
     Channel.REPORTED: Reported,
     Channel.EVENTS: Event,
@@ -478,14 +481,12 @@ SCHEMAS: dict[Channel, type[Message]] = {
 }
 
 
-def decode(topic_name: str, payload: bytes) -> tuple[str, Channel, Message]:
+def decode(topic_name: str, payload: bytes | bytearray) -> tuple[str, Channel, DeviceMessage]:
     """Parse and validate one MQTT message; the device in the body must match the topic."""
     device, channel = parse_topic(topic_name)
     message = SCHEMAS[channel].from_json(payload)
-    if getattr(message, "device") != device:
-        raise ProtocolError(
-            f"message on {topic_name!r} names device {getattr(message, 'device')!r}; dropped"
-        )
+    if message.device != device:
+        raise ProtocolError(f"message on {topic_name!r} names device {message.device!r}; dropped")
     return device, channel, message
 
 
@@ -534,7 +535,7 @@ class TargetInfo(Message):
         return {CUSTOM_KEY: data}
 
     @classmethod
-    def from_custom(cls, custom: dict[str, Any] | None) -> "TargetInfo":
+    def from_custom(cls, custom: dict[str, Any] | None) -> TargetInfo:
         if not custom or not isinstance(custom.get(CUSTOM_KEY), dict):
             raise ProtocolError("target has no edgefleet custom fields")
         data = dict(custom[CUSTOM_KEY])

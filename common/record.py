@@ -13,7 +13,8 @@ import dataclasses
 import enum
 import types
 import typing
-from typing import Any, Callable, Self
+from collections.abc import Callable
+from typing import Any, Self
 
 from .errors import ProtocolError
 

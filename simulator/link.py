@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.link import AgentLink
@@ -23,6 +23,8 @@ from edgefleet.common.mqtt import BrokerURL
 from edgefleet.common.protocol import Channel, Desired, Status
 
 from .network import NetworkLoop
+
+M = TypeVar("M", bound=protocol.Message)
 
 
 def broker_url_text(url: BrokerURL) -> str:
@@ -67,7 +69,7 @@ class SimLink(AgentLink):
         """Drop the TCP connection without a goodbye (power cut, cable pulled): the broker sends the will."""
         self.connection.disconnect(abrupt=True, after=after)
 
-    def _send(self, channel: Channel, schema: type[protocol.Message], retain: bool = False, **fields: Any):
+    def _send(self, channel: Channel, schema: Callable[..., M], retain: bool = False, **fields: Any) -> M:
         with self._outbox:  # seq order is publish order
             self._seq += 1
             message = schema(device=self.device, boot=self.boot, seq=self._seq, **fields)

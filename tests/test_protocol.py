@@ -5,6 +5,7 @@ import json
 from typing import Any
 
 import pytest
+
 from edgefleet.common.errors import ProtocolError
 from edgefleet.common.hardware import Requirements
 from edgefleet.common.protocol import (
@@ -30,7 +31,6 @@ from edgefleet.common.protocol import (
     topic,
 )
 from edgefleet.common.record import decoder
-
 from tests.support.messages import (
     benchmark_report,
     benchmark_result,
@@ -162,7 +162,7 @@ def test_decode_checks_the_device_against_the_topic_and_types_the_payload() -> N
 
 
 def test_a_field_type_the_decoder_does_not_know_is_a_schema_bug_not_bad_input() -> None:
-    with pytest.raises(TypeError, match="only X | None"):
+    with pytest.raises(TypeError, match=r"only X \| None"):
         decoder(int | str)
     with pytest.raises(TypeError, match="not a type a Record can decode"):
         decoder(set[int])

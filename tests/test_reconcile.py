@@ -115,7 +115,8 @@ def test_update_walks_every_state_and_is_idempotent(agent, repo):
     assert agent.link.reports[-1]["hardware"]["arch"] == ARCH
     bench = agent.link.sent[-1]
     assert isinstance(bench, BenchmarkReport) and bench.model == ref(v1)
-    assert bench.gate.golden.passed and bench.gate.benchmark.p99_ms > 0
+    golden, benchmark = bench.gate.golden, bench.gate.benchmark
+    assert golden is not None and golden.passed and benchmark is not None and benchmark.p99_ms > 0
     # level-triggered: the same desired state again changes nothing and reports nothing new
     events = len(agent.link.events)
     assert agent.reconciler.run_pass(d) is None

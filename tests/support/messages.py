@@ -15,12 +15,12 @@ from edgefleet.common.protocol import (
 
 
 def benchmark_result(p99_ms: float, **changes: Any) -> BenchmarkResult:
-    fields: dict[str, Any] = dict(
-        model="digits", version="1.0", provider="CPUExecutionProvider", session_create_ms=5.0,
-        first_query_ms=1.0, warmup_queries=5, queries=100, duration_s=1.0, p50_ms=p99_ms / 2,
-        p90_ms=p99_ms * 0.9, p99_ms=p99_ms, max_ms=p99_ms * 1.5, mean_ms=p99_ms / 2,
-        throughput_qps=100.0, offline_batch=0, offline_samples_per_s=None, peak_rss_mb=50.0,
-    )
+    fields: dict[str, Any] = {
+        "model": "digits", "version": "1.0", "provider": "CPUExecutionProvider", "session_create_ms": 5.0,
+        "first_query_ms": 1.0, "warmup_queries": 5, "queries": 100, "duration_s": 1.0, "p50_ms": p99_ms / 2,
+        "p90_ms": p99_ms * 0.9, "p99_ms": p99_ms, "max_ms": p99_ms * 1.5, "mean_ms": p99_ms / 2,
+        "throughput_qps": 100.0, "offline_batch": 0, "offline_samples_per_s": None, "peak_rss_mb": 50.0,
+    }
     return BenchmarkResult(**{**fields, **changes})
 
 
