@@ -7,7 +7,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from edgefleet.common.protocol import Channel, Window, topic
+from edgefleet.common.protocol import Action, Channel, Window, topic
 from tests.support.fleet import Load, ModelRepo, desired
 from tests.test_agent_process import Device
 
@@ -117,7 +117,7 @@ def test_a_handler_or_pass_raising_unexpectedly_keeps_the_agent_up(tmp_path, rep
             still_serving(device, load, "1.0.0")
         take_next_good(device, repo.infos["3.0.0"])   # generation 3
         # generation 4: the pass itself raises once; the main loop backs off and tries again
-        done = device.apply(action="rollback", timeout=90)
+        done = device.apply(action=Action.ROLLBACK, timeout=90)
         assert done["state"] == "ROLLED_BACK", (done, device.agent.log())
         assert "agent main loop failed; still serving" in device.agent.log()
         assert device.agent.proc is not None and device.agent.proc.poll() is None

@@ -323,9 +323,9 @@ def test_a_handler_raising_unexpectedly_fails_the_update_and_keeps_serving(agent
 
 
 @pytest.mark.parametrize("override, serving", [
-    ({"action": "none"}, "v2"),      # an abort that leaves the device as it is
-    ({"info": "v2"}, "v2"),          # an abort that holds the device on what ran before
-    ({"action": "rollback"}, "v1"),  # a cloud rollback
+    ({"action": Action.NONE}, "v2"),      # an abort that leaves the device as it is
+    ({"info": "v2"}, "v2"),               # an abort that holds the device on what ran before
+    ({"action": Action.ROLLBACK}, "v1"),  # a cloud rollback
 ])
 def test_a_newer_generation_closes_a_journal_stuck_waiting(agent, repo, tmp_path, override, serving):
     """Any newer generation overrides a wait that would never end, for good: a restart (whose
