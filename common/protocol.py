@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Self
 
+from . import jsonlimit
 from .cron import Cron
 from .errors import ProtocolError
 from .hardware import Requirements
@@ -136,7 +137,7 @@ class Message(Record):
                 f"{cls.__name__} payload is {len(payload)} bytes; the limit is {MAX_MESSAGE_BYTES}"
             )
         try:
-            data = json.loads(payload)
+            data = jsonlimit.loads(payload)
         except (ValueError, UnicodeDecodeError) as e:
             raise ProtocolError(f"{cls.__name__} is not valid JSON: {e}") from None
         return cls.from_dict(data)

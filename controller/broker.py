@@ -220,14 +220,21 @@ class Bridge:
             if channel not in INBOUND:
                 raise ProtocolError(f"{channel.value} is not a device-to-controller channel")
         except ProtocolError as e:
-            self.stats.dropped += 1
-            log.warning("dropped message on %r: %s", message.topic, e)
-            self._ack([(message.mid, message.qos)])
+            self._drop(message, str(e))
+            return
+        except Exception as e:  # noqa: BLE001  any bad bytes: unacked, the broker would redeliver them forever
+            self._drop(message, f"undecodable ({type(e).__name__}: {e})"[:300])
             return
         with self._idle:
             self._unfinished += 1
         # Blocks when the buffer is full: paho then stops reading and the broker holds the rest.
         self._buffer.put(_Received(decoded, message.mid, message.qos, self._epoch))
+
+    def _drop(self, message: paho.MQTTMessage, why: str) -> None:
+        """Count, log and acknowledge a message that is not ingested."""
+        self.stats.dropped += 1
+        log.warning("dropped message on %r: %s", message._topic[:200], why)  # bytes: a topic may not be UTF-8
+        self._ack([(message.mid, message.qos)])
 
     def _ack(self, items: Iterable[tuple[int, int]]) -> None:
         client = self._conn.client

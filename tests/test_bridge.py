@@ -187,11 +187,15 @@ def test_bad_messages_are_dropped_without_writes_and_the_bridge_keeps_going(brok
                 Telemetry(device=device, boot=1, seq=1, kind=TelemetryKind.COUNTERS, heartbeat=heartbeat()).to_json())
     rec.publish(protocol.topic(device, Channel.TELEMETRY), json.dumps({"v": 1, "device": device}).encode())
     rec.publish(f"{protocol.TOPIC_ROOT}/{device}/firmware", good)  # unknown channel: not even received
+    # Nested past the parser's recursion limit (RecursionError, once never acked) and past the bound.
+    rec.publish(protocol.topic(device, Channel.TELEMETRY), b"[" * 30_000 + b"]" * 30_000)
+    rec.publish(protocol.topic(device, Channel.EVENTS), b'{"a":' * 10_000 + b"1" + b"}" * 10_000)
+    rec.publish(protocol.topic(device, Channel.STATUS), b"[" * 40 + b"]" * 40)
     rec.publish(protocol.topic(stranger, Channel.TELEMETRY),
                 Telemetry(device=stranger, boot=1, seq=1, kind=TelemetryKind.HEARTBEAT,
                           heartbeat=heartbeat()).to_json())
     # A shared broker may carry other tests' traffic too: counts are lower bounds.
-    assert wait_until(lambda: bridge.stats.dropped >= 5 and bridge.stats.ingested.unknown >= 1)
+    assert wait_until(lambda: bridge.stats.dropped >= 8 and bridge.stats.ingested.unknown >= 1)
     assert bridge.wait_idle(10)
     assert count(db, TelemetryRecord) == 0 and count(db, EventRecord) == 0
     assert device_row(db, device).last_seen is None and device_row(db, stranger) is None
@@ -199,6 +203,26 @@ def test_bad_messages_are_dropped_without_writes_and_the_bridge_keeps_going(brok
     rec.publish(protocol.topic(device, Channel.TELEMETRY), good)
     assert wait_until(lambda: count(db, TelemetryRecord, device_id=device) == 1)
     rec.close()
+
+
+def test_undecodable_messages_are_acked_so_the_broker_keeps_delivering(broker_url, db):
+    """More parser-breaking messages than the broker's in-flight window: each is acked and counted."""
+    tag = uuid.uuid4().hex[:8]
+    bridge = Bridge(BridgeOptions(url=broker_url, client_id=f"ctl-{tag}", share_group=f"g{tag}",
+                                  session_expiry_s=5, batch_max=2, retry=Backoff(0.05, 0.5)), Ingest(db))
+    bridge.start()
+    assert bridge.wait_connected(10)
+    device = unique_device()
+    enroll(db, device)
+    rec = Recorder(broker_url, "x/none")
+    for _ in range(12):  # receive maximum is 4: unacked, the fifth would never be delivered
+        rec.publish(protocol.topic(device, Channel.TELEMETRY), b"[" * 30_000 + b"]" * 30_000)
+    rec.publish(protocol.topic(device, Channel.TELEMETRY),
+                Telemetry(device=device, boot=1, seq=1, kind=TelemetryKind.HEARTBEAT, heartbeat=heartbeat()).to_json())
+    assert wait_until(lambda: count(db, TelemetryRecord, device_id=device) == 1, timeout=20)
+    assert bridge.stats.dropped >= 12
+    rec.close()
+    bridge.stop()
 
 
 def test_database_down_then_back_loses_nothing(mosquitto_url, make_postgres_db):
