@@ -12,14 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import re
 import signal
 import socket
 import socketserver
 import sys
 import threading
+import time
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,6 +30,7 @@ from typing import Any, Self, cast
 
 import numpy as np
 
+from edgefleet.common import jsonlimit
 from edgefleet.common.defaults import DEFAULT_SERVE_ADDRESS
 from edgefleet.common.errors import EdgefleetError
 from edgefleet.common.protocol import ModelRef
@@ -47,6 +51,18 @@ SERVER_NAME = "edgefleet-agent"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data"]
 IDLE_TIMEOUT_S = 60.0  # an idle keep-alive connection is closed after this
+MAX_JSON_DEPTH = 64    # an input's nested "data" lists are as deep as its rank
+_READ_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What untrusted clients can hold: sockets, bodies in memory at once, and time to send one."""
+
+    max_connections: int = 64       # more are answered 503 and closed at once
+    max_bodies: int = 4             # requests with a body being read or answered at once
+    body_wait_s: float = 10.0       # a request waits this long for a body slot, then gets 503
+    body_timeout_s: float = 30.0    # a body not fully received after this gets 408
 
 _MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?$")
 
@@ -64,14 +80,19 @@ class HTTPError(Exception):
 # --- request and response bodies (no I/O) ------------------------------------
 
 
-def decode_request(body: bytes, header_length: int | None) -> tuple[dict, dict[str, np.ndarray]]:
-    """Split an infer body into its JSON header and input arrays (binary extension aware)."""
+def decode_request(
+    body: bytes, header_length: int | None, max_bytes: int | None = None
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """Split an infer body into its JSON header and input arrays (binary extension aware).
+
+    ``max_bytes`` bounds what any input's shape may declare (default: the body's size).
+    """
     if header_length is None:
         header_length = len(body)
     if not 0 <= header_length <= len(body):
         raise RequestError(f"Inference-Header-Content-Length {header_length} exceeds the body ({len(body)} bytes)")
     try:
-        request = json.loads(body[:header_length])
+        request = jsonlimit.loads(body[:header_length], MAX_JSON_DEPTH)
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(f"request body is not valid JSON: {e}") from None
     if not isinstance(request, dict):
@@ -83,7 +104,7 @@ def decode_request(body: bytes, header_length: int | None) -> tuple[dict, dict[s
     offset = 0
     inputs: dict[str, np.ndarray] = {}
     for tensor in tensors:
-        name, dtype, shape = _tensor_header(tensor)
+        name, dtype, shape = _tensor_header(tensor, len(body) if max_bytes is None else max_bytes)
         if name in inputs:
             raise RequestError(f"input {name!r} is given twice")
         size = _binary_size(tensor)
@@ -103,7 +124,7 @@ def decode_request(body: bytes, header_length: int | None) -> tuple[dict, dict[s
     return request, inputs
 
 
-def _tensor_header(tensor: Any) -> tuple[str, np.dtype, tuple[int, ...]]:
+def _tensor_header(tensor: Any, max_bytes: int) -> tuple[str, np.dtype, tuple[int, ...]]:
     if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
         raise RequestError('every input must be an object with a "name"')
     name = tensor["name"]
@@ -114,6 +135,11 @@ def _tensor_header(tensor: Any) -> tuple[str, np.dtype, tuple[int, ...]]:
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise RequestError(f'input {name!r} needs "shape" as a list of non-negative integers')
+    if len(shape) > MAX_JSON_DEPTH:
+        raise RequestError(f"input {name!r} has {len(shape)} dimensions; at most {MAX_JSON_DEPTH} are accepted")
+    # Python ints: numpy's int64 product would wrap (or raise) on a hostile shape
+    if any(d > max_bytes for d in shape) or math.prod(shape) * dtype.itemsize > max_bytes:
+        raise RequestError(f"input {name!r} declares shape {shape}; a request holds at most {max_bytes} bytes")
     return name, dtype, tuple(shape)
 
 
@@ -306,14 +332,16 @@ class _Handler(BaseHTTPRequestHandler):
         except HTTPError:
             self._refuse_body()
             raise
-        body = self._read_body()
-        header_length = self.headers.get("Inference-Header-Content-Length")
+        length = self._body_length()
+        limits, bodies = self.server.limits, self.server.bodies
+        if not bodies.acquire(timeout=limits.body_wait_s):
+            self.close_connection = True  # the body stays unread
+            raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE,
+                            f"{limits.max_bodies} requests are being answered; retry later")
         try:
-            header = int(header_length) if header_length is not None else None
-        except ValueError:
-            raise RequestError(f"Inference-Header-Content-Length {header_length!r} is not an integer") from None
-        request, inputs = decode_request(body, header)
-        outputs, loaded = self.server.runtime.infer(inputs)
+            request, inputs, outputs, loaded = self._infer(length)
+        finally:
+            bodies.release()
         wanted = requested_outputs(request, loaded)
         body, json_length = encode_response(request, loaded, outputs, wanted)
         self._answered = (inputs, outputs, loaded)
@@ -336,7 +364,19 @@ class _Handler(BaseHTTPRequestHandler):
             )
         return loaded
 
-    def _read_body(self) -> bytes:
+    def _infer(self, length: int) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray], LoadedModel]:
+        body = self._read_body(length)
+        header_length = self.headers.get("Inference-Header-Content-Length")
+        try:
+            header = int(header_length) if header_length is not None else None
+        except ValueError:
+            raise RequestError(f"Inference-Header-Content-Length {header_length!r} is not an integer") from None
+        request, inputs = decode_request(body, header, self.server.max_request_bytes)
+        outputs, loaded = self.server.runtime.infer(inputs)
+        return request, inputs, outputs, loaded
+
+    def _body_length(self) -> int:
+        """The declared body length, refused before anything is read when it is missing or too large."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self.close_connection = True
             raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "chunked requests are not accepted; send Content-Length")
@@ -354,16 +394,49 @@ class _Handler(BaseHTTPRequestHandler):
             raise HTTPError(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body is {length} bytes; the limit is {limit}"
             )
-        body = self.rfile.read(length)
-        if len(body) != length:
+        return length
+
+    def _read_body(self, length: int) -> bytes:
+        """Read the body as it arrives (never allocating what is only declared), within the body deadline."""
+        timeout = self.server.limits.body_timeout_s
+        deadline = time.monotonic() + timeout
+        body = bytearray()
+        try:
+            while len(body) < length:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                self.connection.settimeout(remaining)
+                chunk = self.rfile.read1(min(_READ_CHUNK, length - len(body)))
+                if not chunk:
+                    self.close_connection = True
+                    raise RequestError(f"request body ended after {len(body)} of {length} bytes")
+                body += chunk
+        except TimeoutError:
             self.close_connection = True
-            raise RequestError(f"request body ended after {len(body)} of {length} bytes")
+            raise HTTPError(HTTPStatus.REQUEST_TIMEOUT,
+                            f"request body not received within {timeout:g}s ({len(body)} of {length} bytes)") from None
+        finally:
+            self.connection.settimeout(self.timeout)
         encoding = self.headers.get("Content-Encoding", "identity").strip().lower()
-        return body if encoding in ("", "identity") else _inflate(body, encoding, limit)
+        data = bytes(body)
+        return data if encoding in ("", "identity") else _inflate(data, encoding, self.server.max_request_bytes)
 
     def _refuse_body(self) -> None:
         if self.headers.get("Content-Length") not in (None, "0"):
             self.close_connection = True
+
+
+def _refuse_connection(sock: socket.socket, limit: int) -> None:
+    """A 503 written without ever blocking the accepting thread; dropped if the client's buffer is full."""
+    body = _error(f"this server already has {limit} connections open; retry later")
+    head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    try:
+        sock.setblocking(False)
+        sock.send(head + body)
+    except OSError:
+        pass
 
 
 def _json(value: Any) -> bytes:
@@ -380,11 +453,16 @@ class _ServerMixin:
     runtime: ModelRuntime
     max_request_bytes: int
     on_inference: OnInference | None
+    limits: ConnectionLimits
 
-    def setup_server(self, runtime: ModelRuntime, max_request_bytes: int, on_inference: OnInference | None) -> None:
+    def setup_server(
+        self, runtime: ModelRuntime, max_request_bytes: int, on_inference: OnInference | None, limits: ConnectionLimits
+    ) -> None:
         self.runtime = runtime
         self.max_request_bytes = max_request_bytes
         self.on_inference = on_inference
+        self.limits = limits
+        self.bodies = threading.BoundedSemaphore(limits.max_bodies)
         self.connections: set[socket.socket] = set()
         self.connections_lock = threading.Lock()
 
@@ -396,9 +474,18 @@ class _ServerMixin:
         except Exception:  # sampling must never fail a request
             log.exception("inference hook failed; the request was still answered")
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:  # request: a stream socket
+    def process_request(self, request: Any, client_address: Any) -> None:  # on the accepting thread
         with self.connections_lock:
-            self.connections.add(request)
+            full = len(self.connections) >= self.limits.max_connections
+            if not full:
+                self.connections.add(request)
+        if full:
+            _refuse_connection(request, self.limits.max_connections)
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+            return
+        super().process_request(request, client_address)  # type: ignore[misc]
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:  # request: a stream socket
         try:
             super().process_request_thread(request, client_address)  # type: ignore[misc]
         finally:
@@ -436,11 +523,13 @@ class InferenceServer:
         address: str = DEFAULT_SERVE_ADDRESS,
         max_request_bytes: int = AgentConfig.max_request_bytes,
         on_inference: OnInference | None = None,
+        limits: ConnectionLimits = ConnectionLimits(),
     ) -> None:
         self.runtime = runtime
         self.address = address
         self.max_request_bytes = max_request_bytes
         self.on_inference = on_inference
+        self.limits = limits
         self._server: _TCPServer | _UnixServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -467,7 +556,7 @@ class InferenceServer:
             raise AgentError(
                 f"cannot serve on {self.address}: {e}; use HOST:PORT or unix:/path with a free address"
             ) from e
-        server.setup_server(self.runtime, self.max_request_bytes, self.on_inference)
+        server.setup_server(self.runtime, self.max_request_bytes, self.on_inference, self.limits)
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="oip-server", daemon=True)
         self._thread.start()

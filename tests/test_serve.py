@@ -5,6 +5,7 @@ import gzip
 import http.client
 import json
 import socket
+import threading
 import time
 
 import httpx
@@ -13,7 +14,7 @@ import pytest
 import tritonclient.http as triton
 
 from edgefleet.agent.runtime import LoadedModel, ModelRuntime
-from edgefleet.agent.serve import InferenceServer
+from edgefleet.agent.serve import ConnectionLimits, InferenceServer
 from edgefleet.common.protocol import ModelRef
 
 X = np.random.default_rng(1).random((2, 64), dtype=np.float32)
@@ -152,6 +153,16 @@ def test_unix_socket(runtime, tmp_path):
         ("/v2/models/other/infer", json_infer_body(), {}, 404, "unknown model 'other'"),
         ("/v2/models/digits/versions/9/infer", json_infer_body(), {}, 404, "no version '9'"),
         ("/v2/nothing", b"{}", {}, 404, "no such endpoint"),
+        # element counts past int64 (numpy's product wraps to 0 or raises), and past the request's bytes
+        ("/v2/models/digits/infer", json_infer_body(shape=(2**62, 4), data=[]), {}, 400, "declares shape"),
+        ("/v2/models/digits/infer", json_infer_body(shape=(2**70,), data=[]), {}, 400, "declares shape"),
+        ("/v2/models/digits/infer", json_infer_body(shape=(2**20, 2**20), data=[]), {}, 400, "at most 65536 bytes"),
+        ("/v2/models/digits/infer", json_infer_body(shape=[1] * 100, data=[1.0]), {}, 400, "100 dimensions"),
+        # nested past the parser's recursion limit, as the whole body and inside an input's data
+        ("/v2/models/digits/infer", b"[" * 30_000 + b"]" * 30_000, {}, 400, "nested deeper than 64"),
+        ("/v2/models/digits/infer", json_infer_body(data="DATA").replace(b'"DATA"', b"[" * 20_000 + b"]" * 20_000),
+         {}, 400, "nested deeper than 64"),
+        ("/v2/models/digits/infer", b"[" * 60_000, {}, 400, "not valid JSON"),
     ],
 )
 def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, runtime, path, body, headers, status, message):
@@ -198,3 +209,85 @@ def test_address_in_use_is_one_clear_error(runtime):
         port = first.url.rsplit(":", 1)[1]
         with pytest.raises(Exception, match=f"cannot serve on 127.0.0.1:{port}"):
             InferenceServer(runtime, f"127.0.0.1:{port}", LIMIT).start()
+
+
+def slow_body(server, declared: int = 60_000, sent: bytes = b"[") -> socket.socket:
+    """A connection that declares a body and sends only part of it."""
+    host, port = server.url[len("http://"):].split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Length: %d\r\n\r\n" % declared + sent)
+    return sock
+
+
+def reply_of(sock: socket.socket) -> str:
+    reply = b""
+    while chunk := sock.recv(65536):
+        reply += chunk
+    return reply.decode()
+
+
+def test_a_body_not_received_within_the_deadline_gets_408(runtime):
+    limits = ConnectionLimits(body_timeout_s=0.5)
+    with InferenceServer(runtime, "127.0.0.1:0", LIMIT, limits=limits) as srv:
+        started = time.monotonic()
+        with slow_body(srv) as sock:
+            reply = reply_of(sock)
+        assert reply.startswith("HTTP/1.1 408") and "not received within 0.5s (1 of 60000 bytes)" in reply
+        assert time.monotonic() - started < 5
+        assert_still_serving(srv, runtime)
+
+
+def test_bodies_in_memory_at_once_are_capped_and_the_rest_get_503(runtime):
+    limits = ConnectionLimits(max_bodies=1, body_wait_s=0.2, body_timeout_s=30)
+    with InferenceServer(runtime, "127.0.0.1:0", LIMIT, limits=limits) as srv:
+        holder = slow_body(srv)
+        time.sleep(0.2)  # it holds the only body slot
+        code, answer, _ = post(srv, "/v2/models/digits/infer", json_infer_body())
+        assert code == 503 and "1 requests are being answered" in answer["error"]
+        assert httpx.get(f"{srv.url}/v2/health/live").status_code == 200  # bodiless requests still answered
+        holder.close()
+        wait_for(lambda: post(srv, "/v2/models/digits/infer", json_infer_body())[0] == 200)
+        assert_still_serving(srv, runtime)
+
+
+def test_connections_past_the_cap_get_503_at_once(runtime):
+    with InferenceServer(runtime, "127.0.0.1:0", LIMIT, limits=ConnectionLimits(max_connections=3)) as srv:
+        host, port = srv.url[len("http://"):].split(":")
+        idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(3)]
+        time.sleep(0.2)
+        with socket.create_connection((host, int(port)), timeout=10) as extra:
+            reply = reply_of(extra)
+        assert reply.startswith("HTTP/1.1 503") and "already has 3 connections open" in reply
+        for sock in idle:
+            sock.close()
+        wait_for(lambda: httpx.get(f"{srv.url}/v2/health/live").status_code == 200)
+        assert_still_serving(srv, runtime)
+
+
+def test_slow_connections_declaring_large_bodies_do_not_grow_memory(runtime):
+    """30 connections each declaring 16 MB and sending 6 MB: at most max_bodies bodies are held."""
+    def rss_mb() -> float:
+        return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
+
+    limits = ConnectionLimits(max_bodies=2, body_wait_s=30)
+    with InferenceServer(runtime, "127.0.0.1:0", 16 << 20, limits=limits) as srv:
+        payload = memoryview(b"[" * (6 << 20))
+        before = rss_mb()
+        socks = [slow_body(srv, 16 << 20) for _ in range(30)]
+
+        def send(sock: socket.socket) -> None:
+            try:
+                sock.sendall(payload)
+            except OSError:
+                pass
+
+        senders = [threading.Thread(target=send, args=(s,), daemon=True) for s in socks]
+        for t in senders:
+            t.start()
+        time.sleep(3)
+        grown = rss_mb() - before
+        for sock in socks:
+            sock.close()
+        assert grown < 60, f"RSS grew {grown:.0f} MB"  # unbounded: 30 x 6 = 180 MB
+        assert_still_serving(srv, runtime)
