@@ -11,7 +11,6 @@ metadata that names something not yet stored.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,9 +36,9 @@ from tuf.repository import Repository as TufRepository
 
 from edgefleet.common.errors import ProtocolError, StorageError
 from edgefleet.common.fs import atomic_write
-from edgefleet.common.hardware import Requirements
-from edgefleet.common.protocol import NAME, TargetInfo, golden_path, target_path
+from edgefleet.common.protocol import TargetInfo, golden_path, target_path
 
+from .bundle.report import BundleReport, ReportedVariant
 from .config import ControllerConfig
 from .errors import Conflict, InvalidInput, NotFound, SigningError
 from .store import REPOSITORY_PREFIX, ArtifactStore, open_store
@@ -47,7 +46,6 @@ from .store import REPOSITORY_PREFIX, ArtifactStore, open_store
 ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
 METADATA_PREFIX = f"{REPOSITORY_PREFIX}/metadata"
 TARGETS_PREFIX = f"{REPOSITORY_PREFIX}/targets"
-MAX_REPORT_BYTES = 1024 * 1024
 HASH = "sha256"
 
 
@@ -232,66 +230,6 @@ class _Metadata(TufRepository):
         return list(chosen.values())
 
 
-@dataclass(frozen=True)
-class _Variant:
-    name: str
-    file: Path
-    golden: Path
-    requirements: dict
-    preference: int
-    p99_ms: float | None
-    accuracy: dict
-
-
-@dataclass(frozen=True)
-class _Bundle:
-    model: str
-    version: str
-    variants: tuple[_Variant, ...]
-
-    @classmethod
-    def read(cls, directory: Path) -> _Bundle:
-        path = Path(directory) / "report.json"
-        try:
-            if path.stat().st_size > MAX_REPORT_BYTES:
-                raise InvalidInput(f"{path} is larger than {MAX_REPORT_BYTES} bytes; is it a bundle report?")
-            report = json.loads(path.read_text())
-            model, version = report["model"], report["version"]
-            variants = tuple(cls._variant(directory, v) for v in report["variants"])
-        except FileNotFoundError:
-            raise InvalidInput(f"{path} not found: run `fleetctl bundle build ... -o {directory}` first") from None
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise InvalidInput(f"{path} is not a valid bundle report ({type(e).__name__}: {e})") from None
-        for label, value in (("model", model), ("version", version)):
-            if not isinstance(value, str) or not NAME.match(value):
-                raise InvalidInput(f"{path}: {label} {value!r} must be letters, digits, '.', '_' or '-'")
-        if not variants:
-            raise InvalidInput(f"{path} lists no variants (all refused?); nothing to publish")
-        return cls(model, version, variants)
-
-    @staticmethod
-    def _variant(directory: Path, entry: dict) -> _Variant:
-        files = []
-        for key in ("file", "golden"):
-            name = entry[key]
-            if not isinstance(name, str) or Path(name).name != name or name.startswith("."):
-                raise ValueError(f"variant {key} {name!r} must be a plain file name inside the bundle")
-            file = Path(directory) / name
-            if not file.is_file():
-                raise ValueError(f"variant {key} {file} is missing")
-            files.append(file)
-        p99 = (entry.get("latency_ms") or {}).get("p99")
-        return _Variant(
-            name=entry["variant"],
-            file=files[0],
-            golden=files[1],
-            requirements=Requirements.from_dict(entry.get("requirements") or {}).to_dict(),
-            preference=int(entry.get("preference", 0)),
-            p99_ms=None if p99 is None else float(p99),
-            accuracy=dict(entry.get("accuracy") or {}),
-        )
-
-
 def _resign(md: _Metadata, role: str) -> None:
     """New versions of ``role`` and of what depends on it, signed with the role's current keys."""
     if role == Targets.type:
@@ -380,7 +318,7 @@ class Repository:
         Publishing the same bytes again is a no-op returning the signed infos;
         different bytes under an already published model/version are refused.
         """
-        bundle = _Bundle.read(Path(bundle_dir))
+        bundle = BundleReport.read(Path(bundle_dir))
         with self._session() as md:
             signed = md.targets().targets
             release = _release_of(signed, bundle.model, bundle.version)
@@ -411,7 +349,7 @@ class Repository:
         return infos
 
     def _variant_targets(
-        self, bundle: _Bundle, variant: _Variant, release: int
+        self, bundle: BundleReport, variant: ReportedVariant, release: int
     ) -> tuple[TargetInfo, list[tuple[TargetFile, Path]]]:
         golden = TargetFile.from_file(
             golden_path(bundle.model, bundle.version, variant.name), str(variant.golden), [HASH]

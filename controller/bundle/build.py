@@ -33,10 +33,10 @@ from .evaluate import (
     top1,
 )
 from .golden import make_golden
+from .report import REPORT
 from .source import SourceModel, load_source, one_line
 from .variants import CUDA_FP16, Variant, select
 
-REPORT = "report.json"
 DEFAULT_MAX_TOP1_DROP = 0.01  # one point of top-1 accuracy
 
 
