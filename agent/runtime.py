@@ -171,10 +171,6 @@ class LoadedModel:
         return self.ref.version if self.ref else "1"
 
     @property
-    def inflight(self) -> int:
-        return self._inflight
-
-    @property
     def released(self) -> bool:
         return self._released.is_set()
 

@@ -77,7 +77,6 @@ def controller_client_id(home: Path) -> str:
 class BridgeStats:
     received: int = 0
     dropped: int = 0          # malformed, oversized, unknown channel, device mismatch
-    batches: int = 0
     retries: int = 0          # database unavailable (or a replica race), batch retried
     ingested: IngestResult = field(default_factory=IngestResult)
 
@@ -286,7 +285,6 @@ class Bridge:
                 continue
             if attempt:
                 log.info("database writable again; %d held message(s) committed", len(batch))
-            self.stats.batches += 1
             self.stats.ingested += result
             return True
         return False

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import sqlalchemy as sa
 from edgefleet.common.hardware import HardwareProfile
@@ -42,8 +42,6 @@ from .db.session import Database
 
 log = logging.getLogger(__name__)
 
-EventHook = Callable[[Session, Device, Event, "Execution | None"], None]
-
 
 @dataclass
 class IngestResult:
@@ -69,22 +67,20 @@ def message_time(ts: float) -> datetime:
 
 
 class Ingest:
-    """``apply(messages)``; ``on_event`` hooks run inside the transaction for each new event."""
+    """``apply(messages)``: one transaction per batch."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self.on_event: list[EventHook] = []
 
     def apply(self, messages: Sequence[Message]) -> IngestResult:
         """Raises Unavailable when the database is down (nothing written; apply again later)."""
         with self.db.unit_of_work() as session:
-            return _Batch(session, self.on_event).run(messages)
+            return _Batch(session).run(messages)
 
 
 class _Batch:
-    def __init__(self, session: Session, hooks: list[EventHook]) -> None:
+    def __init__(self, session: Session) -> None:
         self.session = session
-        self.hooks = hooks
         self.result = IngestResult()
         self.now = utcnow()
         self.telemetry_rows: list[dict[str, Any]] = []
@@ -198,10 +194,8 @@ class _Batch:
         })
         if (message.boot, message.seq) > (device.last_event_boot, device.last_event_seq):
             device.last_event_boot, device.last_event_seq = message.boot, message.seq
-        execution = self._execution(device, message)
+        self._execution(device, message)
         self._seen(device, message.boot)
-        for hook in self.hooks:
-            hook(self.session, device, message, execution)
         self.result.applied += 1
 
     def _execution(self, device: Device, message: Event) -> Execution | None:

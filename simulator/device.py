@@ -137,7 +137,6 @@ class SimDevice:
         self.id = config.device_id
         self.last_event: Event | None = None
         self.power_cuts = 0
-        self.passes = 0
         self._desired: Desired | None = None
         self._lock = threading.Lock()
         self._life: _Incarnation | None = None
@@ -202,10 +201,6 @@ class SimDevice:
         if self._life is not None:
             self._life.link.cut()
 
-    def come_online(self) -> None:
-        if self._life is not None:
-            self._life.link.connection.reconnect()
-
     # --- reconcile -------------------------------------------------------------
 
     def on_desired(self, desired: Desired) -> None:
@@ -235,7 +230,6 @@ class SimDevice:
             return None
         with self._lock:
             desired = self._desired
-        self.passes += 1
         try:
             delay = life.reconciler.run_pass(desired)
         except PowerCut as cut:

@@ -63,10 +63,6 @@ class Workers:
                 self._make_ready(device)
             self._cond.notify()
 
-    def idle(self) -> bool:
-        with self._cond:
-            return not self._ready and not self._running
-
     def _make_ready(self, device: Reconcilable) -> None:
         key = id(device)
         if key in self._running:

@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 
 from edgefleet.common.protocol import ExecutionState
-from edgefleet.controller.db.catalog import model_names, model_versions
+from edgefleet.controller.db.catalog import model_versions
 from edgefleet.controller.db.models import (
     Device,
     EventRecord,
@@ -164,7 +164,6 @@ def test_catalog_groups_variants_by_model_version(db: Database) -> None:
         assert [(v.version, v.release) for v in versions] == [("1.1.0", 2), ("1.0.0", 1)]
         assert [x.variant for x in versions[1].variants] == ["cpu-int8", "cpu-fp32"]
         assert model_versions(session, "digits", "2.0") == []
-        assert model_names(session) == ["digits"]
 
 
 def test_database_down_is_unavailable() -> None:

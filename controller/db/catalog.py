@@ -39,6 +39,3 @@ def model_versions(session: Session, model: str | None = None, version: str | No
         for (name, ver), rows in grouped.items()
     ]
 
-
-def model_names(session: Session) -> list[str]:
-    return list(session.scalars(sa.select(Variant.model).distinct().order_by(Variant.model)))

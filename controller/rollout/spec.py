@@ -11,7 +11,7 @@ import itertools
 import json
 import re
 from collections.abc import Callable
-from dataclasses import InitVar, asdict, dataclass, field, fields
+from dataclasses import InitVar, asdict, dataclass, field
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -299,5 +299,3 @@ def load_manifest(text: str | bytes, source: str = "manifest") -> dict[str, Any]
         raise InvalidInput(f"{source} must be a mapping with apiVersion, kind and spec")
     return data
 
-
-SPEC_FIELDS = tuple(f.name for f in fields(RolloutSpec))
