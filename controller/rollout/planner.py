@@ -27,7 +27,8 @@ from .states import Verdict
 FAILURE_STATES = frozenset(
     {ExecutionState.FAILED, ExecutionState.ROLLED_BACK, ExecutionState.REJECTED, ExecutionState.TIMED_OUT}
 )
-# Fewer sampled rows than this on either side: the mean top-1 is noise, not a shift (NO_DATA).
+# Fewer sampled rows than this on either side: the mean top-1 is noise, not a shift (NO_DATA;
+# while the new version's samples are still short of it, the stage waits for them after the bake).
 MIN_CONFIDENCE_SAMPLES = 20
 
 
@@ -277,14 +278,22 @@ class GateVerdict:
     value: float | None
     threshold: float
     verdict: Verdict
+    awaiting: str = ""   # NO_DATA with its evidence still arriving (what is short): the stage waits
 
     @property
     def passed(self) -> bool:
         return self.verdict is not Verdict.FAIL
 
+    @property
+    def where(self) -> str:
+        return f"{self.gate} on {self.hardware_class or 'all'}"
+
     def describe(self) -> str:
-        value = "no data" if self.value is None else f"{self.value:.3g}"
-        return f"{self.gate} on {self.hardware_class or 'all'}: {value} (limit {self.threshold:.3g}) {self.verdict.value}"
+        if self.value is not None:
+            value = f"{self.value:.3g}"
+        else:
+            value = f"no data ({self.awaiting})" if self.awaiting else "no data"
+        return f"{self.where}: {value} (limit {self.threshold:.3g}) {self.verdict.value}"
 
 
 class StageDecision(str, enum.Enum):
@@ -300,9 +309,9 @@ class StageOutcome:
     reason: str
 
 
-def _judge(gate: str, cls: str, value: float | None, threshold: float) -> GateVerdict:
+def _judge(gate: str, cls: str, value: float | None, threshold: float, awaiting: str = "") -> GateVerdict:
     if value is None:
-        return GateVerdict(gate, cls, None, threshold, Verdict.NO_DATA)
+        return GateVerdict(gate, cls, None, threshold, Verdict.NO_DATA, awaiting)
     return GateVerdict(gate, cls, value, threshold, Verdict.PASS if value <= threshold else Verdict.FAIL)
 
 
@@ -321,8 +330,10 @@ def _p99_verdict(cls: str, seen: ClassObservation, threshold: float) -> GateVerd
 def gate_verdicts(
     spec: RolloutSpec, executions: Sequence[ExecutionView], observations: Mapping[str, ClassObservation]
 ) -> list[GateVerdict]:
-    """Every gate per hardware class present in the stage. A gate without data is
-    NO_DATA (shown, not failing): e.g. no previous version to compare with."""
+    """Every gate per hardware class present in the stage. A gate without data is NO_DATA:
+    shown, not failing, when no evidence is coming (no previous version to compare with, no
+    traffic, sampling off, every device cancelled); ``awaiting`` when it is still arriving
+    (the new version's samples short of MIN_CONFIDENCE_SAMPLES), and then the stage waits."""
     verdicts = []
     classes = sorted({e.hardware_class for e in executions})
     for cls in classes:
@@ -333,11 +344,18 @@ def gate_verdicts(
         verdicts.append(_p99_verdict(cls, seen, spec.max_p99_regression))
         error_rate = seen.errors / seen.requests if seen.requests else None
         verdicts.append(_judge("error_rate", cls, error_rate, spec.max_error_rate))
-        shift = None
-        if min(seen.confidence_new[1], seen.confidence_previous[1]) >= MIN_CONFIDENCE_SAMPLES:
-            shift = abs(seen.confidence_new[0] - seen.confidence_previous[0])
-        verdicts.append(_judge("confidence_shift", cls, shift, spec.max_confidence_shift))
+        verdicts.append(_confidence_verdict(cls, seen, spec.max_confidence_shift))
     return verdicts
+
+
+def _confidence_verdict(cls: str, seen: ClassObservation, threshold: float) -> GateVerdict:
+    (new_mean, new_n), (previous_mean, previous_n) = seen.confidence_new, seen.confidence_previous
+    if min(new_n, previous_n) >= MIN_CONFIDENCE_SAMPLES:
+        return _judge("confidence_shift", cls, abs(new_mean - previous_mean), threshold)
+    # the previous version's figure is final; the new one's grows while its devices sample
+    arriving = previous_n >= MIN_CONFIDENCE_SAMPLES and new_n > 0
+    awaiting = f"{new_n} of {MIN_CONFIDENCE_SAMPLES} samples" if arriving else ""
+    return _judge("confidence_shift", cls, None, threshold, awaiting)
 
 
 IN_FLIGHT = frozenset({
@@ -353,7 +371,9 @@ def decide_stage(
 ) -> StageOutcome:
     """PASS once every device of the stage is terminal, the gates hold and the bake time
     passed; FAIL as soon as a gate fails (during the bake, or when the failure rate is
-    beyond the limit before every device finished); else WAIT.
+    beyond the limit before every device finished); else WAIT. After the bake a gate
+    whose evidence is still arriving holds the stage (``rollout promote`` goes on without
+    it); a gate no evidence can reach passes as NO_DATA, named in the reason.
 
     An early failure still waits for devices in the middle of an update: they are safe
     behind their own on-device gate, and their outcome completes the verdict for every
@@ -376,7 +396,12 @@ def decide_stage(
     if seconds_since_finished is not None and seconds_since_finished < spec.bake_s:
         left = spec.bake_s - seconds_since_finished
         return StageOutcome(StageDecision.WAIT, [], f"baking, {left:.0f}s left")
-    return StageOutcome(StageDecision.PASS, verdicts, "all gates hold")
+    awaiting = [v.describe() for v in verdicts if v.awaiting]
+    if awaiting:
+        return StageOutcome(StageDecision.WAIT, [], f"waiting for evidence: {'; '.join(awaiting)}")
+    no_data = [v.where for v in verdicts if v.verdict is Verdict.NO_DATA]
+    reason = "all gates hold" + (f"; no data: {', '.join(no_data)}" if no_data else "")
+    return StageOutcome(StageDecision.PASS, verdicts, reason)
 
 
 def failed_classes(verdicts: Iterable[GateVerdict]) -> list[str]:

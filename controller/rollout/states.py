@@ -30,7 +30,7 @@ class RolloutState(str, enum.Enum):
 class Verdict(str, enum.Enum):
     PASS = "PASS"
     FAIL = "FAIL"
-    NO_DATA = "NO_DATA"   # not enough evidence yet; the stage waits
+    NO_DATA = "NO_DATA"   # too little evidence to judge: shown, not failing (planner.gate_verdicts)
 
 
 class Trigger(str, enum.Enum):
