@@ -12,8 +12,9 @@ import hashlib
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from edgefleet.common.hardware import HardwareProfile, Requirements
 from edgefleet.common.protocol import P99_NOISE_FLOOR_MS as NOISE_FLOOR_MS
@@ -298,7 +299,7 @@ class GateVerdict:
 
 class StageDecision(str, enum.Enum):
     WAIT = "wait"
-    PASS = "pass"
+    PASS = "pass"  # noqa: S105 (a verdict, not a password)
     FAIL = "fail"
 
 

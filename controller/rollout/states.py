@@ -28,7 +28,7 @@ class RolloutState(str, enum.Enum):
 
 
 class Verdict(str, enum.Enum):
-    PASS = "PASS"
+    PASS = "PASS"  # noqa: S105 (a verdict, not a password)
     FAIL = "FAIL"
     NO_DATA = "NO_DATA"   # too little evidence to judge: shown, not failing (planner.gate_verdicts)
 
