@@ -4,9 +4,12 @@ Topics, message schemas and their validation, and the custom fields that
 edgefleet puts in TUF targets. The controller imports this module; the agent
 never imports the controller.
 
-Every message is a JSON object with ``"v": 1``. Parsing is strict: unknown
-fields, wrong types, oversized payloads and messages whose ``device`` does not
-match the topic raise :class:`ProtocolError`, and callers drop the message.
+Every message is a JSON object with ``"v": 1``, parsed by the one decoder in
+:mod:`.record` from the fields' types. Parsing is strict: unknown fields, wrong
+types, oversized payloads and messages whose ``device`` does not match the topic
+raise :class:`ProtocolError`, and callers drop the message. Events and telemetry
+carry typed payloads (:class:`GateReport`, :class:`Heartbeat`,
+:class:`BenchmarkReport`, :class:`ModelCounters`), never free dicts.
 An MQTT message is a hint, never trust: whatever ``desired`` names, the agent
 installs only what TUF metadata signs.
 """
