@@ -118,7 +118,7 @@ def _failed_journal(data: Any, reason: str) -> Journal | None:
         return value if isinstance(value, str) else None
 
     # built, not parsed: the stand-in only names the execution in the FAILED event
-    stand_in = Desired(device=named("device") or "", generation=generation, action=Action.NONE.value,
+    stand_in = Desired(device=named("device") or "", generation=generation, action=Action.NONE,
                        deployment=named("deployment"), model=named("model"), version=named("version"),
                        variant=named("variant"))
     journal = Journal(desired=stand_in, state=State.FAILED)

@@ -130,11 +130,12 @@ def seed_state_dir(state_dir: Path, model: Path, golden: Path) -> None:
         Slots,
         slot_name,
     )
+    from edgefleet.common.hardware import Requirements
     from edgefleet.common.protocol import ModelRef, TargetInfo
 
     ref = ModelRef(model="digits", version="1.0.0", variant="cpu-fp32", release=1)
     target = TargetInfo(model=ref.model, version=ref.version, variant=ref.variant, release=ref.release,
-                        requirements={}, golden="digits/1.0.0/cpu-fp32.golden.npz",
+                        requirements=Requirements(), golden="digits/1.0.0/cpu-fp32.golden.npz",
                         golden_sha256=hashlib.sha256(golden.read_bytes()).hexdigest())
     slots = Slots(state_dir)
     name = slot_name(ref)

@@ -39,9 +39,9 @@ def check_depth(text: str, max_depth: int = MAX_DEPTH) -> None:
         raise JSONNestingError(f"JSON is nested deeper than {max_depth} levels")
 
 
-def loads(payload: bytes | str, max_depth: int = MAX_DEPTH) -> Any:
+def loads(payload: bytes | bytearray | str, max_depth: int = MAX_DEPTH) -> Any:
     """``json.loads`` that raises ValueError (never RecursionError) on a deep or malformed document."""
-    text = payload.decode(json.detect_encoding(payload)) if isinstance(payload, bytes) else payload
+    text = payload.decode(json.detect_encoding(payload)) if isinstance(payload, bytes | bytearray) else payload
     check_depth(text, max_depth)
     try:
         return json.loads(text)

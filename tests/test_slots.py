@@ -13,6 +13,7 @@ from edgefleet.agent.errors import AgentError
 from edgefleet.agent.slots import SlotMeta, Slots, slot_name
 from edgefleet.agent.state import LOOP_LIMIT, Journal, State
 from edgefleet.common.errors import StorageError
+from edgefleet.common.hardware import Requirements
 from edgefleet.common.protocol import Desired, ModelRef, TargetInfo
 
 
@@ -27,7 +28,7 @@ def stage_and_install(slots: Slots, r: ModelRef, body: bytes | None = None) -> s
     (staging / slots_mod.MODEL_FILE).write_bytes(body)
     (staging / slots_mod.GOLDEN_FILE).write_bytes(b"golden")
     info = TargetInfo(model=r.model, version=r.version, variant=r.variant, release=r.release,
-                      requirements={}, golden=f"digits/{r.version}/cpu-fp32.golden.npz", golden_sha256="0" * 64)
+                      requirements=Requirements(), golden=f"digits/{r.version}/cpu-fp32.golden.npz", golden_sha256="0" * 64)
     meta = SlotMeta(r, info, hashlib.sha256(body).hexdigest(), installed=1.0)
     slots.install(name, meta)
     return name
