@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,31 +31,59 @@ Arrays = dict[str, np.ndarray]
 RunFn = Callable[[Arrays], Mapping[str, np.ndarray]]
 
 
-def read_npz(path: Path, max_file_bytes: int, max_array_bytes: int = MAX_NPZ_ARRAY_BYTES) -> Arrays:
-    """Load every array of an ``.npz`` without pickles, refusing oversized files and members.
+def read_npz(
+    source: Path | bytes, max_file_bytes: int, max_array_bytes: int = MAX_NPZ_ARRAY_BYTES, name: str = ""
+) -> Arrays:
+    """Load every array of an ``.npz`` (a file, or its bytes) without pickles, refusing oversized
+    files and members.
 
-    The per-member check reads the zip directory's uncompressed sizes first, so
-    a small compressed file cannot expand into gigabytes.
+    Before anything is decompressed, the zip directory's uncompressed sizes and each
+    member's ``.npy`` header are checked: a small file can neither expand into gigabytes
+    nor declare a shape (say 2**40 rows) that numpy would allocate before reading.
     """
-    path = Path(path)
-    size = path.stat().st_size
+    file: Path | io.BytesIO
+    if isinstance(source, bytes):
+        name, size, file = name or "npz data", len(source), io.BytesIO(source)
+    else:
+        file = Path(source)
+        name, size = name or file.name, file.stat().st_size
     if size > max_file_bytes:
-        raise GoldenFormatError(f"{path.name} is {size} bytes, above the {max_file_bytes}-byte limit")
+        raise GoldenFormatError(f"{name} is {size} bytes, above the {max_file_bytes}-byte limit")
     try:
-        with zipfile.ZipFile(path) as archive:
-            members = archive.infolist()
-    except (zipfile.BadZipFile, OSError) as e:
-        raise GoldenFormatError(f"{path.name} is not an .npz file: {e}") from e
-    for info in members:
-        if info.file_size > max_array_bytes:
-            raise GoldenFormatError(
-                f"{path.name}: member {info.filename} expands to {info.file_size} bytes, "
-                f"above the {max_array_bytes}-byte limit")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise GoldenFormatError(f"{path.name} holds an unreadable array: {e}") from e
+        with zipfile.ZipFile(file) as archive:
+            for info in archive.infolist():
+                _check_member(archive, info, name, max_array_bytes)
+        if isinstance(file, io.BytesIO):
+            file.seek(0)
+        with np.load(file, allow_pickle=False) as data:
+            return {member: data[member] for member in data.files}
+    # RuntimeError, NotImplementedError: zipfile on an encrypted member or an unknown compression method
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, RuntimeError, NotImplementedError) as e:
+        raise GoldenFormatError(f"{name} is not a readable npz: {e}") from e
+
+
+def _check_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, max_array_bytes: int) -> None:
+    """Refuse a member that expands past the limit, or whose .npy header declares more than it holds."""
+    if info.file_size > max_array_bytes:
+        raise GoldenFormatError(
+            f"{name}: member {info.filename} expands to {info.file_size} bytes, "
+            f"above the {max_array_bytes}-byte limit")
+    with archive.open(info) as member:
+        try:
+            version = np.lib.format.read_magic(member)
+        except ValueError:
+            return  # not an array: np.load gives its (bounded) bytes
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+        else:
+            raise GoldenFormatError(f"{name}: member {info.filename} is .npy format {version}; 1.0 and 2.0 are read")
+    declared = math.prod(shape) * dtype.itemsize  # Python ints: never wraps
+    if declared > info.file_size or any(d > max_array_bytes for d in shape):
+        raise GoldenFormatError(
+            f"{name}: member {info.filename} declares shape {shape} of {dtype} ({declared} bytes); "
+            f"it holds {info.file_size} bytes and no dimension may exceed {max_array_bytes}")
 
 
 @dataclass(frozen=True)

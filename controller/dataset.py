@@ -24,6 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from edgefleet.common.errors import GoldenFormatError
+from edgefleet.common.golden import read_npz
+
 from .errors import InvalidInput
 
 MAX_SHARD_BYTES = 64 * 1024 * 1024       # one uploaded shard, compressed or expanded
@@ -72,10 +75,11 @@ def decode_shard(data: bytes, max_bytes: int = MAX_SHARD_BYTES) -> DecodedShard:
             expanded = sum(m.file_size for m in archive.infolist())
         if expanded > max_bytes:
             raise InvalidInput(f"sample shard expands to {expanded} bytes, above the {max_bytes}-byte limit")
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        arrays = read_npz(data, max_bytes, max_bytes, name="sample shard")
+    except zipfile.BadZipFile as e:
         raise InvalidInput(f"sample shard is not a readable npz: {e}") from None
+    except GoldenFormatError as e:
+        raise InvalidInput(str(e)) from None
     meta = _meta(arrays.get("meta"))
     tensors = {k: v for k, v in arrays.items() if k not in RESERVED and v.ndim >= 1}
     lengths = {v.shape[0] for v in tensors.values()}
@@ -259,5 +263,6 @@ def summarize(shards: Iterable[tuple[SampleRecord, DecodedShard]]) -> list[dict[
             group.confidence = [a + int(b) for a, b in zip(group.confidence, counts, strict=True)]
         if shard.predicted is not None:
             group.classes.update(int(c) for c in shard.predicted)
+        del record, shard  # the next shard is decoded while this one would still be held
     return [groups[k].to_dict() for k in sorted(groups)]
 

@@ -2,7 +2,10 @@
 (moto's S3 server over HTTP); shards are written by the agent's own sample encoder."""
 from __future__ import annotations
 
+import io
 import json
+import tracemalloc
+import zipfile
 from datetime import timedelta
 
 import numpy as np
@@ -10,6 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from edgefleet.agent.sampler import SampleMeta, encode_sample
+from edgefleet.common.errors import GoldenFormatError
+from edgefleet.common.golden import read_npz
 from edgefleet.controller.cli import main
 from edgefleet.controller.config import ControllerConfig
 from edgefleet.controller.dataset import SampleRecord, decode_shard, export
@@ -21,6 +26,16 @@ from tests.support.api_server import running_controller
 from tests.test_store_s3 import make_bucket, s3_config, s3_endpoint  # noqa: F401  (fixture)
 
 RNG = np.random.default_rng(7)
+
+
+def npz_declaring(shape: tuple[int, ...]) -> bytes:
+    """An .npz whose one member's .npy header declares ``shape`` of float64 and holds 64 bytes."""
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(member, {"descr": "<f8", "fortran_order": False, "shape": shape})
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        archive.writestr("output/p.npy", member.getvalue() + b"\0" * 64)
+    return out.getvalue()
 
 
 def shard(device: str, version: str, confident: bool, rows: int = 3) -> bytes:
@@ -101,11 +116,41 @@ def test_stats_by_version_and_class(api):
     assert "x86_64" in table and "3:" in table and "read 4 of 4 shard(s)" in table
 
 
+def test_stats_hold_one_shard_at_a_time(tmp_path):
+    """10 shards of ~4 MB of inputs each: the stats endpoint's peak memory is about one shard, not ten."""
+    with running_controller(tmp_path / "home", f"sqlite:///{tmp_path / 'c.db'}") as api:
+        seed(api.db)
+        with api.db.unit_of_work() as session:
+            for i in range(10):
+                meta = SampleMeta("big", "1.0.0", "cpu-fp32", "x1", 0.0, "rate", 0.9, 0.0)
+                data = encode_sample({"x": RNG.random((16, 65536), dtype=np.float32)},
+                                     {"probabilities": np.full((16, 2), 0.5, np.float32)}, meta)
+                api.store.put_bytes(f"samples/big/{i}.npz", data)
+                session.add(Sample(device_id="x1", hardware_class="x86_64", model="big", version="1.0.0",
+                                   variant="cpu-fp32", store_key=f"samples/big/{i}.npz", count=16,
+                                   bytes=len(data), ts=utcnow()))
+        tracemalloc.start()
+        try:
+            with api.client() as client:
+                answer = client.get("/v1/data/stats", params={"model": "big"}).json()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert answer["shards_read"] == 10 and answer["groups"][0]["samples"] == 160
+    assert peak < 24 << 20, f"peak {peak >> 20} MiB"  # all ten decoded at once: over 40 MiB
+
+
 def test_untrusted_shards_are_refused(tmp_path):
     with pytest.raises(InvalidInput, match="not a readable npz"):
         decode_shard(b"PK\x03\x04 not really a zip")
     with pytest.raises(InvalidInput, match="above the 100-byte limit"):
         decode_shard(shard("x1", "1.1.0", True), max_bytes=100)
+    for shape in [(2**40,), (2**62, 4), (2**40, 0)]:  # numpy would allocate the declared shape first
+        with pytest.raises(InvalidInput, match=r"declares shape \("):
+            decode_shard(npz_declaring(shape))
+        (tmp_path / "hostile.npz").write_bytes(npz_declaring(shape))
+        with pytest.raises(GoldenFormatError, match=r"hostile.npz: member output/p.npy declares shape \("):
+            read_npz(tmp_path / "hostile.npz", 1 << 20)
     bad = SampleRecord(1, "k", "x1", "digits", "1.1.0", "cpu-fp32")
     result = export([bad], lambda _r: b"garbage", tmp_path / "out")
     assert result.rows == 0 and result.skipped and (tmp_path / "out" / "index.jsonl").read_text() == ""

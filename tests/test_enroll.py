@@ -25,6 +25,7 @@ from edgefleet.controller.db.models import (
 )
 from edgefleet.controller.tokens import verify_mqtt_password
 from tests.support.api_server import running_controller
+from tests.test_data_export import npz_declaring
 
 HARDWARE = HardwareProfile(arch="aarch64", cpu_count=4, memory_mb=4096,
                            device_model="Raspberry Pi 4 Model B Rev 1.4").to_dict()
@@ -206,6 +207,8 @@ def test_sample_upload_needs_the_devices_own_token(api, device):
     (b"definitely not a zip", 400, "not a readable npz"),
     (shard(3, labels=np.array([1, 2], np.int64)), 400, "first axis"),
     (b"x" * (65 * 1024), 413, "larger than"),
+    (npz_declaring((2**40,)), 400, "declares shape (1099511627776,)"),  # numpy would allocate 8 TiB first
+    (npz_declaring((2**40, 0)), 400, "declares shape (1099511627776, 0)"),  # zero bytes, 2**40 rows
 ])
 def test_bad_sample_shards_are_refused(shared, shared_device, body, status, words):
     device_id, token = shared_device

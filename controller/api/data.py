@@ -90,16 +90,24 @@ def stats(
 ) -> dict[str, Any]:
     with ctx.db.unit_of_work() as session:
         total = session.scalar(sa.select(sa.func.count()).select_from(_query(model, version, since).subquery()))
-        rows = list(session.scalars(
-            _query(model, version, since).order_by(None).order_by(Sample.id.desc()).limit(max_shards)))
-    decoded: list[tuple[SampleRecord, DecodedShard]] = []
-    unreadable = 0
-    for row in rows:
-        record = SampleRecord(row.id, row.store_key, row.device_id, row.model, row.version, row.variant,
-                              row.hardware_class, row.ts.isoformat())
-        try:
-            decoded.append((record, decode_shard(ctx.store.get_bytes(row.store_key))))
-        except (InvalidInput, NotFound):
-            unreadable += 1
-    return {"groups": summarize(decoded), "shards_read": len(decoded), "shards_total": total,
-            "unreadable": unreadable}
+        records = [SampleRecord(row.id, row.store_key, row.device_id, row.model, row.version, row.variant,
+                                row.hardware_class, row.ts.isoformat())
+                   for row in session.scalars(_query(model, version, since).order_by(None)
+                                              .order_by(Sample.id.desc()).limit(max_shards))]
+    read = unreadable = 0
+
+    def shards() -> Iterator[tuple[SampleRecord, DecodedShard]]:
+        """One decoded shard at a time: memory is bounded by the largest shard, not their number."""
+        nonlocal read, unreadable
+        for record in records:
+            try:
+                shard = decode_shard(ctx.store.get_bytes(record.key))  # at most MAX_SHARD_BYTES expanded
+            except (InvalidInput, NotFound):
+                unreadable += 1
+                continue
+            read += 1
+            yield record, shard
+            del shard
+
+    groups = summarize(shards())
+    return {"groups": groups, "shards_read": read, "shards_total": total, "unreadable": unreadable}
