@@ -207,10 +207,24 @@ def test_repository_unsatisfiable_range_is_416(shared_api, header):
 
 
 @pytest.mark.parametrize("path", ["repository/targets/missing.onnx", "repository/targets/../../keys/root.pem",
-                                  "repository/", "repository/targets//x"])
+                                  "repository/", "repository/targets//x",
+                                  # a NUL reached the file system (ValueError: 500); a directory, a file as
+                                  # a directory and over-long names reached open() (500)
+                                  "repository/metadata/root%00.json", "repository/%00", "repository/a%0ab",
+                                  "repository/metadata", "repository/metadata/root.json/x",
+                                  "repository/" + "a" * 300, "repository/" + "a/" * 600 + "x"])
 def test_repository_missing_or_escaping_paths_are_404(shared_api, path):
     response = httpx.get(f"{shared_api.url}/{path}")
     assert response.status_code == 404
+    assert "\n" not in error_of(response) and len(error_of(response)) < 200
+
+
+def test_unknown_rollout_state_filter_is_400_and_names_the_states(shared_api):
+    with shared_api.client() as client:
+        response = client.get("/v1/rollouts", params={"state": "BOGUS"})
+        assert response.status_code == 400  # was a LookupError from the enum column: 500
+        assert "state 'BOGUS' is unknown; use one of PENDING, RUNNING" in error_of(response)
+        assert client.get("/v1/rollouts", params={"state": "running"}).status_code == 200
 
 
 def test_parse_range_edge_cases():

@@ -11,9 +11,10 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Path, Query, Response
 from pydantic import BaseModel, Field
 
+from ..errors import InvalidInput
 from ..rollout import engine, status
 from ..rollout.spec import RolloutSpec
-from ..rollout.states import Trigger
+from ..rollout.states import RolloutState, Trigger
 from .audit import record_operator
 from .auth import Operator, require_operator
 from .deps import ApiContext, get_ctx
@@ -54,8 +55,17 @@ def list_rollouts(
     limit: int = Query(100, ge=1, le=1000),
     _: Operator = Depends(require_operator), ctx: ApiContext = Depends(get_ctx),
 ) -> list[dict[str, Any]]:
+    wanted = _state(state) if state else None
     with ctx.db.reading() as session:
-        return status.list_rollouts(session, state.upper() if state else None, limit)
+        return status.list_rollouts(session, wanted, limit)
+
+
+def _state(value: str) -> str:
+    try:
+        return RolloutState(value.upper()).value
+    except ValueError:
+        raise InvalidInput(
+            f"state {value!r} is unknown; use one of {', '.join(s.value for s in RolloutState)}") from None
 
 
 @router.get("/{rollout_id}", summary="A rollout's progress per stage and hardware class, gates and executions")

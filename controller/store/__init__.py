@@ -6,6 +6,7 @@ Keys are '/'-separated relative paths such as ``repository/metadata/timestamp.js
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -54,10 +55,19 @@ class ArtifactStore(abc.ABC):
             dest.write(chunk)
 
 
+MAX_KEY_CHARS = 1024
+MAX_SEGMENT_BYTES = 255  # a file name on the local store's file systems
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def check_key(key: str) -> str:
+    """The key, if it can name an object: relative, no empty/./.. segments, no control characters
+    (a NUL reached the file system as ValueError), bounded lengths; else NotFound."""
     parts = key.split("/")
-    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise NotFound(f"invalid object key {key!r}")
+    if (not key or len(key) > MAX_KEY_CHARS or key.startswith("/") or _CONTROL.search(key)
+            or any(p in ("", ".", "..") or len(p.encode()) > MAX_SEGMENT_BYTES for p in parts)):
+        shown = key if len(key) <= 80 else f"{key[:80]}..."
+        raise NotFound(f"invalid object key {shown!r}")
     return key
 
 

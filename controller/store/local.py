@@ -6,6 +6,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from stat import S_ISREG
 from typing import IO
 
 from ..errors import NotFound, Unavailable
@@ -49,7 +50,7 @@ class LocalStore(ArtifactStore):
     def get_bytes(self, key: str) -> bytes:
         try:
             return self.path(key).read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise NotFound(f"{key} is not in the store") from None
 
     def exists(self, key: str) -> bool:
@@ -57,14 +58,17 @@ class LocalStore(ArtifactStore):
 
     def size(self, key: str) -> int:
         try:
-            return self.path(key).stat().st_size
-        except FileNotFoundError:
+            stat = self.path(key).stat()
+        except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: a segment names a file
             raise NotFound(f"{key} is not in the store") from None
+        if not S_ISREG(stat.st_mode):
+            raise NotFound(f"{key} is not an object in the store")
+        return stat.st_size
 
     def open_range(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         try:
             f = open(self.path(key), "rb")  # noqa: SIM115 - the with below; only open() means NotFound
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise NotFound(f"{key} is not in the store") from None
         with f:
             f.seek(start)
