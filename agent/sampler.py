@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from edgefleet.common.errors import GoldenFormatError
+from edgefleet.common.fs import TEMP_GLOB, atomic_write
 from edgefleet.common.golden import read_npz
 from edgefleet.common.protocol import ModelRef, SamplingPolicy
 
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 
 Post = Callable[[bytes, dict], None]
 
-_TMP_PREFIX = ".tmp-"
 _STATE_FILE = "caps.json"
 _RESERVOIR = "reservoir"
 
@@ -99,20 +99,6 @@ def read_meta(path: Path, max_bytes: int) -> SampleMeta:
         raise GoldenFormatError(f"sample {path.name} has no valid metadata: {e}") from e
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(_TMP_PREFIX + path.name)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself survives a power cut
-    finally:
-        os.close(fd)
-
-
 @dataclass
 class _Caps:
     """Fixed-window counters, persisted so a restart does not reset them."""
@@ -150,7 +136,7 @@ class Sampler:
         self.dropped = 0  # samples refused by a cap or pushed out of the full buffer
         self._reservoir_dir = self.buffer_dir / _RESERVOIR
         self._reservoir_dir.mkdir(parents=True, exist_ok=True)
-        for stale in [*self.buffer_dir.glob(_TMP_PREFIX + "*"), *self._reservoir_dir.glob(_TMP_PREFIX + "*")]:
+        for stale in [*self.buffer_dir.glob(TEMP_GLOB), *self._reservoir_dir.glob(TEMP_GLOB)]:
             stale.unlink(missing_ok=True)  # half-written before a crash
         self._caps = self._load_caps()
         self._window: int | None = None
@@ -222,7 +208,7 @@ class Sampler:
         slot = self._seen - 1 if self._seen <= k else self._rng.randrange(self._seen)
         if slot >= k:
             return False
-        _write_atomic(self._reservoir_dir / f"slot-{slot:06d}.npz", encode_sample(inputs, outputs, meta))
+        atomic_write(self._reservoir_dir / f"slot-{slot:06d}.npz", encode_sample(inputs, outputs, meta))
         return True
 
     def _promote_reservoir(self) -> None:
@@ -250,10 +236,10 @@ class Sampler:
             self.dropped += 1
             return False
         name = f"{time.time_ns():020d}-{os.getpid()}-{next(self._seq):06d}.npz"
-        _write_atomic(self.buffer_dir / name, data)
+        atomic_write(self.buffer_dir / name, data)
         caps.hour_count += 1
         caps.day_bytes += len(data)
-        _write_atomic(self.buffer_dir / _STATE_FILE, json.dumps(asdict(caps)).encode())
+        atomic_write(self.buffer_dir / _STATE_FILE, json.dumps(asdict(caps)).encode())
         self._enforce_bound()
         return True
 
@@ -274,7 +260,7 @@ class Sampler:
             return _Caps()  # missing or damaged: start counting afresh
 
     def _pending(self) -> list[Path]:
-        return sorted(p for p in self.buffer_dir.glob("*.npz") if not p.name.startswith(_TMP_PREFIX))
+        return sorted(self.buffer_dir.glob("*.npz"))
 
     def pending(self) -> list[Path]:
         """Buffered samples, oldest first."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -11,6 +12,7 @@ from typing import Any, BinaryIO
 from .errors import StorageError
 
 MAX_JSON_BYTES = 1024 * 1024  # our own small files, still bounded before parsing
+TEMP_GLOB = ".*.tmp"  # what an interrupted atomic_write leaves behind
 
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
@@ -38,18 +40,23 @@ def atomic_write(path: Path, data: bytes, writer: Writer | None = None) -> None:
     ``writer(file, data)`` replaces the plain write (for example to stream an archive).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp: Path | None = None
     try:
-        # 0600: state files hold credentials (keys, tokens, configs) or nothing others need
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        # unique per writer, and 0600: state files hold credentials (keys, tokens, configs) or nothing others need
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = Path(name)
+        with open(fd, "wb") as f:
             (writer or type(f).write)(f, data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)  # the rename itself survives a power cut
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise storage_error(e, str(path)) from e
+    except BaseException as e:  # whatever stops the write, no temp file stays behind
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise storage_error(e, str(path)) from e
+        raise
 
 
 def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES) -> Any | None:

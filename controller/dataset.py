@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -25,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from edgefleet.common.errors import GoldenFormatError
+from edgefleet.common.fs import atomic_write
 from edgefleet.common.golden import read_npz
 
 from .errors import InvalidInput
@@ -129,19 +128,6 @@ def predictions(tensors: dict[str, np.ndarray], rows: int) -> tuple[np.ndarray |
 # --- export ---------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @dataclass
 class ExportResult:
     samples: int = 0      # uploaded shards read
@@ -178,7 +164,7 @@ class ShardWriter:
         name = f"shard-{len(self.result.shards):05d}.npz"
         names = [k for k, _ in self._pending[0][0].items()]
         stacked: dict[str, Any] = {k: np.concatenate([t[k] for t, _ in self._pending]) for k in names}
-        _write_atomic(self.out / name, lambda f: np.savez_compressed(f, **stacked))
+        atomic_write(self.out / name, b"", lambda f, _: np.savez_compressed(f, **stacked))
         row = 0
         for _, entries in self._pending:
             for entry in entries:
@@ -191,7 +177,7 @@ class ShardWriter:
     def close(self) -> ExportResult:
         self.flush()
         lines = "".join(json.dumps(e, sort_keys=True, default=str) + "\n" for e in self.index)
-        _write_atomic(self.out / "index.jsonl", lambda f: f.write(lines), "w")
+        atomic_write(self.out / "index.jsonl", lines.encode())
         return self.result
 
 

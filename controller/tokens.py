@@ -11,13 +11,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
 import secrets
-import tempfile
 from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
+
+from edgefleet.common.errors import StorageError
+from edgefleet.common.fs import atomic_write
 
 from .db.models import ApiToken
 from .errors import Unavailable
@@ -70,16 +71,10 @@ def read_operator_token(home: Path) -> str | None:
 def write_operator_token(home: Path, token: str) -> Path:
     """Write HOME/operator-token atomically, readable by its owner only."""
     path = operator_token_file(home)
-    fd, tmp = tempfile.mkstemp(dir=home, prefix=".tmp-")  # mkstemp creates it 0600
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise Unavailable(f"cannot write {path}: {e.strerror}") from e
+        atomic_write(path, f"{token}\n".encode())  # 0600
+    except StorageError as e:
+        raise Unavailable(str(e)) from e
     return path
 
 

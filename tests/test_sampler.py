@@ -112,10 +112,10 @@ def test_buffer_and_caps_survive_a_restart(tmp_path):
     first = make(tmp_path, clock, rate=1.0, max_per_hour=3, reservoir_per_window=0)
     for _ in range(3):
         first.observe(X, CONFIDENT, REF)
-    (first.buffer_dir / ".tmp-half-written.npz").write_bytes(b"partial")
+    (first.buffer_dir / ".half-written.npz.x1y2.tmp").write_bytes(b"partial")  # as atomic_write names it
     again = make(tmp_path, clock, rate=1.0, max_per_hour=3)
     assert len(again.pending()) == 3
-    assert not list(again.buffer_dir.glob(".tmp-*"))
+    assert not list(again.buffer_dir.glob(".*"))
     assert again.observe(X, CONFIDENT, REF) is None  # the hour's cap was already spent
 
 

@@ -1,13 +1,14 @@
 """Artifact store on a local directory (the embedded default)."""
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from stat import S_ISREG
 from typing import IO
+
+from edgefleet.common.errors import StorageError
+from edgefleet.common.fs import TEMP_GLOB, atomic_write
 
 from ..errors import NotFound, Unavailable
 from . import ArtifactStore, check_key
@@ -25,17 +26,11 @@ class LocalStore(ArtifactStore):
 
     def _write(self, key: str, fill: Callable[[IO[bytes]], object]) -> None:
         target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
         try:
-            with os.fdopen(fd, "wb") as f:
-                fill(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except OSError as e:
-            Path(tmp).unlink(missing_ok=True)
-            raise Unavailable(f"cannot write {key} to local store {self.root}: {e.strerror}") from e
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(target, b"", lambda f, _: fill(f))
+        except (OSError, StorageError) as e:
+            raise Unavailable(f"cannot write {key} to local store {self.root}: {e}") from e
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._write(key, lambda f: f.write(data))
@@ -88,7 +83,7 @@ class LocalStore(ArtifactStore):
         return sorted(
             p.relative_to(self.root).as_posix()
             for p in base.rglob("*")
-            if p.is_file() and not p.name.startswith(".tmp-")
+            if p.is_file() and not p.match(TEMP_GLOB)
         )
 
     def delete(self, key: str) -> None:
