@@ -78,6 +78,23 @@ def next_boot(state_dir: Path) -> int:
     return boot
 
 
+def serve_installed(slots: Slots, runtime: ModelRuntime) -> bool:
+    """Serve what the slot pointer names, else the previous slot if that will not load
+    (as at start, in the daemon and each simulated device); False when neither will."""
+    for slot in (slots.active(), slots.previous()):
+        if slot is None:
+            continue
+        current = runtime.active
+        if current is not None and current.ref == slot.meta.ref:
+            return True
+        try:
+            runtime.swap(runtime.load(slot.model, slot.meta.ref))
+            return True
+        except ModelError as e:
+            log.error("installed model %s does not load: %s", slot.name, e)
+    return False
+
+
 def hardware_profile(config: AgentConfig) -> HardwareProfile:
     """The probed profile; ``hardware_override`` replaces fields (simulated devices, tests)."""
     profile = probe()
@@ -147,19 +164,8 @@ class Agent:
     # --- lifecycle ------------------------------------------------------------
 
     def serve_active(self) -> None:
-        """Serve what the slot pointer names; fall back to the previous slot if it will not load."""
-        for slot in (self.slots.active(), self.slots.previous()):
-            if slot is None:
-                continue
-            current = self.runtime.active
-            if current is not None and current.ref == slot.meta.ref:
-                return
-            try:
-                self.runtime.swap(self.runtime.load(slot.model, slot.meta.ref))
-                return
-            except ModelError as e:
-                log.error("installed model %s does not load: %s", slot.name, e)
-        log.warning("no installed model can be served yet; serving starts after the next successful update")
+        if not serve_installed(self.slots, self.runtime):
+            log.warning("no installed model can be served yet; serving starts after the next successful update")
 
     def run(self) -> int:
         pid_file = Path(self.config.state_dir) / PID_FILE

@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edgefleet.agent.config import AgentConfig
-from edgefleet.agent.daemon import TICK_S, agent_version, next_boot
-from edgefleet.agent.errors import ModelError
+from edgefleet.agent.daemon import TICK_S, agent_version, next_boot, serve_installed
 from edgefleet.agent.fetch import ModelUpdater, RangeFetcher
 from edgefleet.agent.reconcile import Reconciler
 from edgefleet.agent.sampler import Sampler, controller_poster
@@ -100,15 +99,7 @@ class _Incarnation:
         return DeviceTraffic(device.shared.traffic, config.device_id, self.runtime, sampler, post)  # type: ignore[arg-type]
 
     def serve_active(self) -> None:
-        """As the daemon does at start: serve the active slot, else the previous one."""
-        for slot in (self.slots.active(), self.slots.previous()):
-            if slot is None:
-                continue
-            try:
-                self.runtime.swap(self.runtime.load(slot.model, slot.meta.ref))
-                return
-            except ModelError as e:
-                log.error("installed model %s does not load: %s", slot.name, e)
+        serve_installed(self.slots, self.runtime)
 
 
 class _Recording:
