@@ -16,6 +16,19 @@ from . import ArtifactStore, check_key
 CHUNK = 1024 * 1024
 
 
+def read_range(f: IO[bytes], start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    """Bytes ``start``..``end`` (inclusive; None: to the end) of an open file, a chunk at a time."""
+    f.seek(start)
+    remaining = None if end is None else end - start + 1
+    while remaining is None or remaining > 0:
+        chunk = f.read(CHUNK if remaining is None else min(CHUNK, remaining))
+        if not chunk:
+            return
+        if remaining is not None:
+            remaining -= len(chunk)
+        yield chunk
+
+
 class LocalStore(ArtifactStore):
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -66,15 +79,7 @@ class LocalStore(ArtifactStore):
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise NotFound(f"{key} is not in the store") from None
         with f:
-            f.seek(start)
-            remaining = None if end is None else end - start + 1
-            while remaining is None or remaining > 0:
-                chunk = f.read(CHUNK if remaining is None else min(CHUNK, remaining))
-                if not chunk:
-                    return
-                if remaining is not None:
-                    remaining -= len(chunk)
-                yield chunk
+            yield from read_range(f, start, end)
 
     def list(self, prefix: str) -> list[str]:
         base = self.root / prefix if prefix else self.root

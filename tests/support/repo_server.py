@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
-CHUNK = 64 * 1024
+from edgefleet.controller.store.local import read_range
+
 STALL_LIMIT_S = 60.0  # a stalled response is released after this even if nobody stops the server
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 
@@ -51,15 +52,7 @@ class DirectorySource:
         path = self._path(key)
         assert path is not None
         with open(path, "rb") as f:
-            f.seek(start)
-            remaining = (end + 1 - start) if end is not None else None
-            while remaining is None or remaining > 0:
-                block = f.read(CHUNK if remaining is None else min(CHUNK, remaining))
-                if not block:
-                    return
-                if remaining is not None:
-                    remaining -= len(block)
-                yield block
+            yield from read_range(f, start, end)
 
 
 @dataclass
