@@ -27,6 +27,7 @@ from .scenario import (
     ScenarioError,
     build_bundles,
     cleanup,
+    stop_process,
     wait_for,
     wait_for_fleet,
     wait_rollout,
@@ -161,12 +162,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         expect(any(f.endswith(".npz") for f in files) and "index.jsonl" in files, "export wrote no dataset")
         narrator.say(f"\ndemo finished in {time.monotonic() - narrator.started:.0f}s: all steps went as expected")
     finally:
-        if fleet is not None:
-            fleet.terminate()
-            try:
-                fleet.wait(30)
-            except subprocess.TimeoutExpired:
-                fleet.kill()
+        stop_process(fleet, 30)
         controller.stop()
 
 

@@ -75,6 +75,18 @@ class ScenarioError(RuntimeError):
     """A step did not go as the story says."""
 
 
+def stop_process(proc: subprocess.Popen | None, wait_s: float) -> None:
+    """SIGTERM, a clean shutdown within ``wait_s``, else SIGKILL."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 def _quote(arg: str) -> str:
     return f'"{arg}"' if any(c in arg for c in " ()*") else arg
 
@@ -185,12 +197,7 @@ class Controller:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.proc, 30)
 
 
 # --- devices ------------------------------------------------------------------
@@ -297,9 +304,4 @@ class AgentProcess:
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_process(self.proc, 20)
