@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +136,50 @@ def test_bad_inputs_are_one_line_build_errors(digits, broken_model, tmp_path):
     with pytest.raises(BuildError, match="unknown variant"):
         build_bundle(digits.model, "digits", "1.0.0", ["tpu-int4"], out=tmp_path / "out")
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+def _model(nodes: list, inputs: list, outputs: list, initializers: list | None = None) -> onnx.ModelProto:
+    graph = onnx.helper.make_graph(nodes, "g", inputs, outputs, initializers or [])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+def hostile_models(tmp_path: Path) -> dict[str, Path]:
+    """Models that once made `bundle build` print a traceback: external data that is missing or
+    points outside the model's folder, and a model that loads but fails when run."""
+    x = onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 64])
+    y = onnx.helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)
+    weights = onnx.numpy_helper.from_array(np.ones((64, 10), np.float32), "w")
+    mlp = _model([onnx.helper.make_node("MatMul", ["input", "w"], ["out"])], [x], [y], [weights])
+    (tmp_path / "missing").mkdir()
+    onnx.save(mlp, str(tmp_path / "missing" / "model.onnx"), save_as_external_data=True, location="w.bin",
+              size_threshold=0)
+    (tmp_path / "missing" / "w.bin").unlink()
+    escaping = onnx.load(str(tmp_path / "missing" / "model.onnx"), load_external_data=False)
+    for entry in escaping.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = "../../../etc/passwd"
+    onnx.save(escaping, str(tmp_path / "escaping.onnx"))
+    shape = onnx.numpy_helper.from_array(np.array([7, 7], np.int64), "shape")
+    onnx.save(_model([onnx.helper.make_node("Reshape", ["input", "shape"], ["out"])], [x], [y], [shape]),
+              str(tmp_path / "fails.onnx"))
+    return {"missing": tmp_path / "missing" / "model.onnx", "escaping": tmp_path / "escaping.onnx",
+            "fails": tmp_path / "fails.onnx"}
+
+
+@pytest.mark.parametrize("case, words", [
+    ("missing", r"has external data that cannot be read \(.*w\.bin"),
+    ("escaping", r"has external data that cannot be read \(.*points outside the directory"),
+    ("fails", r"model fails.onnx fails when run on input \[8, 64\]: .*cannot be reshaped"),
+])
+def test_cli_build_gives_one_line_for_models_it_cannot_use(tmp_path, case, words):
+    model = hostile_models(tmp_path)[case]
+    done = subprocess.run(
+        [sys.executable, "-c", "from edgefleet.controller.cli import main; main()", "bundle", "build", str(model),
+         "--name", "m", "--version", "1", "--variant", "cpu-fp32", "-o", str(tmp_path / "out")],
+        env={**os.environ, "EDGEFLEET_HOME": str(tmp_path / "home")}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1, done.stderr  # no traceback, and no ONNX Runtime log line
+    assert done.stderr.startswith("error: ") and re.search(words, done.stderr), done.stderr
 
 
 @pytest.mark.slow

@@ -95,8 +95,9 @@ class _Builder:
         self.max_top1_drop, self.latency_budget_s = max_top1_drop, latency_budget_s
         self.score = score_output(source.outputs)
         session = open_session(source.proto.SerializeToString())
-        self.reference = run_all(session, evalset)
-        self.reference_latency = measure_latency(session, evalset.take(slice(0, 1)), latency_budget_s)
+        what = f"model {source.path.name}"
+        self.reference = run_all(session, evalset, what)
+        self.reference_latency = measure_latency(session, evalset.take(slice(0, 1)), latency_budget_s, what)
 
     def reference_entry(self) -> dict[str, Any]:
         labels, score = self.evalset.labels, self.score
@@ -123,11 +124,12 @@ class _Builder:
                 raise
             raise BuildError(f"{variant.name} could not be built: {one_line(e)}") from e
         session, emulated = cpu_session(staged, fp16=variant.name == CUDA_FP16)
-        outputs = run_all(session, self.evalset)
+        outputs = run_all(session, self.evalset, variant.name)
         accuracy = compare(self.reference, outputs, self.evalset.labels, self.score)
         self._check_bound(variant.name, accuracy)
         runs_here = not emulated and _providers_work(variant.providers)
-        latency = measure_latency(session, self.evalset.take(slice(0, 1)), self.latency_budget_s) if runs_here else None
+        sample = self.evalset.take(slice(0, 1))
+        latency = measure_latency(session, sample, self.latency_budget_s, variant.name) if runs_here else None
 
         golden = make_golden(self.evalset, outputs, self.score, variant.golden_rtol)
         op_count = len(onnx.load(str(staged)).graph.node)

@@ -11,7 +11,7 @@ import onnx
 
 from ..errors import BuildError
 from .data import Dataset
-from .source import TensorSpec, one_line
+from .source import TensorSpec, one_line, open_session
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -39,30 +39,35 @@ class Accuracy:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
-def open_session(model: Path | bytes) -> ort.InferenceSession:
-    import onnxruntime as ort
+def run(session: ort.InferenceSession, names: list[str] | None, feed: dict[str, np.ndarray], what: str) -> list:
+    """``session.run``; a model that fails at run time is a one-line BuildError naming ``what``."""
+    try:
+        return session.run(names, feed)
+    except Exception as e:  # ORT raises several unrelated types (Fail, InvalidArgument, ...)
+        raise BuildError(f"{what} fails when run on {_batch(feed)}: {one_line(e)}") from e
 
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+
+def _batch(feed: dict[str, np.ndarray]) -> str:
+    return ", ".join(f"{name} {list(value.shape)}" for name, value in feed.items())
 
 
-def run_all(session: ort.InferenceSession, data: Dataset) -> dict[str, np.ndarray]:
+def run_all(session: ort.InferenceSession, data: Dataset, what: str) -> dict[str, np.ndarray]:
     """Outputs for every sample, in batches (of 1 when the model's batch size is fixed)."""
     fixed = any(isinstance(i.shape[0], int) for i in session.get_inputs() if i.shape)
     batch = 1 if fixed else EVAL_BATCH
     names = [o.name for o in session.get_outputs()]
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for start in range(0, data.count, batch):
-        for name, value in zip(names, session.run(names, data.take(slice(start, start + batch))), strict=True):
+        for name, value in zip(names, run(session, names, data.take(slice(start, start + batch)), what), strict=True):
             parts[name].append(value)
     return {n: np.concatenate(v) for n, v in parts.items()}
 
 
 def measure_latency(
-    session: ort.InferenceSession, sample: dict[str, np.ndarray], budget_s: float, max_runs: int = 500
+    session: ort.InferenceSession, sample: dict[str, np.ndarray], budget_s: float, what: str, max_runs: int = 500
 ) -> Latency:
     for _ in range(WARMUP_RUNS):
-        session.run(None, sample)
+        run(session, None, sample, what)
     times: list[float] = []
     deadline = time.perf_counter() + budget_s
     while len(times) < max_runs and (len(times) < MIN_LATENCY_RUNS or time.perf_counter() < deadline):

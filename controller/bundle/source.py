@@ -4,12 +4,16 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
 from ..errors import BuildError
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 MAX_MODEL_BYTES = 2 * 1024**3  # protobuf's hard limit; larger models need external data
 
@@ -59,10 +63,18 @@ def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(value.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)), dims)
 
 
-def load_source(path: Path) -> SourceModel:
-    """Parse the file as ONNX and make sure ONNX Runtime can load it; BuildError otherwise."""
+def open_session(model: Path | bytes) -> ort.InferenceSession:
+    """A CPU session that leaves reporting failures to its caller (ORT would also log them to stderr)."""
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # fatal only: a failure is the caller's one-line BuildError
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def load_source(path: Path) -> SourceModel:
+    """Parse the file as ONNX and make sure ONNX Runtime can load it; BuildError otherwise."""
     path = Path(path)
     if not path.is_file():
         raise BuildError(f"model {path} does not exist")
@@ -70,12 +82,18 @@ def load_source(path: Path) -> SourceModel:
         raise BuildError(f"model {path} is larger than 2 GiB; models with external data are not supported")
     try:
         proto = onnx.load(str(path))
+    except onnx.checker.ValidationError as e:  # external data: missing, not a file, or outside the model's folder
+        raise BuildError(
+            f"model {path} has external data that cannot be read ({one_line(e)}); "
+            "keep its data files beside it, or save it as one file") from e
+    except OSError as e:
+        raise BuildError(f"model {path} or its external data cannot be read: {e.strerror or e}") from e
     except (DecodeError, ValueError, RuntimeError) as e:
         raise BuildError(f"model {path} is not an ONNX file ({type(e).__name__}); give a .onnx model") from e
     if not proto.graph.node or not proto.graph.input:
         raise BuildError(f"model {path} is not an ONNX model: it has no graph")
     try:
-        ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        open_session(proto.SerializeToString())
     except Exception as e:  # ORT raises several unrelated types for a bad model
         raise BuildError(f"model {path} does not load in ONNX Runtime: {one_line(e)}") from e
     initializers = {t.name for t in proto.graph.initializer}
