@@ -57,7 +57,8 @@ def init_home(home: Path, root_threshold: int = 1, root_keys: int = 1, force: bo
     if is_initialized(home) and not force:
         raise Conflict(f"{home} is already a fleet home; use `fleetctl init --force` to replace its keys and metadata")
     try:
-        home.mkdir(parents=True, exist_ok=True)
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        home.chmod(0o700)  # keys, the operator token and the database: owner only, whatever the umask
         config_path = home / "config.toml"
         if force and config_path.exists():
             os.replace(config_path, home / "config.toml.bak")

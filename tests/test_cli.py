@@ -51,6 +51,17 @@ def one_line_error(env: dict, *args: str) -> str:
     return lines[0]
 
 
+def test_init_creates_an_owner_only_home_and_database_whatever_the_umask(tmp_path):
+    home = tmp_path / "home"
+    done = subprocess.run(  # umask 0: before, the home was 0755 and controller.db 0644 under umask 022
+        [sys.executable, "-c", "import os; os.umask(0); from edgefleet.controller.cli import main; main()", "init"],
+        env={**os.environ, "EDGEFLEET_HOME": str(home)}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE(os.stat(home).st_mode) == 0o700
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in home.glob("controller.db*")}
+    assert modes.get("controller.db") == 0o600 and set(modes.values()) == {0o600}, modes
+
+
 def test_init_writes_a_private_operator_token_and_refuses_to_run_twice(fleet):
     token_file = os.path.join(fleet["EDGEFLEET_HOME"], "operator-token")
     assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600

@@ -7,6 +7,7 @@ controller's errors (Unavailable, Conflict).
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,13 +71,21 @@ class Database:
 
     @staticmethod
     def _sqlite_engine(parsed: sa.URL, echo: bool) -> sa.Engine:
-        if parsed.database and parsed.database != ":memory:":
-            directory = Path(parsed.database).parent
+        path = parsed.database if parsed.database != ":memory:" and not parsed.query.get("uri") else None
+        if path:
+            directory = Path(path).parent
             try:
                 directory.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise Unavailable(f"database unreachable: cannot create directory {directory}: {e.strerror}") from e
         engine = sa.create_engine(parsed, echo=echo, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+
+        if path:
+            @event.listens_for(engine, "do_connect")
+            def _create_private(*_args: object) -> None:
+                # Owner-only (its -wal and -shm files take its mode): it holds token hashes and the audit.
+                with contextlib.suppress(OSError):  # sqlite itself then says what is wrong
+                    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
