@@ -13,10 +13,17 @@ output_option = click.option(
 )
 
 
+def emitted_as_json(data: Any, output: str) -> bool:
+    """Print ``data`` as JSON if ``-o json`` asked for it; True when it did (the caller is done)."""
+    if output != "json":
+        return False
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    return True
+
+
 def emit(data: Any, output: str, columns: Sequence[str] | None = None) -> None:
     """Print ``data`` (a dict or a list of dicts) as JSON or as a table of ``columns``."""
-    if output == "json":
-        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    if emitted_as_json(data, output):
         return
     rows = data if isinstance(data, list) else [data]
     if columns is None:
@@ -48,8 +55,7 @@ def _cell(value: Any) -> str:
 
 def emit_record(data: dict, output: str, fields: Sequence[str] | None = None) -> None:
     """Print one object: JSON, or one aligned ``field: value`` line per field."""
-    if output == "json":
-        emit(data, output)
+    if emitted_as_json(data, output):
         return
     fields = list(fields if fields is not None else data)
     width = max((len(f) for f in fields), default=0)

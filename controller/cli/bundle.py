@@ -15,6 +15,10 @@ BUILD_COLUMNS = ("variant", "size_bytes", "ops", "p50_ms", "p99_ms", "top1", "ag
 _existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
+# OUT: the directory `fleetctl bundle build -o OUT` wrote
+built_bundle = click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+
+
 @click.group(name="bundle")
 def cli() -> None:
     """Model bundles: one file per hardware variant, a report and golden sets."""
@@ -78,7 +82,7 @@ def _row(label: str, entry: dict, accuracy: dict) -> dict:
 
 
 @cli.command()
-@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@built_bundle
 @output_option
 def verify(out: Path, output: str) -> None:
     """Check that every variant in OUT loads and passes its golden set on this machine.
@@ -97,7 +101,7 @@ def verify(out: Path, output: str) -> None:
 
 
 @cli.command()
-@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@built_bundle
 @output_option
 def publish(out: Path, output: str) -> None:
     """Sign every variant of the bundle in OUT into the fleet's TUF repository.

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..dataset import SampleRecord, export
-from ._output import emit, output_option, table
+from ._output import emitted_as_json, output_option, table
 from .client import ApiClient, api_command
 
 PAGE = 500
@@ -67,8 +67,7 @@ def export_data(client: ApiClient, model: str, version: str | None, since: datet
 def stats(client: ApiClient, model: str | None, version: str | None, since: datetime | None, output: str) -> None:
     """Samples, top-1 confidence distribution and predicted-class histogram by hardware class."""
     data = client.get("/v1/data/stats", model=model, version=version, since=since.isoformat() if since else None)
-    if output == "json":
-        emit(data, output)
+    if emitted_as_json(data, output):
         return
     rows = [{
         **g,

@@ -17,7 +17,7 @@ from ..rollout.spec import (
     parse_stages,
     percent,
 )
-from ._output import emit, output_option, table
+from ._output import emitted_as_json, output_option, table
 from .client import ApiClient, api_command
 
 
@@ -36,8 +36,7 @@ def _stages(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[f
 def submit(client: ApiClient, manifest: dict[str, Any], dry_run: bool, output: str) -> None:
     """Send a manifest to the API and print the rollout or its plan."""
     answer = client.post("/v1/rollouts", {"manifest": manifest, "dry_run": dry_run})
-    if output == "json":
-        emit(answer, output)
+    if emitted_as_json(answer, output):
         return
     click.echo(render_plan(answer["plan"]))
     if answer["created"]:

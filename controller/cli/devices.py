@@ -5,7 +5,7 @@ import click
 
 from ..errors import InvalidInput
 from ..rollout.spec import parse_duration
-from ._output import emit, emit_record, output_option
+from ._output import emit, emit_record, emitted_as_json, output_option
 from .client import ApiClient, api_command
 
 LIST_COLUMNS = ["id", "online", "enrolled", "hardware_class", "active", "labels", "last_seen"]
@@ -63,8 +63,7 @@ def list_devices(client: ApiClient, selector: str, output: str) -> None:
 def show(client: ApiClient, device_id: str, output: str) -> None:
     """Show one device, including its hardware profile and desired/reported state."""
     device = client.get(f"/v1/devices/{device_id}")
-    if output == "json":
-        emit(device, output)
+    if emitted_as_json(device, output):
         return
     emit_record(_active(device), output, SHOW_FIELDS)
     hardware = device.get("hardware") or {}
@@ -127,8 +126,7 @@ def enroll(client: ApiClient, name: str, labels: tuple[str, ...], ttl: str, outp
     issued = client.post(
         f"/v1/devices/{name}/enroll-token", {"labels": to_set, "ttl_s": int(parse_duration(ttl, "--ttl"))}
     )
-    if output == "json":
-        emit(issued, output)
+    if emitted_as_json(issued, output):
         return
     click.echo(f"enrollment token for {issued['device_id']} (one use, expires {issued['expires_at']}):")
     click.echo(issued["token"])

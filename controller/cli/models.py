@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ._output import emit, output_option
+from ._output import emit, emitted_as_json, output_option
 from .client import ApiClient, api_command
 
 LIST_COLUMNS = ["model", "latest", "versions", "variants", "published_at"]
@@ -36,8 +36,7 @@ def list_models(client: ApiClient, output: str) -> None:
 def show(client: ApiClient, name: str, output: str) -> None:
     """Show every version and variant of model NAME."""
     model = client.get(f"/v1/models/{name}")
-    if output == "json":
-        emit(model, output)
+    if emitted_as_json(model, output):
         return
     rows = [
         {**variant, "version": version["version"], "release": version["release"],

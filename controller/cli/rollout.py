@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ..rollout.spec import percent
-from ._output import emit, output_option, table
+from ._output import emit, emitted_as_json, output_option, table
 from .client import ApiClient, api_command
 
 LIST_COLUMNS = ["id", "model", "version", "state", "stage", "devices", "succeeded", "failed", "created_at"]
@@ -91,9 +91,7 @@ def status(client: ApiClient, rollout_id: str, watch: bool, interval: float, out
     previous = None
     while True:
         data = client.get(f"/v1/rollouts/{rollout_id}")
-        if output == "json":
-            emit(data, output)
-        else:
+        if not emitted_as_json(data, output):
             text = render_status(data)
             if text != previous:
                 if live and sys.stdout.isatty():
@@ -111,9 +109,7 @@ def _control(action: str, help_text: str) -> click.Command:
     @api_command
     def command(client: ApiClient, rollout_id: str, output: str) -> None:
         data = client.post(f"/v1/rollouts/{rollout_id}/{action}")
-        if output == "json":
-            emit(data, output)
-        else:
+        if not emitted_as_json(data, output):
             click.echo(f"rollout {rollout_id}: {data['state']} ({data['detail']})")
 
     command.__doc__ = help_text
