@@ -28,6 +28,12 @@ class Unauthorized(ControllerError):
     http_status = 401
 
 
+class Forbidden(ControllerError):
+    """A valid operator token whose role does not allow the call."""
+
+    http_status = 403
+
+
 class Unavailable(ControllerError):
     """A dependency (database, broker, artifact store) is down; retry later."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import secrets
 from pathlib import Path
 
@@ -20,13 +21,15 @@ from sqlalchemy.orm import Session
 from edgefleet.common.errors import StorageError
 from edgefleet.common.fs import atomic_write
 
-from .db.models import ApiToken
-from .errors import Unavailable
+from .db.models import ApiToken, utcnow
+from .errors import Conflict, InvalidInput, NotFound, Unavailable
+from .roles import Role
 
 OPERATOR_PREFIX = "efo_"
 DEVICE_PREFIX = "efd_"
 ENROLL_PREFIX = "efe_"
 OPERATOR_TOKEN_FILE = "operator-token"  # noqa: S105 - a file name, not a token
+TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MQTT_PBKDF2_ITERATIONS = 101  # Mosquitto's own default for "$7$" hashes
 
 
@@ -76,6 +79,41 @@ def write_operator_token(home: Path, token: str) -> Path:
     except StorageError as e:
         raise Unavailable(str(e)) from e
     return path
+
+
+def create_operator_token(session: Session, name: str, role: Role) -> tuple[ApiToken, str]:
+    """A new operator token named ``name`` (unique among live tokens): its row and its secret,
+    of which only the hash is stored."""
+    if not TOKEN_NAME.match(name):
+        raise InvalidInput(f"token name {name!r} is invalid: use 1-64 letters, digits, '.', '_' or '-'")
+    if live_tokens(session, name):
+        raise Conflict(f"a live token is already named {name!r}: revoke it first (`fleetctl tokens revoke {name}`)")
+    token = new_token(OPERATOR_PREFIX)
+    row = ApiToken(name=name, role=role.value, token_hash=hash_token(token), created_at=utcnow())
+    session.add(row)
+    return row, token
+
+
+def live_tokens(session: Session, name: str | None = None) -> list[ApiToken]:
+    """Operator tokens not revoked, oldest first (all of them, or those named ``name``)."""
+    query = sa.select(ApiToken).where(ApiToken.revoked_at.is_(None)).order_by(ApiToken.id)
+    if name is not None:
+        query = query.where(ApiToken.name == name)
+    return list(session.scalars(query))
+
+
+def revoke_operator_token(session: Session, name: str) -> ApiToken:
+    """Revoke the live token named ``name``; the last live admin token is kept (it is the way back in)."""
+    named = live_tokens(session, name)
+    if not named:
+        raise NotFound(f"no live operator token is named {name!r}: see `fleetctl tokens list`")
+    admins = [t for t in live_tokens(session) if t.role == Role.ADMIN.value]
+    if all(t in named for t in admins):
+        raise Conflict(f"{name!r} is the last admin token: create another admin token before revoking it")
+    now = utcnow()
+    for token in named:
+        token.revoked_at = now
+    return named[0]
 
 
 def register_operator_token(session: Session, token: str, name: str, role: str = "admin") -> bool:

@@ -1,16 +1,23 @@
 """Bearer-token authentication of API callers: operators (api_tokens) and devices
-(devices.token_hash). The tokens themselves are made in ``controller.tokens``."""
+(devices.token_hash), and the operator's role. The tokens themselves are made in
+``controller.tokens``.
+
+Every operator route depends on one of ``require_viewer`` (reads), ``require_deployer``
+or ``require_admin``; a valid token whose role is too low gets 403.
+"""
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import sqlalchemy as sa
-from fastapi import Depends
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ..db.models import ApiToken, Device
-from ..errors import NotFound, Unauthorized
+from ..errors import Forbidden, NotFound, Unauthorized
+from ..roles import Role
 from ..tokens import hash_token
 from .deps import ApiContext, get_ctx
 
@@ -24,7 +31,7 @@ class Operator:
     """The caller of an operator endpoint, as written to the audit log."""
 
     name: str
-    role: str
+    role: Role
 
 
 def _token(credentials: HTTPAuthorizationCredentials | None, what: str) -> str:
@@ -48,7 +55,29 @@ def require_operator(
         )
         if row is None:
             raise Unauthorized("operator token is not valid: use the one in HOME/operator-token (see `fleetctl init`)")
-        return Operator(name=row.name, role=row.role)
+        try:
+            role = Role(row.role)
+        except ValueError:
+            raise Unauthorized(f"operator token {row.name!r} has no known role: revoke it and create another") from None
+        return Operator(name=row.name, role=role)
+
+
+require_viewer = require_operator
+
+
+def _require(needed: Role) -> Callable[..., Operator]:
+    def dependency(request: Request, operator: Operator = Depends(require_operator)) -> Operator:
+        if not operator.role.allows(needed):
+            raise Forbidden(
+                f"token {operator.name!r} has role {operator.role.value}; {request.method} {request.url.path} "
+                f"needs {needed.value}: ask an admin (`fleetctl tokens create NAME --role {needed.value}`)")
+        return operator
+
+    return dependency
+
+
+require_deployer = _require(Role.DEPLOYER)
+require_admin = _require(Role.ADMIN)
 
 
 def require_device(

@@ -16,7 +16,7 @@ from ..errors import NotFound
 from ..rollout.selector import Selector
 from ..tokens import ENROLL_PREFIX, hash_token, new_token
 from .audit import record_operator
-from .auth import Operator, require_operator
+from .auth import Operator, require_admin, require_operator
 from .deps import ApiContext, get_ctx
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"], dependencies=[Depends(require_operator)])
@@ -171,7 +171,7 @@ def device_events(
 def label_device(
     change: LabelChange,
     device_id: str = DeviceId,
-    operator: Operator = Depends(require_operator),
+    operator: Operator = Depends(require_admin),
     ctx: ApiContext = Depends(get_ctx),
 ) -> DeviceOut:
     with ctx.db.unit_of_work() as session:
@@ -185,7 +185,7 @@ def label_device(
 @router.delete("/{device_id}", status_code=204, summary="Remove a device and revoke its tokens")
 def remove_device(
     device_id: str = DeviceId,
-    operator: Operator = Depends(require_operator),
+    operator: Operator = Depends(require_admin),
     ctx: ApiContext = Depends(get_ctx),
 ) -> Response:
     with ctx.db.unit_of_work() as session:
@@ -202,7 +202,7 @@ def remove_device(
 def create_enroll_token(
     request: EnrollTokenRequest,
     device_id: str = DeviceId,
-    operator: Operator = Depends(require_operator),
+    operator: Operator = Depends(require_admin),
     ctx: ApiContext = Depends(get_ctx),
 ) -> EnrollTokenOut:
     token = new_token(ENROLL_PREFIX)

@@ -15,7 +15,7 @@ from ..errors import NotFound
 from ..mirror import mirror_targets
 from ..signing import Expiry, Repository
 from .audit import record_operator
-from .auth import Operator, require_operator
+from .auth import Operator, require_deployer, require_operator
 from .deps import ApiContext, get_ctx
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_operator)])
@@ -94,7 +94,7 @@ class SyncOut(BaseModel):
 
 
 @router.post("/sync", response_model=SyncOut, summary="Mirror newly signed targets into the catalog")
-def sync_models(ctx: ApiContext = Depends(get_ctx), operator: Operator = Depends(require_operator)) -> SyncOut:
+def sync_models(ctx: ApiContext = Depends(get_ctx), operator: Operator = Depends(require_deployer)) -> SyncOut:
     added = mirror_targets(ctx.db, Repository(ctx.config.home, ctx.store, Expiry.from_config(ctx.config)))
     if added:
         with ctx.db.unit_of_work() as session:

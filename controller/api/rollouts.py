@@ -16,7 +16,7 @@ from ..rollout import engine, status
 from ..rollout.spec import RolloutSpec
 from ..rollout.states import RolloutState, Trigger
 from .audit import record_operator
-from .auth import Operator, require_operator
+from .auth import Operator, require_deployer, require_viewer
 from .deps import ApiContext, get_ctx
 
 router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"])
@@ -33,7 +33,7 @@ class CreateRollout(BaseModel):
 @router.post("", status_code=201, summary="Create a rollout from a manifest, or plan it (dry_run)")
 def create(
     body: CreateRollout, response: Response,
-    operator: Operator = Depends(require_operator), ctx: ApiContext = Depends(get_ctx),
+    operator: Operator = Depends(require_deployer), ctx: ApiContext = Depends(get_ctx),
 ) -> dict[str, Any]:
     spec = RolloutSpec.from_manifest(body.manifest)
     name = (body.manifest.get("metadata") or {}).get("name")
@@ -53,7 +53,7 @@ def create(
 def list_rollouts(
     state: str | None = Query(None, max_length=16, description="only rollouts in this state, e.g. RUNNING"),
     limit: int = Query(100, ge=1, le=1000),
-    _: Operator = Depends(require_operator), ctx: ApiContext = Depends(get_ctx),
+    _: Operator = Depends(require_viewer), ctx: ApiContext = Depends(get_ctx),
 ) -> list[dict[str, Any]]:
     wanted = _state(state) if state else None
     with ctx.db.reading() as session:
@@ -70,7 +70,7 @@ def _state(value: str) -> str:
 
 @router.get("/{rollout_id}", summary="A rollout's progress per stage and hardware class, gates and executions")
 def show(
-    rollout_id: str = RolloutId, _: Operator = Depends(require_operator), ctx: ApiContext = Depends(get_ctx),
+    rollout_id: str = RolloutId, _: Operator = Depends(require_viewer), ctx: ApiContext = Depends(get_ctx),
 ) -> dict[str, Any]:
     with ctx.db.reading() as session:
         return status.rollout_status(session, rollout_id)
@@ -79,7 +79,7 @@ def show(
 @router.post("/{rollout_id}/{action}", summary="pause, resume, promote, abort or rollback a rollout")
 def control(
     action: Control, rollout_id: str = RolloutId,
-    operator: Operator = Depends(require_operator), ctx: ApiContext = Depends(get_ctx),
+    operator: Operator = Depends(require_deployer), ctx: ApiContext = Depends(get_ctx),
 ) -> dict[str, Any]:
     with ctx.db.unit_of_work() as session:
         rollout = engine.control(session, rollout_id, Trigger(action), f"operator:{operator.name}")

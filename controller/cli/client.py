@@ -13,6 +13,7 @@ from ..config import ControllerConfig
 from ..errors import (
     Conflict,
     ControllerError,
+    Forbidden,
     InvalidInput,
     NotFound,
     Unauthorized,
@@ -22,7 +23,8 @@ from ..tokens import operator_token_file, read_operator_token
 
 TIMEOUT_S = 30.0
 _BY_STATUS: dict[int, type[ControllerError]] = {
-    400: InvalidInput, 401: Unauthorized, 404: NotFound, 409: Conflict, 413: InvalidInput, 503: Unavailable,
+    400: InvalidInput, 401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict, 413: InvalidInput,
+    503: Unavailable,
 }
 
 
