@@ -13,11 +13,15 @@ Messages from devices that are not enrolled are dropped with a log line.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.protocol import (
     BenchmarkReport,
@@ -27,8 +31,6 @@ from edgefleet.common.protocol import (
     Status,
     Telemetry,
 )
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
 
 from .db.models import (
     Benchmark,
@@ -50,7 +52,7 @@ class IngestResult:
     stale: int = 0         # older than what is stored (late will, old report, old attempt)
     unknown: int = 0       # device not enrolled
 
-    def __iadd__(self, other: "IngestResult") -> "IngestResult":
+    def __iadd__(self, other: IngestResult) -> IngestResult:
         self.applied += other.applied
         self.duplicates += other.duplicates
         self.stale += other.stale
@@ -61,7 +63,7 @@ class IngestResult:
 def message_time(ts: float) -> datetime:
     """The device's clock if it is plausible, else now."""
     try:
-        return datetime.fromtimestamp(ts, timezone.utc) if ts > 0 else utcnow()
+        return datetime.fromtimestamp(ts, UTC) if ts > 0 else utcnow()
     except (OverflowError, OSError, ValueError):
         return utcnow()
 

@@ -18,9 +18,11 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Protocol, cast
 
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
 from edgefleet.common.errors import ProtocolError
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.protocol import (
@@ -32,7 +34,6 @@ from edgefleet.common.protocol import (
     TelemetryKind,
     target_path,
 )
-from sqlalchemy.orm import Session
 
 from ..db.models import (
     BadVariant,
@@ -202,7 +203,7 @@ def create_rollout(
     if dry_run:
         return Created(rollout_id, plan, overlapping, created=False)
     for other_id in overlapping:
-        _apply(session, session.get(Rollout, other_id), Trigger.SUPERSEDE, f"superseded by {rollout_id}", now)
+        _apply(session, session.get_one(Rollout, other_id), Trigger.SUPERSEDE, f"superseded by {rollout_id}", now)
     session.add(Rollout(
         id=rollout_id, model=spec.model, version=spec.version, selector=spec.selector,
         spec=spec.to_manifest(rollout_id), state=RolloutState.PENDING, stage=0, created_by=actor,
@@ -408,7 +409,7 @@ def _add_members(session: Session, rollout: Rollout, spec: RolloutSpec, now: dat
     """
     fleet = session.execute(sa.select(sa.func.count(Device.id), sa.func.max(Device.enrolled_at))).one()
     fingerprint = (rollout.stage, *fleet)
-    key = (str(session.get_bind().url), rollout.id)
+    key = (str(session.get_bind().engine.url), rollout.id)
     checked = _membership_checked.get(key)
     if checked and checked[0] == fingerprint and time.monotonic() - checked[1] < MEMBERSHIP_RECHECK_S:
         return
@@ -459,11 +460,13 @@ def _observe(
         ).most_common(1)
         prev_model, prev_version = previous[0][0] if previous else (None, None)
         measured = session.execute(sa.select(Benchmark.p99_ms, Benchmark.baseline_p99_ms).where(
-            Benchmark.model == rollout.model, Benchmark.version == rollout.version,
-            Benchmark.hardware_class == cls, Benchmark.device_id.in_(devices), Benchmark.ts >= rollout.created_at)).all()
+            Benchmark.model == rollout.model, Benchmark.version == rollout.version, Benchmark.hardware_class == cls,
+            Benchmark.device_id.in_(devices), Benchmark.ts >= rollout.created_at)).all()
         p99_new = [new for new, _ in measured]
-        if measured and all(baseline is not None for _, baseline in measured):
-            p99_prev = [baseline for _, baseline in measured]  # same devices, same moments: like with like
+        baselines = [baseline for _, baseline in measured if baseline is not None]
+        p99_prev: list[float]
+        if measured and len(baselines) == len(measured):
+            p99_prev = baselines  # same devices, same moments: like with like
         elif prev_version is None:
             p99_prev = []
         else:
@@ -515,13 +518,15 @@ def _counters(session: Session, model: str, version: str, executions: list[Execu
     return requests, errors
 
 
-def _confidence(session: Session, model: str, version: str, cls: str, since: datetime | None) -> tuple[float, int]:
+def _confidence(
+    session: Session, model: str | None, version: str, cls: str, since: datetime | None
+) -> tuple[float, int]:
     query = sa.select(Sample.top1_mean, Sample.count).where(
         Sample.model == model, Sample.version == version, Sample.hardware_class == cls,
         Sample.top1_mean.is_not(None))
     if since is not None:
         query = query.where(Sample.ts >= since)
-    rows = [(mean, count) for mean, count in session.execute(query) if count]
+    rows = [(mean, count) for mean, count in session.execute(query) if count and mean is not None]
     total = sum(count for _, count in rows)
     return (sum(mean * count for mean, count in rows) / total, total) if total else (0.0, 0)
 
@@ -616,7 +621,7 @@ def _publish_batch(
             ))
             if not executions:
                 return
-            rollout = session.get(Rollout, executions[0].rollout_id)
+            rollout = session.get_one(Rollout, executions[0].rollout_id)
             spec = RolloutSpec.from_stored(rollout.spec)
             for execution in executions:
                 device = devices[execution.device_id]
@@ -633,7 +638,8 @@ def _publish_batch(
                 elif kind == "rollback":  # the device's ROLLED_BACK event (a newer generation) settles it
                     execution.detail = f"cloud rollback requested (generation {generation})"
                 elif not execution.state.terminal:
-                    execution.state, execution.detail = ExecutionState.CANCELED, f"rollout {rollout.state.value.lower()}"
+                    execution.state = ExecutionState.CANCELED
+                    execution.detail = f"rollout {rollout.state.value.lower()}"
                 batch.append(desired)
     except ControllerError as e:
         log.warning("executions %s..%s: not decided: %s", execution_ids[0], execution_ids[-1], e)
@@ -650,7 +656,7 @@ def _send(db: Database, publisher: Publisher, batch: list[Desired], report: Pass
     try:
         publisher.publish_desired(*batch)
         with db.unit_of_work() as session:
-            devices = Device.__table__  # Core: one executemany, no ORM bulk semantics
+            devices = cast(sa.Table, Device.__table__)  # Core: one executemany, no ORM bulk semantics
             session.execute(
                 sa.update(devices)
                 .where(devices.c.id == sa.bindparam("b_device"),
@@ -676,7 +682,9 @@ def publish_unsent(db: Database, publisher: Publisher, report: PassReport | None
     return report
 
 
-def _build(kind: str, rollout: Rollout, spec: RolloutSpec, execution: Execution, device: str, generation: int) -> Desired:
+def _build(
+    kind: str, rollout: Rollout, spec: RolloutSpec, execution: Execution, device: str, generation: int
+) -> Desired:
     try:
         if kind == "install":
             return Desired(
