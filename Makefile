@@ -28,7 +28,7 @@ lint: $(VENV)/.installed
 	sed 's|^\.cache/mypy/edgefleet/||' .cache/mypy/out.txt; exit $$rc
 
 # pytest exits 5 when it collected no test: that must not pass as green.
-test: $(VENV)/.installed
+test: lint
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 

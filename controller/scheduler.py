@@ -8,8 +8,8 @@ lock and skips the run unless this replica holds it. Owners register their jobs
 from __future__ import annotations
 
 import logging
-from datetime import timezone
-from typing import Callable
+from collections.abc import Callable
+from datetime import UTC
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -31,7 +31,7 @@ class Scheduler:
             db, LOCK_NAME, holder_id, lease_s or max(MIN_LEASE_S, 5 * config.scheduler_interval_s)
         )
         self._scheduler = BackgroundScheduler(
-            timezone=timezone.utc,
+            timezone=UTC,
             # A slow run is never doubled up, and missed runs collapse into one.
             job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None},
         )
