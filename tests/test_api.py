@@ -219,6 +219,21 @@ def test_repository_missing_or_escaping_paths_are_404(shared_api, path):
     assert "\n" not in error_of(response) and len(error_of(response)) < 200
 
 
+@pytest.mark.parametrize("path, status", [
+    (f"/v1/data/samples/{10**30}", 400),                       # was OverflowError from SQLite: 500
+    (f"/v1/data/samples?after={10**30}", 400),                 # was a reset connection
+    ("/v1/data/samples?since=2026-01-01T00:00:00", 200),      # no offset means UTC (was a naive-datetime 500)
+    ("/v1/data/stats?since=9999-12-31T23:59:59", 200),
+    ("/v1/data/samples?since=0001-01-01T00:00:00%2B05:00", 400),  # before year 1 in UTC
+])
+def test_data_queries_out_of_range_are_4xx_not_500(shared_api, path, status):
+    with shared_api.client() as client:
+        response = client.get(path)
+    assert response.status_code == status, response.text
+    if status >= 400:
+        error_of(response)
+
+
 def test_unknown_rollout_state_filter_is_400_and_names_the_states(shared_api):
     with shared_api.client() as client:
         response = client.get("/v1/rollouts", params={"state": "BOGUS"})

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
@@ -20,6 +20,7 @@ from .deps import ApiContext, get_ctx
 router = APIRouter(prefix="/v1/data", tags=["data"], dependencies=[Depends(require_operator)])
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+MAX_ID = 2**63 - 1  # a larger id overflows the database's integer
 
 
 class SampleOut(BaseModel):
@@ -43,7 +44,18 @@ class SampleOut(BaseModel):
                    low_confidence=row.low_confidence, top1_mean=row.top1_mean, ts=row.ts)
 
 
+def _utc(since: datetime | None) -> datetime | None:
+    """``since`` as an aware UTC datetime: without an offset it is UTC (the database refuses naive ones)."""
+    if since is None:
+        return None
+    try:
+        return since.replace(tzinfo=UTC) if since.tzinfo is None else since.astimezone(UTC)
+    except OverflowError:
+        raise InvalidInput(f"since {since.isoformat()} is out of range") from None
+
+
 def _query(model: str | None, version: str | None, since: datetime | None) -> sa.Select:
+    since = _utc(since)
     query = sa.select(Sample).order_by(Sample.id)
     if model:
         query = query.where(Sample.model == model)
@@ -59,7 +71,7 @@ def list_samples(
     model: str | None = Query(None, pattern=NAME_PATTERN),
     version: str | None = Query(None, pattern=NAME_PATTERN),
     since: datetime | None = Query(None, description="ISO 8601; only samples uploaded at or after"),
-    after: int = Query(0, ge=0, description="only ids above this (the last id of the previous page)"),
+    after: int = Query(0, ge=0, le=MAX_ID, description="only ids above this (the last id of the previous page)"),
     limit: int = Query(500, ge=1, le=5000),
     ctx: ApiContext = Depends(get_ctx),
 ) -> list[SampleOut]:
@@ -69,7 +81,7 @@ def list_samples(
 
 
 @router.get("/samples/{sample_id}", summary="One uploaded shard (.npz), streamed from the artifact store")
-def get_sample(sample_id: int, ctx: ApiContext = Depends(get_ctx)) -> StreamingResponse:
+def get_sample(sample_id: int = Path(ge=1, le=MAX_ID), ctx: ApiContext = Depends(get_ctx)) -> StreamingResponse:
     with ctx.db.unit_of_work() as session:
         row = session.get(Sample, sample_id)
         if row is None:
