@@ -116,7 +116,7 @@ def revoke_operator_token(session: Session, name: str) -> ApiToken:
     return named[0]
 
 
-def register_operator_token(session: Session, token: str, name: str, role: str = "admin") -> bool:
+def register_operator_token(session: Session, token: str, name: str, role: Role = Role.ADMIN) -> bool:
     """Make ``token`` a valid operator token (idempotent); True when it was new.
 
     The controller registers HOME/operator-token at start, so the file written
@@ -125,5 +125,5 @@ def register_operator_token(session: Session, token: str, name: str, role: str =
     token_hash = hash_token(token)
     if session.scalar(sa.select(ApiToken.id).where(ApiToken.token_hash == token_hash)) is not None:
         return False
-    session.add(ApiToken(name=name, role=role, token_hash=token_hash))
+    session.add(ApiToken(name=name, role=role.value, token_hash=token_hash))
     return True
