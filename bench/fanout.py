@@ -24,10 +24,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from bench._common import DEFAULT_CACHE, table
 
@@ -84,8 +85,11 @@ def mosquitto(work: Path, port: int) -> list[str]:
     return [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)]
 
 
-def wait_for(what: str, check, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None,
-             interval: float = 0.5):
+T = TypeVar("T")
+
+
+def wait_for(what: str, check: Callable[[], T | None], timeout: float, proc: subprocess.Popen | None = None,
+             log: Path | None = None, interval: float = 0.5) -> T:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -121,7 +125,7 @@ def broker_fanout(broker_url: str, devices: int, timeout: float) -> float:
     loop = NetworkLoop()
     connections = []
     for i in range(devices):
-        def on_connect(client, _present, i=i):
+        def on_connect(client: paho.Client, _present: bool, i: int = i) -> None:
             client.subscribe(f"bench/fanout/{i}", qos=1)
             subscribed.release()
         conn = MqttConnection(url, ConnectionOptions(client_id=f"bench-sub-{i}", persistent=False),

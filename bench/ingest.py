@@ -18,13 +18,19 @@ phase; zero lost means the database holds exactly as many rows as were published
 from __future__ import annotations
 
 import argparse
+import ctypes
 import multiprocessing as mp
 import tempfile
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from multiprocessing.context import SpawnContext
+from multiprocessing.process import BaseProcess
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Event
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 import sqlalchemy as sa
@@ -85,7 +91,9 @@ def _client(url: BrokerURL, client_id: str) -> paho.Client:
     return client
 
 
-def _publish(url: str, devices: list[str], seconds: float, start_at: float, consumed, out) -> None:
+def _publish(
+    url: str, devices: list[str], seconds: float, start_at: float, consumed: ctypes.c_longlong, out: Queue[int]
+) -> None:
     """Publisher process: devices take turns publishing, never more than WINDOW ahead of the consumer."""
     parsed = BrokerURL.parse(url)
     clients = [_client(parsed, f"{d}-pub") for d in devices]
@@ -113,16 +121,20 @@ def _publish(url: str, devices: list[str], seconds: float, start_at: float, cons
     out.put(sent)
 
 
-def _bare_subscriber(url: str, prefix: str, devices: list[str], consumed, ready, stop, out) -> None:
+def _bare_subscriber(
+    url: str, prefix: str, devices: list[str], consumed: ctypes.c_longlong, ready: Event, stop: Event,
+    out: Queue[tuple[int, float]],
+) -> None:
     """Counts the run's telemetry with paho's automatic acks; reports (count, time of the last)."""
-    state = {"n": 0, "last": 0.0}
+    received, last = 0, 0.0
     needle = f"{protocol.TOPIC_ROOT}/{prefix}"
 
-    def on_message(_c, _u, message: paho.MQTTMessage) -> None:
+    def on_message(_c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
+        nonlocal received, last
         if message.topic.startswith(needle):
-            state["n"] += 1
-            state["last"] = time.time()
-            consumed.value = state["n"]
+            received += 1
+            last = time.time()
+            consumed.value = received
 
     client = _client(BrokerURL.parse(url), f"{prefix}bare")
     client.on_message = on_message
@@ -133,10 +145,12 @@ def _bare_subscriber(url: str, prefix: str, devices: list[str], consumed, ready,
     stop.wait()
     client.disconnect()
     client.loop_stop()
-    out.put((state["n"], state["last"]))
+    out.put((received, last))
 
 
-def _run_publishers(ctx, broker: str, names: list[str], seconds: float, consumed) -> tuple[float, mp.Process, mp.Queue]:
+def _run_publishers(
+    ctx: SpawnContext, broker: str, names: list[str], seconds: float, consumed: ctypes.c_longlong
+) -> tuple[float, BaseProcess, Queue[int]]:
     start_at = time.time() + 1.0
     sent = ctx.Queue()
     publisher = ctx.Process(target=_publish, args=(broker, names, seconds, start_at, consumed, sent), daemon=True)

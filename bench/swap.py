@@ -15,6 +15,7 @@ import bisect
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -62,13 +63,13 @@ class LoadGenerator:
         for t in self.threads:
             t.join()
 
-    def select(self, keep) -> tuple[list[float], int]:
+    def select(self, keep: Callable[[float, float], bool]) -> tuple[list[float], int]:
         """Latencies of the requests for which ``keep(start, end)`` holds, and how many of them failed."""
         picked = [(lat, status) for t, lat, status in self.records if keep(t, t + lat)]
         return [lat for lat, _ in picked], sum(status != 200 for _, status in picked)
 
 
-def overlaps(intervals: list[tuple[float, float]]):
+def overlaps(intervals: list[tuple[float, float]]) -> Callable[[float, float], bool]:
     starts = [a for a, _ in intervals]
 
     def keep(start: float, end: float) -> bool:

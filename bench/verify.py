@@ -27,10 +27,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bench._common import table
+
+if TYPE_CHECKING:
+    from edgefleet.controller.config import ControllerConfig
 
 MODEL, VERSION, VARIANT = "verifybench", "1.0.0", "cpu-fp32"
 
@@ -62,7 +66,7 @@ def make_bundle(out: Path, size: int) -> Path:
 class RepositoryServer:
     """The controller's API app under uvicorn in a thread, serving its repository route."""
 
-    def __init__(self, config) -> None:
+    def __init__(self, config: ControllerConfig) -> None:
         import uvicorn
 
         from edgefleet.controller.api.app import create_app
