@@ -145,12 +145,13 @@ class LoadedModel:
         self.size_bytes = path.stat().st_size
         self.provider = session.get_providers()[0]
         inputs = [_spec(a) for a in session.get_inputs()]
-        if any(spec is None for spec in inputs):
+        specs = tuple(spec for spec in inputs if spec is not None)
+        if len(specs) != len(inputs):
             bad = [a.name for a, s in zip(session.get_inputs(), inputs, strict=True) if s is None]
             raise ModelError(
                 f"model {path.name} has non-tensor input(s) {', '.join(bad)}; only tensor inputs are served"
             )
-        self.inputs: tuple[TensorSpec, ...] = tuple(inputs)  # type: ignore[arg-type]
+        self.inputs: tuple[TensorSpec, ...] = specs
         self.outputs: tuple[TensorSpec, ...] = tuple(s for s in map(_spec, session.get_outputs()) if s is not None)
         self._output_names = [s.name for s in self.outputs]
         # This model's own requests: a swap starts a new segment, so a new version's error

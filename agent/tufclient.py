@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import quote
 
 from edgefleet.common.errors import EdgefleetError
@@ -31,7 +32,7 @@ class _UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     """Usage errors exit 1 like every other failure (the protocol knows only 0 and 1)."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise _UsageError(f"{self.prog}: {message}")
 
 

@@ -17,9 +17,12 @@ import tomllib
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import EdgefleetError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 T = TypeVar("T")
 
@@ -109,10 +112,10 @@ def environment_help(cls: type, env_prefix: str, file: str) -> str:
                       f"Each key of {file} is also read from the environment:", *variables])
 
 
-def to_toml(settings: object) -> str:
+def to_toml(settings: DataclassInstance) -> str:
     """Top-level ``key = value`` lines of a flat settings dataclass."""
     return "".join(f"{f.name} = {toml_value(getattr(settings, f.name))}\n"
-                   for f in dataclasses.fields(settings))  # type: ignore[arg-type]
+                   for f in dataclasses.fields(settings))
 
 
 def toml_value(value: object) -> str:

@@ -28,7 +28,7 @@ from edgefleet.common import protocol
 from edgefleet.common.defaults import fleet_home
 from edgefleet.common.errors import ProtocolError
 from edgefleet.common.mqtt import BrokerURL, ConnectionOptions, MqttConnection
-from edgefleet.common.protocol import Channel, Desired, Message
+from edgefleet.common.protocol import Channel, Desired, DeviceMessage
 from edgefleet.common.retry import Backoff
 
 from .config import ControllerConfig
@@ -83,7 +83,7 @@ class BridgeStats:
 
 @dataclass(frozen=True)
 class _Received:
-    message: Message
+    message: DeviceMessage
     mid: int
     qos: int
     epoch: int  # connection it arrived on: a mid is only meaningful on that connection

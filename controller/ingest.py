@@ -25,8 +25,8 @@ from sqlalchemy.orm import Session
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.protocol import (
     BenchmarkReport,
+    DeviceMessage,
     Event,
-    Message,
     Reported,
     Status,
     Telemetry,
@@ -74,7 +74,7 @@ class Ingest:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def apply(self, messages: Sequence[Message]) -> IngestResult:
+    def apply(self, messages: Sequence[DeviceMessage]) -> IngestResult:
         """Raises Unavailable when the database is down (nothing written; apply again later)."""
         with self.db.unit_of_work() as session:
             return _Batch(session).run(messages)
@@ -91,8 +91,8 @@ class _Batch:
         self.executions: dict[tuple[str, str], Execution] = {}
         self.seen_telemetry: set[tuple[str, int, int]] = set()
 
-    def run(self, messages: Sequence[Message]) -> IngestResult:
-        devices = self._lock_devices({m.device for m in messages})  # type: ignore[attr-defined]
+    def run(self, messages: Sequence[DeviceMessage]) -> IngestResult:
+        devices = self._lock_devices({m.device for m in messages})
         events = [m for m in messages if isinstance(m, Event)]
         seen_events = self._stored(EventRecord, events)
         self.executions = self._executions(events)
@@ -101,10 +101,10 @@ class _Batch:
             and (m.boot, m.seq) <= _telemetry_mark(devices[m.device])
         ])
         for message in messages:
-            device = devices.get(message.device)  # type: ignore[attr-defined]
+            device = devices.get(message.device)
             if device is None:
                 log.warning("dropped %s from unknown device %r (not enrolled)",
-                            type(message).__name__, message.device)  # type: ignore[attr-defined]
+                            type(message).__name__, message.device)
                 self.result.unknown += 1
             elif isinstance(message, Status):
                 self._status(device, message)

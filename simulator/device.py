@@ -85,18 +85,18 @@ class _Incarnation:
             self.slots, updater, self.runtime, _Recording(self.link, device), device.profile,
             agent_version=agent_version(), on_step=device.check_power,
         )
-        self.traffic = self._traffic(device) if shared.traffic is not None else None
+        self.traffic = self._traffic(device, shared.traffic) if shared.traffic is not None else None
         self.started = time.monotonic()
         self.alive = True
 
-    def _traffic(self, device: SimDevice) -> DeviceTraffic:
+    def _traffic(self, device: SimDevice, traffic: Traffic) -> DeviceTraffic:
         """As the daemon wires it: the sampler resumes its on-disk buffer under the journal's policy."""
         config, journal = device.config, self.slots.journal()
         sampler = Sampler(journal.desired.sampling if journal else SamplingPolicy(), Path(config.state_dir) / "samples",
                           device=config.device_id, max_buffer_bytes=config.sample_buffer_bytes)
         post = controller_poster(config.controller_url, config.device_id, config.device_token,
                                  UPLOAD_TIMEOUT_S) if config.device_token else None
-        return DeviceTraffic(device.shared.traffic, config.device_id, self.runtime, sampler, post)  # type: ignore[arg-type]
+        return DeviceTraffic(traffic, config.device_id, self.runtime, sampler, post)
 
     def serve_active(self) -> None:
         serve_installed(self.slots, self.runtime)

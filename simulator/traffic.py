@@ -214,7 +214,8 @@ class DeviceTraffic:
 
     def _upload(self) -> None:
         try:
-            self.traffic.count(samples_uploaded=self.sampler.upload_pending(self.post))  # type: ignore[arg-type]
+            assert self.post is not None  # an upload is only started with a poster
+            self.traffic.count(samples_uploaded=self.sampler.upload_pending(self.post))
         except OSError as e:
             log.warning("%s: sample upload stopped: %s", self.device_id, e)
         finally:

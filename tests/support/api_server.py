@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
@@ -77,10 +78,10 @@ class RunningApi:
 
 @contextlib.contextmanager
 def running_controller(home: Path, database_url: str, store: ArtifactStore | None = None,
-                       **config: object) -> Iterator[RunningApi]:
+                       **config: Any) -> Iterator[RunningApi]:
     """A fleet home (keys, root metadata), a migrated database and the API serving both."""
     init_home(home)
-    cfg = ControllerConfig(home=home, database_url=database_url, **config)  # type: ignore[arg-type]
+    cfg = ControllerConfig(home=home, database_url=database_url, **config)
     db = Database(database_url)
     db.upgrade()
     token = new_token(OPERATOR_PREFIX)
