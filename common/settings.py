@@ -17,14 +17,15 @@ import tomllib
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from .errors import EdgefleetError
 
-if TYPE_CHECKING:
-    from _typeshed import DataclassInstance
-
 T = TypeVar("T")
+
+
+class DataclassInstance(Protocol):  # as typeshed's, which the import allowlist keeps out of common
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
 
 class ConfigError(EdgefleetError, ValueError):
