@@ -26,6 +26,8 @@ class AgentConfig:
     mqtt_username: str = ""
     mqtt_password: str = ""
     mqtt_ca_file: str = ""                  # CA bundle for mqtts:// (empty: the system trust store)
+    mqtt_cert_file: str = ""                # client certificate for mqtts:// from the fleet CA, renewed at 2/3
+    mqtt_key_file: str = ""                 # its key, made on this device (0600)
     # Broker reconnect backoff (exponential, full jitter).
     reconnect_min_s: float = field(default=0.5, metadata=POSITIVE)
     reconnect_max_s: float = field(default=60.0, metadata=POSITIVE)

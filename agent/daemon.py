@@ -27,6 +27,7 @@ from edgefleet.common.systemd import sd_notify, watchdog_interval
 from .config import AgentConfig
 from .errors import ModelError
 from .fetch import HttpFetcher, ModelUpdater
+from .identity import IdentityFiles, Renewer
 from .link import AgentLink
 from .probe import probe
 from .reconcile import Reconciler
@@ -121,6 +122,7 @@ class Agent:
             self.runtime, config.serve, config.max_request_bytes, on_inference=self.sampler.on_inference
         )
         self.link = AgentLink(config, self.boot, self._on_desired)
+        self.renewer = _renewer(config, self.link)
         updater = ModelUpdater(
             state_dir / "tuf", config.tuf_metadata_url, config.tuf_target_base_url,
             fetcher=PingingFetcher(config.download_timeout_s, self._ping),
@@ -175,6 +177,8 @@ class Agent:
         signal.signal(signal.SIGUSR1, self._on_rollback_signal)
         self.serve_active()
         self.server.start()
+        if self.renewer is not None:
+            self.renewer.start()
         self.link.start()
         self.reconciler.announce()
         uploader = threading.Thread(target=self._upload_samples, name="sample-upload", daemon=True)
@@ -186,6 +190,8 @@ class Agent:
         finally:
             sd_notify("STOPPING=1")
             uploader.join(5)
+            if self.renewer is not None:
+                self.renewer.stop()
             self.link.stop()
             self.server.stop()
             self.runtime.close()
@@ -267,6 +273,16 @@ class Agent:
         counters = self.runtime.active_counters()
         if counters is not None:  # the rollout's error-rate gate reads these, per model version
             self.link.telemetry(counters)
+
+
+def _renewer(config: AgentConfig, link: AgentLink) -> Renewer | None:
+    """Renews the MQTT client certificate (fetched at once when missing), if the agent has one."""
+    if not (config.mqtt_cert_file and config.mqtt_key_file and config.device_token):
+        return None
+    certificate = Path(config.mqtt_cert_file)
+    files = IdentityFiles(Path(config.mqtt_key_file), certificate,
+                          Path(config.mqtt_ca_file) if config.mqtt_ca_file else certificate.with_name("ca.pem"))
+    return Renewer(config.controller_url, config.device_id, config.device_token, files, link.reload_identity)
 
 
 def _rss_kb() -> int:

@@ -1,17 +1,15 @@
 """``fleet-agent enroll``: trade a one-time token for this device's identity.
 
 Generates the device's ed25519 key pair, POSTs ``/v1/enroll`` with the public
-half and the hardware profile, then writes the agent config and trusts the
-returned TUF root. Every file is written atomically, the key and config 0600.
+half and the hardware profile, then writes the agent config, trusts the
+returned TUF root, and asks (device token, CSR) for the MQTT client certificate
+of a key it makes for that (see ``identity``). Every file is written atomically,
+the keys and config 0600.
 """
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -21,14 +19,14 @@ from edgefleet.common.fs import atomic_write
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.protocol import check_device_id
 
+from .api import post_json
 from .config import AgentConfig
-from .errors import RemoteError, TransportError
+from .errors import AgentError, RemoteError
 from .fetch import trust_root
+from .identity import IdentityFiles, request_certificate
 
 CONFIG_FILE = "agent.toml"
 KEY_FILE = "device-key.pem"
-MAX_RESPONSE_BYTES = 1024 * 1024
-TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -51,49 +49,18 @@ def device_key(state_dir: Path) -> Ed25519PrivateKey:
     return key
 
 
-def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    request = urllib.request.Request(  # noqa: S310 - the operator's --controller URL
-        url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:  # noqa: S310 - as above
-            data = response.read(MAX_RESPONSE_BYTES + 1)
-    except urllib.error.HTTPError as e:
-        raise RemoteError(f"enrollment refused (HTTP {e.code}): {_detail(e)}") from e
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise TransportError(f"cannot reach the controller at {url}: {reason}; check --controller") from e
-    if len(data) > MAX_RESPONSE_BYTES:
-        raise RemoteError(f"enrollment answer from {url} is larger than {MAX_RESPONSE_BYTES} bytes")
-    try:
-        answer = json.loads(data)
-    except ValueError as e:
-        raise RemoteError(f"enrollment answer from {url} is not JSON") from e
-    if not isinstance(answer, dict):
-        raise RemoteError(f"enrollment answer from {url} is not a JSON object")
-    return answer
-
-
-def _detail(e: urllib.error.HTTPError) -> str:
-    try:
-        body = json.loads(e.read(64 * 1024))
-        # the API answers {"error": ...}; FastAPI's own validation errors use "detail"
-        detail = (body.get("error") or body.get("detail") or body) if isinstance(body, dict) else body
-    except (ValueError, OSError):
-        detail = e.reason
-    return str(detail).splitlines()[0][:300] if str(detail) else str(e.reason)
-
-
 def enroll(controller_url: str, token: str, state_dir: Path, profile: HardwareProfile) -> Enrollment:
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     key = device_key(state_dir)
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     controller_url = controller_url.rstrip("/")
-    answer = _post(
+    answer = post_json(
         f"{controller_url}/v1/enroll",
         {"token": token, "device_public_key": public.decode(), "hardware": profile.to_dict()},
+        "enrollment",
     )
+    files = IdentityFiles.under(state_dir)
     try:
         mqtt = answer["mqtt"]
         config = AgentConfig(
@@ -103,6 +70,9 @@ def enroll(controller_url: str, token: str, state_dir: Path, profile: HardwarePr
             broker_url=str(mqtt["url"]),
             mqtt_username=str(mqtt["username"]),
             mqtt_password=str(mqtt["password"]),
+            mqtt_ca_file=str(files.ca),
+            mqtt_cert_file=str(files.certificate),
+            mqtt_key_file=str(files.key),
             device_token=str(answer["device_token"]),
             metadata_url=str(answer["metadata_url"]),
             target_base_url=str(answer["target_base_url"]),
@@ -115,4 +85,9 @@ def enroll(controller_url: str, token: str, state_dir: Path, profile: HardwarePr
     trust_root(state_dir / "tuf", root)
     path = state_dir / CONFIG_FILE
     atomic_write(path, config.to_toml().encode())
+    try:
+        request_certificate(controller_url, config.device_id, config.device_token, files)
+    except AgentError as e:
+        raise type(e)(f"enrolled as {config.device_id} ({path} written) but got no MQTT certificate: {e}; "
+                      "`fleet-agent run` asks again") from e
     return Enrollment(config, path)

@@ -134,6 +134,8 @@ class AgentLink:
                 username=config.mqtt_username,
                 password=config.mqtt_password,
                 ca_file=config.mqtt_ca_file,
+                cert_file=config.mqtt_cert_file,
+                key_file=config.mqtt_key_file,
                 session_expiry_s=session_expiry_s,
                 backoff=Backoff(config.reconnect_min_s, config.reconnect_max_s),
             ),
@@ -152,6 +154,10 @@ class AgentLink:
 
     def wait_connected(self, timeout: float) -> bool:
         return self._conn.wait_connected(timeout)
+
+    def reload_identity(self) -> None:
+        """Reconnect at once with the client certificate now on disk (after a renewal)."""
+        self._conn.reload_identity()
 
     def start(self) -> None:
         if self._sender is not None:

@@ -68,6 +68,8 @@ class ConnectionOptions:
     username: str = ""
     password: str = ""
     ca_file: str = ""                 # TLS trust anchors (mqtts://); empty: the system store
+    cert_file: str = ""               # TLS client certificate (mqtts://, with key_file): who we are to the broker
+    key_file: str = ""
     persistent: bool = True           # keep subscriptions and queued QoS 1 messages across reconnects
     session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S
     backoff: Backoff = Backoff()  # noqa: RUF009 - Backoff is frozen
@@ -110,6 +112,7 @@ class MqttConnection:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._session_ok = False  # the last attempt reached a CONNACK success
+        self._tls: ssl.SSLContext | None = None  # one context for every client: reload_identity() updates it
 
     @property
     def is_v5(self) -> bool:
@@ -134,6 +137,15 @@ class MqttConnection:
 
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
+
+    def reload_identity(self) -> None:
+        """Present the client certificate files as they are now: reconnect with them at once
+        (the broker keeps the session; paho resends what was in flight)."""
+        if self._tls is not None and self.options.cert_file:
+            self._tls.load_cert_chain(self.options.cert_file, self.options.key_file or None)
+        client = self.client
+        if client is not None and self.connected.is_set():
+            client.disconnect()  # a clean DISCONNECT: no will, and _run reconnects
 
     def build_client(self) -> paho.Client:
         """The configured paho client, not yet connected (probing the broker's protocol once).
@@ -175,7 +187,16 @@ class MqttConnection:
         if self.options.username:
             client.username_pw_set(self.options.username, self.options.password or None)
         if self.url.tls:
-            client.tls_set(ca_certs=self.options.ca_file or None, cert_reqs=ssl.CERT_REQUIRED)
+            client.tls_set_context(self._tls_context())
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """Server certificate and host name checked against ca_file; our certificate if configured."""
+        if self._tls is None:
+            context = ssl.create_default_context(cafile=self.options.ca_file or None)
+            if self.options.cert_file:
+                context.load_cert_chain(self.options.cert_file, self.options.key_file or None)
+            self._tls = context
+        return self._tls
 
     def _probe(self) -> MQTTProtocolVersion:
         """MQTT 5 if the broker answers a v5 CONNECT with anything but 'unsupported protocol'."""

@@ -47,6 +47,8 @@ class BridgeOptions:
     username: str = ""
     password: str = ""
     ca_file: str = ""
+    cert_file: str = ""               # the controller's TLS client identity (mqtts://)
+    key_file: str = ""
     share_group: str = "edgefleet"
     # Stable across restarts so the broker keeps our session (and unacked messages) meanwhile;
     # unique per controller home, or two controllers on one host would keep kicking each other off.
@@ -64,6 +66,9 @@ class BridgeOptions:
             client_id=controller_client_id(config.home),
             username=config.mqtt_username,
             password=config.mqtt_password,
+            ca_file=config.mqtt_ca_file,
+            cert_file=config.mqtt_cert_file,
+            key_file=config.mqtt_key_file,
             share_group=config.effective_share_group,
         )
 
@@ -113,6 +118,7 @@ class Bridge:
         self._unfinished = 0
         self._idle = threading.Condition()
         self._worker: threading.Thread | None = None
+        self._control: dict[bytes, Callable[[bytes], None]] = {}  # broker administration topic -> handler
         self._conn = MqttConnection(
             url,
             ConnectionOptions(
@@ -120,6 +126,8 @@ class Bridge:
                 username=options.username,
                 password=options.password,
                 ca_file=options.ca_file,
+                cert_file=options.cert_file,
+                key_file=options.key_file,
                 session_expiry_s=options.session_expiry_s,
                 manual_ack=True,
                 receive_maximum=min(options.buffer_max, 2 * options.batch_max),
@@ -186,6 +194,27 @@ class Bridge:
                     f"within {timeout:g}s; it is sent when the connection is back"
                 )
 
+    # --- broker administration (e.g. Mosquitto's $CONTROL/ topics) --------------------
+
+    def on_control(self, topic: str, handler: Callable[[bytes], None]) -> None:
+        """Deliver what arrives on ``topic`` to ``handler`` (in paho's thread: don't block).
+        Call before start(): the topic is subscribed on every connect."""
+        self._control[topic.encode()] = handler
+
+    def publish_control(self, topic: str, payload: bytes, timeout: float) -> None:
+        """Publish one administration request at QoS 1 and wait for its PUBACK."""
+        where = f"{self._conn.url.host}:{self._conn.url.port}"
+        client = self._conn.client
+        if client is None or not self._conn.wait_connected(timeout):
+            raise Unavailable(f"MQTT broker {where} is not connected; retry when it is")
+        info = client.publish(topic, payload, qos=1)
+        try:
+            info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError) as e:
+            raise Unavailable(f"MQTT broker {where} did not take the request on {topic}: {e}") from e
+        if not info.is_published():
+            raise Unavailable(f"MQTT broker {where} did not acknowledge the request on {topic} within {timeout:g}s")
+
     def _stored_desired(self) -> list[Desired]:
         with self.ingest.db.reading() as session:
             return stored_desired(session)
@@ -205,11 +234,17 @@ class Bridge:
     def _connected(self, client: paho.Client, session_present: bool) -> None:
         self._epoch += 1
         group = self.options.share_group if self._conn.is_v5 else None
-        client.subscribe([(protocol.subscription(ch, group), 1) for ch in INBOUND])
+        client.subscribe([(protocol.subscription(ch, group), 1) for ch in INBOUND]
+                         + [(control.decode(), 1) for control in self._control])
         if not session_present:
             threading.Thread(target=self._republish, args=(client,), name="mqtt-republish", daemon=True).start()
 
     def _received(self, message: paho.MQTTMessage) -> None:
+        control = self._control.get(message._topic)  # bytes: a device's topic may not be UTF-8
+        if control is not None:
+            self._ack([(message.mid, message.qos)])
+            control(bytes(message.payload))
+            return
         self.stats.received += 1
         if not message.payload:  # a retained message being cleared, not a message
             self._ack([(message.mid, message.qos)])

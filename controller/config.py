@@ -17,6 +17,8 @@ from edgefleet.common.settings import COUNT, FIXED, PORT, POSITIVE, ConfigError,
 
 from .errors import InvalidInput
 
+BROKER_ADMINS = ("", "mosquitto")
+
 ENV_PREFIX = "EDGEFLEET_"  # EDGEFLEET_HOME, the fleet home, is no key: it says where config.toml is
 
 
@@ -42,6 +44,12 @@ class ControllerConfig:
     embedded_broker_port: int = field(default=EMBEDDED_BROKER_PORT, metadata=PORT)
     mqtt_username: str = ""
     mqtt_password: str = ""
+    # TLS client identity of the controller (mqtts://; `fleetctl broker config mosquitto` writes them)
+    mqtt_ca_file: str = ""           # trust anchors for the broker's certificate; empty: the system store
+    mqtt_cert_file: str = ""         # the controller's client certificate
+    mqtt_key_file: str = ""          # and its key
+    broker_admin: str = ""           # "mosquitto": admit and revoke devices through its dynamic-security plugin
+    device_cert_lifetime_s: int = field(default=30 * 86400, metadata=POSITIVE)  # devices renew at 2/3
     share_group: str = ""            # MQTT 5 shared-subscription group of this fleet's replicas (see below)
     store: StoreConfig = field(default_factory=StoreConfig)
     timestamp_expiry_s: int = field(default=86400, metadata=POSITIVE)  # lifetime of a signed timestamp
@@ -83,6 +91,10 @@ class ControllerConfig:
         home = home or fleet_home()
         path = path or home / "config.toml"
         try:
-            return load(cls, path if path.exists() else None, "controller config", ENV_PREFIX, environ, home=home)
+            config = load(cls, path if path.exists() else None, "controller config", ENV_PREFIX, environ, home=home)
         except ConfigError as e:
             raise InvalidInput(str(e)) from None
+        if config.broker_admin not in BROKER_ADMINS:
+            raise InvalidInput(f"controller config: broker_admin must be \"mosquitto\" or empty, "
+                               f"not {config.broker_admin!r}")
+        return config

@@ -16,6 +16,7 @@ from edgefleet.common.settings import toml_value
 
 from .config import ControllerConfig, StoreConfig
 from .errors import Conflict, Unavailable
+from .pki import FleetCA
 from .signing import REPOSITORY_PREFIX, Expiry, Repository
 from .store import open_store
 
@@ -44,14 +45,15 @@ def is_initialized(home: Path) -> bool:
 
 
 def init_home(home: Path, root_threshold: int = 1, root_keys: int = 1, force: bool = False) -> ControllerConfig:
-    """Create a fleet home: config.toml, TUF keys and initial metadata in the configured store.
+    """Create a fleet home: config.toml, TUF keys, initial metadata in the configured store, the fleet CA.
 
     An existing config.toml without keys is used as it is, so a home can name its
     database and store before it is initialized.
 
     With ``force`` an existing home's config, keys and repository metadata are
     replaced (the old config is kept as config.toml.bak); devices enrolled
-    against the old root must be enrolled again.
+    against the old root must be enrolled again. The fleet CA (HOME/ca) is
+    created once and kept.
     """
     home = Path(home)
     if is_initialized(home) and not force:
@@ -74,5 +76,6 @@ def init_home(home: Path, root_threshold: int = 1, root_keys: int = 1, force: bo
         for key in store.list(REPOSITORY_PREFIX):
             store.delete(key)
     Repository.create(home, store, root_threshold, root_keys, Expiry.from_config(config))
+    FleetCA.ensure(home)  # kept by --force: the broker's and devices' certificates stay valid
     return config
 

@@ -27,6 +27,7 @@ from .api.app import create_app
 from .api.deps import ApiContext
 from .api.enroll import ROOT_KEY
 from .broker import Bridge, BridgeOptions
+from .broker_admin import BrokerAdmin, MosquittoAdmin
 from .config import ControllerConfig
 from .db.models import Device
 from .db.session import Database
@@ -77,6 +78,7 @@ class ControllerService:
         self.store: ArtifactStore | None = None
         self.broker: EmbeddedBroker | None = None
         self.bridge: Bridge | None = None
+        self.broker_admin: BrokerAdmin | None = None
         self.scheduler: Scheduler | None = None
         self.repository: Repository | None = None
         self.server: _Server | None = None
@@ -102,6 +104,8 @@ class ControllerService:
             options = replace(options, url=f"{self.broker.url}?protocol=3.1.1", username=BRIDGE_USER,
                               password=self._bridge_password, client_id=f"{BRIDGE_USER}-{socket.gethostname()}"[:63])
         self.bridge = Bridge(options, Ingest(self.db))
+        if self.config.broker_admin == "mosquitto":
+            self.broker_admin = MosquittoAdmin(self.bridge)
         self.bridge.start()  # connects in the background and keeps retrying
         self.scheduler = self._schedule()
         self.scheduler.start()
@@ -121,7 +125,8 @@ class ControllerService:
     def serve(self) -> None:
         """Serve the API in this thread until SIGTERM/SIGINT (or ``stop_serving``)."""
         assert self.store is not None, "start() first"
-        app = create_app(ApiContext(config=self.config, db=self.db, store=self.store))
+        app = create_app(ApiContext(config=self.config, db=self.db, store=self.store,
+                                    broker_admin=self.broker_admin))
         self.server = _Server(uvicorn.Config(
             app, host=self.config.api_host, port=self.config.api_port, lifespan="off",
             log_level="info", access_log=False, timeout_graceful_shutdown=10,

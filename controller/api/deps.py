@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from ..broker_admin import BrokerAdmin
 from ..config import ControllerConfig
 from ..db.session import Database
 from ..store import ArtifactStore
@@ -15,6 +16,7 @@ class ApiContext:
     config: ControllerConfig
     db: Database
     store: ArtifactStore
+    broker_admin: BrokerAdmin | None = None  # a managed broker that admits and revokes device identities
 
 
 def get_ctx(request: Request) -> ApiContext:

@@ -188,6 +188,10 @@ def remove_device(
     operator: Operator = Depends(require_admin),
     ctx: ApiContext = Depends(get_ctx),
 ) -> Response:
+    if ctx.broker_admin is not None:  # first: the device is refused and cut off before its records go
+        with ctx.db.reading() as session:
+            _device(session, device_id)
+        ctx.broker_admin.revoke(device_id)
     with ctx.db.unit_of_work() as session:
         session.delete(_device(session, device_id))
         session.execute(sa.delete(EnrollmentToken).where(EnrollmentToken.device_id == device_id))

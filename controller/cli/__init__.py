@@ -10,7 +10,22 @@ import sys
 import click
 
 from ..errors import ControllerError
-from . import apply, audit, bundle, controller, data, db, deploy, devices, init, keys, models, rollout, tokens
+from . import (
+    apply,
+    audit,
+    broker,
+    bundle,
+    controller,
+    data,
+    db,
+    deploy,
+    devices,
+    init,
+    keys,
+    models,
+    rollout,
+    tokens,
+)
 
 
 class _Fleetctl(click.Group):
@@ -40,7 +55,7 @@ def main() -> None:
 # Every command group of fleetctl, one per noun.
 COMMANDS: tuple[click.Command, ...] = (
     init.cli, keys.cli, controller.cli, db.cli, bundle.cli, models.cli, devices.cli,
-    deploy.cli, apply.cli, rollout.cli, data.cli, audit.cli, tokens.cli,
+    deploy.cli, apply.cli, rollout.cli, data.cli, audit.cli, tokens.cli, broker.cli,
 )
 for command in COMMANDS:
     main.add_command(command)

@@ -137,6 +137,7 @@ def enroll(client: ApiClient, name: str, labels: tuple[str, ...], ttl: str, outp
 @click.argument("device_id")
 @api_command
 def remove(client: ApiClient, device_id: str) -> None:
-    """Remove a device: its tokens stop working and its records are deleted."""
+    """Remove a device: its tokens stop working, its records are deleted and a managed
+    broker (Mosquitto, broker_admin) refuses it and closes its open session at once."""
     client.delete(f"/v1/devices/{device_id}")
     click.echo(f"removed {device_id}")
