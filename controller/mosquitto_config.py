@@ -33,6 +33,7 @@ class MosquittoOptions:
     port: int = 8883
     bind: str = "0.0.0.0"                    # noqa: S104 - a broker listens for the fleet
     plugin: str = ""                         # dynamic-security plugin; empty: found in the usual places
+    user: str = ""                           # account a broker started as root runs as (empty: "mosquitto")
     lifetime_s: int = 365 * 86400            # of the server and controller certificates
     devices: list[str] = field(default_factory=list)  # enrolled devices to admit from the start
 
@@ -57,6 +58,7 @@ def mosquitto_conf(options: MosquittoOptions, plugin: str) -> str:
     return "\n".join([
         "# Written by `fleetctl broker config mosquitto`; start with:",
         f"#   mosquitto -c {out / 'mosquitto.conf'}",
+        *([f"user {options.user}"] if options.user else []),
         "per_listener_settings false",
         "allow_anonymous false",
         "persistence true",

@@ -33,9 +33,11 @@ def config_group() -> None:
 @click.option("--port", default=8883, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--bind", default="0.0.0.0", show_default=True, help="Address the listener binds.")  # noqa: S104
 @click.option("--plugin", default="", help="Path of mosquitto_dynamic_security.so (default: found).")
+@click.option("--user", default="", help="Account Mosquitto runs as when started as root (default: mosquitto); "
+              "it must own DIR.")
 @click.option("--days", default=365, show_default=True, type=click.IntRange(min=1),
               help="Lifetime of the broker's and the controller's certificates.")
-def mosquitto(output: Path, hosts: tuple[str, ...], port: int, bind: str, plugin: str, days: int) -> None:
+def mosquitto(output: Path, hosts: tuple[str, ...], port: int, bind: str, plugin: str, user: str, days: int) -> None:
     """Mosquitto 2: TLS with client certificates from the fleet CA, per-device ACLs.
 
     A device may publish only its own reported/events/telemetry/status and read
@@ -46,10 +48,11 @@ def mosquitto(output: Path, hosts: tuple[str, ...], port: int, bind: str, plugin
     \b
     Example:
       fleetctl broker config mosquitto -o /etc/mosquitto/edgefleet --host broker.lan
+      chown -R mosquitto /etc/mosquitto/edgefleet
       mosquitto -c /etc/mosquitto/edgefleet/mosquitto.conf
     """
     config = ControllerConfig.load(fleet_home())
-    options = MosquittoOptions(output=output, hosts=hosts, port=port, bind=bind, plugin=plugin,
+    options = MosquittoOptions(output=output, hosts=hosts, port=port, bind=bind, plugin=plugin, user=user,
                                lifetime_s=days * 86400, devices=_enrolled(config))
     written = write_mosquitto(config, options)
     click.echo(f"wrote {written.config_file} ({len(options.devices)} enrolled device(s) admitted)")

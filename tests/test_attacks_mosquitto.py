@@ -1,0 +1,276 @@
+"""Attacks on the production path: a real Mosquitto started from `fleetctl broker config
+mosquitto` (TLS, client certificates from the fleet CA, dynamic security), a real
+`fleetctl controller run` and real `fleet-agent` processes enrolled with a CSR.
+
+The attacker holds one enrolled device's certificate and key (dev-a's); every case asserts
+that the broker refused it, that nothing reached the other device or the controller, and
+that the fleet keeps working (an update succeeds, devices stay online).
+"""
+from __future__ import annotations
+
+import getpass
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from paho.mqtt.enums import CallbackAPIVersion
+
+from demo.scenario import AgentProcess, Controller, Fleetctl, wait_for, wait_rollout, write_config
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.enroll import enroll
+from edgefleet.agent.errors import RemoteError
+from edgefleet.agent.identity import IdentityFiles, request_certificate
+from edgefleet.common.hardware import HardwareProfile
+from edgefleet.common.identity import private_pem
+from edgefleet.common.protocol import (
+    Channel,
+    Desired,
+    Event,
+    ExecutionState,
+    Status,
+    Telemetry,
+    TelemetryKind,
+    topic,
+)
+from edgefleet.controller.cli.client import ApiClient, read_token
+from edgefleet.controller.errors import ControllerError
+from edgefleet.controller.pki import CONTROLLER_IDENTITY, FleetCA
+from tests.conftest import free_port
+from tests.support.messages import heartbeat
+from tests.support.mosquitto import Identity, TlsClient, running_mosquitto, settings_printed
+from tests.support.mqtt import wait_until
+
+pytestmark = pytest.mark.slow
+
+NOT_AUTHORIZED = "Not authorized"
+ROLLOUT = ["--stages", "100%", "--min-devices-per-stage", "1", "--device-timeout", "2m",
+           "--max-p99-regression", "1000%", "--bake", "0s"]
+
+
+@dataclass
+class TlsFleet:
+    home: Path
+    port: int
+    broker_log: Path
+    controller: Controller
+    fleetctl: Fleetctl
+    api: ApiClient
+    agents: dict[str, AgentProcess]
+    share_group: str
+
+    def identity(self, device: str) -> Identity:
+        return Identity.of_agent(self.agents[device].state_dir)
+
+    def client(self, identity: Identity, client_id: str = "attacker") -> TlsClient:
+        return TlsClient(self.port, identity, client_id).connect()
+
+    def device(self, device: str) -> dict:
+        return self.api.get(f"/v1/devices/{device}")
+
+    def events(self, device: str) -> list[dict]:
+        return self.api.get(f"/v1/devices/{device}/events")
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, digits) -> TlsFleet:
+    tmp = tmp_path_factory.mktemp("tls-fleet")
+    home, api_port, port = tmp / "home", free_port(), free_port()
+    write_config(home, api_port, broker_url=f"mqtts://127.0.0.1:{port}", embedded_broker_port=free_port())
+    fleetctl = Fleetctl(home)
+    fleetctl("init")
+    bundle = tmp / "digits-1.0.0"
+    fleetctl("bundle", "build", str(digits.model), "--name", "digits", "--version", "1.0.0",
+             "--variant", "cpu-fp32", "--eval", str(digits.eval_data), "-o", str(bundle))
+    fleetctl("bundle", "publish", str(bundle))
+    printed = fleetctl("broker", "config", "mosquitto", "-o", str(tmp / "broker"), "--host", "127.0.0.1",
+                       "--port", str(port), "--bind", "127.0.0.1", "--user", getpass.getuser())
+    settings = settings_printed(printed)
+    assert settings["broker_url"] == f"mqtts://127.0.0.1:{port}" and settings["broker_admin"] == "mosquitto"
+    with open(home / "config.toml", "a") as config:
+        config.writelines(f'{k} = "{v}"\n' for k, v in settings.items() if k != "broker_url")
+    with running_mosquitto(tmp / "broker", port) as broker_log:
+        controller = Controller(home, f"http://127.0.0.1:{api_port}").start()
+        api = ApiClient(controller.url, read_token(home))
+        agents = {name: AgentProcess(name, "x86_64", tmp / name, free_port()) for name in ("dev-a", "dev-b")}
+        try:
+            for agent in agents.values():
+                agent.enroll(fleetctl, controller.url)
+                fleetctl("devices", "label", agent.name, "fleet=tls")
+                agent.start()
+            wait_for(lambda: all(api.get(f"/v1/devices/{n}")["online"] for n in agents), 60,
+                     "both agents online over TLS", lambda: "\n".join(a.log() for a in agents.values()))
+            group = next(line.split("$share/")[1].split("/")[0]
+                         for line in (tmp / "broker" / "dynamic-security.json").read_text().splitlines()
+                         if "$share/" in line)
+            yield TlsFleet(home, port, broker_log, controller, fleetctl, api, agents, group)
+        finally:
+            for agent in agents.values():
+                agent.stop()
+            controller.stop()
+
+
+def test_enrollment_with_a_csr_gives_a_certificate_the_broker_takes(fleet):
+    ca = FleetCA.load(fleet.home)
+    identity = fleet.identity("dev-b")
+    assert identity.key is not None and identity.key.stat().st_mode & 0o777 == 0o600
+    certificate = x509.load_pem_x509_certificate(identity.cert.read_bytes())
+    certificate.verify_directly_issued_by(ca.certificate)
+    assert certificate.subject.rfc4514_string() == "CN=dev-b"
+    log = fleet.broker_log.read_text()
+    assert "as dev-a (p5" in log and "u'dev-a'" in log and "u'dev-b'" in log  # identity = username = client id
+
+
+def test_an_update_reaches_the_devices_over_tls_and_succeeds(fleet):
+    fleet.fleetctl("deploy", "digits:1.0.0", "--to", "fleet=tls", "--name", "tls-1", *ROLLOUT)
+    status = wait_rollout(fleet.fleetctl, "tls-1", timeout=180)
+    assert status["state"] == "SUCCEEDED", status
+    for agent in fleet.agents.values():
+        assert wait_until(lambda agent=agent: agent.serving() == "1.0.0", 30), agent.log()
+
+
+def test_one_devices_certificate_reads_nothing_of_others(fleet):
+    attacker = fleet.client(fleet.identity("dev-a"))
+    try:
+        assert attacker.connected
+        assert attacker.subscribe("#", "edgefleet/v1/#", "edgefleet/v1/+/desired", "edgefleet/v1/dev-b/desired",
+                                  "edgefleet/v1/dev-b/telemetry", "$SYS/#") == [NOT_AUTHORIZED] * 6
+        assert attacker.subscribe("edgefleet/v1/dev-a/desired") == ["Granted QoS 1"]  # its own: allowed
+        # dev-b keeps sending heartbeats (every 2 s) and has a retained desired state and status
+        seen_before = fleet.device("dev-b")["last_seen"]
+        assert wait_until(lambda: fleet.device("dev-b")["last_seen"] != seen_before, 15)
+        assert all(t.startswith("edgefleet/v1/dev-a/") for t, _ in attacker.messages), attacker.messages
+    finally:
+        attacker.close()
+
+
+def _forgeries(boot: int) -> dict[Channel, tuple[bytes, bool]]:
+    now = time.time()
+    return {
+        Channel.DESIRED: (Desired(device="dev-b", generation=10**12, deployment="evil").to_json(), True),
+        Channel.EVENTS: (Event(device="dev-b", boot=boot, seq=10**6, generation=10**12, state=ExecutionState.SUCCEEDED,
+                               deployment="evil", ts=now).to_json(), False),
+        Channel.STATUS: (Status(device="dev-b", boot=boot + 1000, online=False, ts=now).to_json(), True),
+        Channel.TELEMETRY: (Telemetry(device="dev-b", boot=boot + 1000, seq=1, kind=TelemetryKind.HEARTBEAT,
+                                      heartbeat=heartbeat(), ts=now).to_json(), False),
+    }
+
+
+def test_publishing_as_another_device_is_refused_and_nothing_is_ingested(fleet):
+    before = fleet.device("dev-b")
+    attacker = fleet.client(fleet.identity("dev-a"))
+    try:
+        for channel, (payload, retain) in _forgeries(before["boot"]).items():
+            assert attacker.publish(topic("dev-b", channel), payload, retain) == NOT_AUTHORIZED, channel
+        # and on its own desired topic: the controller's channel
+        own = Desired(device="dev-a", generation=10**12, deployment="evil").to_json()
+        assert attacker.publish(topic("dev-a", Channel.DESIRED), own, retain=True) == NOT_AUTHORIZED
+    finally:
+        attacker.close()
+    time.sleep(3)  # dev-b's next heartbeats arrive meanwhile
+    after = fleet.device("dev-b")
+    assert after["online"] and after["boot"] == before["boot"]
+    assert not [e for e in fleet.events("dev-b") if e["deployment"] == "evil" or e["generation"] >= 10**12]
+    assert (after["desired"] or {}).get("deployment") != "evil"
+    assert "evil" not in fleet.agents["dev-b"].log() and "evil" not in fleet.agents["dev-a"].log()
+
+
+@pytest.mark.parametrize("client_id", ["dev-b", CONTROLLER_IDENTITY, "edgefleet-controller"])
+def test_another_client_id_is_replaced_by_the_certificates_own(fleet, client_id):
+    """use_username_as_clientid: the broker names the session after the certificate, so no one
+    can take over (and kick off) another device's or the controller's session."""
+    seen_before = fleet.device("dev-b")["last_seen"]
+    attacker = fleet.client(fleet.identity("dev-a"), client_id=client_id)
+    try:
+        assert attacker.connected
+        assert attacker.subscribe("edgefleet/v1/+/events") == [NOT_AUTHORIZED]
+    finally:
+        attacker.close()
+    log = fleet.broker_log.read_text()
+    assert f"Client {client_id} already connected" not in log
+    # the controller still ingests (dev-b's heartbeats move last_seen) and dev-b is still online
+    assert wait_until(lambda: fleet.device("dev-b")["last_seen"] != seen_before, 15)
+    assert fleet.device("dev-b")["online"]
+
+
+def test_joining_the_controllers_share_group_is_refused(fleet):
+    attacker = fleet.client(fleet.identity("dev-a"))
+    try:
+        shared = [f"$share/{fleet.share_group}/edgefleet/v1/+/{c}" for c in ("events", "telemetry", "reported")]
+        assert attacker.subscribe(*shared, "$share/other/edgefleet/v1/dev-a/desired") == [NOT_AUTHORIZED] * 4
+        seen_before = fleet.device("dev-b")["last_seen"]
+        assert wait_until(lambda: fleet.device("dev-b")["last_seen"] != seen_before, 15)
+        assert attacker.messages == []
+    finally:
+        attacker.close()
+
+
+def test_no_certificate_another_ca_and_plain_mqtt_are_refused(fleet, tmp_path):
+    ca = fleet.identity("dev-a").ca
+    no_certificate = fleet.client(Identity(None, None, ca))
+    assert not no_certificate.connected
+    # a certificate for "dev-b" from a CA of the attacker's own
+    other = FleetCA.ensure(tmp_path / "other", name="attacker CA")
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "k.pem").write_bytes(private_pem(key))
+    (tmp_path / "c.pem").write_text(other.issue(key.public_key(), "dev-b", 3600).pem)
+    forged = fleet.client(Identity(tmp_path / "c.pem", tmp_path / "k.pem", ca), client_id="dev-b")
+    assert not forged.connected
+    log = fleet.broker_log.read_text()
+    assert "peer did not return a certificate" in log and "certificate verify failed" in log
+    anonymous = paho.Client(CallbackAPIVersion.VERSION2, client_id="anonymous")
+    answers: list[str] = []
+    anonymous.on_connect = lambda _c, _u, _f, reason, _p: answers.append(str(reason))
+    try:
+        anonymous.connect("127.0.0.1", fleet.port)
+        anonymous.loop_start()
+        time.sleep(2)
+    except OSError:
+        pass
+    finally:
+        anonymous.loop_stop()
+    assert answers == []  # plain MQTT on the TLS port never gets a CONNACK
+    assert fleet.device("dev-b")["online"]
+
+
+def test_removing_a_device_closes_its_session_at_once_and_refuses_it(fleet, tmp_path):
+    """dev-c (enrolled with a CSR, certificate valid for 30 days) is connected when it is removed."""
+    token = fleet.fleetctl.json("devices", "enroll", "dev-c")["token"]
+    enroll(fleet.controller.url, token, tmp_path / "dev-c", HardwareProfile(arch="x86_64", cpu_count=1))
+    identity = Identity.of_agent(tmp_path / "dev-c")
+    device = fleet.client(identity, client_id="dev-c")
+    try:
+        assert device.connected
+        assert device.subscribe("edgefleet/v1/dev-c/desired") == ["Granted QoS 1"]
+        assert device.publish(topic("dev-c", Channel.STATUS),
+                              Status(device="dev-c", boot=1, online=True, ts=time.time()).to_json(), True) == "Success"
+        assert wait_until(lambda: fleet.device("dev-c")["online"], 10)
+        started = time.monotonic()
+        fleet.fleetctl("devices", "remove", "dev-c")
+        assert wait_until(lambda: device.disconnects, 5), "the removed device's session stayed open"
+        kicked_after = time.monotonic() - started
+        assert device.disconnects == ["Administrative action"] and kicked_after < 5
+    finally:
+        device.close()
+    again = fleet.client(identity, client_id="dev-c")
+    try:
+        # Mosquitto 2.0.11 admits a CA-signed certificate at the TLS layer; with no dynsec client
+        # left, everything it asks for is denied
+        assert again.subscribe("edgefleet/v1/dev-c/desired") == [NOT_AUTHORIZED]
+        assert again.publish(topic("dev-c", Channel.STATUS),
+                             Status(device="dev-c", boot=2, online=True, ts=time.time()).to_json(), True) \
+            == NOT_AUTHORIZED
+    finally:
+        again.close()
+    with pytest.raises(ControllerError, match="unknown"):
+        fleet.api.get("/v1/devices/dev-c")
+    config = AgentConfig.load(tmp_path / "dev-c" / "agent.toml")  # nor can it renew its certificate
+    with pytest.raises(RemoteError, match="HTTP 404"):
+        request_certificate(fleet.controller.url, "dev-c", config.device_token, IdentityFiles.under(tmp_path / "dev-c"))
+    dynsec = json.loads((fleet.home.parent / "broker" / "dynamic-security.json").read_text())
+    assert "dev-c" not in {c["username"] for c in dynsec["clients"]}
+    assert {"dev-a", "dev-b"} <= {c["username"] for c in dynsec["clients"]}
