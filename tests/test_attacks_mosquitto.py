@@ -8,11 +8,9 @@ that the fleet keeps working (an update succeeds, devices stay online).
 """
 from __future__ import annotations
 
-import getpass
 import json
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator
 
 import paho.mqtt.client as paho
 import pytest
@@ -20,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from paho.mqtt.enums import CallbackAPIVersion
 
-from demo.scenario import AgentProcess, Controller, Fleetctl, wait_for, wait_rollout, write_config
+from demo.scenario import Fleetctl, wait_rollout
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.enroll import enroll
 from edgefleet.agent.errors import RemoteError
@@ -37,12 +35,10 @@ from edgefleet.common.protocol import (
     TelemetryKind,
     topic,
 )
-from edgefleet.controller.cli.client import ApiClient, read_token
 from edgefleet.controller.errors import ControllerError
 from edgefleet.controller.pki import CONTROLLER_IDENTITY, FleetCA
-from tests.conftest import free_port
 from tests.support.messages import heartbeat
-from tests.support.mosquitto import Identity, TlsClient, running_mosquitto, settings_printed
+from tests.support.mosquitto import Identity, TlsFleet, tls_fleet
 from tests.support.mqtt import wait_until
 
 pytestmark = pytest.mark.slow
@@ -52,66 +48,17 @@ ROLLOUT = ["--stages", "100%", "--min-devices-per-stage", "1", "--device-timeout
            "--max-p99-regression", "1000%", "--bake", "0s"]
 
 
-@dataclass
-class TlsFleet:
-    home: Path
-    port: int
-    broker_log: Path
-    controller: Controller
-    fleetctl: Fleetctl
-    api: ApiClient
-    agents: dict[str, AgentProcess]
-    share_group: str
-
-    def identity(self, device: str) -> Identity:
-        return Identity.of_agent(self.agents[device].state_dir)
-
-    def client(self, identity: Identity, client_id: str = "attacker") -> TlsClient:
-        return TlsClient(self.port, identity, client_id).connect()
-
-    def device(self, device: str) -> dict:
-        return self.api.get(f"/v1/devices/{device}")
-
-    def events(self, device: str) -> list[dict]:
-        return self.api.get(f"/v1/devices/{device}/events")
-
-
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory, digits) -> TlsFleet:
+def fleet(tmp_path_factory, digits) -> Iterator[TlsFleet]:
     tmp = tmp_path_factory.mktemp("tls-fleet")
-    home, api_port, port = tmp / "home", free_port(), free_port()
-    write_config(home, api_port, broker_url=f"mqtts://127.0.0.1:{port}", embedded_broker_port=free_port())
-    fleetctl = Fleetctl(home)
-    fleetctl("init")
+    fleetctl = Fleetctl(tmp / "home")
     bundle = tmp / "digits-1.0.0"
-    fleetctl("bundle", "build", str(digits.model), "--name", "digits", "--version", "1.0.0",
-             "--variant", "cpu-fp32", "--eval", str(digits.eval_data), "-o", str(bundle))
-    fleetctl("bundle", "publish", str(bundle))
-    printed = fleetctl("broker", "config", "mosquitto", "-o", str(tmp / "broker"), "--host", "127.0.0.1",
-                       "--port", str(port), "--bind", "127.0.0.1", "--user", getpass.getuser())
-    settings = settings_printed(printed)
-    assert settings["broker_url"] == f"mqtts://127.0.0.1:{port}" and settings["broker_admin"] == "mosquitto"
-    with open(home / "config.toml", "a") as config:
-        config.writelines(f'{k} = "{v}"\n' for k, v in settings.items() if k != "broker_url")
-    with running_mosquitto(tmp / "broker", port) as broker_log:
-        controller = Controller(home, f"http://127.0.0.1:{api_port}").start()
-        api = ApiClient(controller.url, read_token(home))
-        agents = {name: AgentProcess(name, "x86_64", tmp / name, free_port()) for name in ("dev-a", "dev-b")}
-        try:
-            for agent in agents.values():
-                agent.enroll(fleetctl, controller.url)
-                fleetctl("devices", "label", agent.name, "fleet=tls")
-                agent.start()
-            wait_for(lambda: all(api.get(f"/v1/devices/{n}")["online"] for n in agents), 60,
-                     "both agents online over TLS", lambda: "\n".join(a.log() for a in agents.values()))
-            group = next(line.split("$share/")[1].split("/")[0]
-                         for line in (tmp / "broker" / "dynamic-security.json").read_text().splitlines()
-                         if "$share/" in line)
-            yield TlsFleet(home, port, broker_log, controller, fleetctl, api, agents, group)
-        finally:
-            for agent in agents.values():
-                agent.stop()
-            controller.stop()
+    with tls_fleet(tmp, ("dev-a", "dev-b"), before_start=lambda: (
+        fleetctl("bundle", "build", str(digits.model), "--name", "digits", "--version", "1.0.0",
+                 "--variant", "cpu-fp32", "--eval", str(digits.eval_data), "-o", str(bundle)),
+        fleetctl("bundle", "publish", str(bundle)),
+    )) as running:
+        yield running
 
 
 def test_enrollment_with_a_csr_gives_a_certificate_the_broker_takes(fleet):

@@ -3,19 +3,24 @@ play a device (or an attacker holding one device's certificate) against it."""
 from __future__ import annotations
 
 import contextlib
+import getpass
 import re
 import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.conftest import need_program, reachable
+from demo.scenario import AgentProcess, Controller, Fleetctl, wait_for, write_config
+from edgefleet.common.settings import toml_value
+from edgefleet.controller.cli.client import ApiClient, read_token
+from edgefleet.controller.config import ControllerConfig
+from tests.conftest import free_port, need_program, reachable
 from tests.support.mqtt import wait_until
 
 START_TIMEOUT_S = 20.0
@@ -134,3 +139,64 @@ class TlsClient:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+@dataclass
+class TlsFleet:
+    home: Path
+    port: int
+    broker_log: Path
+    controller: Controller
+    fleetctl: Fleetctl
+    api: ApiClient
+    agents: dict[str, AgentProcess]
+    share_group: str
+
+    def identity(self, device: str) -> Identity:
+        return Identity.of_agent(self.agents[device].state_dir)
+
+    def client(self, identity: Identity, client_id: str = "attacker") -> TlsClient:
+        return TlsClient(self.port, identity, client_id).connect()
+
+    def device(self, device: str) -> dict:
+        return self.api.get(f"/v1/devices/{device}")
+
+    def events(self, device: str) -> list[dict]:
+        return self.api.get(f"/v1/devices/{device}/events")
+
+
+@contextlib.contextmanager
+def tls_fleet(tmp: Path, devices: tuple[str, ...], before_start: Callable[[], object] = lambda: None,
+              **config_items: object) -> Iterator[TlsFleet]:
+    """A fleet home configured for a Mosquitto of `fleetctl broker config mosquitto`, that Mosquitto,
+    the controller process and one agent process per device (labelled fleet=tls), all online.
+    ``before_start`` runs after `fleetctl init` (publish bundles there); ``config_items``: more config.toml keys."""
+    home, api_port, port = tmp / "home", free_port(), free_port()
+    write_config(home, api_port, broker_url=f"mqtts://127.0.0.1:{port}", embedded_broker_port=free_port())
+    fleetctl = Fleetctl(home)
+    fleetctl("init")
+    before_start()
+    printed = fleetctl("broker", "config", "mosquitto", "-o", str(tmp / "broker"), "--host", "127.0.0.1",
+                       "--port", str(port), "--bind", "127.0.0.1", "--user", getpass.getuser())
+    settings = settings_printed(printed)
+    assert settings["broker_url"] == f"mqtts://127.0.0.1:{port}" and settings["broker_admin"] == "mosquitto"
+    with open(home / "config.toml", "a") as config:
+        config.writelines(f'{k} = "{v}"\n' for k, v in settings.items() if k != "broker_url")
+        config.writelines(f"{k} = {toml_value(v)}\n" for k, v in config_items.items())
+    with running_mosquitto(tmp / "broker", port) as broker_log:
+        controller = Controller(home, f"http://127.0.0.1:{api_port}").start()
+        api = ApiClient(controller.url, read_token(home))
+        agents = {name: AgentProcess(name, "x86_64", tmp / name, free_port()) for name in devices}
+        try:
+            for agent in agents.values():
+                agent.enroll(fleetctl, controller.url)
+                fleetctl("devices", "label", agent.name, "fleet=tls")
+                agent.start()
+            wait_for(lambda: all(api.get(f"/v1/devices/{n}")["online"] for n in agents), 60,
+                     "the agents online over TLS", lambda: "\n".join(a.log() for a in agents.values()))
+            group = ControllerConfig.load(home).effective_share_group
+            yield TlsFleet(home, port, broker_log, controller, fleetctl, api, agents, group)
+        finally:
+            for agent in agents.values():
+                agent.stop()
+            controller.stop()
