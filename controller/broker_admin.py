@@ -1,25 +1,16 @@
-"""What the controller asks of the broker about device identities: admit one, revoke one.
+"""What the controller asks of the broker about a device's identity: admit it, revoke it.
 
-``BrokerAdmin`` is the interface; ``MosquittoAdmin`` implements it with Mosquitto's
-dynamic-security plugin, over the bridge's own connection (the controller's identity
-holds the plugin's admin role): requests go to ``$CONTROL/dynamic-security/v1`` and
-the answers, matched by correlation data, come back on its ``/response`` topic.
+``admit`` runs when the controller issues the device a certificate; ``revoke`` when the
+device is removed, and must refuse it from then on and close its open session at once.
+``MosquittoAdmin`` (``mosquitto_admin``) implements both with Mosquitto's dynamic-security
+plugin. A broker that reads credentials from the controller's database needs no ``admit``.
 """
 from __future__ import annotations
 
-import json
 import logging
-import secrets
-import threading
-from typing import Any, Protocol
-
-from . import dynsec
-from .broker import Bridge
-from .errors import Unavailable
+from typing import Protocol
 
 log = logging.getLogger(__name__)
-
-TIMEOUT_S = 10.0
 
 
 class BrokerAdmin(Protocol):
@@ -30,56 +21,12 @@ class BrokerAdmin(Protocol):
         """Refuse the device from now on and close its open session at once (idempotent)."""
 
 
-class MosquittoAdmin:
-    def __init__(self, bridge: Bridge, timeout_s: float = TIMEOUT_S) -> None:
-        self._bridge = bridge
-        self._timeout = timeout_s
-        self._lock = threading.Lock()
-        self._waiting: dict[str, threading.Event] = {}
-        self._answers: dict[str, list[dict[str, Any]]] = {}
-        bridge.on_control(dynsec.RESPONSE_TOPIC, self._response)
+class NoBrokerAdmin:
+    """A broker the controller cannot administer: identities and sessions are managed there."""
 
     def admit(self, device_id: str) -> None:
-        self._run(dynsec.admit_commands(device_id), f"admit {device_id}")
+        pass
 
     def revoke(self, device_id: str) -> None:
-        self._run(dynsec.revoke_commands(device_id), f"revoke {device_id}")
-
-    def _run(self, commands: list[dict[str, Any]], what: str) -> None:
-        """Send the commands as one request; Unavailable unless each succeeded (or was already done)."""
-        tag = secrets.token_hex(8)
-        done = threading.Event()
-        with self._lock:
-            self._waiting[tag] = done
-        try:
-            request = {"commands": [{**c, "correlationData": f"{tag}:{i}"} for i, c in enumerate(commands)]}
-            self._bridge.publish_control(dynsec.CONTROL_TOPIC, json.dumps(request).encode(), self._timeout)
-            if not done.wait(self._timeout):
-                raise Unavailable(f"Mosquitto did not answer the request to {what} within {self._timeout:g}s: "
-                                  "is its dynamic-security plugin loaded (fleetctl broker config)?")
-        finally:
-            with self._lock:
-                self._waiting.pop(tag, None)
-                answers = self._answers.pop(tag, [])
-        failed = [a["error"] for a in answers if a.get("error") and a["error"] not in dynsec.IDEMPOTENT]
-        if failed:
-            raise Unavailable(f"Mosquitto refused to {what}: {'; '.join(map(str, failed))}")
-        log.info("Mosquitto: %s", what)
-
-    def _response(self, payload: bytes) -> None:
-        """Paho's thread: file each answer under the request it belongs to."""
-        try:
-            responses = json.loads(payload)["responses"]
-        except (ValueError, KeyError, TypeError):
-            log.warning("unreadable dynamic-security response dropped")
-            return
-        by_tag: dict[str, list[dict[str, Any]]] = {}
-        for answer in responses if isinstance(responses, list) else []:
-            correlation = answer.get("correlationData") if isinstance(answer, dict) else None
-            if isinstance(correlation, str):
-                by_tag.setdefault(correlation.split(":")[0], []).append(answer)
-        with self._lock:
-            for tag, answers in by_tag.items():
-                if tag in self._waiting:
-                    self._answers[tag] = answers
-                    self._waiting[tag].set()
+        log.warning("device %s removed; the broker keeps any open session of it until it checks its "
+                    "credentials again: disconnect it there", device_id)

@@ -27,7 +27,7 @@ from .api.app import create_app
 from .api.deps import ApiContext
 from .api.enroll import ROOT_KEY
 from .broker import Bridge, BridgeOptions
-from .broker_admin import BrokerAdmin, MosquittoAdmin
+from .broker_admin import BrokerAdmin, NoBrokerAdmin
 from .config import ControllerConfig
 from .db.models import Device
 from .db.session import Database
@@ -36,6 +36,7 @@ from .errors import ControllerError, Unavailable
 from .ingest import Ingest
 from .jobs import add_housekeeping
 from .mirror import mirror_targets
+from .mosquitto_admin import MosquittoAdmin
 from .rollout import engine
 from .scheduler import Scheduler
 from .signing import Expiry, Repository
@@ -78,7 +79,7 @@ class ControllerService:
         self.store: ArtifactStore | None = None
         self.broker: EmbeddedBroker | None = None
         self.bridge: Bridge | None = None
-        self.broker_admin: BrokerAdmin | None = None
+        self.broker_admin: BrokerAdmin = NoBrokerAdmin()
         self.scheduler: Scheduler | None = None
         self.repository: Repository | None = None
         self.server: _Server | None = None

@@ -76,8 +76,10 @@ def test_an_update_reaches_the_devices_over_tls_and_succeeds(fleet):
     fleet.fleetctl("deploy", "digits:1.0.0", "--to", "fleet=tls", "--name", "tls-1", *ROLLOUT)
     status = wait_rollout(fleet.fleetctl, "tls-1", timeout=180)
     assert status["state"] == "SUCCEEDED", status
-    for agent in fleet.agents.values():
-        assert wait_until(lambda agent=agent: agent.serving() == "1.0.0", 30), agent.log()
+    def serving_everywhere() -> bool:
+        return all(agent.serving() == "1.0.0" for agent in fleet.agents.values())
+
+    assert wait_until(serving_everywhere, 30), [agent.log() for agent in fleet.agents.values()]
 
 
 def test_one_devices_certificate_reads_nothing_of_others(fleet):

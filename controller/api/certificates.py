@@ -2,7 +2,7 @@
 
 Authenticated by the device token (enrollment, then every renewal). The CSR must be
 signed by its key, name the device as CN and hold an ECDSA P-256 key; the certificate
-lives ``device_cert_lifetime_s``. With a managed broker the device is admitted there first.
+lives ``device_cert_lifetime_s``. The broker admits the device first (``BrokerAdmin.admit``).
 """
 from __future__ import annotations
 
@@ -39,8 +39,7 @@ def issue_certificate(
 ) -> CertificateOut:
     ca = FleetCA.load(ctx.config.home)
     issued = ca.issue_for_device(request.csr, device.id, ctx.config.device_cert_lifetime_s)
-    if ctx.broker_admin is not None:
-        ctx.broker_admin.admit(device.id)
+    ctx.broker_admin.admit(device.id)
     with ctx.db.unit_of_work() as session:
         record(session, f"device:{device.id}", "device.certificate", device.id,
                serial=format(issued.certificate.serial_number, "x"), not_after=issued.not_after.isoformat())

@@ -1,11 +1,11 @@
 """What every router needs from the running controller, handed over as FastAPI dependencies."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from ..broker_admin import BrokerAdmin
+from ..broker_admin import BrokerAdmin, NoBrokerAdmin
 from ..config import ControllerConfig
 from ..db.session import Database
 from ..store import ArtifactStore
@@ -16,7 +16,7 @@ class ApiContext:
     config: ControllerConfig
     db: Database
     store: ArtifactStore
-    broker_admin: BrokerAdmin | None = None  # a managed broker that admits and revokes device identities
+    broker_admin: BrokerAdmin = field(default_factory=NoBrokerAdmin)
 
 
 def get_ctx(request: Request) -> ApiContext:

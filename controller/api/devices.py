@@ -182,20 +182,23 @@ def label_device(
         return DeviceOut.of(device)
 
 
-@router.delete("/{device_id}", status_code=204, summary="Remove a device and revoke its tokens")
+@router.delete("/{device_id}", status_code=204, summary="Remove a device, revoke its identity, close its MQTT session")
 def remove_device(
     device_id: str = DeviceId,
     operator: Operator = Depends(require_admin),
     ctx: ApiContext = Depends(get_ctx),
 ) -> Response:
-    if ctx.broker_admin is not None:  # first: the device is refused and cut off before its records go
-        with ctx.db.reading() as session:
-            _device(session, device_id)
-        ctx.broker_admin.revoke(device_id)
+    with ctx.db.reading() as session:
+        _device(session, device_id)
+    # Before: a broker that keeps its own identities (Mosquitto) refuses the device while its
+    # record, the only handle for a retry, still exists. After: a broker that reads credentials
+    # from the database closes a session opened meanwhile.
+    ctx.broker_admin.revoke(device_id)
     with ctx.db.unit_of_work() as session:
         session.delete(_device(session, device_id))
         session.execute(sa.delete(EnrollmentToken).where(EnrollmentToken.device_id == device_id))
         record_operator(session, operator, "device.remove", device_id)
+    ctx.broker_admin.revoke(device_id)
     return Response(status_code=204)
 
 
