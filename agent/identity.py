@@ -81,7 +81,6 @@ class Renewer:
         self._retry = retry
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.renewals = 0
 
     def start(self) -> None:
         if self._thread is None:
@@ -113,7 +112,6 @@ class Renewer:
                     return
                 continue
             failures = 0
-            self.renewals += 1
             log.info("MQTT client certificate renewed; valid until %s", certificate.not_valid_after_utc)
             try:
                 self._on_renewed()

@@ -3,8 +3,10 @@ the device API, and renewal before expiry that keeps a real agent connected to a
 Mosquitto (TLS, client certificates)."""
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import pytest
@@ -19,9 +21,9 @@ from edgefleet.agent.enroll import enroll
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.identity import csr_pem
 from edgefleet.controller.cli import main
-from edgefleet.controller.pki import CA_CERT_FILE, CA_KEY_FILE, FleetCA, ca_dir
+from edgefleet.controller.pki import CA_CERT_FILE, CA_KEY_FILE, CONTROLLER_IDENTITY, FleetCA, ca_dir
 from tests.support.api_server import running_controller
-from tests.support.mosquitto import Identity, TlsClient, tls_fleet
+from tests.support.mosquitto import Identity, TlsClient, settings_printed, tls_fleet
 from tests.support.mqtt import wait_until
 
 LIFETIME_S = 3600
@@ -95,6 +97,8 @@ def test_the_controller_checks_every_csr(api, tmp_path):
     assert ask(api, "id-2", config.device_token, good).status_code == 200
     refused = {
         "names another device": (ask(api, "id-2", config.device_token, csr_pem(key, "id-3")), 400, "not this device"),
+        "names the controller": (ask(api, "id-2", config.device_token, csr_pem(key, CONTROLLER_IDENTITY)), 400,
+                                 "not this device"),
         "P-384 key": (ask(api, "id-2", config.device_token, _csr(ec.generate_private_key(ec.SECP384R1()), "id-2")),
                       400, "P-256"),
         "RSA key": (ask(api, "id-2", config.device_token,
@@ -144,3 +148,37 @@ def test_renewal_before_expiry_keeps_the_device_connected(tmp_path):
         assert not expired.connected
         assert fleet.broker_log.read_text().count("certificate verify failed") == refusals + 1
         assert fleet.device("dev-r")["online"]
+
+
+def test_broker_config_admits_the_enrolled_devices_with_their_own_topics_only(api, tmp_path):
+    enrolled(api, tmp_path, "id-4")
+    with api.client() as client:  # a token, not yet enrolled: not admitted
+        assert client.post("/v1/devices/id-5/enroll-token", json={}).status_code == 201
+    out = tmp_path / "broker"
+    result = CliRunner().invoke(main, ["broker", "config", "mosquitto", "-o", str(out), "--host", "broker.lan",
+                                       "--host", "10.0.0.5", "--port", "8884"],
+                                env={"EDGEFLEET_HOME": str(api.ctx.config.home),
+                                     "EDGEFLEET_DATABASE_URL": api.ctx.config.effective_database_url})
+    assert result.exit_code == 0, result.output
+    settings = settings_printed(result.output)
+    assert settings["broker_url"] == "mqtts://broker.lan:8884" and settings["broker_admin"] == "mosquitto"
+    conf = (out / "mosquitto.conf").read_text().splitlines()
+    for line in ("require_certificate true", "use_identity_as_username true", "use_username_as_clientid true",
+                 "allow_anonymous false", "max_queued_messages 0", "listener 8884 0.0.0.0"):
+        assert line in conf
+    assert (out / "server-key.pem").stat().st_mode & 0o777 == 0o600
+    server = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(n.value) for n in names] == ["broker.lan", "10.0.0.5"]
+    dynsec = json.loads((out / "dynamic-security.json").read_text())
+    clients = {c["username"]: c for c in dynsec["clients"]}
+    assert {"id-4", CONTROLLER_IDENTITY} <= set(clients) and "id-5" not in clients
+    roles = {r["rolename"]: r["acls"] for r in dynsec["roles"]}
+    own = {(a["acltype"], a["topic"]) for a in roles[clients["id-4"]["roles"][0]["rolename"]]}
+    assert own == {("publishClientSend", f"edgefleet/v1/id-4/{c}") for c in ("reported", "events", "telemetry", "status")} \
+        | {("subscribeLiteral", "edgefleet/v1/id-4/desired"), ("publishClientReceive", "edgefleet/v1/id-4/desired")}
+    assert dynsec["defaultACLAccess"] == {"publishClientSend": False, "publishClientReceive": False,
+                                          "subscribe": False, "unsubscribe": True}
+    controller = x509.load_pem_x509_certificate(Path(settings["mqtt_cert_file"]).read_bytes())
+    assert controller.subject.rfc4514_string() == f"CN={CONTROLLER_IDENTITY}"
+    assert Path(settings["mqtt_key_file"]).stat().st_mode & 0o777 == 0o600

@@ -123,7 +123,7 @@ class TlsClient:
 
     @property
     def connected(self) -> bool:
-        return self.connack == "Success" and not self.disconnects
+        return self.error is None and self.connack == "Success" and not self.disconnects
 
     def subscribe(self, *filters: str) -> list[str]:
         before = len(self.subacks)
