@@ -20,11 +20,12 @@ from pathlib import Path
 from edgefleet.common.errors import EdgefleetError
 from edgefleet.common.fs import atomic_write, read_json
 from edgefleet.common.hardware import HardwareProfile
-from edgefleet.common.protocol import Desired, Heartbeat, SamplingPolicy
+from edgefleet.common.protocol import ExecutionState, Heartbeat, SamplingPolicy
 from edgefleet.common.retry import Backoff
 from edgefleet.common.systemd import sd_notify, watchdog_interval
 
 from .config import AgentConfig
+from .director import Director, Inbox
 from .errors import ModelError
 from .fetch import HttpFetcher, ModelUpdater
 from .identity import IdentityFiles, Renewer
@@ -127,12 +128,11 @@ class Agent:
             state_dir / "tuf", config.tuf_metadata_url, config.tuf_target_base_url,
             fetcher=PingingFetcher(config.download_timeout_s, self._ping),
         )
+        self.inbox = Inbox(Director(state_dir, config.device_id, updater), self._refused)
         self.reconciler = Reconciler(
             self.slots, updater, self.runtime, self.link, self.profile,
             agent_version=agent_version(), on_step=self._ping,
         )
-        self._desired: Desired | None = None
-        self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._rollback = threading.Event()
@@ -142,12 +142,13 @@ class Agent:
 
     # --- callbacks from other threads and signals ---------------------------
 
-    def _on_desired(self, desired: Desired) -> None:
-        with self._lock:
-            if self._desired is None or desired.generation >= self._desired.generation:
-                self._desired = desired
-                self.sampler.set_policy(desired.sampling)
+    def _on_desired(self, raw: bytes) -> None:
+        self.inbox.put(raw)
         self._wake.set()
+
+    def _refused(self, generation: int, reason: str) -> None:
+        self.link.event(ExecutionState.REJECTED, generation=generation,
+                        detail=f"desired state refused: {reason}"[:2000])
 
     def stop(self, *_: object) -> None:
         self._stop.set()
@@ -229,9 +230,10 @@ class Agent:
     def _pass(self) -> float:
         """One reconcile pass; seconds until the next. What it raises fails the execution in
         progress with its reason (reported), and the next pass waits a growing backoff."""
-        with self._lock:
-            desired = self._desired
         try:
+            desired, again = self.inbox.take()
+            if desired is not None:
+                self.sampler.set_policy(desired.sampling)
             delay = self.reconciler.run_pass(desired)
         except EdgefleetError as e:  # e.g. the disk is full: keep serving, try again later
             log.error("reconcile pass failed: %s", e)
@@ -239,7 +241,7 @@ class Agent:
         except Exception as e:  # a bug: not met again on every pass
             self.reconciler.fail(e)
             raise
-        return TICK_S if delay is None else delay
+        return min(TICK_S if delay is None else delay, TICK_S if again is None else again)
 
     def _local_rollback(self) -> None:
         """`fleet-agent rollback` asked for it: the agent flips its own slots (its files stay its own)."""

@@ -42,3 +42,18 @@ class TransportError(AgentError):
 
 class RequestError(AgentError):
     """An inference request is malformed (shape, dtype, size); answered with a 4xx."""
+
+
+class CommandRefused(RemoteError):
+    """A desired state the agent does not obey: unsigned, mis-addressed, replayed or older.
+
+    ``generation`` is the one the director signed for this device, else 0 (not attributable).
+    """
+
+    def __init__(self, reason: str, generation: int = 0) -> None:
+        super().__init__(reason)
+        self.generation = generation
+
+
+class NotSigned(CommandRefused):
+    """No threshold of the director keys the agent knows signed it (a TUF refresh may know newer keys)."""

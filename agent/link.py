@@ -7,8 +7,6 @@ queue that holds them while the broker is away.
 from __future__ import annotations
 
 import collections
-import hashlib
-import json
 import logging
 import threading
 import time
@@ -28,7 +26,6 @@ from edgefleet.common.mqtt import (
 )
 from edgefleet.common.protocol import (
     Channel,
-    Desired,
     Event,
     ExecutionState,
     Reported,
@@ -102,6 +99,9 @@ class OfflineQueue:
 class AgentLink:
     """One device's MQTT link. ``on_desired`` runs in paho's thread: store and wake, don't block.
 
+    ``on_desired`` receives the signed bytes on the device's own desired topic, unverified
+    (``.director.Director`` judges them).
+
     The retained desired state is delivered again after every reconnect (the reconcile
     loop is idempotent), so a desired state published while the device was away is
     never missed. Outgoing messages go through one bounded queue and one sender
@@ -112,14 +112,13 @@ class AgentLink:
         self,
         config: AgentConfig,
         boot: int,
-        on_desired: Callable[[Desired], None],
+        on_desired: Callable[[bytes], None],
         *,
         session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
     ) -> None:
         self.device = protocol.check_device_id(config.device_id)
         self.boot = boot
         self._on_desired = on_desired
-        self._rejected = b""  # digest of the last desired state refused
         self._seq = 0
         self._outbox = threading.Condition()
         self._online = threading.Event()
@@ -247,45 +246,11 @@ class AgentLink:
             self._outbox.notify()
 
     def _message(self, message: paho.MQTTMessage) -> None:
+        if message.topic != self._topic(Channel.DESIRED):  # a broker may replay others' retained messages
+            log.warning("dropped a message on %r: this device subscribes to its own desired state only",
+                        message.topic[:200])
+            return
         if not message.payload:
             log.info("desired state for %s was cleared; nothing to do", self.device)
             return
-        try:
-            _device, channel, desired = protocol.decode(message.topic, message.payload)
-        except protocol.ProtocolError as e:
-            log.warning("dropped a malformed message on %s: %s", message.topic, e)
-            if message.topic == self._topic(Channel.DESIRED):
-                self._reject(message.payload, str(e))
-            return
-        if channel is not Channel.DESIRED or not isinstance(desired, Desired):
-            log.warning("dropped an unexpected %s message on %s", channel.value, message.topic)
-            return
-        self._on_desired(desired)
-
-    def _reject(self, payload: bytes | bytearray, reason: str) -> None:
-        """A desired state this agent cannot parse is REJECTED, under the generation and deployment
-        it names where those can be read, so the controller learns why. Once per payload: the
-        broker resends the retained desired state on every reconnect."""
-        digest = hashlib.sha256(payload).digest()
-        if digest == self._rejected:
-            return
-        self._rejected = digest
-        generation, deployment = _identity(payload)
-        self.event(ExecutionState.REJECTED, generation=generation, deployment=deployment,
-                   detail=f"desired state refused: {reason}"[:2000])
-
-
-def _identity(payload: bytes | bytearray) -> tuple[int, str | None]:
-    """The generation and deployment a refused desired state names, where readable (else 0, None)."""
-    try:
-        data = json.loads(payload)
-    except ValueError:
-        return 0, None
-    if not isinstance(data, dict):
-        return 0, None
-    generation, deployment = data.get("generation"), data.get("deployment")
-    if not isinstance(generation, int) or isinstance(generation, bool) or generation < 0:
-        generation = 0
-    if not isinstance(deployment, str) or not protocol.NAME.match(deployment):
-        deployment = None
-    return generation, deployment
+        self._on_desired(bytes(message.payload))

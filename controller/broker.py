@@ -95,12 +95,16 @@ class _Received:
 
 
 class Bridge:
-    """``start()``/``stop()``; ``publish_desired(desired)`` from any thread but paho's."""
+    """``start()``/``stop()``; ``publish_desired(desired)`` from any thread but paho's.
+
+    ``seal`` turns a desired state into the signed bytes published (``DirectorSigner.seal``).
+    """
 
     def __init__(
         self,
         options: BridgeOptions,
         ingest: Ingest,
+        seal: Callable[[Desired], bytes],
         desired_source: Callable[[], Iterable[Desired]] | None = None,
     ) -> None:
         try:
@@ -109,6 +113,7 @@ class Bridge:
             raise InvalidInput(str(e)) from e
         self.options = options
         self.ingest = ingest
+        self._seal = seal
         # After a broker restart the retained desired states may be gone: publish them again.
         self._desired_source = desired_source or self._stored_desired
         self.stats = BridgeStats()
@@ -135,10 +140,6 @@ class Bridge:
             on_connect=self._connected,
             on_message=self._received,
         )
-
-    @classmethod
-    def from_config(cls, config: ControllerConfig, ingest: Ingest) -> Bridge:
-        return cls(BridgeOptions.from_config(config), ingest)
 
     @property
     def is_v5(self) -> bool:
@@ -178,9 +179,10 @@ class Bridge:
         client = self._conn.client
         if client is None or not self._conn.wait_connected(timeout):
             raise Unavailable(f"MQTT broker {where} is not connected; {len(desired)} desired state(s) not sent")
+        signed = [(d, self._seal(d)) for d in desired]  # a signing failure sends none of them
         sent = [
-            (d, client.publish(protocol.topic(d.device, Channel.DESIRED), d.to_json(), qos=1, retain=True))
-            for d in desired
+            (d, client.publish(protocol.topic(d.device, Channel.DESIRED), raw, qos=1, retain=True))
+            for d, raw in signed
         ]
         deadline = time.monotonic() + timeout
         for d, info in sent:
@@ -221,12 +223,12 @@ class Bridge:
 
     def _republish(self, client: paho.Client) -> None:
         try:
-            states = list(self._desired_source())
+            states = [(d, self._seal(d)) for d in self._desired_source()]
         except ControllerError as e:
             log.warning("desired states not republished after the broker reconnect: %s", e)
             return
-        for desired in states:
-            client.publish(protocol.topic(desired.device, Channel.DESIRED), desired.to_json(), qos=1, retain=True)
+        for desired, raw in states:
+            client.publish(protocol.topic(desired.device, Channel.DESIRED), raw, qos=1, retain=True)
         log.info("republished %d desired state(s) to a broker that had no session for us", len(states))
 
     # --- device messages in (paho thread) ------------------------------------------

@@ -31,6 +31,7 @@ from .broker_admin import BrokerAdmin, NoBrokerAdmin
 from .config import ControllerConfig
 from .db.models import Device
 from .db.session import Database
+from .director import DirectorSigner
 from .embedded_broker import EmbeddedBroker
 from .errors import ControllerError, Unavailable
 from .ingest import Ingest
@@ -97,6 +98,7 @@ class ControllerService:
         self._register_operator_token()
         self.repository = Repository(self.config.home, self.store, Expiry.from_config(self.config))
         mirror_targets(self.db, self.repository)
+        director = DirectorSigner(self.repository)  # refuses to start without a director key
         options = BridgeOptions.from_config(self.config)
         if self.config.embedded_broker:
             self.broker = EmbeddedBroker(port=self.config.embedded_broker_port, check_password=self._mqtt_login_ok)
@@ -104,7 +106,7 @@ class ControllerService:
             # amqtt speaks MQTT 3.1.1 only: skip the bridge's MQTT 5 probe.
             options = replace(options, url=f"{self.broker.url}?protocol=3.1.1", username=BRIDGE_USER,
                               password=self._bridge_password, client_id=f"{BRIDGE_USER}-{socket.gethostname()}"[:63])
-        self.bridge = Bridge(options, Ingest(self.db))
+        self.bridge = Bridge(options, Ingest(self.db), director.seal)
         if self.config.broker_admin == "mosquitto":
             self.broker_admin = MosquittoAdmin(self.bridge)
         self.bridge.start()  # connects in the background and keeps retrying

@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from securesystemslib.signer import CryptoSigner
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import (
+    DelegatedRole,
+    Delegations,
     Metadata,
     MetaFile,
     Root,
@@ -34,6 +36,7 @@ from tuf.api.metadata import (
 from tuf.api.serialization import DeserializationError
 from tuf.repository import Repository as TufRepository
 
+from edgefleet.common import director
 from edgefleet.common.errors import ProtocolError, StorageError
 from edgefleet.common.fs import atomic_write
 from edgefleet.common.protocol import TargetInfo, golden_path, target_path
@@ -110,9 +113,8 @@ class Keyring:
             raise SigningError(f"cannot write signing key: {e}") from e
         return signer
 
-    def settle(self, root: Root) -> None:
-        """Finish (keys the root lists) or discard (keys it does not) a rotation a crash interrupted."""
-        listed = {keyid for role in root.roles.values() for keyid in role.keyids}
+    def settle(self, listed: set[str]) -> None:
+        """Finish (keys the metadata lists) or discard (keys it does not) a rotation a crash interrupted."""
         for keyid, (path, _) in self.load().items():
             if not path.name.endswith(".next.pem"):
                 continue
@@ -129,6 +131,34 @@ class Keyring:
         retired = self.directory / "retired"
         retired.mkdir(mode=0o700, exist_ok=True)
         os.replace(path, retired / f"{path.stem}-{datetime.now(UTC):%Y%m%dT%H%M%S}.pem")
+
+
+def _director(targets: Targets) -> DelegatedRole | None:
+    """The delegated director role (its keys sign desired states), if the targets metadata has one."""
+    if targets.delegations is None or targets.delegations.roles is None:
+        return None
+    return targets.delegations.roles.get(director.ROLE)
+
+
+def _delegate_director(targets: Targets, signers: list[CryptoSigner]) -> None:
+    """Make ``signers`` the director role's keys (threshold: all of them); the role signs no targets."""
+    old = _director(targets)
+    if old is not None:
+        for keyid in list(old.keyids):
+            targets.revoke_key(keyid, director.ROLE)
+    if targets.delegations is None:
+        targets.delegations = Delegations(keys={}, roles={})
+    assert targets.delegations.roles is not None  # edgefleet never delegates by hash prefix
+    # paths=[]: no target path matches it, so clients never look for director metadata
+    targets.delegations.roles[director.ROLE] = DelegatedRole(director.ROLE, [], len(signers), True, paths=[])
+    for signer in signers:
+        targets.add_key(signer.public_key, director.ROLE)
+
+
+def _listed(md: _Metadata) -> set[str]:
+    """Every key id the root and the director delegation list."""
+    role = _director(md.targets())
+    return {k for spec in md.root().roles.values() for k in spec.keyids} | set(role.keyids if role else [])
 
 
 def _metadata_key(name: str) -> str:
@@ -303,7 +333,9 @@ class Repository:
                 root.add_key(repo.keyring.create(role).public_key, role)
             root.roles[Root.type].threshold = root_threshold
             md.sign_and_write(Metadata(root))
-            md.sign_and_write(Metadata(Targets(expires=expiry.expires(Targets.type))))
+            targets = Targets(expires=expiry.expires(Targets.type))
+            _delegate_director(targets, [repo.keyring.create(director.ROLE)])
+            md.sign_and_write(Metadata(targets))
             snapshot = Snapshot(expires=expiry.expires(Snapshot.type), meta={"targets.json": MetaFile(1)})
             md.sign_and_write(Metadata(snapshot))
             timestamp = Timestamp(expires=expiry.expires(Timestamp.type), snapshot_meta=MetaFile(1))
@@ -397,10 +429,12 @@ class Repository:
         so clients holding the old root can follow. The role's metadata is then
         re-signed with its new key, and the old key files move to keys/retired/.
         """
+        if role == director.ROLE:
+            return self._rotate_director()
         if role not in ROLES:
-            raise InvalidInput(f"role {role!r} is not one of {', '.join(ROLES)}")
+            raise InvalidInput(f"role {role!r} is not one of {', '.join((*ROLES, director.ROLE))}")
         with self._session() as md:
-            self.keyring.settle(md.root())  # before md loads the keys
+            self.keyring.settle(_listed(md))  # before md loads the keys
             old_ids = list(md.root().roles[role].keyids)
             names = [role] if len(old_ids) == 1 else [f"{role}-{i}" for i in range(1, len(old_ids) + 1)]
             fresh = [(name, self.keyring.create(f"{name}.next")) for name in names]
@@ -419,16 +453,54 @@ class Repository:
                 os.replace(self.keyring.directory / f"{name}.next.pem", self.keyring.directory / f"{name}.pem")
         return [signer.public_key.keyid for _, signer in fresh]
 
+    def _rotate_director(self) -> list[str]:
+        """A new director key through a new targets version (created when the home has none).
+
+        Devices learn it on their next TUF refresh, which they make when a desired
+        state's signature does not verify with the keys they know.
+        """
+        with self._session() as md:
+            self.keyring.settle(_listed(md))
+            old = _director(md.targets())
+            old_paths = [md.signers[k][0] for k in (old.keyids if old else []) if k in md.signers]
+            fresh = self.keyring.create(f"{director.ROLE}.next")
+            md.add_signer(fresh, self.keyring.directory / f"{director.ROLE}.next.pem")
+            with md.edit_targets() as targets:
+                _delegate_director(targets, [fresh])
+            md.do_snapshot()
+            md.do_timestamp()
+            for path in old_paths:
+                self.keyring.retire(path)
+            os.replace(self.keyring.directory / f"{director.ROLE}.next.pem",
+                       self.keyring.directory / f"{director.ROLE}.pem")
+        return [fresh.public_key.keyid]
+
+    def director_signers(self) -> list[CryptoSigner]:
+        """The director keys the signed targets metadata delegates to, enough for its threshold."""
+        md = self._metadata()
+        role = _director(md.targets())
+        if role is None:
+            raise SigningError(f"{self.home} has no director key: run `fleetctl keys rotate director`")
+        have = [md.signers[k][1] for k in role.keyids if k in md.signers]
+        if len(have) < role.threshold:
+            raise SigningError(
+                f"director needs {role.threshold} key(s) but {len(have)} are in {self.keyring.directory}; "
+                f"add the missing key files or run `fleetctl keys rotate director`"
+            )
+        return have
+
     def keys(self) -> list[RoleKey]:
-        """The keys the current root lists, per role, and where their private halves are."""
+        """The keys the current root (and the director delegation) lists, and where their private halves are."""
         md = self._metadata()
         root = md.root()
         signers = md.signers
+        listed = [(role, keyid, root.roles[role].threshold) for role in ROLES for keyid in root.roles[role].keyids]
+        delegated = _director(md.targets())
+        if delegated is not None:
+            listed += [(director.ROLE, keyid, delegated.threshold) for keyid in delegated.keyids]
         return [
-            RoleKey(role, keyid, root.roles[role].threshold,
-                    str(signers[keyid][0]) if keyid in signers else None)
-            for role in ROLES
-            for keyid in root.roles[role].keyids
+            RoleKey(role, keyid, threshold, str(signers[keyid][0]) if keyid in signers else None)
+            for role, keyid, threshold in listed
         ]
 
     def trusted_root(self) -> bytes:

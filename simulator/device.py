@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any, Protocol
 
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.daemon import TICK_S, agent_version, next_boot, serve_installed
+from edgefleet.agent.director import Director, Inbox
 from edgefleet.agent.fetch import ModelUpdater, RangeFetcher
 from edgefleet.agent.reconcile import Reconciler
 from edgefleet.agent.sampler import Sampler, controller_poster
@@ -30,7 +30,6 @@ from edgefleet.common.errors import EdgefleetError
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.mqtt import BrokerURL
 from edgefleet.common.protocol import (
-    Desired,
     Event,
     ExecutionState,
     Heartbeat,
@@ -76,11 +75,14 @@ class _Incarnation:
         self.boot = next_boot(Path(config.state_dir))
         self.slots = Slots(Path(config.state_dir))
         self.runtime = SimRuntime(shared.sessions, lambda: device.faults)
-        self.link = SimLink(shared.loop, config, shared.broker, self.boot, device.on_desired, shared.session_expiry_s)
         updater = ModelUpdater(
             Path(config.state_dir) / "tuf", config.tuf_metadata_url, config.tuf_target_base_url,
             config.download_timeout_s, fetcher=FaultyFetcher(shared.fetcher, lambda: device.faults),
         )
+        # as the daemon wires it; memory (what was received, what was admitted) dies with the incarnation
+        self.inbox = Inbox(Director(Path(config.state_dir), config.device_id, updater), self._refused)
+        self.link = SimLink(shared.loop, config, shared.broker, self.boot, self._on_desired, shared.session_expiry_s)
+        self._device = device
         self.reconciler = Reconciler(
             self.slots, updater, self.runtime, _Recording(self.link, device), device.profile,
             agent_version=agent_version(), on_step=device.check_power,
@@ -88,6 +90,14 @@ class _Incarnation:
         self.traffic = self._traffic(device, shared.traffic) if shared.traffic is not None else None
         self.started = time.monotonic()
         self.alive = True
+
+    def _on_desired(self, raw: bytes) -> None:
+        self.inbox.put(raw)
+        self._device.shared.workers.wake(self._device)
+
+    def _refused(self, generation: int, reason: str) -> None:
+        self.link.event(ExecutionState.REJECTED, generation=generation,
+                        detail=f"desired state refused: {reason}"[:2000])
 
     def _traffic(self, device: SimDevice, traffic: Traffic) -> DeviceTraffic:
         """As the daemon wires it: the sampler resumes its on-disk buffer under the journal's policy."""
@@ -128,8 +138,6 @@ class SimDevice:
         self.id = config.device_id
         self.last_event: Event | None = None
         self.power_cuts = 0
-        self._desired: Desired | None = None
-        self._lock = threading.Lock()
         self._life: _Incarnation | None = None
 
     # --- lifecycle -----------------------------------------------------------
@@ -181,9 +189,7 @@ class SimDevice:
         if life is None or not life.alive:
             return
         life.alive = False
-        self.power_cuts += 1
-        with self._lock:
-            self._desired = None  # memory is gone; the retained desired state comes back on connect
+        self.power_cuts += 1  # memory is gone with the incarnation; the retained desired state comes back
         life.link.cut()
         self.shared.loop.call_later(self.shared.restart_after_s, self.start)
 
@@ -193,15 +199,6 @@ class SimDevice:
             self._life.link.cut()
 
     # --- reconcile -------------------------------------------------------------
-
-    def on_desired(self, desired: Desired) -> None:
-        with self._lock:
-            if self._desired is None or desired.generation >= self._desired.generation:
-                self._desired = desired
-                life = self._life
-                if life is not None and life.traffic is not None:
-                    life.traffic.sampler.set_policy(desired.sampling)
-        self.shared.workers.wake(self)
 
     def check_power(self) -> None:
         """The reconciler's between-steps hook: die here if a power cut is due in this state."""
@@ -219,9 +216,11 @@ class SimDevice:
         life = self._life
         if life is None or not life.alive:
             return None
-        with self._lock:
-            desired = self._desired
+        again = None
         try:
+            desired, again = life.inbox.take()
+            if desired is not None and life.traffic is not None:
+                life.traffic.sampler.set_policy(desired.sampling)
             delay = life.reconciler.run_pass(desired)
         except PowerCut as cut:
             log.info("%s: %s", self.id, cut)
@@ -236,7 +235,7 @@ class SimDevice:
             log.exception("%s: reconcile pass failed unexpectedly", self.id)
             life.reconciler.fail(e)
             delay = TICK_S
-        return TICK_S if delay is None else delay
+        return min(TICK_S if delay is None else delay, TICK_S if again is None else again)
 
     def _heartbeat(self, life: _Incarnation) -> None:
         if not life.alive or self._life is not life:

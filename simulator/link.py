@@ -20,7 +20,7 @@ from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.link import AgentLink
 from edgefleet.common import protocol
 from edgefleet.common.mqtt import BrokerURL
-from edgefleet.common.protocol import Channel, Desired, Status
+from edgefleet.common.protocol import Channel, Status
 
 from .network import NetworkLoop
 
@@ -40,7 +40,7 @@ class SimLink(AgentLink):
         config: AgentConfig,
         url: BrokerURL,
         boot: int,
-        on_desired: Callable[[Desired], None],
+        on_desired: Callable[[bytes], None],
         session_expiry_s: int,
     ) -> None:
         config = dataclasses.replace(config, broker_url=broker_url_text(url))

@@ -5,6 +5,8 @@ from dataclasses import asdict
 
 import click
 
+from edgefleet.common import director
+
 from ..config import ControllerConfig
 from ..errors import SigningError
 from ..home import is_initialized
@@ -21,12 +23,13 @@ def _repository() -> Repository:
 
 @click.group("keys")
 def cli() -> None:
-    """TUF signing keys (root, targets, snapshot, timestamp).
+    """TUF signing keys (root, targets, snapshot, timestamp, and director, which signs desired states).
 
     \b
     Example:
       fleetctl keys list
       fleetctl keys rotate targets
+      fleetctl keys rotate director
     """
 
 
@@ -39,16 +42,18 @@ def list_keys(output: str) -> None:
 
 
 @cli.command("rotate")
-@click.argument("role", type=click.Choice(ROLES))
+@click.argument("role", type=click.Choice((*ROLES, director.ROLE)))
 def rotate(role: str) -> None:
-    """Replace ROLE's key(s) through a new signed root version.
+    """Replace ROLE's key(s) through a new signed root version (director: a new targets version).
 
     Devices follow the rotation on their next refresh: the new root is signed
-    by the old root keys and the new ones.
+    by the old root keys and the new ones. A fleet home made before desired
+    states were signed gets its director key this way; the controller refuses
+    to start without one.
     """
     repository = _repository()
     new = repository.rotate_key(role)
+    where = "targets delegation" if role == director.ROLE else f"root version {repository.root_version()}"
     click.echo(
-        f"rotated {role}: new key {', '.join(k[:16] for k in new)}; "
-        f"root version {repository.root_version()}; old key moved to keys/retired/"
+        f"rotated {role}: new key {', '.join(k[:16] for k in new)}; {where}; old key (if any) moved to keys/retired/"
     )

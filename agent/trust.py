@@ -1,0 +1,86 @@
+"""Which desired states the agent obeys: the director's keys, the device, the generation. No I/O.
+
+The director keys come from the targets metadata the TUF updater verified (and
+cached): :meth:`DirectorTrust.from_metadata` checks that metadata against the
+trusted root again, as ngclient's trusted set does with its local files, and
+verifies each envelope with python-tuf's own delegation check
+(``Targets.get_verification_result``) over DSSE's pre-authentication encoding.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from securesystemslib.dsse import Envelope
+from tuf.api.exceptions import UnsignedMetadataError
+from tuf.api.metadata import Metadata, Root, Targets
+from tuf.api.serialization import DeserializationError
+
+from edgefleet.common import director
+from edgefleet.common.errors import ProtocolError
+from edgefleet.common.protocol import Desired
+
+from .errors import CommandRefused, NotSigned, VerificationError
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The newest desired state this device obeyed: its generation and payload digest."""
+
+    generation: int
+    digest: str  # sha256 of the signed payload
+
+    @classmethod
+    def of(cls, envelope: Envelope, desired: Desired) -> Accepted:
+        return cls(desired.generation, hashlib.sha256(envelope.payload).hexdigest())
+
+
+class DirectorTrust:
+    """The director role as the trusted targets metadata delegates it."""
+
+    def __init__(self, targets: Targets) -> None:
+        if targets.delegations is None or director.ROLE not in (targets.delegations.roles or {}):
+            raise VerificationError("trusted targets metadata delegates no director role: run "
+                                    "`fleetctl keys rotate director` on the controller")
+        self._targets = targets
+
+    @classmethod
+    def from_metadata(cls, root: bytes, targets: bytes) -> DirectorTrust:
+        """From the updater's cached root.json and targets.json; the targets must be signed by the root's keys."""
+        try:
+            trusted_root = Metadata[Root].from_bytes(root).signed
+            md = Metadata[Targets].from_bytes(targets)
+            trusted_root.verify_delegate(Targets.type, md.signed_bytes, md.signatures)
+        except (DeserializationError, UnsignedMetadataError, ValueError) as e:
+            raise VerificationError(f"cached TUF metadata unusable for the director role: {e}") from e
+        return cls(md.signed)
+
+    @property
+    def keyids(self) -> list[str]:
+        return list(self._targets.get_delegated_role(director.ROLE).keyids)
+
+    def admit(self, envelope: Envelope, device: str, accepted: Accepted | None) -> Desired:
+        """The desired state to act on: newer than ``accepted``, or ``accepted`` itself delivered again.
+
+        Raises NotSigned, or CommandRefused (with the generation when the director signed it for this device).
+        """
+        result = self._targets.get_verification_result(director.ROLE, envelope.pae(), envelope.signatures)
+        if not result:
+            raise NotSigned(
+                f"not signed by the director (threshold {result.threshold}, "
+                f"{len(result.signed)} valid signature(s) of keys {', '.join(k[:8] for k in self.keyids)})"
+            )
+        try:
+            desired = Desired.from_json(envelope.payload)
+        except ProtocolError as e:
+            raise CommandRefused(f"signed payload is not a desired state: {e}") from None
+        if desired.device != device:
+            raise CommandRefused(f"signed for device {desired.device!r}, not {device!r}")
+        if accepted is not None and desired.generation <= accepted.generation:
+            if Accepted.of(envelope, desired) == accepted:
+                return desired  # the broker delivers the retained state again after a reconnect
+            raise CommandRefused(
+                f"generation {desired.generation} is not above {accepted.generation}, the newest accepted",
+                desired.generation,
+            )
+        return desired
