@@ -146,8 +146,8 @@ class Agent:
         self.inbox.put(raw)
         self._wake.set()
 
-    def _refused(self, generation: int, reason: str) -> None:
-        self.link.event(ExecutionState.REJECTED, generation=generation,
+    def _refused(self, generation: int, deployment: str | None, reason: str) -> None:
+        self.link.event(ExecutionState.REJECTED, generation=generation, deployment=deployment,
                         detail=f"desired state refused: {reason}"[:2000])
 
     def stop(self, *_: object) -> None:

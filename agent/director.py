@@ -135,11 +135,11 @@ class Inbox:
     judged on the reconcile thread, and the newest admitted.
 
     A refusal is logged once per payload (the broker resends a retained state on every
-    reconnect) and handed to ``refused(generation, reason)``: the generation is the one
-    the director signed for this device, else 0.
+    reconnect) and handed to ``refused(generation, deployment, reason)``: those the
+    director signed for this device, else 0 and None.
     """
 
-    def __init__(self, director: Director, refused: Callable[[int, str], None],
+    def __init__(self, director: Director, refused: Callable[[int, str | None, str], None],
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.director = director
         self._refused_cb = refused
@@ -182,4 +182,7 @@ class Inbox:
             return
         self._refused = digest
         log.warning("refused a desired state: %s", error)
-        self._refused_cb(error.generation if isinstance(error, CommandRefused) else 0, str(error))
+        if isinstance(error, CommandRefused):
+            self._refused_cb(error.generation, error.deployment, str(error))
+        else:
+            self._refused_cb(0, None, str(error))

@@ -47,12 +47,14 @@ class RequestError(AgentError):
 class CommandRefused(RemoteError):
     """A desired state the agent does not obey: unsigned, mis-addressed, replayed or older.
 
-    ``generation`` is the one the director signed for this device, else 0 (not attributable).
+    ``generation`` and ``deployment`` are those the director signed for this device,
+    else 0 and None (not attributable).
     """
 
-    def __init__(self, reason: str, generation: int = 0) -> None:
+    def __init__(self, reason: str, generation: int = 0, deployment: str | None = None) -> None:
         super().__init__(reason)
         self.generation = generation
+        self.deployment = deployment
 
 
 class NotSigned(CommandRefused):

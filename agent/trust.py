@@ -9,6 +9,7 @@ verifies each envelope with python-tuf's own delegation check
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 
 from securesystemslib.dsse import Envelope
@@ -18,7 +19,7 @@ from tuf.api.serialization import DeserializationError
 
 from edgefleet.common import director
 from edgefleet.common.errors import ProtocolError
-from edgefleet.common.protocol import Desired
+from edgefleet.common.protocol import NAME, Desired
 
 from .errors import CommandRefused, NotSigned, VerificationError
 
@@ -72,8 +73,11 @@ class DirectorTrust:
             )
         try:
             desired = Desired.from_json(envelope.payload)
-        except ProtocolError as e:
-            raise CommandRefused(f"signed payload is not a desired state: {e}") from None
+        except ProtocolError as e:  # signed, so its generation is the director's word, where it names us
+            named, generation, deployment = _identity(envelope.payload)
+            if named != device:
+                generation, deployment = 0, None
+            raise CommandRefused(f"{e}", generation, deployment) from None
         if desired.device != device:
             raise CommandRefused(f"signed for device {desired.device!r}, not {device!r}")
         if accepted is not None and desired.generation <= accepted.generation:
@@ -81,6 +85,22 @@ class DirectorTrust:
                 return desired  # the broker delivers the retained state again after a reconnect
             raise CommandRefused(
                 f"generation {desired.generation} is not above {accepted.generation}, the newest accepted",
-                desired.generation,
+                desired.generation, desired.deployment,
             )
         return desired
+
+
+def _identity(payload: bytes) -> tuple[object, int, str | None]:
+    """Device, generation and deployment of a signed payload that is not a valid desired state, where readable."""
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return None, 0, None
+    if not isinstance(data, dict):
+        return None, 0, None
+    generation, deployment = data.get("generation"), data.get("deployment")
+    if not isinstance(generation, int) or isinstance(generation, bool) or generation < 0:
+        generation = 0
+    if not isinstance(deployment, str) or not NAME.match(deployment):
+        deployment = None
+    return data.get("device"), generation, deployment

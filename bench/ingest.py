@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from multiprocessing.context import SpawnContext
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
@@ -35,9 +36,10 @@ from typing import Any
 import paho.mqtt.client as paho
 import sqlalchemy as sa
 from paho.mqtt.enums import CallbackAPIVersion
+from securesystemslib.signer import CryptoSigner
 
 from bench._common import table
-from edgefleet.common import protocol
+from edgefleet.common import director, protocol
 from edgefleet.common.mqtt import BrokerURL
 from edgefleet.common.protocol import (
     Channel,
@@ -219,7 +221,8 @@ def bridge_phase(kind: str, broker: str, postgres: str, devices: int, seconds: f
             session.add_all(Device(id=name) for name in names)
         tag = uuid.uuid4().hex[:8]
         bridge = Bridge(BridgeOptions(url=broker, client_id=f"bench-ctl-{tag}", share_group=f"bench{tag}",
-                                      session_expiry_s=60), Ingest(db))
+                                      session_expiry_s=60), Ingest(db),
+                        partial(director.seal, signers=[CryptoSigner.generate_ed25519()]))  # sends no desired state
         bridge.start()
         if not bridge.wait_connected(10):
             raise RuntimeError(f"the bridge could not connect to {broker}")

@@ -34,7 +34,12 @@ MAX_SIGNATURES = 8  # more than any threshold a fleet uses; a longer list is ref
 
 def seal(desired: Desired, signers: Sequence[Signer]) -> bytes:
     """The envelope of ``desired`` signed by every signer, as the bytes published on the desired topic."""
-    envelope = Envelope(desired.to_json(), PAYLOAD_TYPE, {})
+    return seal_payload(desired.to_json(), signers)
+
+
+def seal_payload(payload: bytes, signers: Sequence[Signer]) -> bytes:
+    """The envelope of a desired state's JSON bytes (:func:`seal`; tests seal what no controller would)."""
+    envelope = Envelope(payload, PAYLOAD_TYPE, {})
     for signer in signers:
         envelope.sign(signer)
     raw = json.dumps(envelope.to_dict(), separators=(",", ":"), sort_keys=True).encode()

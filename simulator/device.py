@@ -95,8 +95,8 @@ class _Incarnation:
         self.inbox.put(raw)
         self._device.shared.workers.wake(self._device)
 
-    def _refused(self, generation: int, reason: str) -> None:
-        self.link.event(ExecutionState.REJECTED, generation=generation,
+    def _refused(self, generation: int, deployment: str | None, reason: str) -> None:
+        self.link.event(ExecutionState.REJECTED, generation=generation, deployment=deployment,
                         detail=f"desired state refused: {reason}"[:2000])
 
     def _traffic(self, device: SimDevice, traffic: Traffic) -> DeviceTraffic:

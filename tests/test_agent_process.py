@@ -52,7 +52,7 @@ class Device:
     def __init__(self, tmp_path: Path, repo: ModelRepo, broker: str, preexec=None, env=None, **config):
         self.config = agent_config(tmp_path / "state", repo, broker, f"127.0.0.1:{free_port()}", **config)
         self.agent = AgentProcess(self.config, tmp_path, preexec=preexec, env=env)
-        self.observer = Observer(broker, self.config.device_id)
+        self.observer = Observer(broker, self.config.device_id, repo.seal)
         self.generation = 0
 
     def start(self) -> "Device":

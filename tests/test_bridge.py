@@ -9,10 +9,11 @@ from typing import cast
 
 import pytest
 import sqlalchemy as sa
+from securesystemslib.signer import CryptoSigner
 
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.link import AgentLink
-from edgefleet.common import protocol
+from edgefleet.common import director, protocol
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.protocol import (
     Action,
@@ -53,16 +54,31 @@ DIGITS = ModelRef(model="digits", version="1.0", variant="cpu-fp32")
 pytestmark = pytest.mark.timeout(90)
 
 
+DIRECTOR = CryptoSigner.generate_ed25519()
+
+
+def seal(desired: Desired) -> bytes:
+    return director.seal(desired, [DIRECTOR])
+
+
+def unseal(raw: bytes) -> Desired:
+    """The desired state in a published envelope, whose signature must be the director's."""
+    envelope = director.open_envelope(raw)
+    envelope.verify([DIRECTOR.public_key], 1)
+    return Desired.from_json(envelope.payload)
+
+
 def make_bridge(url: str, db: Database) -> Bridge:
     tag = uuid.uuid4().hex[:8]
     options = BridgeOptions(url=url, client_id=f"ctl-{tag}", share_group=f"g{tag}",
                             session_expiry_s=5, retry=Backoff(0.05, 0.5))
-    return Bridge(options, Ingest(db))
+    return Bridge(options, Ingest(db), seal)
 
 
 def make_link(url: str, device: str, boot: int = 1, desired: list | None = None) -> AgentLink:
     config = AgentConfig(device_id=device, broker_url=url, reconnect_min_s=0.05, reconnect_max_s=0.3)
-    return AgentLink(config, boot, (desired if desired is not None else []).append, session_expiry_s=5)
+    got = desired if desired is not None else []
+    return AgentLink(config, boot, lambda raw: got.append(unseal(raw)), session_expiry_s=5)
 
 
 @pytest.fixture
@@ -209,7 +225,7 @@ def test_undecodable_messages_are_acked_so_the_broker_keeps_delivering(broker_ur
     """More parser-breaking messages than the broker's in-flight window: each is acked and counted."""
     tag = uuid.uuid4().hex[:8]
     bridge = Bridge(BridgeOptions(url=broker_url, client_id=f"ctl-{tag}", share_group=f"g{tag}",
-                                  session_expiry_s=5, batch_max=2, retry=Backoff(0.05, 0.5)), Ingest(db))
+                                  session_expiry_s=5, batch_max=2, retry=Backoff(0.05, 0.5)), Ingest(db), seal)
     bridge.start()
     assert bridge.wait_connected(10)
     device = unique_device()
@@ -288,7 +304,7 @@ def test_replicas_split_the_load_with_shared_subscriptions(mosquitto_url, db):
     enroll(db, device)
     first = make_bridge(mosquitto_url, db)
     second = Bridge(BridgeOptions(url=mosquitto_url, client_id=f"{first.options.client_id}-2",
-                                  share_group=first.options.share_group, session_expiry_s=5), Ingest(db))
+                                  share_group=first.options.share_group, session_expiry_s=5), Ingest(db), seal)
     rec = Recorder(mosquitto_url, "x/none")
     try:
         for b in (first, second):

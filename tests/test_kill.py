@@ -41,7 +41,7 @@ def test_sigkill_at_random_moments_during_updates(tmp_path, digits, mosquitto_ur
     signed = {i.version: hashlib.sha256(digits.model.read_bytes()).hexdigest() for i in infos}
     config = agent_config(tmp_path / "state", repo, mosquitto_url, f"127.0.0.1:{free_port()}")
     agent = AgentProcess(config, tmp_path)
-    observer = Observer(mosquitto_url, config.device_id)
+    observer = Observer(mosquitto_url, config.device_id, repo.seal)
     landed: dict[str, int] = {}
     try:
         agent.start()

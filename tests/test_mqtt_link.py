@@ -27,10 +27,13 @@ from tests.support.mqtt import (  # noqa: F401  (fixtures)
 pytestmark = pytest.mark.timeout(60)
 
 
-def make_link(url: str, device: str, desired: list, boot: int = 7, queue_max: int = 1000) -> AgentLink:
+def make_link(url: str, device: str, desired: list, boot: int = 7, queue_max: int = 1000,
+              raw: bool = False) -> AgentLink:
+    """A link whose desired bytes land in ``desired`` (parsed, unless ``raw``: the director judges them)."""
     config = AgentConfig(device_id=device, broker_url=url, offline_queue_max=queue_max,
                          reconnect_min_s=0.05, reconnect_max_s=0.3)
-    return AgentLink(config, boot=boot, on_desired=desired.append, session_expiry_s=5)
+    take = desired.append if raw else (lambda payload: desired.append(Desired.from_json(payload)))
+    return AgentLink(config, boot=boot, on_desired=take, session_expiry_s=5)
 
 
 @pytest.fixture
@@ -98,25 +101,24 @@ def test_will_marks_offline_and_desired_is_redelivered_after_reconnect(broker_ur
         link.stop()
 
 
-def test_malformed_desired_is_dropped_and_the_link_keeps_working(embedded_broker):
+def test_the_link_hands_over_its_own_desired_bytes_unjudged_and_keeps_working(embedded_broker):
+    """Judging a desired state is the director's (agent/director.py): the link passes on the bytes
+    of its own desired topic, whatever they are, and nothing of another device's."""
     device = unique_device("bad")
     rec = Recorder(embedded_broker.url, f"{protocol.TOPIC_ROOT}/{device}/#")
-    got: list[Desired] = []
-    link = make_link(embedded_broker.url, device, got)
+    got: list[bytes] = []
+    link = make_link(embedded_broker.url, device, got, raw=True)
     link.start()
     try:
         assert link.wait_connected(10)
         topic = protocol.topic(device, Channel.DESIRED)
-        for payload in (
-            b"{not json",
-            desired_for("someone-else", 1).to_json(),                     # device mismatch
-            json.dumps({"v": 1, "device": device, "generation": "x"}).encode(),  # wrong type
-            b" " * (protocol.MAX_MESSAGE_BYTES + 1),                     # oversized
-        ):
+        payloads = [b"{not json", desired_for("someone-else", 1).to_json(), b" " * (protocol.MAX_MESSAGE_BYTES + 1)]
+        for payload in payloads:
             rec.publish(topic, payload)
+        rec.publish(protocol.topic(unique_device("other"), Channel.DESIRED), desired_for(device, 8).to_json())
         rec.publish(topic, desired_for(device, 9).to_json())
-        assert wait_until(lambda: got)
-        assert [d.generation for d in got] == [9]
+        assert wait_until(lambda: len(got) == 4)
+        assert got == [*payloads, desired_for(device, 9).to_json()]
         assert link.connected
     finally:
         link.stop()

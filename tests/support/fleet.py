@@ -31,6 +31,7 @@ from edgefleet.common.protocol import (
     target_path,
     topic,
 )
+from edgefleet.controller.director import DirectorSigner
 
 from .repo_server import RepoServer
 from .signed_repo import CPU_REQUIREMENTS, SignedRepo
@@ -59,6 +60,7 @@ class ModelRepo:
     eval_inputs: np.ndarray
     reference: Path          # golden outputs come from this model (digits) unless told otherwise
     infos: dict[str, TargetInfo] = field(default_factory=dict)  # what a test module published, by its own names
+    _director: DirectorSigner | None = None
 
     @classmethod
     def create(cls, root: Path, eval_inputs: np.ndarray, reference: Path) -> ModelRepo:
@@ -78,6 +80,12 @@ class ModelRepo:
 
     def trusted_root(self) -> bytes:
         return self.signed.repository.trusted_root()
+
+    def seal(self, message: Desired) -> bytes:
+        """``message`` signed by the fleet's director key, as the controller publishes it."""
+        if self._director is None:
+            self._director = DirectorSigner(self.signed.repository)
+        return self._director.seal(message)
 
     def publish(
         self,
@@ -130,14 +138,16 @@ def desired(device: str, generation: int, info: TargetInfo | None = None, **fiel
 
 
 class Observer:
-    """Publishes retained desired states and collects what one device sends (paho, a real broker)."""
+    """Publishes retained desired states (sealed by ``seal``) and collects what one device sends
+    (paho, a real broker)."""
 
-    def __init__(self, broker_url: str, device: str) -> None:
+    def __init__(self, broker_url: str, device: str, seal: Callable[[Desired], bytes]) -> None:
         import paho.mqtt.client as paho
         from paho.mqtt.enums import CallbackAPIVersion
 
         host, _, port = broker_url.removeprefix("mqtt://").partition(":")
         self.device = device
+        self.seal = seal
         self.messages: queue.Queue[tuple[Channel, dict]] = queue.Queue()
         self.seen: list[tuple[Channel, dict]] = []
         self.reported: dict | None = None
@@ -165,7 +175,11 @@ class Observer:
                 self.reported = body
 
     def publish(self, message: Desired) -> None:
-        info = self.client.publish(topic(self.device, Channel.DESIRED), message.to_json(), qos=1, retain=True)
+        self.publish_raw(self.seal(message))
+
+    def publish_raw(self, payload: bytes, device: str | None = None) -> None:
+        """Any bytes, retained on the desired topic of ``device`` (this one by default), as an attacker could."""
+        info = self.client.publish(topic(device or self.device, Channel.DESIRED), payload, qos=1, retain=True)
         info.wait_for_publish(10)
 
     def events(self, generation: int | None = None) -> list[dict]:
