@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from tuf.api.exceptions import UnsignedMetadataError
-from tuf.api.metadata import Metadata, Root
+from tuf.api.metadata import Metadata, Root, Targets
 
 from edgefleet.common.protocol import TargetInfo
 from edgefleet.controller.cli import main as fleetctl
 from edgefleet.controller.config import ControllerConfig
 from edgefleet.controller.errors import Conflict, InvalidInput, SigningError
 from edgefleet.controller.home import init_home
-from edgefleet.controller.signing import Expiry, Repository
+from edgefleet.controller.signing import Expiry, Keyring, Repository
 from tests.support.signed_repo import make_bundle
 
 
@@ -51,7 +51,8 @@ def test_init_creates_home_keys_and_initial_metadata(tmp_path: Path) -> None:
     assert tomllib.loads((home / "config.toml").read_text()) == {}  # only commented defaults
     assert "# api_port = 8470" in (home / "config.toml").read_text()
     keys = sorted(p.name for p in (home / "keys").glob("*.pem"))
-    assert keys == ["root-1.pem", "root-2.pem", "root-3.pem", "snapshot.pem", "targets.pem", "timestamp.pem"]
+    assert keys == ["director.pem", "root-1.pem", "root-2.pem", "root-3.pem", "snapshot.pem", "targets.pem",
+                    "timestamp.pem"]
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in (home / "keys").glob("*.pem"))
     metadata = home / "store/repository/metadata"
     assert sorted(p.name for p in metadata.iterdir()) == [
@@ -60,6 +61,12 @@ def test_init_creates_home_keys_and_initial_metadata(tmp_path: Path) -> None:
     assert root.signed.consistent_snapshot is True
     assert root.signed.roles["root"].threshold == 2 and len(root.signed.roles["root"].keyids) == 3
     root.signed.verify_delegate("root", root.signed_bytes, root.signatures)  # self-signed by >= 2 keys
+    # the director role: signs desired states, never a target
+    targets = Metadata[Targets].from_file(str(metadata / "1.targets.json")).signed
+    delegated = targets.get_delegated_role("director")
+    assert delegated.paths == [] and delegated.threshold == 1
+    assert targets.get_key(delegated.keyids[0]).keyid in {
+        signer.public_key.keyid for _, signer in Keyring(home / "keys").load().values()}
 
 
 def test_init_refuses_existing_home_unless_forced(home: Path) -> None:
@@ -208,7 +215,7 @@ def test_fleetctl_keys_list_and_rotate(home: Path, monkeypatch: pytest.MonkeyPat
     listed = runner.invoke(fleetctl, ["keys", "list", "-o", "json"])
     assert listed.exit_code == 0, listed.output
     rows = json.loads(listed.output)
-    assert sorted(r["role"] for r in rows) == ["root", "snapshot", "targets", "timestamp"]
+    assert sorted(r["role"] for r in rows) == ["director", "root", "snapshot", "targets", "timestamp"]
     rotated = runner.invoke(fleetctl, ["keys", "rotate", "timestamp"])
     assert rotated.exit_code == 0, rotated.output
     assert "root version 2" in rotated.output
@@ -256,4 +263,5 @@ def test_rotation_settles_an_interrupted_earlier_rotation(repo: Repository, home
     repo.rotate_key("timestamp")
     assert [k.path for k in repo.keys() if k.role == "targets"] == [str(keys / "targets.pem")]
     assert [k.keyid for k in repo.keys() if k.role == "targets"] == [current]
-    assert sorted(p.name for p in keys.glob("*.pem")) == ["root.pem", "snapshot.pem", "targets.pem", "timestamp.pem"]
+    assert sorted(p.name for p in keys.glob("*.pem")) == ["director.pem", "root.pem", "snapshot.pem", "targets.pem",
+                                                         "timestamp.pem"]
