@@ -36,8 +36,8 @@ def signer(fleet: SignedRepo) -> DirectorSigner:
     return DirectorSigner(fleet.repository)
 
 
-def command(generation: int, device: str = DEVICE, **fields: object) -> Desired:
-    return Desired(device=device, generation=generation, action=Action.NONE, deployment=f"r{generation}", **fields)
+def command(generation: int, device: str = DEVICE) -> Desired:
+    return Desired(device=device, generation=generation, action=Action.NONE, deployment=f"r{generation}")
 
 
 def trust_of(fleet: SignedRepo) -> DirectorTrust:

@@ -63,7 +63,8 @@ def test_init_creates_home_keys_and_initial_metadata(tmp_path: Path) -> None:
     root.signed.verify_delegate("root", root.signed_bytes, root.signatures)  # self-signed by >= 2 keys
     # the director role: signs desired states, never a target
     targets = Metadata[Targets].from_file(str(metadata / "1.targets.json")).signed
-    delegated = targets.get_delegated_role("director")
+    assert targets.delegations is not None and targets.delegations.roles is not None
+    delegated = targets.delegations.roles["director"]
     assert delegated.paths == [] and delegated.threshold == 1
     assert targets.get_key(delegated.keyids[0]).keyid in {
         signer.public_key.keyid for _, signer in Keyring(home / "keys").load().values()}

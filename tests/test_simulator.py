@@ -36,9 +36,10 @@ def repo(tmp_path_factory, digits):
 class Watcher:
     """Everything the fleet sends, seen from the broker (a plain paho subscriber)."""
 
-    def __init__(self, broker_url: str, prefix: str) -> None:
+    def __init__(self, broker_url: str, prefix: str, repo: ModelRepo) -> None:
         host, _, port = broker_url.removeprefix("mqtt://").partition(":")
         self.prefix = prefix
+        self.repo = repo
         self.messages: dict[str, list[tuple[str, dict]]] = defaultdict(list)
         self._lock = threading.Lock()
         ready = threading.Event()
@@ -64,7 +65,7 @@ class Watcher:
             return [body for ch, body in self.messages[device] if ch == channel]
 
     def publish_desired(self, message) -> None:
-        self.client.publish(topic(message.device, Channel.DESIRED), message.to_json(), qos=1, retain=True)
+        self.client.publish(topic(message.device, Channel.DESIRED), self.repo.seal(message), qos=1, retain=True)
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -80,7 +81,7 @@ def test_fleet_updates_with_faults_on_one_network_thread(repo, mosquitto_url, tm
         metadata_url=repo.metadata_url, target_base_url=repo.target_base_url, heartbeat_s=2.0,
         download_timeout_s=5.0, reconnect_min_s=0.1, reconnect_max_s=0.5, session_expiry_s=60,
     ))
-    watcher = Watcher(mosquitto_url, prefix)
+    watcher = Watcher(mosquitto_url, prefix, repo)
     try:
         fleet.create()
         ids = sorted(fleet.devices)
