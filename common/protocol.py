@@ -10,8 +10,9 @@ types, oversized payloads and messages whose ``device`` does not match the topic
 raise :class:`ProtocolError`, and callers drop the message. Events and telemetry
 carry typed payloads (:class:`GateReport`, :class:`Heartbeat`,
 :class:`BenchmarkReport`, :class:`ModelCounters`), never free dicts.
-An MQTT message is a hint, never trust: whatever ``desired`` names, the agent
-installs only what TUF metadata signs.
+An MQTT message is a hint, never trust: a desired state travels signed by the
+director role (:mod:`.director`), and whatever it names, the agent installs only
+what TUF metadata signs.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Everything on the wire is the agent's: topics, client id (the device id),
 persistent session, will (Status offline with the boot sequence), retained
 Status online and the desired-state subscription renewed on every connect,
-device/boot/seq/ts stamping, strict parsing of the desired state. Only the
+device/boot/seq/ts stamping, only its own desired topic handed on (to the director). Only the
 transport differs: no sender thread and no connection thread per device; a
 message is handed straight to paho, which keeps QoS 1 messages while the
 broker is away and sends them after the reconnect (heartbeats are not sent
