@@ -22,7 +22,7 @@ from typing import Protocol
 from securesystemslib.dsse import Envelope
 
 from edgefleet.common import director
-from edgefleet.common.errors import ProtocolError
+from edgefleet.common.errors import ProtocolError, StorageError
 from edgefleet.common.fs import atomic_write, storage_error
 from edgefleet.common.protocol import Desired
 
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 ACCEPTED_FILE = "desired.json"
 REFRESH_MIN_S = 5.0  # a refresh asked for by an unverifiable envelope, at most this often
-RETRY_S = 15.0       # a refresh that failed in transport is tried again after this
+RETRY_S = 15.0       # a refresh that failed in transport (or a full disk) is tried again after this
 
 
 class Refresher(Protocol):
@@ -165,7 +165,7 @@ class Inbox:
         if received is not None:
             try:
                 desired = self.director.admit(*received)
-            except TransportError as e:  # no verdict yet: keep it, unless a newer one arrived meanwhile
+            except (TransportError, StorageError) as e:  # no verdict yet: keep it, unless a newer one came
                 with self._lock:
                     self._received = self._received or received
                 return self._desired, e.after_s if isinstance(e, RefreshLater) else RETRY_S

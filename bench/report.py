@@ -113,9 +113,16 @@ def _footprint(rows: list[Row]) -> list[str]:
     return lines
 
 
+def _director(rows: list[Row]) -> list[str]:
+    by = {r["step"].split()[0]: r for r in rows}
+    return [f"Signed desired states: sign **{by['sign']['median µs']} µs** on the controller, verify "
+            f"**{by['verify']['median µs']} µs** on the agent ({by['admit']['median µs']} µs with the fsynced "
+            f"generation floor) per desired state"]
+
+
 HEADLINES: dict[str, Callable[[list[Row]], list[str]]] = {
     "fanout": _fanout, "ingest": _ingest, "swap": _swap, "serving": _serving, "verify": _verify,
-    "footprint": _footprint,
+    "footprint": _footprint, "director": _director,
 }
 
 

@@ -89,6 +89,8 @@ BENCHMARKS: tuple[Benchmark, ...] = (
                ("--size-mb", "100", "--repeat", "3"), ("--size-mb", "1", "--repeat", "1"), 900),
     _benchmark("footprint", "footprint", "6. Agent footprint: idle RSS and CPU vs the bare imports",
                "bench.footprint", ("--idle-seconds", "10"), ("--idle-seconds", "0.3", "--requests", "3"), 600),
+    _benchmark("director", "director", "7. Signed desired states: sign and verify per desired state",
+               "bench.director", ("--repeat", "2000"), ("--repeat", "50"), 300),
 )
 BY_KEY = {b.key: b for b in BENCHMARKS}
 
