@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, Targets
 
@@ -18,6 +19,7 @@ from edgefleet.agent.trust import Accepted, DirectorTrust
 from edgefleet.common import director
 from edgefleet.common.errors import ProtocolError
 from edgefleet.common.protocol import Action, Desired
+from edgefleet.controller.cli import main as fleetctl
 from edgefleet.controller.director import DirectorSigner
 from edgefleet.controller.errors import SigningError
 from tests.support.signed_repo import SignedRepo
@@ -124,7 +126,7 @@ def test_director_key_rotation_old_key_refused_new_key_accepted(fleet, signer):
     assert admit(trust, signer.seal(command(7))) == command(7)  # the signer follows HOME/keys
 
 
-def test_a_home_without_a_director_gets_one_by_rotation(fleet):
+def test_a_home_without_a_director_gets_one_by_rotation(fleet, monkeypatch):
     with fleet.repository._session() as md:  # a home made before desired states were signed
         with md.edit_targets() as targets:
             targets.delegations = None
@@ -132,8 +134,11 @@ def test_a_home_without_a_director_gets_one_by_rotation(fleet):
         md.do_timestamp()
     with pytest.raises(SigningError, match="run `fleetctl keys rotate director`"):
         DirectorSigner(fleet.repository)
-    fleet.repository.rotate_key("director")
-    assert director.open_envelope(DirectorSigner(fleet.repository).seal(command(1))).signatures
+    monkeypatch.setenv("EDGEFLEET_HOME", str(fleet.config.home))
+    rotated = CliRunner().invoke(fleetctl, ["keys", "rotate", "director"])
+    assert rotated.exit_code == 0 and "rotated director" in rotated.output, rotated.output
+    (keyid,) = [k.keyid for k in fleet.repository.keys() if k.role == "director"]
+    assert list(director.open_envelope(DirectorSigner(fleet.repository).seal(command(1))).signatures) == [keyid]
 
 
 class Refreshes(ModelUpdater):
