@@ -97,4 +97,7 @@ class ControllerConfig:
         if config.broker_admin not in BROKER_ADMINS:
             raise InvalidInput(f"controller config: broker_admin must be \"mosquitto\" or empty, "
                                f"not {config.broker_admin!r}")
+        if config.broker_admin and config.embedded_broker:
+            raise InvalidInput(f"controller config: broker_admin = \"{config.broker_admin}\" needs broker_url "
+                               "(the broker it administers); set both or neither")
         return config

@@ -91,3 +91,13 @@ def test_controller_run_help_lists_the_variables_and_the_precedence(tmp_path):
     assert "flag > environment > config.toml > default" in output
     for variable in ("EDGEFLEET_API_PORT", "EDGEFLEET_DATABASE_URL", "EDGEFLEET_STORE_PRESIGN_TTL_S"):
         assert variable in output
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('broker_admin = "emqx"\n', 'broker_admin must be "mosquitto" or empty, not \'emqx\''),
+    ('broker_admin = "mosquitto"\n', 'broker_admin = "mosquitto" needs broker_url'),
+])
+def test_broker_admin_is_checked_at_start(tmp_path, text, problem):
+    write_config(tmp_path / "home", text)
+    output = fleetctl(tmp_path / "home", "controller", "run", code=1)
+    assert output.startswith("error: controller config: ") and problem in output and output.count("\n") == 1
