@@ -117,6 +117,7 @@ class AgentLink:
         session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
     ) -> None:
         self.device = protocol.check_device_id(config.device_id)
+        self._desired_topic = protocol.topic(self.device, Channel.DESIRED).encode()
         self.boot = boot
         self._on_desired = on_desired
         self._seq = 0
@@ -246,9 +247,9 @@ class AgentLink:
             self._outbox.notify()
 
     def _message(self, message: paho.MQTTMessage) -> None:
-        if message.topic != self._topic(Channel.DESIRED):  # a broker may replay others' retained messages
+        if message._topic != self._desired_topic:  # bytes: a broker may replay others' retained messages
             log.warning("dropped a message on %r: this device subscribes to its own desired state only",
-                        message.topic[:200])
+                        message._topic[:200])
             return
         if not message.payload:
             log.info("desired state for %s was cleared; nothing to do", self.device)

@@ -10,15 +10,21 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
+from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
-from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.contexts import Action, ListenerConfig
+from amqtt.errors import MQTTError
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.plugins.base import BaseTopicPlugin
 from amqtt.session import Session
+from amqtt.utils import gen_client_id
 
 from edgefleet.common.defaults import EMBEDDED_BROKER_HOST, EMBEDDED_BROKER_PORT
 
+from . import broker_acl
 from .errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -27,26 +33,113 @@ PasswordCheck = Callable[[str | None, str | None], bool]
 START_TIMEOUT_S = 10.0
 
 
-class CallbackAuthPlugin(BaseAuthPlugin):
-    """amqtt auth plugin: anonymous allowed unless a ``check(username, password)`` is given."""
+class DeviceTopicPlugin(BaseTopicPlugin):
+    """amqtt topic plugin: each login publishes and subscribes only what ``broker_acl`` allows it.
 
-    @dataclass
-    class Config:
-        check: Any = None  # PasswordCheck | None (dacite cannot type-check a Callable)
+    amqtt answers a refused SUBSCRIBE with return code 0x80 and drops a refused PUBLISH
+    (still acknowledged at QoS 1); the client stays connected either way."""
 
-    async def authenticate(self, *, session: Session) -> bool:
-        check = self.config.check
-        if check is None:
-            return True
+    async def topic_filtering(
+        self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
+    ) -> bool:
+        username = session.username if session is not None else None
+        if action is Action.PUBLISH:
+            allowed = topic is not None and broker_acl.may_publish(username, topic)
+        elif action is Action.SUBSCRIBE:
+            allowed = topic is not None and broker_acl.may_subscribe(username, topic)
+        else:
+            return True  # RECEIVE: what a login may subscribe to, it may receive
+        if not allowed:
+            log.warning("MQTT %s of %r refused for %r", action.value if action else "?", topic, username)
+        return allowed
+
+
+class _Broker(Broker):
+    """amqtt 0.12.1's Broker, fixed where devices share it.
+
+    - A CONNECT is authenticated and authorized before amqtt touches the session its client id
+      names: amqtt itself dropped that session's subscriptions (clean session) or took it over
+      before checking the password, so anyone could cut the controller off.
+    - Retained messages are replayed only for the connecting session's own filters: on connect
+      amqtt replayed those matching any client's filters (an agent adopted another device's
+      desired state).
+    """
+
+    def __init__(self, config: dict[str, Any], check: PasswordCheck | None) -> None:
+        super().__init__(config, loop=asyncio.get_running_loop())
+        self._check = check
+
+    async def _initialize_client_session(
+        self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
         try:
-            return bool(check(session.username, session.password))
+            handler, session = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+        except MQTTError:
+            await writer.close()
+            raise
+        refusal = await self._refusal(session)
+        if refusal is not None:
+            log.warning("MQTT client %r from %s refused: %s", session.client_id, remote_address, refusal)
+            await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+            await writer.close()
+            raise MQTTError(refusal)
+        # From here on as amqtt's own _initialize_client_session (0.12.1).
+        if session.clean_session:
+            if session.client_id:
+                await self._delete_session(session.client_id)
+            else:
+                session.client_id = gen_client_id()
+            session.parent = 0
+        elif session.client_id in self._sessions:
+            existing, _ = self._sessions[session.client_id]
+            for name in ("will_flag", "will_message", "will_topic", "will_qos", "keep_alive", "username", "password"):
+                setattr(existing, name, getattr(session, name))
+            session = existing
+            session.parent = 1
+        else:
+            session.parent = 0
+        return handler, session
+
+    async def _refusal(self, session: Session) -> str | None:
+        if self._check is None:
+            return None  # an open broker (tests): anyone, anything
+        try:
+            # The check reads the database: off the broker's event loop.
+            ok = await asyncio.to_thread(self._check, session.username, session.password)
         except Exception:  # a failing check must refuse, not crash the broker
             log.exception("MQTT password check failed for user %r", session.username)
-            return False
+            ok = False
+        if not ok:
+            return f"user {session.username!r}: unknown user or wrong password"
+        will = session.will_topic if session.will_flag else None
+        return broker_acl.connect_refusal(session.username, session.client_id, will)
+
+    async def _authenticate(self, session: Session, _: ListenerConfig) -> bool:
+        return True  # _refusal() admitted this session before amqtt created it
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        subscribers = self._subscriptions.get(subscription[0], [])
+        if any(s.client_id == session.client_id for s, _qos in subscribers):
+            await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    async def disconnect(self, client_id: str) -> bool:
+        """Close the client's connection (its will is sent) and forget its session; False if unknown."""
+        _session, handler = self._sessions.get(client_id, (None, None))
+        if handler is not None and handler.writer is not None:
+            await handler.writer.close()
+        known = client_id in self._sessions
+        await self._delete_session(client_id)
+        return known
 
 
 class EmbeddedBroker:
-    """``start()`` listens on host:port (raises Unavailable if it cannot); ``stop()`` closes it."""
+    """``start()`` listens on host:port (raises Unavailable if it cannot); ``stop()`` closes it.
+
+    With ``check_password`` only logins it accepts connect, and each is held to ``broker_acl``;
+    without it the broker is open (tests). ``revoke(device_id)`` is its ``BrokerAdmin``.
+    """
 
     def __init__(
         self,
@@ -59,7 +152,7 @@ class EmbeddedBroker:
         self._check = check_password
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._broker: Broker | None = None
+        self._broker: _Broker | None = None
 
     @property
     def url(self) -> str:
@@ -68,13 +161,27 @@ class EmbeddedBroker:
     def _config(self) -> dict[str, Any]:
         return {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
-            # Only auth: the default logging and $SYS plugins cost CPU on every packet.
-            "plugins": {f"{__name__}.CallbackAuthPlugin": {"check": self._check}},
+            # Only the ACL: the default logging and $SYS plugins cost CPU on every packet.
+            "plugins": {f"{__name__}.DeviceTopicPlugin": {}} if self._check else {},
         }
 
     async def _start(self) -> None:
-        self._broker = Broker(self._config(), loop=asyncio.get_running_loop())
+        self._broker = _Broker(self._config(), self._check)
         await self._broker.start()
+
+    def disconnect(self, client_id: str) -> bool:
+        """Close the client's open connection now and forget its session; False if it had none."""
+        if self._loop is None or self._broker is None:
+            return False
+        return asyncio.run_coroutine_threadsafe(self._broker.disconnect(client_id), self._loop).result(START_TIMEOUT_S)
+
+    def admit(self, device_id: str) -> None:
+        """BrokerAdmin: nothing to do, logins are checked against the database."""
+
+    def revoke(self, device_id: str) -> None:
+        """BrokerAdmin: close the device's open session (its credentials go from the database)."""
+        if self.disconnect(device_id):
+            log.info("closed the MQTT session of removed device %s", device_id)
 
     @staticmethod
     async def _shutdown(broker: Broker) -> None:

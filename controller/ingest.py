@@ -8,7 +8,10 @@ Every rule below makes a redelivered or late message harmless:
 - Reported: a report older (boot, seq) than the stored one is ignored.
 - Event: unique per (device, boot, seq), checked before insert and by the UNIQUE constraint.
 - Telemetry: unique per (device, boot, seq); looked up only below the device's high-water mark.
-Messages from devices that are not enrolled are dropped with a log line.
+Messages from devices that are not enrolled (or were removed meanwhile) are dropped
+and counted. A device can only claim so much (``_claim_refusal``): its boot moves
+forward by at most MAX_BOOT_STEP, numbers fit the database, counters are non-negative
+and bounded, and an event moves an execution only for a generation the device was sent.
 """
 from __future__ import annotations
 
@@ -25,8 +28,11 @@ from sqlalchemy.orm import Session
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.protocol import (
     BenchmarkReport,
+    CounterSnapshot,
     DeviceMessage,
     Event,
+    Heartbeat,
+    Message,
     Reported,
     Status,
     Telemetry,
@@ -44,19 +50,25 @@ from .db.session import Database
 
 log = logging.getLogger(__name__)
 
+MAX_BOOT_STEP = 1000      # agent restarts between two messages the controller sees; more is a forged boot
+MAX_INT = 2**31 - 1       # boot, seq and generation columns are 32-bit
+MAX_COUNT = 2**53         # counters stay exact as JSON numbers
+
 
 @dataclass
 class IngestResult:
     applied: int = 0
     duplicates: int = 0    # QoS 1 redeliveries
     stale: int = 0         # older than what is stored (late will, old report, old attempt)
-    unknown: int = 0       # device not enrolled
+    unknown: int = 0       # device not enrolled, or removed
+    refused: int = 0       # claims out of bounds (boot jump, counters, a generation never sent)
 
     def __iadd__(self, other: IngestResult) -> IngestResult:
         self.applied += other.applied
         self.duplicates += other.duplicates
         self.stale += other.stale
         self.unknown += other.unknown
+        self.refused += other.refused
         return self
 
 
@@ -106,6 +118,9 @@ class _Batch:
                 log.warning("dropped %s from unknown device %r (not enrolled)",
                             type(message).__name__, message.device)
                 self.result.unknown += 1
+            elif (refusal := _claim_refusal(device, message)) is not None:
+                log.warning("dropped %s from %s: %s", type(message).__name__, device.id, refusal)
+                self.result.refused += 1
             elif isinstance(message, Status):
                 self._status(device, message)
             elif isinstance(message, Reported):
@@ -182,6 +197,12 @@ class _Batch:
         self.result.applied += 1
 
     def _event(self, device: Device, message: Event, seen: set[tuple[str, int, int]]) -> None:
+        execution = self.executions.get((message.deployment, device.id)) if message.deployment else None
+        if execution is not None and message.generation > device.desired_generation:
+            log.warning("dropped Event from %s: generation %d of %s was never sent to it (latest sent: %d)",
+                        device.id, message.generation, message.deployment, device.desired_generation)
+            self.result.refused += 1
+            return
         key = (device.id, message.boot, message.seq)
         if key in seen:
             self.result.duplicates += 1
@@ -196,24 +217,19 @@ class _Batch:
         })
         if (message.boot, message.seq) > (device.last_event_boot, device.last_event_seq):
             device.last_event_boot, device.last_event_seq = message.boot, message.seq
-        self._execution(device, message)
+        self._execution(execution, message)
         self._seen(device, message.boot)
         self.result.applied += 1
 
-    def _execution(self, device: Device, message: Event) -> Execution | None:
+    @staticmethod
+    def _execution(execution: Execution | None, message: Event) -> None:
         """Move the execution the event names, unless the event is from an earlier attempt."""
-        if not message.deployment:
-            return None
-        execution = self.executions.get((message.deployment, device.id))
-        if execution is None:
-            return None
-        if message.generation < execution.generation:
-            return execution
+        if execution is None or message.generation < execution.generation:
+            return
         if execution.state.terminal and message.generation == execution.generation:
-            return execution  # a late, reordered event cannot reopen a finished attempt
+            return  # a late, reordered event cannot reopen a finished attempt
         execution.state = message.state
         execution.detail = message.detail
-        return execution
 
     def _telemetry(self, device: Device, message: Telemetry) -> None:
         # Above the high-water mark is new (the common case, no lookup); below it only
@@ -250,6 +266,27 @@ class _Batch:
         dialect = self.session.get_bind().dialect.name
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         return insert(EventRecord).on_conflict_do_nothing(index_elements=["device_id", "boot", "seq"])
+
+
+def _claim_refusal(device: Device, message: DeviceMessage) -> str | None:
+    """Why ``message`` claims more than its device can, or None."""
+    boot, seq = getattr(message, "boot", 0), getattr(message, "seq", 0)
+    if max(boot, seq, getattr(message, "generation", 0)) > MAX_INT:
+        return f"boot, seq or generation above {MAX_INT}"
+    if device.boot and boot > device.boot + MAX_BOOT_STEP:  # boot 0: never seen, any boot is its first
+        return f"boot {boot} jumps more than {MAX_BOOT_STEP} past {device.boot}"
+    if isinstance(message, Telemetry) and not all(0 <= n <= MAX_COUNT for n in _counts(message.payload)):
+        return f"a counter is negative or above {MAX_COUNT}"
+    return None
+
+
+def _counts(payload: Message) -> list[int]:
+    if isinstance(payload, Heartbeat):
+        extra = [payload.samples_pending, payload.samples_dropped, payload.rss_kb or 0]
+        return extra + _counts(payload.counters)
+    if isinstance(payload, CounterSnapshot):
+        return [payload.requests, payload.rejected, payload.failures, *payload.latency_counts]
+    return []
 
 
 def _telemetry_mark(device: Device) -> tuple[int, int]:

@@ -27,6 +27,7 @@ from .api.app import create_app
 from .api.deps import ApiContext
 from .api.enroll import ROOT_KEY
 from .broker import Bridge, BridgeOptions
+from .broker_acl import CONTROLLER_USER, reserved_client_id
 from .broker_admin import BrokerAdmin, NoBrokerAdmin
 from .config import ControllerConfig
 from .db.models import Device
@@ -46,7 +47,6 @@ from .tokens import read_operator_token, register_operator_token, verify_mqtt_pa
 
 log = logging.getLogger(__name__)
 
-BRIDGE_USER = "edgefleet-controller"  # the bridge's login on the embedded broker
 RESIGN_INTERVAL_S = 300.0
 MIRROR_INTERVAL_S = 30.0  # a publish also asks for a mirror pass through the API
 
@@ -103,9 +103,10 @@ class ControllerService:
         if self.config.embedded_broker:
             self.broker = EmbeddedBroker(port=self.config.embedded_broker_port, check_password=self._mqtt_login_ok)
             self.broker.start()
+            self.broker_admin = self.broker  # it reads credentials from the database, and closes sessions
             # amqtt speaks MQTT 3.1.1 only: skip the bridge's MQTT 5 probe.
-            options = replace(options, url=f"{self.broker.url}?protocol=3.1.1", username=BRIDGE_USER,
-                              password=self._bridge_password, client_id=f"{BRIDGE_USER}-{socket.gethostname()}"[:63])
+            options = replace(options, url=f"{self.broker.url}?protocol=3.1.1", username=CONTROLLER_USER,
+                              password=self._bridge_password, client_id=reserved_client_id(socket.gethostname()))
         self.bridge = Bridge(options, Ingest(self.db), director.seal)
         if self.config.broker_admin == "mosquitto":
             self.broker_admin = MosquittoAdmin(self.bridge)
@@ -182,7 +183,7 @@ class ControllerService:
         """Embedded broker logins: this controller's bridge, or an enrolled device with its MQTT password."""
         if not username or not password:
             return False
-        if username == BRIDGE_USER:
+        if username == CONTROLLER_USER:
             return hmac.compare_digest(password.encode(), self._bridge_password.encode())
         try:
             with self.db.unit_of_work() as session:

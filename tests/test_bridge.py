@@ -116,6 +116,7 @@ def test_round_trip_desired_out_reports_events_telemetry_in(broker_url, db, brid
         s.add(Rollout(id="r1", model="digits", version="1.0"))
         s.flush()
         s.add(Execution(rollout_id="r1", device_id=device, stage=0, generation=1))
+        s.get(Device, device).desired_generation = 3  # the generations sent below
     got: list[Desired] = []
     link = make_link(broker_url, device, boot=3, desired=got)
     link.start()
