@@ -20,6 +20,7 @@ from tests.support.mqtt import (  # noqa: F401  (fixtures)
     Recorder,
     broker_url,
     embedded_broker,
+    replaying_broker,
     unique_device,
     wait_until,
 )
@@ -99,6 +100,28 @@ def test_will_marks_offline_and_desired_is_redelivered_after_reconnect(broker_ur
         assert wait_until(lambda: statuses(recorder)[-1]["online"] is True)
     finally:
         link.stop()
+
+
+def test_the_link_takes_only_its_own_desired_state_from_a_broker_that_replays_others(replaying_broker):
+    # amqtt 0.12.1 hands a connecting client the retained messages of every client's subscriptions
+    other, device = unique_device("other"), unique_device("own")
+    owner = Recorder(replaying_broker.url, protocol.topic(other, Channel.DESIRED))
+    owner.publish(protocol.topic(other, Channel.DESIRED), desired_for(other, 5).to_json(), retain=True)
+    got: list[Desired] = []
+    link = make_link(replaying_broker.url, device, got)
+    probe = Recorder(replaying_broker.url, "nothing/here")  # sees what the broker replays
+    link.start()
+    try:
+        assert link.wait_connected(10)
+        assert wait_until(lambda: probe.messages), "the broker no longer replays: drop this fixture"
+        owner.publish(protocol.topic(device, Channel.DESIRED), desired_for(device, 1).to_json())
+        assert wait_until(lambda: got)
+        time.sleep(0.3)
+        assert [(d.device, d.generation) for d in got] == [(device, 1)]
+    finally:
+        link.stop()
+        probe.close()
+        owner.close()
 
 
 def test_the_link_hands_over_its_own_desired_bytes_unjudged_and_keeps_working(embedded_broker):

@@ -1,6 +1,7 @@
 """MQTT test helpers: both brokers as one fixture, a recording subscriber, enrolled devices."""
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -8,14 +9,18 @@ from collections.abc import Callable, Iterator
 
 import paho.mqtt.client as paho
 import pytest
+from amqtt.broker import Broker
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.common import protocol
 from edgefleet.common.mqtt import BrokerURL
+from edgefleet.controller import embedded_broker as embedded
 from edgefleet.controller.db.models import Device
 from edgefleet.controller.db.session import Database
 from edgefleet.controller.embedded_broker import EmbeddedBroker
 from tests.conftest import free_port
+
+ANONYMOUS = "amqtt.plugins.authentication.AnonymousAuthPlugin"
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> bool:
@@ -37,6 +42,15 @@ def embedded_broker() -> Iterator[EmbeddedBroker]:
     broker.start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture
+def replaying_broker(monkeypatch: pytest.MonkeyPatch) -> Iterator[EmbeddedBroker]:
+    """amqtt 0.12.1's own Broker, unpatched (anonymous logins)."""
+    monkeypatch.setattr(embedded, "_Broker", lambda config, _check: Broker(
+        {**config, "plugins": {ANONYMOUS: {}}}, loop=asyncio.get_running_loop()))
+    with EmbeddedBroker(port=free_port()) as broker:
+        yield broker
 
 
 @pytest.fixture(params=["embedded", "mosquitto"])
