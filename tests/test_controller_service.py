@@ -121,7 +121,8 @@ def enroll_device(controller: Controller, name: str) -> dict:
 def mqtt_session(url: str, username: str | None, password: str | None) -> paho.Client | None:
     """A connected client, or None when the broker refused the login."""
     host, _, port = url.removeprefix("mqtt://").partition(":")
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{username}-{time.monotonic_ns()}")
+    # A device's client id is its device id (the embedded broker insists).
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=username or f"anonymous-{time.monotonic_ns()}")
     if username:
         client.username_pw_set(username, password)
     answered, accepted = threading.Event(), []

@@ -1,5 +1,6 @@
-"""Staged rollouts end to end: a real controller process, Mosquitto, and four real
-agent processes in two simulated hardware classes.
+"""Staged rollouts end to end: a real controller process with its secured embedded broker
+(each device held to its own topics), and four real agent processes in two simulated
+hardware classes.
 
 1. digits 1.0.0 rolls out through both stages.
 2. digits 1.1.0 rolls out while the controller is SIGKILLed mid-rollout and
@@ -31,10 +32,10 @@ STAGES = ["--stages", "50%,100%", "--bake", "1s", "--min-devices-per-stage", "1"
 
 
 @pytest.fixture
-def fleet(tmp_path, mosquitto_url, model_cache):
+def fleet(tmp_path, model_cache):
     home = tmp_path / "home"
     api_port = free_port()
-    write_config(home, api_port, broker_url=mosquitto_url)
+    write_config(home, api_port, embedded_broker_port=free_port())
     fleetctl = Fleetctl(home, echo=print)
     fleetctl("init")
     bundles = build_bundles(fleetctl, tmp_path / "bundles", model_cache)
