@@ -173,7 +173,12 @@ class EmbeddedBroker:
         """Close the client's open connection now and forget its session; False if it had none."""
         if self._loop is None or self._broker is None:
             return False
-        return asyncio.run_coroutine_threadsafe(self._broker.disconnect(client_id), self._loop).result(START_TIMEOUT_S)
+        try:
+            closing = asyncio.run_coroutine_threadsafe(self._broker.disconnect(client_id), self._loop)
+            return closing.result(START_TIMEOUT_S)
+        except Exception as e:  # the broker's own failure, whatever it is
+            raise Unavailable(f"the embedded MQTT broker did not close {client_id}'s session ({e!r}); "
+                              "restart the controller to close it") from e
 
     def admit(self, device_id: str) -> None:
         """BrokerAdmin: nothing to do, logins are checked against the database."""
