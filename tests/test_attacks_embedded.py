@@ -324,8 +324,7 @@ def test_a_devices_own_claims_are_bounded(fleet):
         with fleet.db.reading() as session:
             execution = session.scalars(sa.select(Execution).filter_by(device_id=mallory, rollout_id="m1")).one()
             assert execution.state is not ExecutionState.SUCCEEDED
-        device = fleet.device(mallory)
-        assert (device.boot, device.online) == (1, True)
+        assert fleet.device(mallory).boot == 1  # (online may lapse: mallory sends no heartbeats)
         assert fleet.events(mallory) == 0 and 7.0 not in fleet.uptimes(mallory)
     finally:
         login.close()
