@@ -24,6 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from demo.scenario import AgentProcess, Controller, Fleetctl, wait_for, wait_for_fleet, wait_rollout, write_config
 from edgefleet.agent.config import AgentConfig
 from edgefleet.common import protocol
+from edgefleet.common.director import open_envelope
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.protocol import (
     Action,
@@ -309,7 +310,7 @@ def test_a_devices_own_claims_are_bounded(fleet):
         wait_for(lambda: (d := fleet.device(mallory)) and d.hardware_class == "x86_64", 10, "mallory's hardware")
         fleet.fleetctl("deploy", "digits:1.0.0", "--to", "role=mallory", "--name", "m1", *DEPLOY)
         wait_for(lambda: login.messages, 20, "mallory's desired state", fleet.controller.log)
-        sent = Desired.from_json(login.messages[-1][1])
+        sent = Desired.from_json(open_envelope(login.messages[-1][1]).payload)
         claims = [
             Event(device=mallory, boot=1, seq=2, generation=sent.generation + 1, state=ExecutionState.SUCCEEDED,
                   deployment="m1", detail="a generation never sent"),
