@@ -283,3 +283,23 @@ def test_unreachable_store_is_503(tmp_path, monkeypatch):
     assert response.status_code == 503
     assert "unreachable" in error_of(response)
 
+
+
+@pytest.mark.parametrize("spec, where", [
+    # NaN reached int(): 500; NaN or Infinity elsewhere was stored, and every range check passed it
+    ('"stages": [NaN, 1]', "$.spec.stages[0]: nan"),
+    ('"window": {"cron": "0 2 * * *", "duration": NaN}', "$.spec.window.duration: nan"),
+    ('"bake": Infinity', "$.spec.bake: inf"),
+    ('"gates": {"p99_budget_ms": -Infinity}', "$.spec.gates.p99_budget_ms: -inf"),
+    # a deadline of now + this overflowed datetime in the rollout engine
+    ('"bake": "99999999999999999999d"', "bake '99999999999999999999d' must be 0 to 3650d"),
+    ('"device_timeout": 1e308', "device_timeout 1e+308 must be 0 to 3650d"),
+])
+def test_rollout_manifest_with_nan_infinity_or_endless_durations_is_400(shared_api, spec, where):
+    # written out: json.dumps would refuse to send NaN, as a well-behaved client does
+    body = ('{"manifest": {"apiVersion": "edgefleet/v1", "kind": "Rollout", "spec": '
+            '{"model": "digits", "version": "1.1.0", "selector": "site=lab", ' + spec + '}}, "dry_run": true}')
+    with shared_api.client() as client:
+        response = client.post("/v1/rollouts", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert where in error_of(response)

@@ -39,6 +39,9 @@ def test_parsers():
     for bad in ("10x", "m", "-5s", ""):
         with pytest.raises(InvalidInput, match=r"not a duration|must not be negative"):
             parse_duration(bad)
+    for endless in (float("nan"), float("inf"), 1e308, "99999999999999999999d", -5):  # deadlines overflowed
+        with pytest.raises(InvalidInput, match="must be 0 to 3650d"):
+            parse_duration(endless)
     with pytest.raises(InvalidInput, match="not a share"):
         parse_fraction("two percent")
     with pytest.raises(InvalidInput, match="empty entry"):

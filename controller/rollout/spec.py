@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import InitVar, asdict, dataclass, field
@@ -32,6 +33,9 @@ MAX_MANIFEST_BYTES = 256 * 1024
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
 _PERCENT = re.compile(r"^([0-9]+(?:\.[0-9]+)?)%$")
+# Ten years: a longer bake, timeout or window is a typo, and past ~2.9e11 s a deadline
+# (now + duration) no longer fits a datetime.
+MAX_DURATION_S = 3650 * 86400
 
 
 def parse_duration(text: str | float | int, what: str = "duration") -> float:
@@ -46,8 +50,8 @@ def parse_duration(text: str | float | int, what: str = "duration") -> float:
             seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(raw))
         else:
             raise InvalidInput(f"{what} {text!r} is not a duration: use seconds or e.g. 90s, 10m, 2h, 1h30m")
-    if seconds < 0:
-        raise InvalidInput(f"{what} {text!r} must not be negative")
+    if not 0 <= seconds <= MAX_DURATION_S:  # also NaN, which compares false
+        raise InvalidInput(f"{what} {text!r} must be 0 to {MAX_DURATION_S // 86400}d")
     return seconds
 
 
@@ -206,6 +210,7 @@ class RolloutSpec:
 
     @classmethod
     def from_manifest(cls, manifest: Any, source: str = "manifest") -> RolloutSpec:
+        _refuse_non_finite(manifest, source)
         validate_manifest(manifest, source)
         spec = manifest["spec"]
         values = _values(spec)
@@ -266,6 +271,20 @@ def _values(spec: dict[str, Any]) -> dict[str, Any]:
 def schema() -> dict[str, Any]:
     text = resources.files("edgefleet.manifests").joinpath("rollout.schema.json").read_text()
     return json.loads(text)
+
+
+def _refuse_non_finite(manifest: Any, source: str) -> None:
+    """NaN and Infinity are not JSON numbers, yet JSON bodies (Python's parser) and YAML (.nan,
+    .inf) carry them, and every range check compares false with NaN."""
+    pending: list[tuple[str, Any]] = [("$", manifest)]
+    while pending:  # iterative: a deeply nested manifest costs no recursion
+        path, value = pending.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidInput(f"{source}: {path}: {value} is not a number a manifest may hold")
+        if isinstance(value, dict):
+            pending += ((f"{path}.{key}", item) for key, item in value.items())
+        elif isinstance(value, list):
+            pending += ((f"{path}[{i}]", item) for i, item in enumerate(value))
 
 
 def validate_manifest(manifest: Any, source: str = "manifest") -> None:
