@@ -117,10 +117,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             admin = read_operator_token(home)
             assert admin is not None
             tokens = {"admin": admin}
-            for role in ("deployer", "viewer"):
-                created = fleetctl(home, "tokens", "create", f"fuzz-{role}", "--role", role,
-                                   "--controller", url, "-o", "json")
-                tokens[role] = json.loads(created)["token"]
+            created = fleetctl(home, "tokens", "create", "fuzz", "--role", "deployer", "--controller", url, "-o", "json")
+            tokens["deployer"] = json.loads(created)["token"]
             device_token, existing = seed(url, home, db, admin, tokens["deployer"])
             yield Fleet(url=url, home=home, tokens=tokens, device_token=device_token, existing=existing)
     finally:
