@@ -41,7 +41,7 @@ NEEDS = {
 }
 # Not operator routes: public, or a device's own token.
 OTHERS = {("GET", "/healthz"), ("GET", "/repository/{path:path}"), ("POST", "/v1/enroll"),
-          ("POST", "/v1/devices/{device_id}/samples")}
+          ("POST", "/v1/devices/{device_id}/samples"), ("POST", "/v1/devices/{device_id}/certificate")}
 RANK = {"viewer": 0, "deployer": 1, "admin": 2}
 VALUES = {"device_id": "de-1", "name": "nobody", "rollout_id": "r-none", "action": "pause", "sample_id": "1"}
 
