@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo lint test clean
+.PHONY: demo lint test models clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,15 @@ $(VENV)/.installed: pyproject.toml
 
 demo: $(VENV)/.installed
 	$(PY) -m demo
+
+# The pretrained OCR models (bench/ocr.py): pip downloads rapidocr-onnxruntime's wheel
+# from PyPI (no dependencies, sha256 pinned) and only its three ONNX files are kept.
+# Tests and demos read them from here and never download.
+MODELS := .cache/models
+OCR_MODELS := $(MODELS)/rapidocr-1.4.4/ch_PP-OCRv4_rec_infer.onnx
+$(OCR_MODELS): | $(VENV)/.installed
+	$(PY) -m bench.ocr fetch $(MODELS)
+models: $(OCR_MODELS)
 
 # Static checks, configured in pyproject.toml. `edgefleet.agent` is the folder
 # agent/ (setuptools package-dir), which mypy cannot see through the editable
@@ -28,7 +37,7 @@ lint: $(VENV)/.installed
 	sed 's|^\.cache/mypy/edgefleet/||' .cache/mypy/out.txt; exit $$rc
 
 # pytest exits 5 when it collected no test: that must not pass as green.
-test: lint
+test: lint models
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 

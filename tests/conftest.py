@@ -153,3 +153,21 @@ def db(database_url):
     database.upgrade()
     yield database
     database.dispose()
+
+
+@pytest.fixture(scope="session")
+def ocr_models(model_cache) -> dict[str, Path]:
+    """PP-OCR's pretrained cls, det and rec models, as `make models` fetched them (never downloaded here)."""
+    from bench import ocr
+
+    paths = ocr.model_paths(model_cache)
+    if not all(p.is_file() for p in paths.values()):
+        _missing(f"the OCR models are not in {model_cache}; run `make models`")
+    return paths
+
+
+def ocr_set(model_cache: Path, task: str, eval_count: int, calibration_count: int):
+    """A small rendered set of one OCR task (bench/ocr.py), cached under the model cache."""
+    from bench import ocr
+
+    return ocr.task_set(model_cache, task, eval_count, calibration_count)

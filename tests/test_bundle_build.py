@@ -106,7 +106,7 @@ def test_refused_by_the_accuracy_bound(digits, tmp_path):
     (tmp_path / "cpu-int8.onnx").write_bytes(b"stale file from an older build")
     # Static int8 with 7-bit weights loses a sample or two on digits: a zero bound must refuse it.
     report = build_bundle(digits.model, "digits", "1.0.0", ["cpu-fp32", "cpu-int8"], digits.calibration_data,
-                          digits.eval_data, tmp_path, max_top1_drop=0.0, latency_budget_s=0.1)
+                          digits.eval_data, tmp_path, max_drop=0.0, latency_budget_s=0.1)
     assert [v["variant"] for v in report["variants"]] == ["cpu-fp32"]
     (refusal,) = report["refused"]
     assert refusal["variant"] == "cpu-int8"
@@ -131,7 +131,7 @@ def test_bad_inputs_are_one_line_build_errors(digits, broken_model, tmp_path):
     assert "\n" not in str(e.value)
     no_labels = tmp_path / "nolabels.npz"
     np.savez(no_labels, input=np.zeros((5, 64), np.float32))
-    with pytest.raises(BuildError, match="no integer array 'labels'"):
+    with pytest.raises(BuildError, match="needs one truth array, it has none: an integer array 'labels'"):
         build(digits.model, eval=no_labels)
     with pytest.raises(BuildError, match="unknown variant"):
         build_bundle(digits.model, "digits", "1.0.0", ["tpu-int4"], out=tmp_path / "out")
@@ -192,7 +192,7 @@ def test_resnet50_optimized_and_int8_load_and_run(resnet50, tmp_path):
     report = build_bundle(resnet50, "resnet50", "1.0.0", ["cpu-fp32", "cpu-int8"], calibration, None, out,
                           latency_budget_s=0.5)
     assert [v["variant"] for v in report["variants"]] == ["cpu-fp32", "cpu-int8"], report["refused"]
-    assert report["reference"]["eval"] == "synthetic" and report["reference"]["top1"] is None
+    assert report["reference"]["eval"] == "synthetic" and report["reference"]["metric"] is None
     fp32, int8 = report["variants"]
     ops = [n.op_type for n in onnx.load(str(out / "cpu-fp32.onnx")).graph.node]
     assert "BatchNormalization" not in ops and fp32["op_count"] < report["reference"]["op_count"]  # BN folded

@@ -10,9 +10,10 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
@@ -23,21 +24,27 @@ from edgefleet.common.protocol import NAME
 from ..errors import BuildError
 from .data import Dataset, load_dataset, synthetic_dataset
 from .evaluate import (
+    LATENCY_THREADS,
+    MIN_LATENCY_RUNS,
     Accuracy,
+    Latency,
     compare,
     cpu_session,
     measure_latency,
     open_session,
     run_all,
     score_output,
-    top1,
 )
 from .golden import make_golden
 from .report import REPORT
 from .source import SourceModel, load_source, one_line
+from .tasks import TITLES, task_of
 from .variants import CUDA_FP16, Variant, select
 
-DEFAULT_MAX_TOP1_DROP = 0.01  # one point of top-1 accuracy
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+DEFAULT_MAX_DROP = 0.01  # one point of the task metric (top-1, exact match, box F1)
 
 
 def build_bundle(
@@ -48,16 +55,17 @@ def build_bundle(
     calibration: Path | None = None,
     eval: Path | None = None,  # noqa: A002 - the CLI's and the report's word
     out: Path = Path("bundle"),
-    max_top1_drop: float = DEFAULT_MAX_TOP1_DROP,
+    max_drop: float = DEFAULT_MAX_DROP,
     *,
     latency_budget_s: float = 2.0,
+    latency_runs: int = MIN_LATENCY_RUNS,
 ) -> dict[str, Any]:
     """Build ``variants`` (default: every one that fits) of ``model`` into ``out``; return the report."""
     for label, value in (("name", name), ("version", version)):
         if not NAME.match(value):
             raise BuildError(f"{label} {value!r} is invalid: use letters, digits, '.', '_' or '-'")
-    if not 0 <= max_top1_drop <= 1:
-        raise BuildError(f"max top-1 drop {max_top1_drop} must be a fraction between 0 and 1")
+    if not 0 <= max_drop <= 1:
+        raise BuildError(f"max drop {max_drop} must be a fraction between 0 and 1")
     chosen = select(variants)
     source = load_source(Path(model))
     evalset = load_dataset(eval, source.inputs, "eval", labelled=True) if eval else synthetic_dataset(source.inputs)
@@ -65,7 +73,7 @@ def build_bundle(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    builder = _Builder(source, evalset, calib, out, max_top1_drop, latency_budget_s)
+    builder = _Builder(source, evalset, calib, out, max_drop, _Timing(latency_budget_s, latency_runs))
     report: dict[str, Any] = {
         "model": name,
         "version": version,
@@ -86,31 +94,42 @@ def build_bundle(
     return report
 
 
+@dataclass(frozen=True)
+class _Timing:
+    budget_s: float  # seconds of timed runs per model, at least...
+    runs: int        # ...this many runs
+
+    def measure(self, session: ort.InferenceSession, data: Dataset, what: str) -> Latency:
+        return measure_latency(session, data.take(slice(0, 1)), self.budget_s, what, self.runs)
+
+
 class _Builder:
-    """Shared state of one build: the source, its reference outputs, the bounds."""
+    """Shared state of one build: the source, its reference outputs and scores, the bounds."""
 
     def __init__(self, source: SourceModel, evalset: Dataset, calibration: Dataset | None, out: Path,
-                 max_top1_drop: float, latency_budget_s: float) -> None:
+                 max_drop: float, timing: _Timing) -> None:
         self.source, self.evalset, self.calibration, self.out = source, evalset, calibration, out
-        self.max_top1_drop, self.latency_budget_s = max_top1_drop, latency_budget_s
+        self.max_drop, self.timing = max_drop, timing
         self.score = score_output(source.outputs)
-        session = open_session(source.proto.SerializeToString())
+        self.task = task_of(evalset.truth, source.outputs)
+        session = open_session(source.proto.SerializeToString(), LATENCY_THREADS)
         what = f"model {source.path.name}"
         self.reference = run_all(session, evalset, what)
-        self.reference_latency = measure_latency(session, evalset.take(slice(0, 1)), latency_budget_s, what)
+        self.reference_scores = self.task.score(self.reference[self.task.output]) if self.task else None
+        self.reference_latency = timing.measure(session, evalset, what)
 
     def reference_entry(self) -> dict[str, Any]:
-        labels, score = self.evalset.labels, self.score
-        return {
+        entry = {
             "file": self.source.path.name,
             "size_bytes": self.source.path.stat().st_size,
             "op_count": len(self.source.proto.graph.node),
-            "latency_ms": {"p50": self.reference_latency.p50, "p99": self.reference_latency.p99},
+            "latency_ms": self.reference_latency.to_dict(),
             "samples": self.evalset.count,
             "eval": "synthetic" if self.evalset.synthetic else "labelled",
-            "top1": round(top1(self.reference[score], labels), 6) if labels is not None and score is not None else None,
+            "metric": self.task.metric if self.task else None,
             "score_output": self.score,
         }
+        return entry | {k: round(v, 6) for k, v in (self.reference_scores or {}).items()}
 
     def build(self, variant: Variant, staging: Path) -> dict[str, Any]:
         reason = variant.unfit(self.source, self.calibration)
@@ -123,13 +142,12 @@ class _Builder:
             if isinstance(e, BuildError):
                 raise
             raise BuildError(f"{variant.name} could not be built: {one_line(e)}") from e
-        session, emulated = cpu_session(staged, fp16=variant.name == CUDA_FP16)
+        session, emulated = cpu_session(staged, fp16=variant.name == CUDA_FP16, threads=LATENCY_THREADS)
         outputs = run_all(session, self.evalset, variant.name)
-        accuracy = compare(self.reference, outputs, self.evalset.labels, self.score)
+        accuracy = compare(self.reference, outputs, self.task, self.reference_scores, self.score)
         self._check_bound(variant.name, accuracy)
         runs_here = not emulated and _providers_work(variant.providers)
-        sample = self.evalset.take(slice(0, 1))
-        latency = measure_latency(session, sample, self.latency_budget_s, variant.name) if runs_here else None
+        latency = self.timing.measure(session, self.evalset, variant.name) if runs_here else None
 
         golden = make_golden(self.evalset, outputs, self.score, variant.golden_rtol)
         op_count = len(onnx.load(str(staged)).graph.node)
@@ -145,7 +163,7 @@ class _Builder:
             "preference": variant.preference,
             "size_bytes": size,
             "op_count": op_count,
-            "latency_ms": {"p50": latency.p50, "p99": latency.p99} if latency else None,
+            "latency_ms": latency.to_dict() if latency else None,
             "accuracy": accuracy.to_dict(),
         }
         if not runs_here:
@@ -157,13 +175,13 @@ class _Builder:
     def _check_bound(self, name: str, accuracy: Accuracy) -> None:
         if accuracy.max_abs_diff == float("inf"):
             raise BuildError(f"{name} produces non-finite outputs on the eval set")
-        if accuracy.top1_drop is not None and accuracy.top1_drop > self.max_top1_drop + 1e-9:
-            assert accuracy.top1 is not None  # the drop is measured from it
-            before = accuracy.top1 + accuracy.top1_drop
+        if accuracy.drop is not None and accuracy.drop > self.max_drop + 1e-9:
+            assert accuracy.metric is not None and accuracy.value is not None  # the drop is measured from them
+            before = accuracy.value + accuracy.drop
             raise BuildError(
-                f"{name} loses {accuracy.top1_drop * 100:.2f} points of top-1 "
-                f"({before * 100:.2f}% -> {accuracy.top1 * 100:.2f}%), above the "
-                f"{self.max_top1_drop * 100:g}-point bound; give better --calibration data or raise --max-top1-drop")
+                f"{name} loses {accuracy.drop * 100:.2f} points of {TITLES[accuracy.metric]} "
+                f"({before * 100:.2f}% -> {accuracy.value * 100:.2f}%), above the "
+                f"{self.max_drop * 100:g}-point bound; give better --calibration data or raise --max-drop")
 
 
 def _providers_work(providers: tuple[str, ...]) -> bool:

@@ -1,11 +1,12 @@
 """DATA.npz files (calibration and evaluation sets), checked against the model's inputs.
 
 A DATA.npz holds one array per model input, named like the input, samples
-along the first axis; an evaluation set adds an integer array ``labels``.
+along the first axis; an evaluation set adds its truth, whose name says the task
+(tasks.py): ``labels`` (classes), ``texts`` (CTC strings) or ``boxes`` (text boxes).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +16,16 @@ from edgefleet.common.golden import read_npz
 
 from ..errors import BuildError
 from .source import TensorSpec
+from .tasks import BOXES, IGNORE, LABELS, TEXTS
 
 MAX_DATA_BYTES = 1024**3   # a larger DATA.npz is refused unread
-LABELS = "labels"
 SYNTHETIC_SAMPLES = 8
 
 
 @dataclass(frozen=True)
 class Dataset:
     inputs: dict[str, np.ndarray]
-    labels: np.ndarray | None = None
+    truth: dict[str, np.ndarray] = field(default_factory=dict)  # empty: no truth (calibration, synthetic)
     synthetic: bool = False
 
     @property
@@ -54,8 +55,8 @@ def load_dataset(path: Path, specs: tuple[TensorSpec, ...], role: str, labelled:
     counts = {name: len(a) for name, a in inputs.items()}
     if len(set(counts.values())) != 1 or 0 in counts.values():
         raise BuildError(f"{role} data {path.name}: inputs need the same, non-zero number of samples, got {counts}")
-    labels = _check_labels(arrays.get(LABELS), next(iter(counts.values())), role, path.name) if labelled else None
-    return Dataset(inputs, labels)
+    truth = _check_truth(arrays, next(iter(counts.values())), role, path.name) if labelled else {}
+    return Dataset(inputs, truth)
 
 
 def _check_input(array: np.ndarray, spec: TensorSpec, role: str) -> np.ndarray:
@@ -71,14 +72,32 @@ def _check_input(array: np.ndarray, spec: TensorSpec, role: str) -> np.ndarray:
     return array
 
 
-def _check_labels(labels: np.ndarray | None, count: int, role: str, name: str) -> np.ndarray:
-    if labels is None:
-        raise BuildError(f"{role} data {name} has no integer array {LABELS!r}; add the true class of each sample")
-    if labels.dtype.kind not in "iu" or labels.shape != (count,):
+# truth array -> (dtype kinds allowed, rank, the shape it must have beyond the samples)
+_TRUTH_SHAPES = {LABELS: ("iu", 1, "[N]"), TEXTS: ("iu", 2, "[N,L]"), BOXES: ("f", 3, "[N,K,4]")}
+
+
+def _check_truth(arrays: dict[str, np.ndarray], count: int, role: str, name: str) -> dict[str, np.ndarray]:
+    present = [key for key in _TRUTH_SHAPES if key in arrays]
+    if len(present) != 1:
+        found = f"it holds {', '.join(present)}" if present else "it has none"
         raise BuildError(
-            f"{role} data {name}: {LABELS!r} must be integers of shape [{count}], "
-            f"got {labels.dtype}{list(labels.shape)}")
-    return labels
+            f"{role} data {name} needs one truth array, {found}: an integer array {LABELS!r} (the true class), "
+            f"{TEXTS!r} (CTC class indices, -1 padded) or a float array {BOXES!r} (x0,y0,x1,y1, -1 padded)")
+    key = present[0]
+    truth, (kinds, rank, shape) = arrays[key], _TRUTH_SHAPES[key]
+    ok = truth.dtype.kind in kinds and truth.ndim == rank and len(truth) == count
+    if not ok or (key == BOXES and truth.shape[2] != 4):
+        kind = "integers" if kinds == "iu" else "floats"
+        raise BuildError(
+            f"{role} data {name}: {key!r} must be {kind} of shape {shape.replace('N', str(count))}, "
+            f"got {truth.dtype}{list(truth.shape)}")
+    truths = {key: truth}
+    if key == TEXTS and IGNORE in arrays:
+        ignore = arrays[IGNORE]
+        if ignore.dtype.kind not in "iu" or ignore.ndim != 1:
+            raise BuildError(f"{role} data {name}: {IGNORE!r} must be a 1-D integer array of classes")
+        truths[IGNORE] = ignore
+    return truths
 
 
 def synthetic_dataset(specs: tuple[TensorSpec, ...], count: int = SYNTHETIC_SAMPLES, seed: int = 0) -> Dataset:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,31 +12,44 @@ import onnx
 from ..errors import BuildError
 from .data import Dataset
 from .source import TensorSpec, one_line, open_session
+from .tasks import Task, same_class
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
-EVAL_BATCH = 64
-WARMUP_RUNS = 3
-MIN_LATENCY_RUNS = 10
+EVAL_BATCH = 16
+# Latency is measured on one thread (the machine may be shared, and a device's cores
+# are its own to count), after warm-up, over enough runs for a p99 to mean something.
+LATENCY_THREADS = 1
+WARMUP_RUNS = 5
+MIN_LATENCY_RUNS = 100
 
 
 @dataclass(frozen=True)
 class Latency:
-    p50: float  # milliseconds, batch of 1, this machine
+    p50: float  # milliseconds, batch of 1, this machine, LATENCY_THREADS threads
     p99: float
     runs: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"p50": self.p50, "p99": self.p99, "runs": self.runs, "threads": LATENCY_THREADS}
 
 
 @dataclass(frozen=True)
 class Accuracy:
-    top1: float | None          # vs labels; None without a labelled eval set
-    agreement: float | None     # share of samples whose top-1 matches the reference
-    max_abs_diff: float         # over every float output, vs the reference
-    top1_drop: float | None     # reference top1 - this top1 (0.01 = one point)
+    metric: str | None          # the task metric (tasks.py): top1, exact_match, box_f1; None without truth
+    value: float | None         # the task metric on the held-out set
+    drop: float | None          # the source's value - this value (0.01 = one point)
+    agreement: float | None     # share of samples where this variant answers what the source answers
+    max_abs_diff: float         # over every float output, vs the source
+    others: dict[str, float] = field(default_factory=dict)  # the task's other measures (cer)
 
-    def to_dict(self) -> dict:
-        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+    def to_dict(self) -> dict[str, float]:
+        """Flat, as TUF custom fields carry it: {top1: .., top1_drop: .., agreement: .., max_abs_diff: ..}."""
+        out: dict[str, float | None] = {"agreement": self.agreement, "max_abs_diff": self.max_abs_diff}
+        if self.metric is not None:
+            out |= {self.metric: self.value, f"{self.metric}_drop": self.drop, **self.others}
+        return {k: round(v, 6) for k, v in out.items() if v is not None}
 
 
 def run(session: ort.InferenceSession, names: list[str] | None, feed: dict[str, np.ndarray], what: str) -> list:
@@ -64,13 +77,16 @@ def run_all(session: ort.InferenceSession, data: Dataset, what: str) -> dict[str
 
 
 def measure_latency(
-    session: ort.InferenceSession, sample: dict[str, np.ndarray], budget_s: float, what: str, max_runs: int = 500
+    session: ort.InferenceSession, sample: dict[str, np.ndarray], budget_s: float, what: str,
+    min_runs: int = MIN_LATENCY_RUNS, max_runs: int = 2000,
 ) -> Latency:
+    """p50/p99 of ``session`` on one sample: warm-up first, then at least ``min_runs`` runs,
+    more while ``budget_s`` lasts."""
     for _ in range(WARMUP_RUNS):
         run(session, None, sample, what)
     times: list[float] = []
     deadline = time.perf_counter() + budget_s
-    while len(times) < max_runs and (len(times) < MIN_LATENCY_RUNS or time.perf_counter() < deadline):
+    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() < deadline):
         start = time.perf_counter()
         session.run(None, sample)
         times.append((time.perf_counter() - start) * 1000)
@@ -83,25 +99,24 @@ def score_output(outputs: tuple[TensorSpec, ...]) -> str | None:
     return next((o.name for o in outputs if o.dtype.kind == "f" and len(o.shape) == 2), None)
 
 
-def top1(scores: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(scores.argmax(axis=1) == labels))
-
-
-def compare(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
-            labels: np.ndarray | None, score: str | None) -> Accuracy:
-    diffs = [
-        float(np.max(np.abs(outputs[n].astype(np.float64) - ref.astype(np.float64)), initial=0.0))
-        for n, ref in reference.items() if ref.dtype.kind == "f"
-    ]
-    if not all(np.isfinite(outputs[n]).all() for n, ref in reference.items() if ref.dtype.kind == "f"):
+def compare(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray], task: Task | None,
+            reference_scores: dict[str, float] | None, score: str | None) -> Accuracy:
+    """This variant against the source: the task metric and its drop when there is truth,
+    agreement (on the task's output, else on the class-score output ``score``), max |diff|."""
+    floats = [n for n, ref in reference.items() if ref.dtype.kind == "f"]
+    diffs = [float(np.max(np.abs(outputs[n].astype(np.float64) - reference[n].astype(np.float64)), initial=0.0))
+             for n in floats]
+    if not all(np.isfinite(outputs[n]).all() for n in floats):
         diffs.append(float("inf"))
-    if score is None:
-        return Accuracy(None, None, max(diffs, default=0.0), None)
-    agreement = float(np.mean(outputs[score].argmax(axis=1) == reference[score].argmax(axis=1)))
-    if labels is None:
-        return Accuracy(None, agreement, max(diffs, default=0.0), None)
-    mine, theirs = top1(outputs[score], labels), top1(reference[score], labels)
-    return Accuracy(mine, agreement, max(diffs, default=0.0), theirs - mine)
+    max_diff = max(diffs, default=0.0)
+    if task is None:
+        agreement = None if score is None else same_class(reference[score], outputs[score])
+        return Accuracy(None, None, None, agreement, max_diff)
+    assert reference_scores is not None  # measured once per build, with the task
+    mine = task.score(outputs[task.output])
+    value = mine.pop(task.metric)
+    return Accuracy(task.metric, value, reference_scores[task.metric] - value,
+                    task.agreement(reference[task.output], outputs[task.output]), max_diff, mine)
 
 
 def fp16_as_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -131,17 +146,17 @@ def fp16_as_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def cpu_session(path: Path, fp16: bool) -> tuple[ort.InferenceSession, bool]:
+def cpu_session(path: Path, fp16: bool, threads: int | None = None) -> tuple[ort.InferenceSession, bool]:
     """A CPU session of the variant, or of its fp32 emulation when fp16 kernels are missing.
 
     Returns (session, emulated).
     """
     try:
-        return open_session(path), False
+        return open_session(path, threads), False
     except Exception as e:  # ORT raises several unrelated types for a bad model
         if not fp16:
             raise BuildError(f"variant {path.name} does not load in ONNX Runtime: {one_line(e)}") from e
     try:
-        return open_session(fp16_as_fp32(onnx.load(str(path))).SerializeToString()), True
+        return open_session(fp16_as_fp32(onnx.load(str(path))).SerializeToString(), threads), True
     except Exception as e:
         raise BuildError(f"variant {path.name} cannot be evaluated on this CPU: {one_line(e)}") from e

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from ..errors import BuildError
+from .normalize import normalize
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -36,13 +38,21 @@ class SourceModel:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
+    @cached_property
+    def normalized(self) -> onnx.ModelProto:
+        """The graph every variant is made from (normalize.py); BuildError if it cannot be made."""
+        try:
+            return normalize(self.proto)
+        except Exception as e:  # the converter and ORT raise anything; one line names the step
+            raise BuildError(f"model {self.path.name} could not be normalized for conversion: {one_line(e)}") from e
+
     @property
     def op_types(self) -> Counter:
-        return op_histogram(self.proto)
+        return op_histogram(self.normalized)
 
     @property
     def has_float_weights(self) -> bool:
-        return any(t.data_type == onnx.TensorProto.FLOAT for t in self.proto.graph.initializer)
+        return any(t.data_type == onnx.TensorProto.FLOAT for t in self.normalized.graph.initializer)
 
 
 def op_histogram(model: onnx.ModelProto) -> Counter:
@@ -63,12 +73,17 @@ def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(value.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)), dims)
 
 
-def open_session(model: Path | bytes) -> ort.InferenceSession:
-    """A CPU session that leaves reporting failures to its caller (ORT would also log them to stderr)."""
+def open_session(model: Path | bytes, threads: int | None = None) -> ort.InferenceSession:
+    """A CPU session that leaves reporting failures to its caller (ORT would also log them to stderr).
+
+    ``threads`` fixes ORT's intra-op threads (None: ORT's default, one per core)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only: a failure is the caller's one-line BuildError
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 

@@ -1,11 +1,15 @@
 """Hardware-specialized variants of one model: how each is made and what it needs.
 
+Each is made from the source's normalized graph (normalize.py: constants as
+initializers, opset >= 13, BatchNorm folded), not from the file as exported.
+
 cpu-fp32   ORT offline optimization at the EXTENDED level (BatchNorm folded into
            Conv, MatMul+Add -> Gemm, Conv/Gemm+activation fusions). The fused ops
            are ORT CPU contrib ops present in every standard ORT build on every
            architecture; the layout level (ALL, NCHWc) is x86-specific and not used.
-cpu-int8   onnxruntime.quantization: static QDQ with a calibration reader when
-           calibration data is given, dynamic (MatMul/Gemm only) otherwise.
+cpu-int8   onnxruntime.quantization: static QDQ (weights per output channel) with a
+           calibration reader when calibration data is given, dynamic (MatMul/Gemm
+           only) otherwise.
 cuda-fp16  float16 conversion keeping float32 inputs and outputs.
 """
 from __future__ import annotations
@@ -23,6 +27,7 @@ from edgefleet.common.hardware import Requirements
 
 from ..errors import BuildError
 from .data import Dataset
+from .normalize import portable
 from .source import SourceModel
 
 CPU_FP32, CPU_INT8, CUDA_FP16 = "cpu-fp32", "cpu-int8", "cuda-fp16"
@@ -50,14 +55,8 @@ class Variant:
 
 
 def _portable(path: Path, source: SourceModel) -> None:
-    """Keep the source's IR version and drop the opset imports ORT adds but no node uses,
-    so an older ORT on a device accepts what a newer ORT here saved."""
     model = onnx.load(str(path))
-    used = {node.domain for node in model.graph.node} | {""}
-    kept = [o for o in model.opset_import if o.domain in used]
-    del model.opset_import[:]
-    model.opset_import.extend(kept)
-    model.ir_version = source.proto.ir_version
+    portable(model, source.proto.ir_version)
     onnx.save(model, str(path))
 
 
@@ -67,7 +66,7 @@ def make_fp32(source: SourceModel, dest: Path, _calibration: Dataset | None) -> 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(dest)
-    ort.InferenceSession(source.proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(source.normalized.SerializeToString(), options, providers=["CPUExecutionProvider"])
     _portable(dest, source)
 
 
@@ -97,8 +96,13 @@ def make_int8(source: SourceModel, dest: Path, calibration: Dataset | None) -> N
 
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         prepared = Path(tmp) / "prepared.onnx"
-        # Shape inference and BN/Gemm fusion first, as ORT recommends before quantizing.
-        quant_pre_process(source.proto, str(prepared))
+        # Shape inference and BN/Gemm fusion first, as ORT recommends before quantizing. Symbolic
+        # shape inference (for transformers' dynamic shapes) gives up on real CNN exports such as
+        # Paddle's; ONNX's own shape inference still runs.
+        # A path, not the proto: given a ModelProto, quant_pre_process moves its weights to external data.
+        normalized = Path(tmp) / "normalized.onnx"
+        onnx.save(source.normalized, str(normalized))
+        quant_pre_process(str(normalized), str(prepared), skip_symbolic_shape=True)
         if calibration is None:
             quantize_dynamic(prepared, dest, op_types_to_quantize=list(QUANTIZABLE_DYNAMIC),
                              weight_type=QuantType.QInt8)
@@ -118,7 +122,7 @@ def make_fp16(source: SourceModel, dest: Path, _calibration: Dataset | None) -> 
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.ModelProto()
-    model.CopyFrom(source.proto)
+    model.CopyFrom(source.normalized)
     onnx.save(convert_float_to_float16(model, keep_io_types=True), str(dest))
 
 

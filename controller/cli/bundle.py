@@ -10,7 +10,8 @@ import click
 from ..errors import BuildError
 from ._output import emit, output_option, table
 
-BUILD_COLUMNS = ("variant", "size_bytes", "ops", "p50_ms", "p99_ms", "top1", "agreement", "max_abs_diff", "top1_drop")
+BUILD_COLUMNS = ("variant", "size_bytes", "ops", "p50_ms", "p99_ms")
+ACCURACY_COLUMNS = ("agreement", "max_abs_diff")
 
 _existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
 
@@ -32,15 +33,18 @@ def cli() -> None:
               type=click.Choice(["cpu-fp32", "cpu-int8", "cuda-fp16"]),
               help="Variant to build (repeatable). Default: every variant that fits the model.")
 @click.option("--calibration", type=_existing_file, help="DATA.npz for static int8 calibration.")
-@click.option("--eval", "eval_data", type=_existing_file, help="DATA.npz with integer 'labels' for accuracy.")
-@click.option("--max-top1-drop", default=1.0, show_default=True, type=click.FloatRange(0, 100),
-              help="Refuse a variant losing more top-1 accuracy than this many points.")
+@click.option("--eval", "eval_data", type=_existing_file,
+              help="DATA.npz with the truth for accuracy: 'labels' (classes), 'texts' (CTC) or 'boxes' (text boxes).")
+@click.option("--max-drop", "--max-top1-drop", "max_drop", default=1.0, show_default=True,
+              type=click.FloatRange(0, 100),
+              help="Refuse a variant losing more than this many points of its task metric "
+                   "(top-1, exact match or box F1).")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Bundle directory to write.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="How to print the report (-o names the bundle directory here).")
 def build(model: Path, name: str, version: str, variants: tuple[str, ...], calibration: Path | None,
-          eval_data: Path | None, max_top1_drop: float, out: Path, fmt: str) -> None:
+          eval_data: Path | None, max_drop: float, out: Path, fmt: str) -> None:
     """Build variants of MODEL.onnx into OUT with a report and golden sets.
 
     \b
@@ -51,7 +55,7 @@ def build(model: Path, name: str, version: str, variants: tuple[str, ...], calib
     from ..bundle.build import build_bundle
 
     report = build_bundle(model, name, version, list(variants) or None, calibration, eval_data, out,
-                          max_top1_drop / 100)
+                          max_drop / 100)
     if fmt == "json":
         click.echo(json.dumps(report, indent=2, sort_keys=True))
     else:
@@ -62,22 +66,25 @@ def build(model: Path, name: str, version: str, variants: tuple[str, ...], calib
 
 def render_report(report: dict) -> str:
     ref = report["reference"]
-    rows = [_row("(source)", ref, {"top1": ref["top1"]})]
-    rows += [_row(v["variant"], v, v["accuracy"]) for v in report["variants"]]
-    lines = [table(rows, BUILD_COLUMNS)]
+    metric = ref.get("metric")
+    measured = (metric, f"{metric}_drop", *(["cer"] if metric == "exact_match" else [])) if metric else ()
+    columns = (*BUILD_COLUMNS, *measured, *ACCURACY_COLUMNS)
+    rows = [_row("(source)", ref, ref, columns)]
+    rows += [_row(v["variant"], v, v["accuracy"], columns) for v in report["variants"]]
+    lines = [table(rows, columns)]
     if ref["eval"] == "synthetic":
-        lines.append("note: no --eval set: agreement is on seeded noise and the top-1 bound was not checked")
+        lines.append("note: no --eval set: agreement is on seeded noise and no task metric was checked")
     lines += [f"note: {v['variant']}: {v['note']}" for v in report["variants"] if v.get("note")]
     lines += [f"refused: {r['variant']}: {r['reason']}" for r in report["refused"]]
     return "\n".join(lines)
 
 
-def _row(label: str, entry: dict, accuracy: dict) -> dict:
+def _row(label: str, entry: dict, accuracy: dict, columns: tuple[str, ...]) -> dict:
     latency = entry.get("latency_ms") or {}
     return {
         "variant": label, "size_bytes": entry["size_bytes"], "ops": entry["op_count"],
         "p50_ms": latency.get("p50"), "p99_ms": latency.get("p99"),
-        **{k: accuracy.get(k) for k in ("top1", "agreement", "max_abs_diff", "top1_drop")},
+        **{k: accuracy.get(k) for k in columns[len(BUILD_COLUMNS):]},
     }
 
 
