@@ -154,6 +154,8 @@ class LoadedModel:
         self.inputs: tuple[TensorSpec, ...] = specs
         self.outputs: tuple[TensorSpec, ...] = tuple(s for s in map(_spec, session.get_outputs()) if s is not None)
         self._output_names = [s.name for s in self.outputs]
+        self.input_specs = {spec.name: spec for spec in self.inputs}
+        self.output_specs = {spec.name: spec for spec in self.outputs}
         # This model's own requests: a swap starts a new segment, so a new version's error
         # rate is never diluted by the old one's. ``since`` (wall clock) names the segment.
         self.counters = Counters()
@@ -176,7 +178,7 @@ class LoadedModel:
         return self._released.is_set()
 
     def validate(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        expected = {spec.name: spec for spec in self.inputs}
+        expected = self.input_specs
         unknown = sorted(set(inputs) - set(expected))
         if unknown:
             raise RequestError(f"unknown input(s) {', '.join(unknown)}; the model takes {', '.join(expected)}")
@@ -198,13 +200,13 @@ class LoadedModel:
         session = self.session
         if session is None:
             raise ModelError(f"model {self.name} {self.version} was released; run it through the active runtime")
-        import onnxruntime as ort
-
         try:
             values = session.run(self._output_names, feed)
-        except ort.capi.onnxruntime_pybind11_state.InvalidArgument as e:
-            raise RequestError(f"model {self.name} rejected the input: {_first_line(e)}") from e
         except Exception as e:  # ORT raises many unrelated types for one failure
+            from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+            if isinstance(e, InvalidArgument):
+                raise RequestError(f"model {self.name} rejected the input: {_first_line(e)}") from e
             raise ModelError(f"model {self.name} {self.version} failed to run: {_first_line(e)}") from e
         return dict(zip(self._output_names, values, strict=True))
 
@@ -397,16 +399,18 @@ class ModelRuntime:
             loaded._exit()
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], LoadedModel]:
-        with self.pinned() as loaded:
-            started = time.perf_counter()
-            try:
-                outputs = loaded.run(inputs)
-            except RequestError:
-                self._count(loaded, rejected=1)
-                raise
-            except ModelError:
-                self._count(loaded, failures=1)
-                raise
+        loaded = self._acquire()  # pinned() inlined: this is every request's path
+        started = time.perf_counter()
+        try:
+            outputs = loaded.run(inputs)
+        except RequestError:
+            self._count(loaded, rejected=1)
+            raise
+        except ModelError:
+            self._count(loaded, failures=1)
+            raise
+        finally:
+            loaded._exit()
         self._count(loaded, seconds=time.perf_counter() - started)
         return outputs, loaded
 

@@ -1,18 +1,22 @@
 """Open Inference Protocol (KServe v2) REST server for the active model.
 
-Stdlib ``http.server`` with one thread per connection (HTTP/1.1 keep-alive),
-on TCP ``HOST:PORT`` or a Unix socket ``unix:/path``. Tensors travel as JSON or
-with the binary tensor data extension. Every bad request gets a 4xx JSON
-``{"error": "..."}`` and the server keeps serving.
+A lean HTTP/1.1 server on ``socketserver`` (one thread per keep-alive
+connection, on TCP ``HOST:PORT`` or a Unix socket ``unix:/path``): the thread
+that reads a request runs the model and writes the answer, so a request
+crosses no queue and no thread hand-off. Heads are parsed here, not by
+``http.server`` (whose ``email``-based header parser cost more than the digits
+model itself). Tensors travel as JSON or with the binary tensor data extension
+(agent/oip.py). Every bad request gets a 4xx JSON ``{"error": "..."}`` and the
+server keeps serving.
 
     python -m edgefleet.agent.serve MODEL.onnx [--name NAME] [--http HOST:PORT]
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
-import math
 import re
 import signal
 import socket
@@ -24,26 +28,19 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Self, cast
 
 import numpy as np
 
-from edgefleet.common import jsonlimit
 from edgefleet.common.defaults import DEFAULT_SERVE_ADDRESS
 from edgefleet.common.errors import EdgefleetError
 from edgefleet.common.protocol import ModelRef
 
 from .config import AgentConfig
 from .errors import AgentError, ModelError, RequestError
-from .runtime import (
-    DATATYPES,
-    LoadedModel,
-    ModelRuntime,
-    NotServingError,
-    RuntimeOptions,
-)
+from .oip import decode_request, encode_response, model_metadata, requested_outputs
+from .runtime import LoadedModel, ModelRuntime, NotServingError, RuntimeOptions
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +48,11 @@ SERVER_NAME = "edgefleet-agent"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data"]
 IDLE_TIMEOUT_S = 60.0  # an idle keep-alive connection is closed after this
-MAX_JSON_DEPTH = 64    # an input's nested "data" lists are as deep as its rank
-_READ_CHUNK = 64 * 1024
+_READ_BUFFER = 64 * 1024
+_MAX_LINE = 65536      # request line or one header line, as http.server allows
+_MAX_HEADERS = 100
+_DRAIN_S = 1.0                # how long a closing connection's unread input is drained
+_DRAIN_BYTES = 1024 * 1024    # and how much of it
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,14 @@ class ConnectionLimits:
     body_wait_s: float = 10.0       # a request waits this long for a body slot, then gets 503
     body_timeout_s: float = 30.0    # a body not fully received after this gets 408
 
+
 _MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?$")
 
 OnInference = Callable[[dict[str, np.ndarray], dict[str, np.ndarray], LoadedModel], None]
+Answer = tuple[HTTPStatus, bytes, str]  # status, body, extra header lines (each ending in CRLF)
+
+_STATUS_LINE = {status: f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode() for status in HTTPStatus}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class HTTPError(Exception):
@@ -77,154 +82,17 @@ class HTTPError(Exception):
         self.status = status
 
 
-# --- request and response bodies (no I/O) ------------------------------------
+class _BadHead(HTTPError):
+    """The request line or headers cannot be read: answered, then the connection is closed."""
 
 
-def decode_request(
-    body: bytes, header_length: int | None, max_bytes: int | None = None
-) -> tuple[dict, dict[str, np.ndarray]]:
-    """Split an infer body into its JSON header and input arrays (binary extension aware).
-
-    ``max_bytes`` bounds what any input's shape may declare (default: the body's size).
-    """
-    if header_length is None:
-        header_length = len(body)
-    if not 0 <= header_length <= len(body):
-        raise RequestError(f"Inference-Header-Content-Length {header_length} exceeds the body ({len(body)} bytes)")
-    try:
-        request = jsonlimit.loads(body[:header_length], MAX_JSON_DEPTH)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RequestError(f"request body is not valid JSON: {e}") from None
-    if not isinstance(request, dict):
-        raise RequestError("request body must be a JSON object")
-    tensors = request.get("inputs")
-    if not isinstance(tensors, list) or not tensors:
-        raise RequestError('request needs a non-empty "inputs" list')
-    binary = memoryview(body)[header_length:]
-    offset = 0
-    inputs: dict[str, np.ndarray] = {}
-    for tensor in tensors:
-        name, dtype, shape = _tensor_header(tensor, len(body) if max_bytes is None else max_bytes)
-        if name in inputs:
-            raise RequestError(f"input {name!r} is given twice")
-        size = _binary_size(tensor)
-        if size is not None:
-            if offset + size > len(binary):
-                raise RequestError(
-                    f"input {name!r} declares {size} binary bytes; the body has {len(binary) - offset} left"
-                )
-            inputs[name] = _from_bytes(name, binary[offset:offset + size], dtype, shape)
-            offset += size
-        elif "data" in tensor:
-            inputs[name] = _from_json(name, tensor["data"], dtype, shape)
-        else:
-            raise RequestError(f'input {name!r} has neither "data" nor a "binary_data_size" parameter')
-    if offset != len(binary):
-        raise RequestError(f"the body carries {len(binary) - offset} binary bytes that no input claims")
-    return request, inputs
-
-
-def _tensor_header(tensor: Any, max_bytes: int) -> tuple[str, np.dtype, tuple[int, ...]]:
-    if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
-        raise RequestError('every input must be an object with a "name"')
-    name = tensor["name"]
-    datatype = tensor.get("datatype")
-    dtype = DATATYPES.get(datatype) if isinstance(datatype, str) else None
-    if dtype is None:
-        raise RequestError(f"input {name!r} has datatype {datatype!r}; supported: {', '.join(DATATYPES)}")
-    shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise RequestError(f'input {name!r} needs "shape" as a list of non-negative integers')
-    if len(shape) > MAX_JSON_DEPTH:
-        raise RequestError(f"input {name!r} has {len(shape)} dimensions; at most {MAX_JSON_DEPTH} are accepted")
-    # Python ints: numpy's int64 product would wrap (or raise) on a hostile shape
-    if any(d > max_bytes for d in shape) or math.prod(shape) * dtype.itemsize > max_bytes:
-        raise RequestError(f"input {name!r} declares shape {shape}; a request holds at most {max_bytes} bytes")
-    return name, dtype, tuple(shape)
-
-
-def _binary_size(tensor: dict) -> int | None:
-    parameters = tensor.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise RequestError(f'input {tensor["name"]!r} has "parameters" that are not an object')
-    size = parameters.get("binary_data_size")
-    if size is None:
-        return None
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise RequestError(f'input {tensor["name"]!r} has an invalid binary_data_size {size!r}')
-    return size
-
-
-def _from_bytes(name: str, data: memoryview, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(data) != expected:
-        raise RequestError(f"input {name!r} has {len(data)} binary bytes; shape {list(shape)} needs {expected}")
-    return np.frombuffer(data, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
-
-
-def _from_json(name: str, data: Any, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    try:
-        array = np.asarray(data, dtype=dtype)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise RequestError(f"input {name!r} data does not convert to {dtype}: {e}") from None
-    if array.size != int(np.prod(shape, dtype=np.int64)):
-        raise RequestError(f"input {name!r} has {array.size} values; shape {list(shape)} needs {int(np.prod(shape))}")
-    return array.reshape(shape)
-
-
-def requested_outputs(request: dict, loaded: LoadedModel) -> list[tuple[str, bool]]:
-    """(output name, as binary) in answer order: the requested ones, else all."""
-    parameters = request.get("parameters") or {}
-    binary_default = bool(isinstance(parameters, dict) and parameters.get("binary_data_output", False))
-    wanted = request.get("outputs")
-    if wanted is None:
-        return [(spec.name, binary_default) for spec in loaded.outputs]
-    if not isinstance(wanted, list):
-        raise RequestError('"outputs" must be a list')
-    known = {spec.name for spec in loaded.outputs}
-    chosen = []
-    for output in wanted:
-        if not isinstance(output, dict) or output.get("name") not in known:
-            name = output.get("name") if isinstance(output, dict) else output
-            raise RequestError(f"unknown output {name!r}; the model gives {', '.join(sorted(known))}")
-        params = output.get("parameters") or {}
-        chosen.append((output["name"], bool(params.get("binary_data", binary_default))))
-    return chosen
-
-
-def encode_response(
-    request: dict, loaded: LoadedModel, outputs: dict[str, np.ndarray], wanted: list[tuple[str, bool]]
-) -> tuple[bytes, int | None]:
-    """The response body and, when any output is binary, the JSON header's length."""
-    specs = {spec.name: spec for spec in loaded.outputs}
-    tensors, chunks = [], []
-    for name, binary in wanted:
-        value = np.ascontiguousarray(outputs[name])
-        tensor: dict[str, Any] = {"name": name, "datatype": specs[name].datatype, "shape": list(value.shape)}
-        if binary:
-            raw = value.astype(value.dtype.newbyteorder("<"), copy=False).tobytes()
-            tensor["parameters"] = {"binary_data_size": len(raw)}
-            chunks.append(raw)
-        else:
-            tensor["data"] = value.reshape(-1).tolist()
-        tensors.append(tensor)
-    answer: dict[str, Any] = {"model_name": loaded.name, "model_version": loaded.version, "outputs": tensors}
-    if "id" in request:
-        answer["id"] = request["id"]
-    header = json.dumps(answer, separators=(",", ":")).encode()
-    if not chunks:
-        return header, None
-    return header + b"".join(chunks), len(header)
-
-
-def model_metadata(loaded: LoadedModel) -> dict:
-    return {
-        "name": loaded.name,
-        "versions": [loaded.version],
-        "platform": "onnxruntime_onnx",
-        "inputs": [spec.to_dict() for spec in loaded.inputs],
-        "outputs": [spec.to_dict() for spec in loaded.outputs],
-    }
+@dataclass
+class _Head:
+    method: str
+    path: str
+    headers: dict[str, str]  # names lower-cased
+    keep_alive: bool
+    http10: bool
 
 
 def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
@@ -245,112 +113,177 @@ def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
     return data
 
 
-# --- HTTP --------------------------------------------------------------------
+def _parse_head(rfile: io.BufferedReader) -> _Head | None:
+    """One request's line and headers from the buffered reader; None at a clean end of the connection."""
+    line = rfile.readline(_MAX_LINE + 1)
+    if line in (b"\r\n", b"\n"):  # RFC 9112 2.2: ignore an empty line before a request line
+        line = rfile.readline(_MAX_LINE + 1)
+    if not line:
+        return None
+    if len(line) > _MAX_LINE:
+        raise _BadHead(HTTPStatus.REQUEST_URI_TOO_LONG, f"request line longer than {_MAX_LINE} bytes")
+    parts = line.split()
+    if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+        shown = line[:80].decode("latin-1").rstrip("\r\n")
+        raise _BadHead(HTTPStatus.BAD_REQUEST, f"bad request line {shown!r}; this server speaks HTTP/1.1")
+    headers: dict[str, str] = {}
+    for _ in range(_MAX_HEADERS + 1):
+        raw = rfile.readline(_MAX_LINE + 1)
+        if len(raw) > _MAX_LINE:
+            raise _BadHead(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"a header line is longer than {_MAX_LINE}")
+        if raw in (b"\r\n", b"\n", b""):
+            break
+        name, colon, value = raw.partition(b":")
+        # whitespace before the colon is how requests are smuggled past proxies: refused (RFC 9112 5.1)
+        if not colon or not name or name != name.strip():
+            raise _BadHead(HTTPStatus.BAD_REQUEST, f"malformed header line {raw[:80].decode('latin-1')!r}")
+        key = name.decode("latin-1").lower()
+        if key in headers and key in ("content-length", "transfer-encoding"):
+            raise _BadHead(HTTPStatus.BAD_REQUEST, f"{key} is given twice")
+        headers[key] = value.strip().decode("latin-1")
+    else:
+        raise _BadHead(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"more than {_MAX_HEADERS} headers")
+    connection = headers.get("connection", "").lower()
+    http10 = parts[2] == b"HTTP/1.0"
+    keep_alive = "keep-alive" in connection if http10 else "close" not in connection
+    return _Head(parts[0].decode("latin-1"), parts[1].decode("latin-1").split("?", 1)[0], headers, keep_alive, http10)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = f"{SERVER_NAME}/{SERVER_VERSION}"
-    timeout = IDLE_TIMEOUT_S
-    # http.server's own refusals (malformed request line, oversized headers, unknown method) as JSON too
-    error_content_type = "application/json"
-    error_message_format = '{"error": "%(code)d %(message)s"}'
-    _answered: tuple[dict, dict, LoadedModel] | None = None
+class _Handler(socketserver.BaseRequestHandler):
+    """One connection: requests in turn until the client closes, idles out, or a body is left unread."""
+
     server: _TCPServer | _UnixServer
+    request: socket.socket
 
     def setup(self) -> None:
-        # Headers and body go out as two writes: on TCP, Nagle + delayed ACK would add 40 ms to each answer.
-        # typeshed calls it a ClassVar, but StreamRequestHandler.setup() reads it from the instance
-        self.disable_nagle_algorithm = self.request.family != socket.AF_UNIX  # type: ignore[misc]
-        super().setup()
+        sock = self.request
+        if sock.family != socket.AF_UNIX:
+            # head and body can go out as two writes: Nagle + delayed ACK would add 40 ms to each
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(IDLE_TIMEOUT_S)
+        self.rfile = cast(io.BufferedReader, sock.makefile("rb", _READ_BUFFER))
+        self.answered: tuple[dict, dict, LoadedModel] | None = None
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - BaseHTTPRequestHandler's signature
-        log.debug("%s " + format, self.path if hasattr(self, "path") else "", *args)
+    def finish(self) -> None:
+        self.rfile.close()
 
-    def do_GET(self) -> None:
-        self._dispatch(self._get)
-
-    def do_POST(self) -> None:
-        self._dispatch(self._post)
-
-    def _dispatch(self, route: Callable[[str], tuple[HTTPStatus, bytes, dict[str, str]]]) -> None:
+    def handle(self) -> None:
+        self.unread = False
         try:
-            status, body, headers = route(self.path.split("?", 1)[0])
+            while self._one():
+                pass
+            if self.unread:
+                self._drain()
+        except OSError:  # the client went away, idled out (TimeoutError), or stop() shut the socket
+            pass
+
+    def _drain(self) -> None:
+        """Close without a reset: input left unread at close() makes the kernel send RST, which can
+        destroy the answer before the client reads it. Read (and drop) a bounded amount first."""
+        self.request.shutdown(socket.SHUT_WR)
+        self.request.settimeout(_DRAIN_S)
+        for _ in range(_DRAIN_BYTES // _READ_BUFFER):
+            if not self.rfile.read1(_READ_BUFFER):
+                return
+
+    def _one(self) -> bool:
+        """Answer one request; whether the connection stays open for another."""
+        try:
+            head = _parse_head(self.rfile)
+        except _BadHead as e:
+            self._send(e.status, _error(str(e)), "", keep_alive=False)
+            self.unread = True
+            return False
+        if head is None:
+            return False
+        # a body we do not read would be parsed as the next request: unless read, close after answering
+        self.unread = head.headers.get("content-length", "0") != "0" or "transfer-encoding" in head.headers
+        try:
+            if head.method == "POST":
+                status, body, extra = self._post(head)
+            elif head.method == "GET":
+                status, body, extra = self._get(head.path)
+            else:
+                raise HTTPError(HTTPStatus.NOT_IMPLEMENTED, f"unsupported method {head.method!r}; use GET or POST")
         except HTTPError as e:
-            status, body, headers = e.status, _error(str(e)), {}
+            status, body, extra = e.status, _error(str(e)), ""
         except RequestError as e:
-            status, body, headers = HTTPStatus.BAD_REQUEST, _error(str(e)), {}
+            status, body, extra = HTTPStatus.BAD_REQUEST, _error(str(e)), ""
         except NotServingError as e:
-            status, body, headers = HTTPStatus.SERVICE_UNAVAILABLE, _error(str(e)), {}
+            status, body, extra = HTTPStatus.SERVICE_UNAVAILABLE, _error(str(e)), ""
         except ModelError as e:
-            status, body, headers = HTTPStatus.INTERNAL_SERVER_ERROR, _error(str(e)), {}
-        except Exception as e:  # one bad request must never stop the server
-            log.exception("inference server: unexpected error on %s", self.path)
-            status, body, headers = HTTPStatus.INTERNAL_SERVER_ERROR, _error(f"internal error: {e}"), {}
-        self._send(status, body, headers)
-        if self._answered is not None:  # sampling runs after the answer is out, off the request's latency
-            self.server.notify(*self._answered)
-            self._answered = None
+            status, body, extra = HTTPStatus.INTERNAL_SERVER_ERROR, _error(str(e)), ""
+        except OSError:
+            raise  # the connection itself failed: nothing to answer on
+        except Exception as e:
+            log.exception("inference server: unexpected error on %s", head.path)
+            status, body, extra = HTTPStatus.INTERNAL_SERVER_ERROR, _error(f"internal error: {e}"), ""
+        keep_alive = head.keep_alive and not self.unread
+        self._send(status, body, extra, keep_alive, head.http10)
+        if self.answered is not None:  # sampling runs after the answer is out, off the request's latency
+            self.server.notify(*self.answered)
+            self.answered = None
+        return keep_alive
 
-    def _send(self, status: HTTPStatus, body: bytes, headers: dict[str, str]) -> None:
-        self.send_response(status)
-        headers.setdefault("Content-Type", "application/json")
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
+    def _send(self, status: HTTPStatus, body: bytes, extra: str, keep_alive: bool, http10: bool = False) -> None:
+        # HTTP/1.1 keeps a connection open unless told; HTTP/1.0 only when told
+        connection = "Connection: close\r\n" if not keep_alive else "Connection: keep-alive\r\n" if http10 else ""
+        head = b"%sContent-Length: %d\r\n%s%s\r\n" % (
+            _STATUS_LINE[status], len(body), (extra or "Content-Type: application/json\r\n").encode(),
+            connection.encode())
+        if len(body) <= _READ_BUFFER:
+            self.request.sendall(head + body)  # one write: one packet for a small answer
+        else:
+            self.request.sendall(head)
+            self.request.sendall(body)
 
-    def _get(self, path: str) -> tuple[HTTPStatus, bytes, dict[str, str]]:
+    def _get(self, path: str) -> Answer:
         runtime = self.server.runtime
         if path == "/v2/health/live":
-            return HTTPStatus.OK, _json({"live": True}), {}
+            return HTTPStatus.OK, b'{"live":true}', ""
         if path == "/v2/health/ready":
             ready = runtime.active is not None
-            return (HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE), _json({"ready": ready}), {}
+            return (HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE), _json({"ready": ready}), ""
         if path == "/v2":
-            return HTTPStatus.OK, _json({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}), {}
+            return HTTPStatus.OK, _json({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}), ""
         match = _MODEL_PATH.match(path)
         if match and match["action"] != "/infer":
             loaded = self._model(match["name"], match["version"])
             if match["action"] == "/ready":
-                return HTTPStatus.OK, _json({"name": loaded.name, "ready": True}), {}
-            return HTTPStatus.OK, _json(model_metadata(loaded)), {}
+                return HTTPStatus.OK, _json({"name": loaded.name, "ready": True}), ""
+            return HTTPStatus.OK, _json(model_metadata(loaded)), ""
         if match:
             raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} takes POST")
         raise HTTPError(HTTPStatus.NOT_FOUND, f"no such endpoint {path}")
 
-    def _post(self, path: str) -> tuple[HTTPStatus, bytes, dict[str, str]]:
-        match = _MODEL_PATH.match(path)
+    def _post(self, head: _Head) -> Answer:
+        match = _MODEL_PATH.match(head.path)
         if not match or match["action"] != "/infer":
-            self._refuse_body()
-            raise HTTPError(HTTPStatus.NOT_FOUND, f"no such endpoint {path} (POST /v2/models/NAME/infer)")
-        try:
-            self._model(match["name"], match["version"])  # 404 before reading a body meant for another model
-        except HTTPError:
-            self._refuse_body()
-            raise
-        length = self._body_length()
-        limits, bodies = self.server.limits, self.server.bodies
-        if not bodies.acquire(timeout=limits.body_wait_s):
-            self.close_connection = True  # the body stays unread
+            raise HTTPError(HTTPStatus.NOT_FOUND, f"no such endpoint {head.path} (POST /v2/models/NAME/infer)")
+        self._model(match["name"], match["version"])  # 404 before reading a body meant for another model
+        length = self._body_length(head.headers)
+        server = self.server
+        limits = server.limits
+        if not server.bodies.acquire(timeout=limits.body_wait_s):
             raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE,
                             f"{limits.max_bodies} requests are being answered; retry later")
         try:
-            request, inputs, outputs, loaded = self._infer(length)
+            body = self._read_body(length, head.headers)
+            header_length = head.headers.get("inference-header-content-length")
+            try:
+                json_length = int(header_length) if header_length is not None else None
+            except ValueError:
+                raise RequestError(f"Inference-Header-Content-Length {header_length!r} is not an integer") from None
+            request, inputs = decode_request(body, json_length, server.max_request_bytes)
+            outputs, loaded = server.runtime.infer(inputs)
         finally:
-            bodies.release()
-        wanted = requested_outputs(request, loaded)
-        body, json_length = encode_response(request, loaded, outputs, wanted)
-        self._answered = (inputs, outputs, loaded)
-        if json_length is None:
-            return HTTPStatus.OK, body, {}
-        return HTTPStatus.OK, body, {
-            "Content-Type": "application/octet-stream",
-            "Inference-Header-Content-Length": str(json_length),
-        }
+            server.bodies.release()
+        answer, binary_length = encode_response(request, loaded, outputs, requested_outputs(request, loaded))
+        self.answered = (inputs, outputs, loaded)
+        if binary_length is None:
+            return HTTPStatus.OK, answer, ""
+        return HTTPStatus.OK, answer, (f"Content-Type: application/octet-stream\r\n"
+                                       f"Inference-Header-Content-Length: {binary_length}\r\n")
 
     def _model(self, name: str, version: str | None) -> LoadedModel:
         loaded = self.server.runtime.active
@@ -364,69 +297,50 @@ class _Handler(BaseHTTPRequestHandler):
             )
         return loaded
 
-    def _infer(self, length: int) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray], LoadedModel]:
-        body = self._read_body(length)
-        header_length = self.headers.get("Inference-Header-Content-Length")
-        try:
-            header = int(header_length) if header_length is not None else None
-        except ValueError:
-            raise RequestError(f"Inference-Header-Content-Length {header_length!r} is not an integer") from None
-        request, inputs = decode_request(body, header, self.server.max_request_bytes)
-        outputs, loaded = self.server.runtime.infer(inputs)
-        return request, inputs, outputs, loaded
-
-    def _body_length(self) -> int:
+    def _body_length(self, headers: dict[str, str]) -> int:
         """The declared body length, refused before anything is read when it is missing or too large."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
+        if "chunked" in headers.get("transfer-encoding", "").lower():
             raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "chunked requests are not accepted; send Content-Length")
-        raw = self.headers.get("Content-Length")
-        try:
-            length = int(raw) if raw is not None else -1
-        except ValueError:
-            length = -1
+        raw = headers.get("content-length", "")
+        length = int(raw) if raw.isdigit() else -1  # isdigit: no sign, no spaces, no "1_000"
         if length < 0:
-            self.close_connection = True
             raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header with the request body")
         limit = self.server.max_request_bytes
         if length > limit:
-            self.close_connection = True  # the body stays unread: this connection cannot be reused
             raise HTTPError(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body is {length} bytes; the limit is {limit}"
             )
         return length
 
-    def _read_body(self, length: int) -> bytes:
+    def _read_body(self, length: int, headers: dict[str, str]) -> bytes:
         """Read the body as it arrives (never allocating what is only declared), within the body deadline."""
+        if headers.get("expect", "").lower() == "100-continue":
+            self.request.sendall(_CONTINUE)
         timeout = self.server.limits.body_timeout_s
         deadline = time.monotonic() + timeout
-        body = bytearray()
+        chunks: list[bytes] = []
+        received = 0
+        sock = self.request
         try:
-            while len(body) < length:
+            while received < length:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError
-                self.connection.settimeout(remaining)
-                chunk = self.rfile.read1(min(_READ_CHUNK, length - len(body)))
+                sock.settimeout(remaining)
+                chunk = self.rfile.read1(length - received)
                 if not chunk:
-                    self.close_connection = True
-                    raise RequestError(f"request body ended after {len(body)} of {length} bytes")
-                body += chunk
+                    raise RequestError(f"request body ended after {received} of {length} bytes")
+                chunks.append(chunk)
+                received += len(chunk)
         except TimeoutError:
-            self.close_connection = True
             raise HTTPError(HTTPStatus.REQUEST_TIMEOUT,
-                            f"request body not received within {timeout:g}s ({len(body)} of {length} bytes)") from None
+                            f"request body not received within {timeout:g}s ({received} of {length} bytes)") from None
         finally:
-            self.connection.settimeout(self.timeout)
-        encoding = self.headers.get("Content-Encoding", "identity").strip().lower()
-        data = bytes(body)
+            sock.settimeout(IDLE_TIMEOUT_S)
+        self.unread = received < length
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        encoding = headers.get("content-encoding", "identity").strip().lower()
         return data if encoding in ("", "identity") else _inflate(data, encoding, self.server.max_request_bytes)
-
-    def _refuse_body(self) -> None:
-        if self.headers.get("Content-Length") not in (None, "0"):
-            self.close_connection = True
-
-
 def _refuse_connection(sock: socket.socket, limit: int) -> None:
     """A 503 written without ever blocking the accepting thread; dropped if the client's buffer is full."""
     body = _error(f"this server already has {limit} connections open; retry later")
@@ -502,16 +416,19 @@ class _ServerMixin:
                     pass
 
 
-class _TCPServer(_ServerMixin, ThreadingHTTPServer):
+class _TCPServer(_ServerMixin, socketserver.ThreadingTCPServer):
     daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64  # clients connecting at once wait in the backlog, not in SYN retries
 
 
 class _UnixServer(_ServerMixin, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    request_queue_size = 64
 
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:  # http.server expects (host, port)-like
-        request, _ = super().get_request()
-        return request, ("unix", 0)
+
+class _TCP6Server(_TCPServer):
+    address_family = socket.AF_INET6
 
 
 class InferenceServer:
@@ -551,7 +468,8 @@ class InferenceServer:
                 server: _TCPServer | _UnixServer = _UnixServer(str(path), _Handler)
             else:
                 host, _, port = self.address.rpartition(":")
-                server = _TCPServer((host.strip("[]") or "127.0.0.1", int(port)), _Handler)
+                host = host.strip("[]") or "127.0.0.1"
+                server = (_TCP6Server if ":" in host else _TCPServer)((host, int(port)), _Handler)
         except (OSError, ValueError) as e:
             raise AgentError(
                 f"cannot serve on {self.address}: {e}; use HOST:PORT or unix:/path with a free address"

@@ -23,31 +23,24 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
-from bench._common import DEFAULT_CACHE, OipClient, table
+from bench._common import (
+    DEFAULT_CACHE,
+    OipClient,
+    ServeProcess,
+    agent_command,
+    free_port,
+    stop_process,
+    table,
+    wait_ready,
+)
 
 BARE_IMPORTS = "import onnxruntime, paho.mqtt.client, tuf.ngclient"
 ORT_ONLY = "import onnxruntime"  # `serve` needs no MQTT or TUF: this is its like-for-like floor
 TICKS = os.sysconf("SC_CLK_TCK")
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 DEVICE = "footprint-bench"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _agent_command(model: Path, port: int) -> list[str]:
-    script = Path(sys.executable).with_name("fleet-agent")
-    serve = [str(script)] if script.exists() else [sys.executable, "-m", "edgefleet.agent.serve"]
-    return [*serve, *(["serve"] if script.exists() else []), str(model), "--name", "digits",
-            "--http", f"127.0.0.1:{port}"]
 
 
 def rss_mb(pid: int) -> float:
@@ -75,30 +68,6 @@ def idle_figures(pid: int, seconds: float) -> dict:
     return {"rss_mb": rss_mb(pid), "cpu_percent": 100.0 * (cpu1 - cpu0) / (t1 - t0), "threads": threads(pid)}
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            assert proc.stderr is not None  # started with stderr=PIPE
-            raise RuntimeError(f"the agent exited with {proc.returncode}: {proc.stderr.read().decode()[-500:]}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"the agent did not become ready within {timeout:.0f} s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def _serve_requests(url: str, requests: int) -> None:
     client = OipClient(url, "digits")
     x = {"input": np.random.default_rng(0).random((1, 64), dtype=np.float32)}
@@ -110,15 +79,9 @@ def _serve_requests(url: str, requests: int) -> None:
 
 
 def measure_agent(model: Path, idle_seconds: float, requests: int) -> dict:
-    port = _free_port()
-    proc = subprocess.Popen(_agent_command(model, port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_ready(url, proc)
-        _serve_requests(url, requests)
-        return idle_figures(proc.pid, idle_seconds)
-    finally:
-        _stop(proc)
+    with ServeProcess(model, "digits") as agent:
+        _serve_requests(agent.url, requests)
+        return idle_figures(agent.pid, idle_seconds)
 
 
 def seed_state_dir(state_dir: Path, model: Path, golden: Path) -> None:
@@ -173,27 +136,25 @@ def measure_daemon(model: Path, golden: Path, broker: str, idle_seconds: float, 
     """`fleet-agent run` with the digits model active, connected to ``broker``, idle after a few requests."""
     from edgefleet.agent.config import AgentConfig
 
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="edgefleet-footprint-") as work:
         state_dir = Path(work) / "state"
         seed_state_dir(state_dir, model, golden)
         config = Path(work) / "agent.toml"
         # the controller URL is never reached while idle: no desired state names an update
         config.write_text(AgentConfig(device_id=DEVICE, state_dir=state_dir, broker_url=broker,
-                                      controller_url=f"http://127.0.0.1:{_free_port()}",
+                                      controller_url=f"http://127.0.0.1:{free_port()}",
                                       serve=f"127.0.0.1:{port}").to_toml())
-        script = Path(sys.executable).with_name("fleet-agent")
-        command = [str(script)] if script.exists() else [sys.executable, "-m", "edgefleet.agent.cli"]
-        proc = subprocess.Popen([*command, "run", "--config", str(config)], stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen([*agent_command(), "run", "--config", str(config)], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
         try:
             url = f"http://127.0.0.1:{port}"
-            _wait_ready(url, proc)
+            wait_ready(url, proc)
             _wait_reported(broker)
             _serve_requests(url, requests)
             return idle_figures(proc.pid, idle_seconds)
         finally:
-            _stop(proc)
+            stop_process(proc)
 
 
 def measure_bare(idle_seconds: float, imports: str = BARE_IMPORTS) -> dict:
@@ -205,7 +166,7 @@ def measure_bare(idle_seconds: float, imports: str = BARE_IMPORTS) -> dict:
             raise RuntimeError(f"bare imports failed: {proc.stderr.read().decode()[-500:]}")
         return idle_figures(proc.pid, idle_seconds)
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 def report(agent: dict, bare: dict, ort_only: dict, idle_seconds: float, daemon: dict | None = None) -> str:

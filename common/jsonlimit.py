@@ -26,6 +26,8 @@ class JSONNestingError(EdgefleetError, ValueError):
 
 def check_depth(text: str, max_depth: int = MAX_DEPTH) -> None:
     """Raise JSONNestingError unless every bracket outside strings closes within ``max_depth`` levels."""
+    if text.count("[") + text.count("{") <= max_depth:
+        return  # too few brackets to nest deeper (an unbalanced document fails json.loads instead)
     brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
     # Each pass removes the innermost level; valid JSON empties within its depth.
     for _ in range(max_depth):

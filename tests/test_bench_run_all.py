@@ -54,14 +54,16 @@ def test_swap_headline_from_its_own_table():
 
 
 def test_serving_headline_from_its_own_table():
-    def modes(raw: float, binary: float) -> dict:
-        return {"raw": {"p50": raw, "p99": raw * 2}, "binary": {"p50": binary, "p99": binary * 2}}
+    def modes(raw: float, binary: float, grpc: float) -> dict:
+        return {"raw": {"p50": raw, "p99": raw * 2}, "rest-binary": {"p50": binary, "p99": binary * 2},
+                "grpc": {"p50": grpc, "p99": grpc * 2}}
 
-    out = serving.report([{"model": "digits", "queries": 500, **modes(0.1, 0.4)},
-                          {"model": "resnet50", "queries": 30, **modes(100.0, 104.0)}])
-    digits, resnet = headlines("serving", out)
-    assert "digits" in digits and "**4.00x**" in digits and "+0.300 ms" in digits
-    assert "resnet50" in resnet and "**1.04x**" in resnet
+    out = serving.report([{"model": "digits", "queries": 500, **modes(0.1, 0.4, 0.2)},
+                          {"model": "resnet50", "queries": 30, **modes(100.0, 104.0, 101.0)}])
+    digits, digits_grpc, resnet, _ = headlines("serving", out)
+    assert "digits rest-binary" in digits and "**4.000x**" in digits and "+0.300 ms" in digits
+    assert "digits grpc" in digits_grpc and "**2.000x**" in digits_grpc
+    assert "resnet50 rest-binary" in resnet and "**1.040x**" in resnet
 
 
 def test_verify_headline_from_its_own_table():

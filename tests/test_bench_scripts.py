@@ -29,7 +29,7 @@ def test_swap_script(cache):
 
 def test_serving_script(cache):
     out = run("bench.serving", "--models", "digits", "--queries", "20", "--cache", cache)
-    assert "| digits | 20 |" in out and "OIP/raw p50" in out
+    assert "| digits | raw | 20 |" in out and "| digits | rest-binary | 20 |" in out and "| digits | rest-json | 20 |" in out
 
 
 def test_footprint_script(cache, mosquitto_url):

@@ -291,3 +291,79 @@ def test_slow_connections_declaring_large_bodies_do_not_grow_memory(runtime):
             sock.close()
         assert grown < 60, f"RSS grew {grown:.0f} MB"  # unbounded: 30 x 6 = 180 MB
         assert_still_serving(srv, runtime)
+
+
+@pytest.mark.parametrize(
+    "head, status, message",
+    [
+        (b"GARBAGE\r\n\r\n", 400, "bad request line"),
+        (b"GET /v2 HTTP/2.0\r\n\r\n", 400, "speaks HTTP/1.1"),
+        (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414, "request line longer"),
+        (b"GET /v2 HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431, "more than 100 headers"),
+        # request smuggling shapes: a space before the colon, two lengths
+        (b"POST /v2/models/digits/infer HTTP/1.1\r\nContent-Length : 2\r\n\r\n{}", 400, "malformed header"),
+        (b"POST /v2/models/digits/infer HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}", 400,
+         "content-length is given twice"),
+        (b"POST /v2/models/digits/infer HTTP/1.1\r\nContent-Length: +2\r\n\r\n{}", 411, "send a Content-Length"),
+    ],
+)
+def test_malformed_heads_get_a_4xx_and_close(server, runtime, head, status, message):
+    reply = raw_exchange(server, head)  # returns once the server closed the connection
+    assert reply.startswith(f"HTTP/1.1 {status}") and message in reply and "Connection: close" in reply
+    assert_still_serving(server, runtime)
+
+
+def test_keep_alive_expect_continue_and_http10(server, runtime):
+    body = json_infer_body()
+    host, port = server.url[len("http://"):].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        # curl's way with large bodies: the head alone, the body only after "100 Continue"
+        sock.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        assert reader.readline() == b"HTTP/1.1 100 Continue\r\n" and reader.readline() == b"\r\n"
+        sock.sendall(body)
+        assert read_answer(reader)[0] == 200
+        # the same connection serves a GET, then an HTTP/1.0 request asking to be kept open
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\n\r\n")
+        assert read_answer(reader) == (200, {"live": True}, False)
+        sock.sendall(b"GET /v2/health/live HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        assert read_answer(reader) == (200, {"live": True}, False)
+        # a GET carrying a body it does not read: answered, then closed (the body is not parsed as a request)
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nContent-Length: 5\r\n\r\nGET /")
+        assert read_answer(reader) == (200, {"live": True}, True)
+        assert reader.read() == b""
+
+
+def read_answer(reader) -> tuple[int, dict, bool]:
+    """(status, JSON body, whether the server said it closes) of one answer on a kept-alive connection."""
+    status = int(reader.readline().split()[1])
+    headers = {}
+    while (line := reader.readline()) != b"\r\n":
+        name, _, value = line.decode().partition(":")
+        headers[name.lower()] = value.strip()
+    body = reader.read(int(headers["content-length"]))
+    return status, json.loads(body), headers.get("connection") == "close"
+
+
+def test_concurrent_keep_alive_clients_each_get_their_own_answer(server, runtime):
+    inputs = [np.random.default_rng(seed).random((1, 64), dtype=np.float32) for seed in range(6)]
+    results: dict[int, list[bool]] = {}
+
+    def client(i: int) -> None:
+        conn = triton.InferenceServerClient(server.url[len("http://"):])
+        try:
+            tensor = triton.InferInput("input", [1, 64], "FP32")
+            tensor.set_data_from_numpy(inputs[i])
+            want = runtime.active.run({"input": inputs[i]})["probabilities"]
+            results[i] = [np.allclose(conn.infer("digits", [tensor]).as_numpy("probabilities"), want, atol=1e-6)
+                          for _ in range(30)]
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {i: all(ok) for i, ok in results.items()} == dict.fromkeys(range(len(inputs)), True)
