@@ -89,8 +89,9 @@ def _swap(rows: list[Row]) -> list[str]:
 
 def _serving(rows: list[Row]) -> list[str]:
     raw = {r["model"]: r for r in rows if r["mode"] == "raw"}
-    return [f"Serving overhead, {r['model']} {r['mode']}: p50 {r['p50 ms']} ms vs raw run {raw[r['model']]['p50 ms']} ms "
-            f"= **{r['vs raw p50']}** (+{r['added ms (p50)']} ms)" for r in rows if r["mode"] != "raw"]
+    return [f"Serving overhead, {r['model']} {r['mode']}: p50 {r['p50 ms']} ms vs raw run "
+            f"{raw[r['model']]['p50 ms']} ms = **{r['vs raw p50']}** (+{r['added ms (p50)']} ms)"
+            for r in rows if r["mode"] != "raw"]
 
 
 def _verify(rows: list[Row]) -> list[str]:
