@@ -30,6 +30,7 @@ from .errors import ModelError
 from .fetch import HttpFetcher, ModelUpdater
 from .identity import IdentityFiles, Renewer
 from .link import AgentLink
+from .metrics import agent_registry
 from .probe import probe
 from .reconcile import Reconciler
 from .runtime import ModelRuntime, RuntimeOptions
@@ -120,7 +121,8 @@ class Agent:
             device=config.device_id, max_buffer_bytes=config.sample_buffer_bytes,
         )
         self.server = InferenceServer(
-            self.runtime, config.serve, config.max_request_bytes, on_inference=self.sampler.on_inference
+            self.runtime, config.serve, config.max_request_bytes, on_inference=self.sampler.on_inference,
+            registry=agent_registry(self.runtime, config.device_id, agent_version(), self.slots, self.sampler),
         )
         self.link = AgentLink(config, self.boot, self._on_desired)
         self.renewer = _renewer(config, self.link)

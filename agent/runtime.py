@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,6 +52,8 @@ class NotServingError(ModelError):
 
 
 LATENCY_BUCKETS_MS: tuple[float, ...] = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
+
+ModelLabels = tuple[str, str, str]  # (model, version, variant): one series of /metrics
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,7 @@ class LoadedModel:
         # rate is never diluted by the old one's. ``since`` (wall clock) names the segment.
         self.counters = Counters()
         self.since = time.time()
+        self.labels: ModelLabels = (self.name, self.version, ref.variant if ref else "local")
         self._lock = threading.Lock()
         self._inflight = 0
         self._retired = False
@@ -246,6 +249,7 @@ class Counters:
     failures: int = 0   # the model failed to run
     latency_buckets_ms: tuple[float, ...] = LATENCY_BUCKETS_MS
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
+    latency_sum_s: float = 0.0  # a Prometheus histogram's _sum (not on the wire)
 
     def add(self, rejected: int = 0, failures: int = 0, seconds: float | None = None) -> None:
         self.requests += 1
@@ -253,6 +257,7 @@ class Counters:
         self.failures += failures
         if seconds is not None:
             self.latency_counts[bisect.bisect_left(self.latency_buckets_ms, seconds * 1000.0)] += 1
+            self.latency_sum_s += seconds
 
     def snapshot(self) -> CounterSnapshot:
         return CounterSnapshot(
@@ -290,6 +295,8 @@ class ModelRuntime:
         self._active: LoadedModel | None = None
         self._held = False
         self._counters = Counters()
+        # every model this process served, cumulative across swaps and reloads: what /metrics shows
+        self._by_model: dict[ModelLabels, Counters] = {}
         self._counter_lock = threading.Lock()
 
     @property
@@ -418,11 +425,20 @@ class ModelRuntime:
         with self._counter_lock:
             self._counters.add(rejected, failures, seconds)
             loaded.counters.add(rejected, failures, seconds)
+            served = self._by_model.get(loaded.labels)
+            if served is None:
+                served = self._by_model[loaded.labels] = Counters()
+            served.add(rejected, failures, seconds)
 
     def counters(self) -> CounterSnapshot:
         """Every request since the runtime started, whichever model served it."""
         with self._counter_lock:
             return self._counters.snapshot()
+
+    def counters_by_model(self) -> dict[ModelLabels, Counters]:
+        """Copies of the cumulative counters of every model served since the runtime started."""
+        with self._counter_lock:
+            return {labels: replace(c, latency_counts=list(c.latency_counts)) for labels, c in self._by_model.items()}
 
     def active_counters(self) -> ModelCounters | None:
         """The payload of ``counters`` telemetry: the active model's own counters since it was

@@ -134,6 +134,7 @@ class Sampler:
         self._lock = threading.Lock()
         self._seq = itertools.count()
         self.dropped = 0  # samples refused by a cap or pushed out of the full buffer
+        self.uploaded = 0  # samples the controller took, since the process started
         self._reservoir_dir = self.buffer_dir / _RESERVOIR
         self._reservoir_dir.mkdir(parents=True, exist_ok=True)
         for stale in [*self.buffer_dir.glob(TEMP_GLOB), *self._reservoir_dir.glob(TEMP_GLOB)]:
@@ -296,6 +297,7 @@ class Sampler:
                 continue
             path.unlink(missing_ok=True)
             uploaded += 1
+            self.uploaded += 1
         return uploaded
 
 

@@ -32,11 +32,13 @@ from pathlib import Path
 from typing import Any, Self, cast
 
 import numpy as np
+from prometheus_client.registry import CollectorRegistry
 
 from edgefleet.common.defaults import DEFAULT_SERVE_ADDRESS
 from edgefleet.common.errors import EdgefleetError
 from edgefleet.common.protocol import ModelRef
 
+from . import metrics
 from .config import AgentConfig
 from .errors import AgentError, ModelError, RequestError
 from .oip import decode_request, encode_response, model_metadata, requested_outputs
@@ -246,6 +248,8 @@ class _Handler(socketserver.BaseRequestHandler):
             return (HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE), _json({"ready": ready}), ""
         if path == "/v2":
             return HTTPStatus.OK, _json({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}), ""
+        if path == "/metrics":
+            return HTTPStatus.OK, metrics.render(self.server.metrics), f"Content-Type: {metrics.CONTENT_TYPE}\r\n"
         match = _MODEL_PATH.match(path)
         if match and match["action"] != "/infer":
             loaded = self._model(match["name"], match["version"])
@@ -368,11 +372,14 @@ class _ServerMixin:
     max_request_bytes: int
     on_inference: OnInference | None
     limits: ConnectionLimits
+    metrics: CollectorRegistry
 
     def setup_server(
-        self, runtime: ModelRuntime, max_request_bytes: int, on_inference: OnInference | None, limits: ConnectionLimits
+        self, runtime: ModelRuntime, max_request_bytes: int, on_inference: OnInference | None, limits: ConnectionLimits,
+        registry: CollectorRegistry,
     ) -> None:
         self.runtime = runtime
+        self.metrics = registry
         self.max_request_bytes = max_request_bytes
         self.on_inference = on_inference
         self.limits = limits
@@ -432,7 +439,8 @@ class _TCP6Server(_TCPServer):
 
 
 class InferenceServer:
-    """The OIP server on ``address`` (``HOST:PORT`` or ``unix:/path``) for ``runtime.active``."""
+    """The OIP server on ``address`` (``HOST:PORT`` or ``unix:/path``) for ``runtime.active``,
+    and ``GET /metrics``: ``registry``, else the runtime's inference metrics."""
 
     def __init__(
         self,
@@ -441,12 +449,14 @@ class InferenceServer:
         max_request_bytes: int = AgentConfig.max_request_bytes,
         on_inference: OnInference | None = None,
         limits: ConnectionLimits = ConnectionLimits(),
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.runtime = runtime
         self.address = address
         self.max_request_bytes = max_request_bytes
         self.on_inference = on_inference
         self.limits = limits
+        self.registry = registry or metrics.registry(metrics.InferenceCollector(runtime))
         self._server: _TCPServer | _UnixServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -474,7 +484,7 @@ class InferenceServer:
             raise AgentError(
                 f"cannot serve on {self.address}: {e}; use HOST:PORT or unix:/path with a free address"
             ) from e
-        server.setup_server(self.runtime, self.max_request_bytes, self.on_inference, self.limits)
+        server.setup_server(self.runtime, self.max_request_bytes, self.on_inference, self.limits, self.registry)
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="oip-server", daemon=True)
         self._thread.start()

@@ -84,6 +84,7 @@ class BridgeStats:
     dropped: int = 0          # malformed, oversized, unknown channel, device mismatch
     retries: int = 0          # database unavailable (or a replica race), batch retried
     ingested: IngestResult = field(default_factory=IngestResult)
+    lag_s: float = 0.0        # receipt to commit, for the oldest message of the latest batch
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class _Received:
     mid: int
     qos: int
     epoch: int  # connection it arrived on: a mid is only meaningful on that connection
+    at: float   # time.monotonic() of receipt
 
 
 class Bridge:
@@ -163,6 +165,11 @@ class Bridge:
 
     def wait_connected(self, timeout: float) -> bool:
         return self._conn.wait_connected(timeout)
+
+    @property
+    def backlog(self) -> int:
+        """Device messages received and not yet committed."""
+        return self._unfinished
 
     def wait_idle(self, timeout: float) -> bool:
         """True once everything received so far has been committed (tests, benchmarks)."""
@@ -264,7 +271,7 @@ class Bridge:
         with self._idle:
             self._unfinished += 1
         # Blocks when the buffer is full: paho then stops reading and the broker holds the rest.
-        self._buffer.put(_Received(decoded, message.mid, message.qos, self._epoch))
+        self._buffer.put(_Received(decoded, message.mid, message.qos, self._epoch, time.monotonic()))
 
     def _drop(self, message: paho.MQTTMessage, why: str) -> None:
         """Count, log and acknowledge a message that is not ingested."""
@@ -323,6 +330,7 @@ class Bridge:
             if attempt:
                 log.info("database writable again; %d held message(s) committed", len(batch))
             self.stats.ingested += result
+            self.stats.lag_s = time.monotonic() - batch[0].at
             return True
         return False
 

@@ -130,7 +130,7 @@ class ControllerService:
         """Serve the API in this thread until SIGTERM/SIGINT (or ``stop_serving``)."""
         assert self.store is not None, "start() first"
         app = create_app(ApiContext(config=self.config, db=self.db, store=self.store,
-                                    broker_admin=self.broker_admin))
+                                    broker_admin=self.broker_admin, bridge=self.bridge))
         self.server = _Server(uvicorn.Config(
             app, host=self.config.api_host, port=self.config.api_port, lifespan="off",
             log_level="info", access_log=False, timeout_graceful_shutdown=10,

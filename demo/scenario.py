@@ -68,7 +68,7 @@ class Fleetctl:
         return done.stdout
 
     def json(self, *args: str) -> Any:
-        return json.loads(self(*args, "-o", "json", show=False))
+        return json.loads(self(*args, "--format", "json", show=False))
 
 
 class ScenarioError(RuntimeError):

@@ -6,8 +6,10 @@ import signal
 import socket
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -21,6 +23,7 @@ from tests.support.fleet import (
     agent_config,
     desired,
 )
+from tests.support.metrics import scrape
 from tests.support.repo_server import Faults
 
 STRICT = Gate(bench_seconds=0.3, bench_min_queries=50, max_p99_regression=1.0)  # slow's p50 alone is ~15x digits
@@ -190,3 +193,33 @@ def test_restart_serves_at_once_and_talks_to_systemd(tmp_path, repo, mosquitto_u
     finally:
         dev.close()
         sock.close()
+
+
+def test_metrics_follow_requests_and_updates(device, repo):
+    """/metrics of the real agent process: update state and generation, then per-model counters
+    and latency histogram moving with real requests (good and bad)."""
+    labels = {"model": "digits", "version": "1.0.0", "variant": "cpu-fp32"}
+    metrics_url = f"{device.agent.url}/metrics"
+    before = scrape(metrics_url)
+    assert before.value("edgefleet_agent_update_generation") == 0
+    assert before.value("edgefleet_agent_info", device=device.config.device_id,
+                 agent_version=version("edgefleet")) == 1
+    assert device.apply(repo.infos["v1"])["state"] == "SUCCEEDED"
+    for _ in range(5):
+        device.agent.infer()
+    bad = httpx.post(f"{device.agent.url}/v2/models/digits/infer", timeout=10,
+                     json={"inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]})
+    assert bad.status_code == 400
+    after = scrape(metrics_url)
+    assert after.value("edgefleet_agent_update_generation") == 1
+    assert after.value("edgefleet_agent_update_state", state="succeeded") == 1
+    assert after.value("edgefleet_agent_update_state", state="download") == 0
+    assert after.value("edgefleet_agent_model_active", **labels) == 1
+    assert after.value("edgefleet_agent_inference_requests_total", **labels) == 6
+    assert after.value("edgefleet_agent_inference_errors_total", **labels, kind="rejected") == 1
+    assert after.value("edgefleet_agent_inference_errors_total", **labels, kind="failed") == 0
+    assert after.value("edgefleet_agent_inference_duration_seconds_count", **labels) == 5
+    assert after.value("edgefleet_agent_inference_duration_seconds_bucket", **labels, le="+Inf") == 5
+    assert after.value("edgefleet_agent_inference_duration_seconds_sum", **labels) > 0
+    assert after.value("edgefleet_agent_samples_buffered") == 0
+    assert after.value("process_resident_memory_bytes") > 0

@@ -117,7 +117,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             admin = read_operator_token(home)
             assert admin is not None
             tokens = {"admin": admin}
-            created = fleetctl(home, "tokens", "create", "fuzz", "--role", "deployer", "--controller", url, "-o", "json")
+            created = fleetctl(home, "tokens", "create", "fuzz", "--role", "deployer", "--controller", url, "--format", "json")
             tokens["deployer"] = json.loads(created)["token"]
             device_token, existing = seed(url, home, db, admin, tokens["deployer"])
             yield Fleet(url=url, home=home, tokens=tokens, device_token=device_token, existing=existing)

@@ -216,7 +216,7 @@ def test_cli_build_table_json_and_verify(digits, tmp_path):
     assert any(line.startswith("cpu-fp32") for line in result.output.splitlines())
     as_json = runner.invoke(main, [*args, "--format", "json"])
     assert json.loads(as_json.output)["variants"][0]["variant"] == "cpu-fp32"
-    verify = runner.invoke(main, ["bundle", "verify", str(out), "-o", "json"])
+    verify = runner.invoke(main, ["bundle", "verify", str(out), "--format", "json"])
     assert verify.exit_code == 0 and json.loads(verify.output)[0]["passed"] is True
     bad = runner.invoke(main, [*args[:2], str(tmp_path / "missing.onnx"), *args[3:]])
     assert bad.exit_code != 0
@@ -230,7 +230,7 @@ def test_cli_publish_signs_every_built_variant(digits_bundle, tmp_path, monkeypa
     home = tmp_path / "home"
     Repository.create(home, LocalStore(home / "store"))
     monkeypatch.setenv("EDGEFLEET_HOME", str(home))
-    result = CliRunner().invoke(main, ["bundle", "publish", str(out), "-o", "json"])
+    result = CliRunner().invoke(main, ["bundle", "publish", str(out), "--format", "json"])
     assert result.exit_code == 0, result.output
     published = json.loads(result.stdout)
     assert sorted(i["variant"] for i in published) == sorted(v["variant"] for v in report["variants"])

@@ -85,12 +85,12 @@ def test_init_force_revokes_the_previous_token(tmp_path):
 
 def test_device_commands_round_trip(fleet):
     issued = json.loads(fleetctl(fleet, "devices", "enroll", "cli-1", "--label", "site=berlin", "--ttl", "2h",
-                                 "-o", "json"))
+                                 "--format", "json"))
     assert issued["device_id"] == "cli-1" and issued["token"].startswith("efe_")
     human = fleetctl(fleet, "devices", "enroll", "cli-2")
     assert "fleet-agent enroll --controller" in human
 
-    listed = json.loads(fleetctl(fleet, "devices", "list", "-o", "json"))
+    listed = json.loads(fleetctl(fleet, "devices", "list", "--format", "json"))
     assert [(d["id"], d["labels"]) for d in listed] == [("cli-1", {"site": "berlin"}), ("cli-2", {})]
     table = fleetctl(fleet, "devices", "list", "--selector", "site=berlin").splitlines()
     assert table[0].split() == ["ID", "ONLINE", "ENROLLED", "HARDWARE_CLASS", "ACTIVE", "LABELS", "LAST_SEEN"]
@@ -103,13 +103,13 @@ def test_device_commands_round_trip(fleet):
     assert fleetctl(fleet, "devices", "remove", "cli-2").strip() == "removed cli-2"
     assert "cli-2" in one_line_error(fleet, "devices", "show", "cli-2")
 
-    audit = json.loads(fleetctl(fleet, "audit", "--target", "cli-1", "-o", "json"))
+    audit = json.loads(fleetctl(fleet, "audit", "--target", "cli-1", "--format", "json"))
     assert [a["action"] for a in audit] == ["device.label", "device.enroll-token"]
     assert all(a["actor"] == "operator:admin" for a in audit)
 
 
 def test_models_commands(fleet):
-    assert json.loads(fleetctl(fleet, "models", "list", "-o", "json")) == []
+    assert json.loads(fleetctl(fleet, "models", "list", "--format", "json")) == []
     assert "MODEL" in fleetctl(fleet, "models", "list")
     assert "fleetctl models list" in one_line_error(fleet, "models", "show", "nope")
 
@@ -153,7 +153,7 @@ def test_parse_labels():
 def test_fleetctl_as_a_real_process(fleet):
     fleetctl(fleet, "devices", "enroll", "proc-1")
     done = subprocess.run(
-        [sys.executable, "-c", "from edgefleet.controller.cli import main; main()", "devices", "list", "-o", "json"],
+        [sys.executable, "-c", "from edgefleet.controller.cli import main; main()", "devices", "list", "--format", "json"],
         env={**os.environ, **fleet}, capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 0, done.stderr

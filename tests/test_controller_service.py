@@ -108,7 +108,7 @@ def write_config(home: Path, **settings: object) -> None:
 
 
 def enroll_device(controller: Controller, name: str) -> dict:
-    issued = json.loads(controller.fleetctl("devices", "enroll", name, "--label", "site=lab", "-o", "json"))
+    issued = json.loads(controller.fleetctl("devices", "enroll", name, "--label", "site=lab", "--format", "json"))
     public = Ed25519PrivateKey.generate().public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
     hardware = HardwareProfile(arch="x86_64", cpu_count=2).to_dict()

@@ -105,7 +105,7 @@ def test_export_low_confidence_only(api, tmp_path):
 
 
 def test_stats_by_version_and_class(api):
-    data = json.loads(fleetctl(api, "data", "stats", "--model", "digits", "-o", "json"))
+    data = json.loads(fleetctl(api, "data", "stats", "--model", "digits", "--format", "json"))
     groups = {(g["version"], g["hardware_class"]): g for g in data["groups"]}
     assert set(groups) == {("1.0.0", "rpi-4"), ("1.1.0", "rpi-4"), ("1.1.0", "x86_64")}
     x86 = groups[("1.1.0", "x86_64")]

@@ -247,7 +247,7 @@ class Fleetctl:
         return result.stdout
 
     def json(self, *args: str):
-        return json.loads(self(*args, "-o", "json"))
+        return json.loads(self(*args, "--format", "json"))
 
 
 CLASSES = ("x86_64", "rpi-4")

@@ -26,7 +26,8 @@ ALLOWED = {
 PACKAGE_OF = {folder: f"edgefleet.{folder}" for folder in ALLOWED}
 
 # What the device's code may import beyond the standard library: the agent extra's packages.
-DEVICE_THIRD_PARTY = {"numpy", "paho", "onnxruntime", "tuf", "securesystemslib", "cryptography", "urllib3"}
+DEVICE_THIRD_PARTY = {"numpy", "paho", "onnxruntime", "tuf", "securesystemslib", "cryptography", "urllib3",
+                      "prometheus_client"}
 
 
 def imports(path: Path, package: str) -> list[tuple[int, str]]:

@@ -84,11 +84,11 @@ def test_unknown_revision_is_one_line(db: Database) -> None:
 def test_fleetctl_db_commands(database_url: str) -> None:
     runner = CliRunner()
     base = ["db", "--database-url", database_url]
-    assert '"up_to_date": false' in runner.invoke(fleetctl, [*base, "current", "-o", "json"]).output
+    assert '"up_to_date": false' in runner.invoke(fleetctl, [*base, "current", "--format", "json"]).output
     result = runner.invoke(fleetctl, [*base, "upgrade"])
     assert result.exit_code == 0, result.output
     assert "schema at " in result.output
-    assert '"up_to_date": true' in runner.invoke(fleetctl, [*base, "current", "-o", "json"]).output
+    assert '"up_to_date": true' in runner.invoke(fleetctl, [*base, "current", "--format", "json"]).output
     result = runner.invoke(fleetctl, [*base, "downgrade", "base"])
     assert result.exit_code == 0 and "base (empty)" in result.output
     result = runner.invoke(fleetctl, [*base, "downgrade", "zzz"])

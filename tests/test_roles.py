@@ -38,6 +38,7 @@ NEEDS = {
     ("GET", "/v1/tokens"): "admin",
     ("POST", "/v1/tokens"): "admin",
     ("DELETE", "/v1/tokens/{name}"): "admin",
+    ("GET", "/metrics"): "viewer",
 }
 # Not operator routes: public, or a device's own token.
 OTHERS = {("GET", "/healthz"), ("GET", "/repository/{path:path}"), ("POST", "/v1/enroll"),
@@ -138,7 +139,7 @@ def test_tokens_through_fleetctl(api):
     assert secret, created
     token = secret.group(1)
     assert re.search(r"^ci\s+deployer\s", fleetctl(api, "tokens", "list"), re.M)
-    assert "efo_" not in fleetctl(api, "tokens", "list", "-o", "json")  # secrets are never listed
+    assert "efo_" not in fleetctl(api, "tokens", "list", "--format", "json")  # secrets are never listed
     # a deployer reads and rolls out, but does not administer devices or tokens
     assert "de-1" not in fleetctl(api, "devices", "list", token=token)
     refused = fleetctl(api, "devices", "enroll", "pi-7", token=token, code=1)

@@ -62,10 +62,10 @@ def test_deploy_status_and_controls(api):
     assert "canary-1  digits:1.1.0  RUNNING  stage 2/2 (100%)" in status
     assert "[####################]  1/1" in status and "[--------------------]  0/2" in status
     assert "failure_rate" in status and "0.0%" in status and "10.0%" in status and "PASS" in status
-    data = json.loads(fleetctl(api, "rollout", "status", "canary-1", "-o", "json").output)
+    data = json.loads(fleetctl(api, "rollout", "status", "canary-1", "--format", "json").output)
     assert data["progress"][0]["classes"]["rpi-4"] == {"total": 1, "done": 1, "states": {"SUCCEEDED": 1}}
     assert {g["gate"] for g in data["gates"]} == {"failure_rate", "p99_regression", "error_rate", "confidence_shift"}
-    listed = json.loads(fleetctl(api, "rollout", "list", "-o", "json").output)
+    listed = json.loads(fleetctl(api, "rollout", "list", "--format", "json").output)
     assert [(r["id"], r["state"], r["devices"]) for r in listed] == [("canary-1", "RUNNING", 6)]
     fleetctl(api, "rollout", "pause", "canary-1")
     assert "PAUSED" in fleetctl(api, "rollout", "status", "canary-1").output

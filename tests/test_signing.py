@@ -213,14 +213,14 @@ def test_rotate_unknown_role_is_refused(repo: Repository) -> None:
 def test_fleetctl_keys_list_and_rotate(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGEFLEET_HOME", str(home))
     runner = CliRunner()
-    listed = runner.invoke(fleetctl, ["keys", "list", "-o", "json"])
+    listed = runner.invoke(fleetctl, ["keys", "list", "--format", "json"])
     assert listed.exit_code == 0, listed.output
     rows = json.loads(listed.output)
     assert sorted(r["role"] for r in rows) == ["director", "root", "snapshot", "targets", "timestamp"]
     rotated = runner.invoke(fleetctl, ["keys", "rotate", "timestamp"])
     assert rotated.exit_code == 0, rotated.output
     assert "root version 2" in rotated.output
-    relisted = json.loads(runner.invoke(fleetctl, ["keys", "list", "-o", "json"]).output)
+    relisted = json.loads(runner.invoke(fleetctl, ["keys", "list", "--format", "json"]).output)
     old = {r["keyid"] for r in rows if r["role"] == "timestamp"}
     assert {r["keyid"] for r in relisted if r["role"] == "timestamp"}.isdisjoint(old)
     table = runner.invoke(fleetctl, ["keys", "list"])

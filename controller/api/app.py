@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from ..errors import ControllerError
-from . import audit, certificates, data, devices, enroll, models, repository, rollouts, samples, tokens
+from . import audit, certificates, data, devices, enroll, metrics, models, repository, rollouts, samples, tokens
 from .deps import ApiContext, get_ctx
 from .limits import BodyLimit
 
@@ -40,7 +40,7 @@ def healthz(ctx: ApiContext = Depends(get_ctx)) -> dict[str, str]:
 # Every router the app serves, one per noun.
 ROUTERS: tuple[APIRouter, ...] = (
     health, repository.router, enroll.router, certificates.router, samples.router, devices.router,
-    models.router, rollouts.router, data.router, audit.router, tokens.router,
+    models.router, rollouts.router, data.router, audit.router, tokens.router, metrics.router,
 )
 
 

@@ -8,6 +8,7 @@ from fastapi import Request
 from ..broker_admin import BrokerAdmin, NoBrokerAdmin
 from ..config import ControllerConfig
 from ..db.session import Database
+from ..metrics import MessageSource
 from ..store import ArtifactStore
 
 
@@ -17,6 +18,7 @@ class ApiContext:
     db: Database
     store: ArtifactStore
     broker_admin: BrokerAdmin = field(default_factory=NoBrokerAdmin)
+    bridge: MessageSource | None = None  # this process's MQTT bridge, for the ingest metrics
 
 
 def get_ctx(request: Request) -> ApiContext:

@@ -1,4 +1,6 @@
-"""Output formats shared by every noun: human tables by default, ``-o json`` for scripts."""
+"""Output formats shared by every noun: human tables by default, ``--format json`` for scripts.
+
+``-o/--output`` is kept for one meaning across fleetctl: the path a command writes to."""
 from __future__ import annotations
 
 import json
@@ -7,23 +9,23 @@ from typing import Any
 
 import click
 
-output_option = click.option(
-    "-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True,
+format_option = click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
     help="Output format.",
 )
 
 
-def emitted_as_json(data: Any, output: str) -> bool:
-    """Print ``data`` as JSON if ``-o json`` asked for it; True when it did (the caller is done)."""
-    if output != "json":
+def emitted_as_json(data: Any, fmt: str) -> bool:
+    """Print ``data`` as JSON if ``--format json`` asked for it; True when it did (the caller is done)."""
+    if fmt != "json":
         return False
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
     return True
 
 
-def emit(data: Any, output: str, columns: Sequence[str] | None = None) -> None:
+def emit(data: Any, fmt: str, columns: Sequence[str] | None = None) -> None:
     """Print ``data`` (a dict or a list of dicts) as JSON or as a table of ``columns``."""
-    if emitted_as_json(data, output):
+    if emitted_as_json(data, fmt):
         return
     rows = data if isinstance(data, list) else [data]
     if columns is None:
@@ -53,9 +55,9 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def emit_record(data: dict, output: str, fields: Sequence[str] | None = None) -> None:
+def emit_record(data: dict, fmt: str, fields: Sequence[str] | None = None) -> None:
     """Print one object: JSON, or one aligned ``field: value`` line per field."""
-    if emitted_as_json(data, output):
+    if emitted_as_json(data, fmt):
         return
     fields = list(fields if fields is not None else data)
     width = max((len(f) for f in fields), default=0)

@@ -7,7 +7,7 @@ import click
 
 from ..errors import InvalidInput
 from ..rollout.spec import MAX_MANIFEST_BYTES, RolloutSpec, load_manifest
-from ._output import output_option
+from ._output import format_option
 from .client import ApiClient, api_command
 from .deploy import submit
 
@@ -16,9 +16,9 @@ from .deploy import submit
 @click.option("-f", "--filename", "path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Rollout manifest (YAML or JSON; schema: manifests/rollout.schema.json).")
 @click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
-@output_option
+@format_option
 @api_command
-def cli(client: ApiClient, path: Path, dry_run: bool, output: str) -> None:
+def cli(client: ApiClient, path: Path, dry_run: bool, fmt: str) -> None:
     """Create the rollout a manifest declares (validated here and by the controller).
 
     \b
@@ -32,4 +32,4 @@ def cli(client: ApiClient, path: Path, dry_run: bool, output: str) -> None:
         raise InvalidInput(f"cannot read {path}: {e.strerror}") from None
     manifest = load_manifest(text, str(path))
     RolloutSpec.from_manifest(manifest, str(path))  # report bad fields with their path before sending
-    submit(client, manifest, dry_run, output)
+    submit(client, manifest, dry_run, fmt)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ._output import emit, output_option
+from ._output import emit, format_option
 from .client import ApiClient, api_command
 
 COLUMNS = ["ts", "actor", "action", "target", "detail"]
@@ -14,14 +14,14 @@ COLUMNS = ["ts", "actor", "action", "target", "detail"]
               help="Newest entries to show.")
 @click.option("--action", help="Only this action, e.g. device.label.")
 @click.option("--target", help="Only entries about this target, e.g. a device id.")
-@output_option
+@format_option
 @api_command
-def cli(client: ApiClient, limit: int, action: str | None, target: str | None, output: str) -> None:
+def cli(client: ApiClient, limit: int, action: str | None, target: str | None, fmt: str) -> None:
     """Show the audit log, newest first.
 
     \b
     Example:
       fleetctl audit --action device.remove
-      fleetctl audit --target pi-042 -o json
+      fleetctl audit --target pi-042 --format json
     """
-    emit(client.get("/v1/audit", limit=limit, action=action, target=target), output, COLUMNS)
+    emit(client.get("/v1/audit", limit=limit, action=action, target=target), fmt, COLUMNS)

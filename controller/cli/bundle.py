@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import BuildError
-from ._output import emit, output_option, table
+from ._output import emit, format_option, table
 
 BUILD_COLUMNS = ("variant", "size_bytes", "ops", "p50_ms", "p99_ms")
 ACCURACY_COLUMNS = ("agreement", "max_abs_diff")
@@ -39,10 +39,9 @@ def cli() -> None:
               type=click.FloatRange(0, 100),
               help="Refuse a variant losing more than this many points of its task metric "
                    "(top-1, exact match or box F1).")
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Bundle directory to write.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
-              help="How to print the report (-o names the bundle directory here).")
+@format_option
 def build(model: Path, name: str, version: str, variants: tuple[str, ...], calibration: Path | None,
           eval_data: Path | None, max_drop: float, out: Path, fmt: str) -> None:
     """Build variants of MODEL.onnx into OUT with a report and golden sets.
@@ -90,8 +89,8 @@ def _row(label: str, entry: dict, accuracy: dict, columns: tuple[str, ...]) -> d
 
 @cli.command()
 @built_bundle
-@output_option
-def verify(out: Path, output: str) -> None:
+@format_option
+def verify(out: Path, fmt: str) -> None:
     """Check that every variant in OUT loads and passes its golden set on this machine.
 
     \b
@@ -101,7 +100,7 @@ def verify(out: Path, output: str) -> None:
     from ..bundle.verify import verify_bundle
 
     checks = verify_bundle(out)
-    emit([asdict(c) for c in checks], output, ["variant", "passed", "max_abs_diff", "detail"])
+    emit([asdict(c) for c in checks], fmt, ["variant", "passed", "max_abs_diff", "detail"])
     failed = [c.variant for c in checks if not c.passed]
     if failed:
         raise BuildError(f"golden check failed for {', '.join(failed)} in {out}")
@@ -109,8 +108,8 @@ def verify(out: Path, output: str) -> None:
 
 @cli.command()
 @built_bundle
-@output_option
-def publish(out: Path, output: str) -> None:
+@format_option
+def publish(out: Path, fmt: str) -> None:
     """Sign every variant of the bundle in OUT into the fleet's TUF repository.
 
     \b
@@ -123,7 +122,7 @@ def publish(out: Path, output: str) -> None:
     from .client import connect
 
     infos = Repository.from_config(ControllerConfig.load()).publish(out)
-    emit([i.to_dict() for i in infos], output, ["model", "version", "variant", "release", "preference", "p99_ms"])
+    emit([i.to_dict() for i in infos], fmt, ["model", "version", "variant", "release", "preference", "p99_ms"])
     try:
         client = connect(None, None)
         try:

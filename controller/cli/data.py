@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..dataset import SampleRecord, export
-from ._output import emitted_as_json, output_option, table
+from ._output import emitted_as_json, format_option, table
 from .client import ApiClient, api_command
 
 PAGE = 500
@@ -44,7 +44,7 @@ def cli() -> None:
 @click.option("--version", help="Only this version.")
 @click.option("--since", type=click.DateTime(), help="Only samples uploaded at or after (UTC), e.g. 2026-01-31.")
 @click.option("--low-confidence", is_flag=True, help="Only rows kept for low confidence or a low margin.")
-@click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output directory: shard-NNNNN.npz + index.jsonl.")
 @api_command
 def export_data(client: ApiClient, model: str, version: str | None, since: datetime | None,
@@ -62,12 +62,12 @@ def export_data(client: ApiClient, model: str, version: str | None, since: datet
 @click.option("--model", help="Only this model.")
 @click.option("--version", help="Only this version.")
 @click.option("--since", type=click.DateTime(), help="Only samples uploaded at or after (UTC).")
-@output_option
+@format_option
 @api_command
-def stats(client: ApiClient, model: str | None, version: str | None, since: datetime | None, output: str) -> None:
+def stats(client: ApiClient, model: str | None, version: str | None, since: datetime | None, fmt: str) -> None:
     """Samples, top-1 confidence distribution and predicted-class histogram by hardware class."""
     data = client.get("/v1/data/stats", model=model, version=version, since=since.isoformat() if since else None)
-    if emitted_as_json(data, output):
+    if emitted_as_json(data, fmt):
         return
     rows = [{
         **g,

@@ -8,7 +8,7 @@ import click
 
 from ..config import ControllerConfig
 from ..db.session import Database
-from ._output import emit, output_option
+from ._output import emit, format_option
 
 
 @click.group(name="db")
@@ -21,7 +21,7 @@ def cli(ctx: click.Context, database_url: str | None) -> None:
     \b
     Example:
       fleetctl db upgrade
-      fleetctl db current -o json
+      fleetctl db current --format json
       fleetctl db --database-url postgresql://postgres@127.0.0.1/edgefleet upgrade
     """
     ctx.obj = database_url
@@ -59,11 +59,11 @@ def downgrade(ctx: click.Context, revision: str) -> None:
 
 
 @cli.command()
-@output_option
+@format_option
 @click.pass_context
-def current(ctx: click.Context, output: str) -> None:
+def current(ctx: click.Context, fmt: str) -> None:
     """Show the schema revision of the database and the one this code needs."""
     with _database(ctx) as db:
         current_rev, head = db.current_revision(), db.head_revision()
-    emit({"current": current_rev, "head": head, "up_to_date": current_rev == head}, output,
+    emit({"current": current_rev, "head": head, "up_to_date": current_rev == head}, fmt,
          ["current", "head", "up_to_date"])

@@ -17,7 +17,7 @@ from ..rollout.spec import (
     parse_stages,
     percent,
 )
-from ._output import emitted_as_json, output_option, table
+from ._output import emitted_as_json, format_option, table
 from .client import ApiClient, api_command
 
 
@@ -33,10 +33,10 @@ def _stages(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[f
     return parse_stages(value)
 
 
-def submit(client: ApiClient, manifest: dict[str, Any], dry_run: bool, output: str) -> None:
+def submit(client: ApiClient, manifest: dict[str, Any], dry_run: bool, fmt: str) -> None:
     """Send a manifest to the API and print the rollout or its plan."""
     answer = client.post("/v1/rollouts", {"manifest": manifest, "dry_run": dry_run})
-    if emitted_as_json(answer, output):
+    if emitted_as_json(answer, fmt):
         return
     click.echo(render_plan(answer["plan"]))
     if answer["created"]:
@@ -101,13 +101,13 @@ def parse_target(text: str) -> tuple[str, str]:
 @click.option("--supersede", is_flag=True, help="Replace active rollouts on the same devices.")
 @click.option("--name", help="Rollout id (default: generated).")
 @click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
-@output_option
+@format_option
 @api_command
 def cli(client: ApiClient, target: str, selector: str, stages: tuple[float, ...], bake: float,
         max_failure_rate: float, max_p99_regression: float, max_error_rate: float, max_confidence_shift: float,
         min_devices_per_stage: int, window_cron: str | None, window_duration: float | None, device_timeout: float,
         max_retries: int, sample_rate: float | None, sample_low_confidence: float | None, allow_downgrade: bool,
-        supersede: bool, name: str | None, dry_run: bool, output: str) -> None:
+        supersede: bool, name: str | None, dry_run: bool, fmt: str) -> None:
     """Roll NAME:VERSION out to the devices SELECTOR matches, stage by stage.
 
     \b
@@ -126,4 +126,4 @@ def cli(client: ApiClient, target: str, selector: str, stages: tuple[float, ...]
         window_cron=window_cron, window_duration_s=window_duration, allow_downgrade=allow_downgrade,
         supersede=supersede, device_timeout_s=device_timeout, max_retries=max_retries, sampling=sampling,
     )
-    submit(client, spec.to_manifest(name), dry_run, output)
+    submit(client, spec.to_manifest(name), dry_run, fmt)

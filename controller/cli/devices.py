@@ -5,7 +5,7 @@ import click
 
 from ..errors import InvalidInput
 from ..rollout.spec import parse_duration
-from ._output import emit, emit_record, emitted_as_json, output_option
+from ._output import emit, emit_record, emitted_as_json, format_option
 from .client import ApiClient, api_command
 
 LIST_COLUMNS = ["id", "online", "enrolled", "hardware_class", "active", "labels", "last_seen"]
@@ -48,24 +48,24 @@ def cli() -> None:
 
 @cli.command(name="list")
 @click.option("-l", "--selector", default="", help="Label selector, e.g. site=berlin,hw.arch=aarch64.")
-@output_option
+@format_option
 @api_command
-def list_devices(client: ApiClient, selector: str, output: str) -> None:
+def list_devices(client: ApiClient, selector: str, fmt: str) -> None:
     """List devices."""
     devices = client.get("/v1/devices", selector=selector or None)
-    emit(devices if output == "json" else [_active(d) for d in devices], output, LIST_COLUMNS)
+    emit(devices if fmt == "json" else [_active(d) for d in devices], fmt, LIST_COLUMNS)
 
 
 @cli.command()
 @click.argument("device_id")
-@output_option
+@format_option
 @api_command
-def show(client: ApiClient, device_id: str, output: str) -> None:
+def show(client: ApiClient, device_id: str, fmt: str) -> None:
     """Show one device, including its hardware profile and desired/reported state."""
     device = client.get(f"/v1/devices/{device_id}")
-    if emitted_as_json(device, output):
+    if emitted_as_json(device, fmt):
         return
-    emit_record(_active(device), output, SHOW_FIELDS)
+    emit_record(_active(device), fmt, SHOW_FIELDS)
     hardware = device.get("hardware") or {}
     if hardware:
         click.echo("hardware:")
@@ -76,24 +76,24 @@ def show(client: ApiClient, device_id: str, output: str) -> None:
 @cli.command()
 @click.argument("device_id")
 @click.option("--rollout", "deployment", metavar="ID", help="Only the events of this rollout.")
-@output_option
+@format_option
 @api_command
-def events(client: ApiClient, device_id: str, deployment: str | None, output: str) -> None:
+def events(client: ApiClient, device_id: str, deployment: str | None, fmt: str) -> None:
     """Show a device's update events (each execution step it reported), oldest first.
 
     \b
     Example:
       fleetctl devices events pi-042 --rollout digits-1.1.0
     """
-    emit(client.get(f"/v1/devices/{device_id}/events", deployment=deployment), output, EVENT_COLUMNS)
+    emit(client.get(f"/v1/devices/{device_id}/events", deployment=deployment), fmt, EVENT_COLUMNS)
 
 
 @cli.command()
 @click.argument("device_id")
 @click.argument("labels", nargs=-1, required=True)
-@output_option
+@format_option
 @api_command
-def label(client: ApiClient, device_id: str, labels: tuple[str, ...], output: str) -> None:
+def label(client: ApiClient, device_id: str, labels: tuple[str, ...], fmt: str) -> None:
     """Set (key=value) and remove (key-) labels of a device.
 
     \b
@@ -102,16 +102,16 @@ def label(client: ApiClient, device_id: str, labels: tuple[str, ...], output: st
     """
     to_set, to_remove = parse_labels(labels)
     device = client.patch(f"/v1/devices/{device_id}/labels", {"set": to_set, "remove": to_remove})
-    emit(device if output == "json" else _active(device), output, ["id", "labels"])
+    emit(device if fmt == "json" else _active(device), fmt, ["id", "labels"])
 
 
 @cli.command()
 @click.argument("name")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Label the device (repeatable).")
 @click.option("--ttl", default="24h", show_default=True, help="How long the token stays valid (e.g. 30m, 2h).")
-@output_option
+@format_option
 @api_command
-def enroll(client: ApiClient, name: str, labels: tuple[str, ...], ttl: str, output: str) -> None:
+def enroll(client: ApiClient, name: str, labels: tuple[str, ...], ttl: str, fmt: str) -> None:
     """Create a one-time enrollment token for device NAME.
 
     \b
@@ -126,7 +126,7 @@ def enroll(client: ApiClient, name: str, labels: tuple[str, ...], ttl: str, outp
     issued = client.post(
         f"/v1/devices/{name}/enroll-token", {"labels": to_set, "ttl_s": int(parse_duration(ttl, "--ttl"))}
     )
-    if emitted_as_json(issued, output):
+    if emitted_as_json(issued, fmt):
         return
     click.echo(f"enrollment token for {issued['device_id']} (one use, expires {issued['expires_at']}):")
     click.echo(issued["token"])

@@ -11,7 +11,7 @@ from ..config import ControllerConfig
 from ..errors import SigningError
 from ..home import is_initialized
 from ..signing import ROLES, Repository
-from ._output import emit, output_option
+from ._output import emit, format_option
 
 
 def _repository() -> Repository:
@@ -34,11 +34,11 @@ def cli() -> None:
 
 
 @cli.command("list")
-@output_option
-def list_keys(output: str) -> None:
+@format_option
+def list_keys(fmt: str) -> None:
     """Keys the current root lists per role, and where their private halves are."""
     rows = [asdict(key) | {"path": key.path or "(not in HOME/keys)"} for key in _repository().keys()]
-    emit(rows, output, ["role", "keyid", "threshold", "path"])
+    emit(rows, fmt, ["role", "keyid", "threshold", "path"])
 
 
 @cli.command("rotate")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ._output import emit, emitted_as_json, output_option
+from ._output import emit, emitted_as_json, format_option
 from .client import ApiClient, api_command
 
 LIST_COLUMNS = ["model", "latest", "versions", "variants", "published_at"]
@@ -17,26 +17,26 @@ def cli() -> None:
     \b
     Example:
       fleetctl models list
-      fleetctl models show digits -o json
+      fleetctl models show digits --format json
     """
 
 
 @cli.command(name="list")
-@output_option
+@format_option
 @api_command
-def list_models(client: ApiClient, output: str) -> None:
+def list_models(client: ApiClient, fmt: str) -> None:
     """List published models, newest version first."""
-    emit(client.get("/v1/models"), output, LIST_COLUMNS)
+    emit(client.get("/v1/models"), fmt, LIST_COLUMNS)
 
 
 @cli.command()
 @click.argument("name")
-@output_option
+@format_option
 @api_command
-def show(client: ApiClient, name: str, output: str) -> None:
+def show(client: ApiClient, name: str, fmt: str) -> None:
     """Show every version and variant of model NAME."""
     model = client.get(f"/v1/models/{name}")
-    if emitted_as_json(model, output):
+    if emitted_as_json(model, fmt):
         return
     rows = [
         {**variant, "version": version["version"], "release": version["release"],
@@ -44,4 +44,4 @@ def show(client: ApiClient, name: str, output: str) -> None:
         for version in model["versions"]
         for variant in version["variants"]
     ]
-    emit(rows, output, SHOW_COLUMNS)
+    emit(rows, fmt, SHOW_COLUMNS)

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ..rollout.spec import percent
-from ._output import emit, emitted_as_json, output_option, table
+from ._output import emit, emitted_as_json, format_option, table
 from .client import ApiClient, api_command
 
 LIST_COLUMNS = ["id", "model", "version", "state", "stage", "devices", "succeeded", "failed", "created_at"]
@@ -72,26 +72,26 @@ def cli() -> None:
 
 @cli.command(name="list")
 @click.option("--state", help="Only rollouts in this state, e.g. RUNNING.")
-@output_option
+@format_option
 @api_command
-def list_rollouts(client: ApiClient, state: str | None, output: str) -> None:
+def list_rollouts(client: ApiClient, state: str | None, fmt: str) -> None:
     """List rollouts, newest first."""
-    emit(client.get("/v1/rollouts", state=state), output, LIST_COLUMNS)
+    emit(client.get("/v1/rollouts", state=state), fmt, LIST_COLUMNS)
 
 
 @cli.command()
 @click.argument("rollout_id")
 @click.option("-w", "--watch", is_flag=True, help="Redraw until the rollout finishes (Ctrl-C to stop).")
 @click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(0.2), help="Seconds between redraws.")
-@output_option
+@format_option
 @api_command
-def status(client: ApiClient, rollout_id: str, watch: bool, interval: float, output: str) -> None:
+def status(client: ApiClient, rollout_id: str, watch: bool, interval: float, fmt: str) -> None:
     """Progress per stage and hardware class, gate values, thresholds and verdicts."""
-    live = watch and output == "table"
+    live = watch and fmt == "table"
     previous = None
     while True:
         data = client.get(f"/v1/rollouts/{rollout_id}")
-        if not emitted_as_json(data, output):
+        if not emitted_as_json(data, fmt):
             text = render_status(data)
             if text != previous:
                 if live and sys.stdout.isatty():
@@ -105,11 +105,11 @@ def status(client: ApiClient, rollout_id: str, watch: bool, interval: float, out
 
 def _control(action: str, help_text: str) -> click.Command:
     @click.argument("rollout_id")
-    @output_option
+    @format_option
     @api_command
-    def command(client: ApiClient, rollout_id: str, output: str) -> None:
+    def command(client: ApiClient, rollout_id: str, fmt: str) -> None:
         data = client.post(f"/v1/rollouts/{rollout_id}/{action}")
-        if not emitted_as_json(data, output):
+        if not emitted_as_json(data, fmt):
             click.echo(f"rollout {rollout_id}: {data['state']} ({data['detail']})")
 
     command.__doc__ = help_text

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ..roles import Role
-from ._output import emit, emit_record, output_option
+from ._output import emit, emit_record, format_option
 from .client import ApiClient, api_command
 
 COLUMNS = ["name", "role", "created_at"]
@@ -27,22 +27,22 @@ def cli() -> None:
 @cli.command()
 @click.argument("name")
 @click.option("--role", type=ROLES, default=Role.VIEWER.value, show_default=True, help="What the token may do.")
-@output_option
+@format_option
 @api_command
-def create(client: ApiClient, name: str, role: str, output: str) -> None:
+def create(client: ApiClient, name: str, role: str, fmt: str) -> None:
     """Create the operator token NAME; its secret is printed this once."""
     created = client.post("/v1/tokens", {"name": name, "role": role.lower()})
-    emit_record(created, output, ["name", "role", "created_at", "token"])
-    if output != "json":
+    emit_record(created, fmt, ["name", "role", "created_at", "token"])
+    if fmt != "json":
         click.echo("note: the token is shown only now; pass it with --token or EDGEFLEET_TOKEN", err=True)
 
 
 @cli.command(name="list")
-@output_option
+@format_option
 @api_command
-def list_tokens(client: ApiClient, output: str) -> None:
+def list_tokens(client: ApiClient, fmt: str) -> None:
     """List live operator tokens and their roles (never their secrets)."""
-    emit(client.get("/v1/tokens"), output, COLUMNS)
+    emit(client.get("/v1/tokens"), fmt, COLUMNS)
 
 
 @cli.command()
