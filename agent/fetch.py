@@ -13,7 +13,6 @@ sent something bad), ``UnknownTargetError``, ``TransportError`` (retry later),
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -33,8 +32,9 @@ from edgefleet.common.fs import atomic_write, fsync_dir, storage_error
 from edgefleet.common.protocol import TargetInfo, target_path
 
 from .errors import TransportError, UnknownTargetError, VerificationError
+from .streamhash import StreamHasher
 
-CHUNK = 64 * 1024
+TARGET_READ = 1024 * 1024  # reads of a download: fewer, larger hops through Python per byte
 MAX_ROOT_BYTES = UpdaterConfig().root_max_length
 USER_AGENT = "edgefleet-agent"
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
@@ -99,7 +99,7 @@ class HttpFetcher(RangeFetcher):
         complete = False
         try:
             # read1 hands over whatever arrived, so a cut loses no received bytes
-            while chunk := response.read1(CHUNK):
+            while chunk := response.read1(TARGET_READ):
                 yield chunk
             complete = True
         except urllib3.exceptions.TimeoutError as e:
@@ -314,7 +314,7 @@ class _Partial:
         self.target = target
         self.size = 0
         self._file: BinaryIO | None = None
-        self._hashes: dict[str, hashlib._Hash] = {}
+        self._hasher: StreamHasher | None = None
 
     def __enter__(self) -> _Partial:
         self._file = file = open(self.path, "a+b")
@@ -322,24 +322,28 @@ class _Partial:
         file.seek(0)
         if os.fstat(file.fileno()).st_size > self.target.length:
             self.restart()
-        for block in iter(lambda: file.read(CHUNK), b""):
+        for block in iter(lambda: file.read(TARGET_READ), b""):
             self._update(block)
         return self
 
     def __exit__(self, *exc: object) -> None:
         assert self._file is not None
+        if self._hasher is not None:
+            self._hasher.close()
         self._file.close()
 
     def _reset_hashes(self) -> None:
+        if self._hasher is not None:
+            self._hasher.close()
         try:
-            self._hashes = {name: hashlib.new(name) for name in self.target.hashes}
+            self._hasher = StreamHasher(list(self.target.hashes))
         except ValueError as e:
             raise VerificationError(f"{self.target.path} is signed with an unsupported hash: {e}") from e
         self.size = 0
 
     def _update(self, data: bytes) -> None:
-        for h in self._hashes.values():
-            h.update(data)
+        assert self._hasher is not None
+        self._hasher.update(data)
         self.size += len(data)
 
     def restart(self) -> None:
@@ -364,8 +368,10 @@ class _Partial:
                 f"download of {self.target.path} stopped at {self.size} of {self.target.length} bytes; "
                 f"it resumes on the next attempt"
             )
+        assert self._hasher is not None
+        digests = self._hasher.hexdigests()
         for name, expected in self.target.hashes.items():
-            if self._hashes[name].hexdigest() != expected:
+            if digests[name] != expected:
                 raise VerificationError(f"{self.target.path} does not match its signed {name} hash")
         self._file.flush()
         os.fsync(self._file.fileno())
