@@ -11,7 +11,9 @@ sizes, contrasts, noise and blur, and carry what each task needs as truth:
     cls  input x float32 [N,3,48,192]   labels int64 [N]   0 = upright, 1 = turned 180 degrees
     rec  input x float32 [N,3,48,320]   texts  int64 [N,L] class indices of the true string, -1 padded;
                                         ignore int64 [1] the space class, which the metric leaves out
-    det  input x float32 [N,3,H,W]      boxes  float32 [N,K,4] true line boxes x0,y0,x1,y1 in pixels, -1 padded
+    det  input x float32 [N,3,H,W]      boxes  float32 [N,K,4] true line boxes x0,y0,x1,y1 in pixels, -1 padded:
+                                        the ink's width and the font's line height (ascenders to descenders),
+                                        with a margin of a tenth of that height
 
     python -m bench.ocr fetch CACHE       # download and extract the models (make models)
     python -m bench.ocr sets CACHE        # also render the full evaluation and calibration sets
@@ -40,7 +42,7 @@ MODELS = {
     "rec": "ch_PP-OCRv4_rec_infer.onnx",
 }
 INPUT = "x"  # every PP-OCR export names its input x
-SETS_VERSION = "ocr-sets-v2"  # bump when the renderer changes: cached sets under the old name are ignored
+SETS_VERSION = "ocr-sets-v3"  # bump when the renderer changes: cached sets under the old name are ignored
 SEED = 20261130
 
 CLS_SHAPE = (48, 192)
@@ -49,6 +51,7 @@ DET_SHAPE = (320, 320)
 # Counts of the full sets the benchmark uses; tests ask for fewer.
 FULL = {"cls": (400, 64), "rec": (200, 32), "det": (48, 12)}  # (eval, calibration)
 
+LABEL_MARGIN = 0.1  # a labelled box leaves this share of the line height around the text, as annotators do
 FONT_DIRS = (Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/truetype/liberation"))
 FONT_FILES = (
     "DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf", "DejaVuSans-Bold.ttf",
@@ -155,14 +158,21 @@ class _Renderer:
 
     def line(self, text: str, height: int) -> np.ndarray:
         """A grey image [h, w] of one text line, cropped to the text with a small margin."""
+        return self._line(text, height)[0]
+
+    def _line(self, text: str, height: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """The line image, and the rows (top, bottom) of the font's full line: ascenders to descenders,
+        as a person labelling a text line draws its box whichever letters it holds."""
         r = self.rng
         font = self._font(int(height * r.uniform(0.55, 0.8)))
         ink, paper = self._contrast()
-        x0, y0, x1, y1 = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), text, font=font)
+        measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+        x0, y0, x1, y1 = measure.textbbox((0, 0), text, font=font)
+        _, top, _, bottom = measure.textbbox((0, 0), "Agjy", font=font)
         pad = int(r.integers(2, 8))
         image = Image.new("L", (int(x1 - x0) + 2 * pad, int(y1 - y0) + 2 * pad), paper)
         ImageDraw.Draw(image).text((pad - x0, pad - y0), text, fill=ink, font=font)
-        return self._degrade(image)
+        return self._degrade(image), (int(pad - y0 + top), int(pad - y0 + bottom))
 
     def _contrast(self) -> tuple[int, int]:
         ink, paper = int(self.rng.integers(0, 90)), int(self.rng.integers(170, 256))
@@ -185,7 +195,7 @@ class _Renderer:
         boxes: list[tuple[float, float, float, float]] = []
         y = int(r.integers(4, 24))
         for _ in range(lines):
-            crop = self.line(self.text(), int(r.integers(22, 40)))
+            crop, (top, bottom) = self._line(self.text(), int(r.integers(22, 40)))
             ch, cw = crop.shape
             if cw > w - 8:
                 crop = crop[:, : w - 8]
@@ -197,14 +207,12 @@ class _Renderer:
             ink = crop < crop.mean()
             region = page[y:y + ch, x:x + cw]
             region[ink] = crop[ink]
-            boxes.append(_ink_box(ink, x, y))
+            cols = np.flatnonzero(ink.any(axis=0))
+            margin = LABEL_MARGIN * (bottom - top)
+            boxes.append((max(0.0, x + cols[0] - margin), max(0.0, y + top - margin),
+                          min(float(w), x + cols[-1] + 1 + margin), min(float(h), y + bottom + margin)))
             y += ch + int(r.integers(6, 30))
         return page, boxes
-
-
-def _ink_box(ink: np.ndarray, x: int, y: int) -> tuple[float, float, float, float]:
-    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
-    return (float(x + cols[0]), float(y + rows[0]), float(x + cols[-1] + 1), float(y + rows[-1] + 1))
 
 
 def _normalize(grey: np.ndarray) -> np.ndarray:

@@ -122,9 +122,21 @@ def _director(rows: list[Row]) -> list[str]:
             f"generation floor) per desired state"]
 
 
+def _variants(rows: list[Row]) -> list[str]:
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        by = {r["variant"]: r for r in rows if r["model"] == model}
+        fp32, int8 = by["cpu-fp32"], by["cpu-int8"]
+        lines.append(f"int8 on {model}: p50 **{int8['p50 ms']} ms** vs fp32 {fp32['p50 ms']} ms "
+                     f"({_number(int8['p50 ms']) / _number(fp32['p50 ms']):.2f}x), size "
+                     f"{_number(int8['size KiB']) / _number(fp32['size KiB']):.2f}x, {int8['task metric']} "
+                     f"({int8['change (points)']} points): **{int8['build'].split(':')[0]}**")
+    return lines
+
+
 HEADLINES: dict[str, Callable[[list[Row]], list[str]]] = {
     "fanout": _fanout, "ingest": _ingest, "swap": _swap, "serving": _serving, "verify": _verify,
-    "footprint": _footprint, "director": _director,
+    "footprint": _footprint, "director": _director, "variants": _variants,
 }
 
 

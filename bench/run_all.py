@@ -1,4 +1,4 @@
-"""Run the six benchmarks and regenerate bench/RESULTS.md.
+"""Run the benchmarks and regenerate bench/RESULTS.md.
 
 Each benchmark runs as its own subprocess (``python -m bench.NAME ...``); its
 output is saved as JSON in the runs directory, then RESULTS.md is rendered
@@ -91,6 +91,8 @@ BENCHMARKS: tuple[Benchmark, ...] = (
                "bench.footprint", ("--idle-seconds", "10"), ("--idle-seconds", "0.3", "--requests", "3"), 600),
     _benchmark("director", "director", "7. Signed desired states: sign and verify per desired state",
                "bench.director", ("--repeat", "2000"), ("--repeat", "50"), 300),
+    _benchmark("variants", "variants", "8. Variants of real models: PP-OCR's classifier, recognizer and detector",
+               "bench.variants", (), ("--small",), 1800),
 )
 BY_KEY = {b.key: b for b in BENCHMARKS}
 

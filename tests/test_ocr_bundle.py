@@ -77,6 +77,8 @@ def test_int8_calibrated_on_blank_images_is_refused_naming_the_metric(cls_set, t
     (refusal,) = report["refused"]
     assert "\n" not in refusal["reason"]
     assert refusal["reason"].startswith("cpu-int8 loses") and "points of top-1" in refusal["reason"]
+    assert refusal["accuracy"]["top1_drop"] > 0.01 and refusal["size_bytes"] > 0  # what it would have cost
+    assert not (tmp_path / "out" / "cpu-int8.onnx").exists()
 
 
 @pytest.mark.parametrize("task,sizes,metric", [("rec", (12, 4), "exact_match"), ("det", (6, 3), "box_f1")])

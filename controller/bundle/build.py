@@ -88,10 +88,19 @@ def build_bundle(
                 report["variants"].append(builder.build(variant, Path(staging)))
             except BuildError as e:
                 _remove_stale(out, variant.name)
-                report["refused"].append({"variant": variant.name, "reason": str(e)})
+                measured = e.measured if isinstance(e, OutOfBound) else {}
+                report["refused"].append({"variant": variant.name, "reason": str(e), **measured})
     text = json.dumps(report, indent=2, sort_keys=True).encode()
     _write(out / REPORT, lambda path: atomic_write(path, text))
     return report
+
+
+class OutOfBound(BuildError):
+    """A variant that was built and measured, and loses more of its task metric than the bound allows."""
+
+    def __init__(self, message: str, measured: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.measured = measured  # size, ops, latency and accuracy, as an accepted variant's entry has them
 
 
 @dataclass(frozen=True)
@@ -145,13 +154,21 @@ class _Builder:
         session, emulated = cpu_session(staged, fp16=variant.name == CUDA_FP16, threads=LATENCY_THREADS)
         outputs = run_all(session, self.evalset, variant.name)
         accuracy = compare(self.reference, outputs, self.task, self.reference_scores, self.score)
-        self._check_bound(variant.name, accuracy)
+        if accuracy.max_abs_diff == float("inf"):
+            raise BuildError(f"{variant.name} produces non-finite outputs on the eval set")
         runs_here = not emulated and _providers_work(variant.providers)
+        # Measured before the bound is checked: a refusal shows what the variant would have cost and saved.
         latency = self.timing.measure(session, self.evalset, variant.name) if runs_here else None
+        size = staged.stat().st_size
+        measured = {
+            "size_bytes": size,
+            "op_count": len(onnx.load(str(staged)).graph.node),
+            "latency_ms": latency.to_dict() if latency else None,
+            "accuracy": accuracy.to_dict(),
+        }
+        self._check_bound(variant.name, accuracy, measured)
 
         golden = make_golden(self.evalset, outputs, self.score, variant.golden_rtol)
-        op_count = len(onnx.load(str(staged)).graph.node)
-        size = staged.stat().st_size
         _publish_file(staged, self.out / staged.name)
         golden_name = f"{variant.name}.golden.npz"
         _write(self.out / golden_name, lambda path: golden.save(path))
@@ -161,10 +178,7 @@ class _Builder:
             "golden": golden_name,
             "requirements": variant.requirements(size).to_dict(),
             "preference": variant.preference,
-            "size_bytes": size,
-            "op_count": op_count,
-            "latency_ms": latency.to_dict() if latency else None,
-            "accuracy": accuracy.to_dict(),
+            **measured,
         }
         if not runs_here:
             how = "fp16 weights cast back to fp32" if emulated else "ONNX Runtime's CPU kernels"
@@ -172,16 +186,15 @@ class _Builder:
                              f"latency and numerics on {', '.join(variant.providers)} are untested")
         return entry
 
-    def _check_bound(self, name: str, accuracy: Accuracy) -> None:
-        if accuracy.max_abs_diff == float("inf"):
-            raise BuildError(f"{name} produces non-finite outputs on the eval set")
+    def _check_bound(self, name: str, accuracy: Accuracy, measured: dict[str, Any]) -> None:
         if accuracy.drop is not None and accuracy.drop > self.max_drop + 1e-9:
             assert accuracy.metric is not None and accuracy.value is not None  # the drop is measured from them
             before = accuracy.value + accuracy.drop
-            raise BuildError(
+            raise OutOfBound(
                 f"{name} loses {accuracy.drop * 100:.2f} points of {TITLES[accuracy.metric]} "
                 f"({before * 100:.2f}% -> {accuracy.value * 100:.2f}%), above the "
-                f"{self.max_drop * 100:g}-point bound; give better --calibration data or raise --max-drop")
+                f"{self.max_drop * 100:g}-point bound; give better --calibration data or raise --max-drop",
+                measured)
 
 
 def _providers_work(providers: tuple[str, ...]) -> bool:
