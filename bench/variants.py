@@ -21,8 +21,8 @@ from typing import Any
 
 from bench import ocr
 from bench._common import DEFAULT_CACHE, table
+from edgefleet.controller.accuracy import task_metric
 from edgefleet.controller.bundle.build import build_bundle
-from edgefleet.controller.bundle.tasks import task_metric
 
 TITLES = {"cls": "text direction (MobileNetV3)", "rec": "text recognizer (SVTR)", "det": "text detector (DBNet)"}
 SMALL = {"cls": (32, 8), "rec": (12, 4), "det": (6, 3)}
@@ -47,7 +47,7 @@ def _row(task: str, variant: str, entry: dict[str, Any], accuracy: dict[str, Any
         task, variant, f"{entry.get('size_bytes', 0) / 1024:,.0f}" if entry.get("size_bytes") else "-",
         entry.get("op_count", "-"), latency.get("p50", "- (no GPU)"), latency.get("p99", "-"),
         f"{metric} {value:.3f}" if value is not None else "-",
-        f"{-drop * 100:+.2f}" if drop is not None else "-",
+        f"{0.0 - drop * 100:+.2f}" if drop else ("+0.00" if drop == 0 else "-"),
         f"{accuracy['cer']:.4f}" if accuracy.get("cer") is not None else "-",
         f"{accuracy['agreement']:.3f}" if accuracy.get("agreement") is not None else "-",
         verdict,

@@ -5,14 +5,18 @@ from collections import defaultdict
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, Depends, Path
+import sqlalchemy as sa
+from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel
 
 from edgefleet.common.protocol import NAME
 
 from ..db.catalog import ModelVersion, model_versions
+from ..db.models import Device
 from ..errors import NotFound
 from ..mirror import mirror_targets
+from ..rollout.engine import evidence, variant_views
+from ..rollout.frontier import frontier
 from ..signing import Expiry, Repository
 from .audit import record_operator
 from .auth import Operator, require_deployer, require_operator
@@ -87,6 +91,44 @@ def show_model(name: str = Path(pattern=NAME.pattern), ctx: ApiContext = Depends
     if not versions:
         raise NotFound(f"model {name!r} is not published: see `fleetctl models list`")
     return ModelDetail(model=name, versions=[_version(mv) for mv in versions])
+
+
+class FrontierPointOut(BaseModel):
+    variant: str
+    metric: str | None
+    accuracy: float | None
+    p50_ms: float | None
+    p99_ms: float | None
+    devices: int
+    on_frontier: bool
+    picked: bool
+    note: str
+
+
+class FrontierOut(BaseModel):
+    model: str
+    version: str
+    min_accuracy: float | None
+    classes: dict[str, list[FrontierPointOut]]  # hardware class -> every variant of the version
+
+
+@router.get("/{name}/{version}/frontier", response_model=FrontierOut,
+            summary="Latency/accuracy frontier of a model version per hardware class")
+def model_frontier(
+    name: str = Path(pattern=NAME.pattern), version: str = Path(pattern=NAME.pattern),
+    min_accuracy: float | None = Query(None, ge=0, le=1, description="accuracy floor, a fraction"),
+    ctx: ApiContext = Depends(get_ctx),
+) -> FrontierOut:
+    with ctx.db.unit_of_work() as session:
+        variants = variant_views(session, name, version)
+        if not variants:
+            raise NotFound(f"{name}:{version} is not published: see `fleetctl models show {name}`")
+        proof = evidence(session, name, version)
+        classes = session.scalars(sa.select(Device.hardware_class).distinct().where(
+            Device.hardware_class.is_not(None)))
+        found = frontier(variants, proof, [c for c in classes if c], min_accuracy)
+    return FrontierOut(model=name, version=version, min_accuracy=min_accuracy, classes={
+        cls: [FrontierPointOut(**p.to_dict()) for p in points] for cls, points in found.items()})
 
 
 class SyncOut(BaseModel):

@@ -21,6 +21,7 @@ from edgefleet.common.errors import StorageError
 from edgefleet.common.fs import atomic_write
 from edgefleet.common.protocol import NAME
 
+from ..accuracy import TITLES
 from ..errors import BuildError
 from .data import Dataset, load_dataset, synthetic_dataset
 from .evaluate import (
@@ -38,7 +39,7 @@ from .evaluate import (
 from .golden import make_golden
 from .report import REPORT
 from .source import SourceModel, load_source, one_line
-from .tasks import TITLES, task_of
+from .tasks import task_of
 from .variants import CUDA_FP16, Variant, select
 
 if TYPE_CHECKING:

@@ -24,9 +24,6 @@ from ..errors import BuildError
 from .source import TensorSpec
 
 LABELS, TEXTS, BOXES, IGNORE = "labels", "texts", "boxes", "ignore"
-# Names shown in one-line messages.
-TITLES = {"top1": "top-1", "exact_match": "exact match", "box_f1": "box F1"}
-METRICS = tuple(TITLES)  # the order in which a variant's accuracy names its task metric
 
 # DB postprocess as PP-OCR's detector ships it (rapidocr's config.yaml): pixel threshold,
 # mean-score threshold of a region, and how far the shrunk text kernel is grown back.
@@ -51,11 +48,6 @@ class Task(Protocol):
     def agreement(self, reference: np.ndarray, outputs: np.ndarray) -> float:
         """How often the variant answers what the source model answers, 0..1."""
         ...
-
-
-def task_metric(accuracy: dict[str, float]) -> tuple[str, float] | None:
-    """The task metric a variant's accuracy names (top1, exact_match or box_f1), if any."""
-    return next(((m, float(accuracy[m])) for m in METRICS if accuracy.get(m) is not None), None)
 
 
 def _output(outputs: tuple[TensorSpec, ...], rank: int, what: str) -> str:

@@ -109,16 +109,18 @@ def variant_views(session: Session, model: str, version: str) -> list[VariantVie
 def evidence(session: Session, model: str, version: str) -> list[Evidence]:
     """Median on-device p99 per (hardware class, variant) of this version."""
     rows = session.execute(
-        sa.select(Benchmark.hardware_class, Benchmark.variant, Benchmark.device_id, Benchmark.p99_ms)
+        sa.select(Benchmark.hardware_class, Benchmark.variant, Benchmark.device_id, Benchmark.p50_ms,
+                  Benchmark.p99_ms)
         .where(Benchmark.model == model, Benchmark.version == version)
     )
-    grouped: dict[tuple[str, str], list[float]] = defaultdict(list)
+    grouped: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
     devices: dict[tuple[str, str], set[str]] = defaultdict(set)
-    for cls, variant, device, p99 in rows:
-        grouped[(cls, variant)].append(p99)
+    for cls, variant, device, p50, p99 in rows:
+        grouped[(cls, variant)].append((p50, p99))
         devices[(cls, variant)].add(device)
     return [
-        Evidence(cls, variant, statistics.median(values), len(devices[(cls, variant)]))
+        Evidence(cls, variant, statistics.median(p99 for _, p99 in values), len(devices[(cls, variant)]),
+                 statistics.median(p50 for p50, _ in values))
         for (cls, variant), values in sorted(grouped.items())
     ]
 
@@ -420,7 +422,7 @@ def _add_members(session: Session, rollout: Rollout, spec: RolloutSpec, now: dat
     variants = variant_views(session, rollout.model, rollout.version)
     proof = evidence(session, rollout.model, rollout.version)
     bad = bad_variants(session, rollout.model, rollout.version)
-    choices = {d.id: planner.choose_variant(d, variants, proof, bad) for d in views}
+    choices = {d.id: planner.choose_variant(d, variants, proof, bad, spec.min_accuracy) for d in views}
     fit = [d for d in views if choices[d.id].variant is not None]
     members = planner.stage_members(rollout.id, spec, fit, rollout.stage, started)
     joined = [d for d in fit if d.id not in started and rows[d.id].enrolled_at > rollout.created_at]

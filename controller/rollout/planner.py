@@ -20,6 +20,7 @@ from edgefleet.common.hardware import HardwareProfile, Requirements
 from edgefleet.common.protocol import P99_NOISE_FLOOR_MS as NOISE_FLOOR_MS
 from edgefleet.common.protocol import ExecutionState
 
+from ..accuracy import TITLES, task_metric
 from .selector import Selector
 from .spec import RolloutSpec, percent
 from .states import Verdict
@@ -69,6 +70,23 @@ class VariantView:
         if self.accuracy.get("within_bound") is False:
             return False
         return drop is None or bound is None or float(drop) <= float(bound)
+
+    @property
+    def task_accuracy(self) -> tuple[str, float] | None:
+        """(metric, value) the build measured on its held-out set; None if it had no truth."""
+        return task_metric(self.accuracy)
+
+    def below(self, floor: float | None) -> str | None:
+        """Why this variant is under the accuracy floor, or None when it is not (or there is none)."""
+        if floor is None:
+            return None
+        measured = self.task_accuracy
+        if measured is None:
+            return f"{self.variant}: accuracy unknown (built without a labelled --eval set), floor {floor:.4g}"
+        metric, value = measured
+        if value >= floor - 1e-9:
+            return None
+        return f"{self.variant}: {TITLES[metric]} {value:.4g} below the floor {floor:.4g}"
 
 
 @dataclass(frozen=True)
@@ -157,6 +175,7 @@ class Evidence:
     variant: str
     p99_ms: float
     devices: int = 1
+    p50_ms: float | None = None
 
 
 def choose_variant(
@@ -164,10 +183,11 @@ def choose_variant(
     variants: Sequence[VariantView],
     evidence: Iterable[Evidence] = (),
     bad: Iterable[tuple[str, str]] = (),
+    min_accuracy: float | None = None,
 ) -> VariantChoice:
     """Among the variants the device can run (requirements met, within the accuracy bound,
-    not marked bad for its class), the lowest measured p99 on its class; without
-    evidence, the declared preference order."""
+    at or above the rollout's accuracy floor, not marked bad for its class), the lowest
+    measured p99 on its class; without evidence, the declared preference order."""
     bad = set(bad)
     profile = device.profile
     cls = device.hardware_class
@@ -180,6 +200,8 @@ def choose_variant(
             refused.append(f"{v.variant}: {'; '.join(unmet)}")
         elif not v.within_accuracy_bound:
             refused.append(f"{v.variant}: outside the accuracy bound")
+        elif (under := v.below(min_accuracy)) is not None:
+            refused.append(under)
         else:
             fitting.append(v)
     if not fitting:
@@ -187,15 +209,20 @@ def choose_variant(
         return VariantChoice(device.id, cls, None, None, f"no variant fits: {why}")
     measured = {e.variant: e for e in evidence if e.hardware_class == cls}
     timed = sorted((measured[v.variant].p99_ms, v.preference, v.variant, v) for v in fitting if v.variant in measured)
+    # what the floor (or a bound) ruled out is part of the explanation
+    skipped = f"; not {' | '.join(refused)}" if refused and min_accuracy is not None else ""
     if timed:
         best = timed[0][3]
         others = ", ".join(f"{name} {p99:.3g} ms" for p99, _, name, _ in timed[1:])
-        reason = f"lowest measured p99 on {cls}: {timed[0][0]:.3g} ms over {measured[best.variant].devices} device(s)"
-        return VariantChoice(device.id, cls, best.variant, best.target, reason + (f" (vs {others})" if others else ""))
+        floor = "" if min_accuracy is None else f" at or above the accuracy floor {min_accuracy:.4g}"
+        reason = (f"lowest measured p99 on {cls}{floor}: {timed[0][0]:.3g} ms over "
+                  f"{measured[best.variant].devices} device(s)")
+        reason += (f" (vs {others})" if others else "") + skipped
+        return VariantChoice(device.id, cls, best.variant, best.target, reason)
     best = fitting[0]
     rest = ", ".join(v.variant for v in fitting[1:])
     reason = f"no evidence on {cls} yet; declared preference {best.preference}" + (f" (before {rest})" if rest else "")
-    return VariantChoice(device.id, cls, best.variant, best.target, reason)
+    return VariantChoice(device.id, cls, best.variant, best.target, reason + skipped)
 
 
 @dataclass(frozen=True)
@@ -238,7 +265,7 @@ def plan(
 ) -> Plan:
     """The whole rollout as it would go now (what --dry-run prints)."""
     evidence, bad = list(evidence), set(bad)
-    choices = {d.id: choose_variant(d, variants, evidence, bad) for d in devices}
+    choices = {d.id: choose_variant(d, variants, evidence, bad, spec.min_accuracy) for d in devices}
     fit = [d for d in devices if choices[d.id].variant is not None]
     started: set[str] = set()
     stages = []

@@ -104,6 +104,7 @@ class RolloutSpec:
     max_error_rate: float = 0.01         # inference errors per request
     max_confidence_shift: float = 0.2    # change of the mean top-1 confidence, new vs previous
     p99_budget_ms: float | None = None   # absolute on-device budget (agent gate)
+    min_accuracy: float | None = None    # accuracy floor: variants whose task metric (build) is below are not picked
     bench_seconds: float = 1.0           # on-device benchmark length
     min_devices_per_stage: int = 1       # of every hardware class, where possible
     window_cron: str | None = None       # maintenance window (device local time)
@@ -139,9 +140,9 @@ class RolloutSpec:
             raise InvalidInput(f"first stage {percent(self.stages[0])} must be above 0%")
         if abs(self.stages[-1] - 1.0) > 1e-9:
             raise InvalidInput(f"stages must end at 100%, the last is {percent(self.stages[-1])}")
-        for name in ("max_failure_rate", "max_error_rate", "max_confidence_shift"):
+        for name in ("max_failure_rate", "max_error_rate", "max_confidence_shift", "min_accuracy"):
             value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
+            if value is not None and not 0.0 <= value <= 1.0:
                 raise InvalidInput(f"{name} {value:g} is out of range: use 0%..100%")
         if not 0.0 <= self.max_p99_regression <= 10.0:
             raise InvalidInput(f"max_p99_regression {self.max_p99_regression:g} is out of range: use 0%..1000%")
@@ -193,6 +194,7 @@ class RolloutSpec:
                 "max_confidence_shift": self.max_confidence_shift,
                 "p99_budget_ms": self.p99_budget_ms,
                 "bench_seconds": self.bench_seconds,
+                "min_accuracy": self.min_accuracy,
             },
             "allow_downgrade": self.allow_downgrade,
             "supersede": self.supersede,
@@ -258,6 +260,8 @@ def _values(spec: dict[str, Any]) -> dict[str, Any]:
     for key in ("max_failure_rate", "max_p99_regression", "max_error_rate", "max_confidence_shift"):
         if key in gates:
             values[key] = parse_fraction(gates[key], key)
+    if gates.get("min_accuracy") is not None:
+        values["min_accuracy"] = parse_fraction(gates["min_accuracy"], "min_accuracy")
     for key in ("p99_budget_ms", "bench_seconds"):
         if key in gates:
             values[key] = gates[key]
