@@ -127,7 +127,7 @@ class Reconciler:
                               f"{state.value} was entered too often (crash loop?); giving up: {step.detail}")
             self._save(journal)
             self._event(journal, gate=step.gate)
-        self._report(journal.generation)
+        self._report(journal)
         self.slots.gc()
         return None
 
@@ -333,10 +333,13 @@ class Reconciler:
             gate=gate,
         )
 
-    def _report(self, generation: int) -> None:
+    def _report(self, journal: Journal | None) -> None:
+        """Announce what runs, and how the last execution ended once it has (the controller settles
+        the execution from this report when its events were lost on the way)."""
         active, previous = self.slots.active(), self.slots.previous()
         self.link.report(
-            generation=generation,
+            generation=journal.generation if journal else 0,
+            outcome=journal.state.reported if journal is not None and journal.state.terminal else None,
             active=active.meta.ref if active else None,
             previous=previous.meta.ref if previous else None,
             hardware=self.profile.to_dict(),
@@ -345,8 +348,7 @@ class Reconciler:
 
     def report(self) -> None:
         """Announce what runs now (on start and after a local rollback)."""
-        journal = self.slots.journal()
-        self._report(journal.generation if journal else 0)
+        self._report(self.slots.journal())
 
     def announce(self) -> None:
         """On start: report, and repeat a finished execution's last event, which a

@@ -284,10 +284,16 @@ class Reported(DeviceMessage):
     previous: ModelRef | None = None
     hardware: dict[str, Any] | None = None  # HardwareProfile.to_dict(), read leniently by its from_dict
     agent_version: str = ""
+    # The terminal state the execution of ``generation`` reached, once the device finished its own
+    # checks of it (gate, swap, commit or rollback); None while it runs. The controller settles an
+    # execution from it when the execution's own events were lost.
+    outcome: ExecutionState | None = None
 
     def validate(self) -> None:
         check_device_id(self.device)
         _non_negative("Reported", boot=self.boot, seq=self.seq, generation=self.generation)
+        if self.outcome is not None and not self.outcome.terminal:
+            raise ProtocolError(f"Reported.outcome must be a terminal state, got {self.outcome.value}")
 
 
 @dataclass(frozen=True)
