@@ -28,6 +28,7 @@ from edgefleet.common.settings import environment_help
 
 from .config import ENV_PREFIX, AgentConfig
 from .slots import Slots
+from .version import agent_version
 
 CONFIG_ENV = "FLEET_AGENT_CONFIG"
 ROLLBACK_WAIT_S = 10.0  # a running agent flips its slots between reconcile steps
@@ -153,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="fleet-agent", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fleet-agent {agent_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the agent daemon", formatter_class=argparse.RawDescriptionHelpFormatter,

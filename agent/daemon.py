@@ -14,7 +14,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from importlib import metadata
 from pathlib import Path
 
 from edgefleet.common.errors import EdgefleetError
@@ -37,6 +36,7 @@ from .runtime import ModelRuntime, RuntimeOptions
 from .sampler import Sampler, controller_poster
 from .serve import InferenceServer
 from .slots import Slots
+from .version import agent_version
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,6 @@ UPLOAD_S = 60.0      # buffered samples are offered to the controller this often
 PING_EVERY_S = 1.0   # at most this often to the watchdog from inside a step
 PID_FILE = "agent.pid"
 LOOP_BACKOFF = Backoff(min_s=1.0, max_s=TICK_S)  # after the main loop raised: retry, never exit
-
-
-def agent_version() -> str:
-    try:
-        return metadata.version("edgefleet")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 class PingingFetcher(HttpFetcher):

@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edgefleet.agent.config import AgentConfig
-from edgefleet.agent.daemon import TICK_S, agent_version, next_boot, serve_installed
+from edgefleet.agent.daemon import TICK_S, next_boot, serve_installed
 from edgefleet.agent.director import Director, Inbox
 from edgefleet.agent.fetch import ModelUpdater, RangeFetcher
 from edgefleet.agent.reconcile import Reconciler
 from edgefleet.agent.sampler import Sampler, controller_poster
 from edgefleet.agent.slots import Slots
+from edgefleet.agent.version import agent_version
 from edgefleet.common.errors import EdgefleetError
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.mqtt import BrokerURL

@@ -5,6 +5,7 @@ import stat
 import subprocess
 import sys
 import urllib.request
+from importlib.metadata import version
 from pathlib import Path
 
 from edgefleet.agent.cli import main
@@ -99,3 +100,8 @@ def test_serve_and_bench_through_fleet_agent(digits, tmp_path):
     result = run("bench", str(digits.model), "--seconds", "0", "--min-queries", "5", "--batch", "0", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["queries"] >= 5
+
+
+def test_version():
+    done = run("--version")
+    assert done.returncode == 0 and done.stdout == f"fleet-agent {version('edgefleet')}\n"

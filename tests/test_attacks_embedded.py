@@ -266,7 +266,7 @@ def test_a_removed_devices_session_is_closed_at_once(fleet):
         login.publish(protocol.topic(name, Channel.STATUS), Status(device=name, boot=1, online=True))
         wait_for(lambda: (d := fleet.device(name)) and d.online, 10, f"{name} online")
         started = time.monotonic()
-        fleet.fleetctl("devices", "remove", name)
+        fleet.fleetctl("devices", "remove", name, "--yes")
         assert login.closed.wait(5), "the removed device's session stayed open"
         assert time.monotonic() - started < 5
         time.sleep(2)  # paho reconnects on its own: the broker must refuse it

@@ -74,7 +74,7 @@ def test_init_force_revokes_the_previous_token(tmp_path):
     env = {"EDGEFLEET_HOME": str(tmp_path / "home")}
     fleetctl(env, "init")
     first = (tmp_path / "home" / "operator-token").read_text().strip()
-    fleetctl(env, "init", "--force")
+    fleetctl(env, "init", "--force", "--yes")
     second = (tmp_path / "home" / "operator-token").read_text().strip()
     db = Database(f"sqlite:///{tmp_path / 'home' / 'controller.db'}")
     with db.unit_of_work() as session:
@@ -100,7 +100,7 @@ def test_device_commands_round_trip(fleet):
     shown = fleetctl(fleet, "devices", "show", "cli-1")
     assert "labels:" in shown and "ring=canary" in shown and "berlin" not in shown
 
-    assert fleetctl(fleet, "devices", "remove", "cli-2").strip() == "removed cli-2"
+    assert fleetctl(fleet, "devices", "remove", "cli-2", "--yes").strip() == "removed cli-2"
     assert "cli-2" in one_line_error(fleet, "devices", "show", "cli-2")
 
     audit = json.loads(fleetctl(fleet, "audit", "--target", "cli-1", "--format", "json"))

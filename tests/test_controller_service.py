@@ -234,7 +234,7 @@ def test_runs_with_mosquitto_postgresql_and_s3(controller, mosquitto_url, postgr
 def test_refuses_an_out_of_date_schema(tmp_path):
     env = {"EDGEFLEET_HOME": str(tmp_path / "home")}
     runner = CliRunner()
-    for args in (["init"], ["db", "downgrade", "base"]):
+    for args in (["init"], ["db", "downgrade", "base", "--yes"]):
         assert runner.invoke(main, args, env=env).exit_code == 0
     result = runner.invoke(main, ["controller", "run"], env=env)
     assert result.exit_code == 1

@@ -41,7 +41,7 @@ def test_init_creates_the_fleet_ca_and_force_keeps_it(tmp_path):
     public = ca.public_key()
     assert isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp256r1"
     before = key.read_bytes()
-    again = runner.invoke(main, ["init", "--force"], env={"EDGEFLEET_HOME": str(home)})
+    again = runner.invoke(main, ["init", "--force", "--yes"], env={"EDGEFLEET_HOME": str(home)})
     assert again.exit_code == 0, again.output
     assert key.read_bytes() == before and cert.read_bytes() == ca.public_bytes(serialization.Encoding.PEM)
 

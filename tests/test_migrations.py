@@ -89,9 +89,9 @@ def test_fleetctl_db_commands(database_url: str) -> None:
     assert result.exit_code == 0, result.output
     assert "schema at " in result.output
     assert '"up_to_date": true' in runner.invoke(fleetctl, [*base, "current", "--format", "json"]).output
-    result = runner.invoke(fleetctl, [*base, "downgrade", "base"])
+    result = runner.invoke(fleetctl, [*base, "downgrade", "base", "--yes"])
     assert result.exit_code == 0 and "base (empty)" in result.output
-    result = runner.invoke(fleetctl, [*base, "downgrade", "zzz"])
+    result = runner.invoke(fleetctl, [*base, "downgrade", "zzz", "--yes"])
     assert result.exit_code == 1
 
 

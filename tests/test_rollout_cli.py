@@ -88,8 +88,9 @@ def test_failed_gate_shows_in_status(api):
     status = fleetctl(api, "rollout", "status", "bad-1").output
     assert "FAILED" in status and "failure_rate on rpi-4: 1 (limit 0.02) FAIL" in status
     assert "100.0%" in status and "FAIL" in status
-    watched = fleetctl(api, "rollout", "status", "bad-1", "--watch", "--interval", "0.2").output
-    assert watched == status  # a finished rollout: one view, then the watch ends
+    watched = fleetctl(api, "rollout", "status", "bad-1", "--watch", "--interval", "0.2", ok=False)
+    assert watched.output == status  # a finished rollout: one view, then the watch ends
+    assert watched.exit_code == 3  # FAILED
     assert "cloud rollback" not in status  # they rolled back on their own; only told to stay there
 
 

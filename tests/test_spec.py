@@ -55,6 +55,8 @@ def test_example_manifest_is_valid_and_round_trips():
     assert spec.sampling.enabled and spec.sampling.low_confidence_below == 0.6
     again = RolloutSpec.from_manifest(spec.to_manifest("x"))
     assert again == spec
+    strict = RolloutSpec.from_manifest({**example(), "spec": {**example()["spec"], "gates": {"min_samples": 20}}})
+    assert strict.min_samples == 20 and RolloutSpec.from_manifest(strict.to_manifest("x")) == strict
 
 
 def test_schema_is_packaged_and_closed():

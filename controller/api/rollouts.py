@@ -6,6 +6,7 @@ states on its next pass.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Response
@@ -18,6 +19,8 @@ from ..rollout.states import RolloutState, Trigger
 from .audit import record_operator
 from .auth import Operator, require_deployer, require_viewer
 from .deps import ApiContext, get_ctx
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"])
 
@@ -45,6 +48,10 @@ def create(
                             superseded=created.superseded)
     if not created.created:
         response.status_code = 200
+    else:
+        log.info("rollout %s created by %s: %s:%s to %d device(s) in %d stage(s)%s", created.rollout_id,
+                 operator.name, spec.model, spec.version, created.plan.device_count, len(spec.stages),
+                 f", superseding {', '.join(created.superseded)}" if created.superseded else "")
     return {"id": created.rollout_id, "created": created.created, "superseded": created.superseded,
             "plan": created.plan.to_dict()}
 
@@ -85,5 +92,7 @@ def control(
         rollout = engine.control(session, rollout_id, Trigger(action), f"operator:{operator.name}")
         record_operator(session, operator, f"rollout.{action}", rollout_id,
                         state=rollout.state.value, stage=rollout.stage)
+        state = rollout.state.value
+    log.info("rollout %s %s: %s by %s", rollout_id, state, action, operator.name)
     with ctx.db.unit_of_work() as session:
         return status.rollout_status(session, rollout_id)

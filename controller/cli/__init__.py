@@ -49,6 +49,15 @@ def main() -> None:
       fleetctl init
       fleetctl bundle build digits.onnx --name digits --version 1.0.0 -o out/
       fleetctl bundle publish out/
+
+    \b
+    Environment:
+      EDGEFLEET_HOME        fleet home (default: ~/.edgefleet)
+      EDGEFLEET_CONTROLLER  controller URL for API commands (--controller)
+      EDGEFLEET_TOKEN       operator token for API commands (--token)
+      EDGEFLEET_<KEY>       any config.toml key (see `fleetctl controller run --help`)
+    Shell completion (bash; zsh and fish alike):
+      eval "$(_FLEETCTL_COMPLETE=bash_source fleetctl)"
     """
 
 

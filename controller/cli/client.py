@@ -98,9 +98,9 @@ def connect(controller: str | None, token: str | None) -> ApiClient:
 def api_command(function: Callable[..., Any]) -> Callable[..., Any]:
     """Adds --controller and --token and passes ``client: ApiClient`` to the command."""
 
-    @click.option("--controller", envvar="EDGEFLEET_CONTROLLER", metavar="URL",
+    @click.option("--controller", envvar="EDGEFLEET_CONTROLLER", show_envvar=True, metavar="URL",
                   help="Controller API URL (default: public_url of HOME/config.toml).")
-    @click.option("--token", envvar="EDGEFLEET_TOKEN", metavar="TOKEN",
+    @click.option("--token", envvar="EDGEFLEET_TOKEN", show_envvar=True, metavar="TOKEN",
                   help="Operator token (default: HOME/operator-token).")
     @functools.wraps(function)
     def wrapper(*args: Any, controller: str | None, token: str | None, **kwargs: Any) -> Any:

@@ -8,11 +8,12 @@ import click
 
 from ..config import ControllerConfig
 from ..db.session import Database
+from ._confirm import confirm, yes_option
 from ._output import emit, format_option
 
 
 @click.group(name="db")
-@click.option("--database-url", metavar="URL",
+@click.option("--database-url", metavar="URL", envvar="EDGEFLEET_DATABASE_URL", show_envvar=True,
               help="Database to act on (default: database_url from HOME/config.toml, else HOME/controller.db).")
 @click.pass_context
 def cli(ctx: click.Context, database_url: str | None) -> None:
@@ -52,9 +53,13 @@ def upgrade(ctx: click.Context, revision: str) -> None:
 
 @cli.command()
 @click.argument("revision")
+@yes_option
 @click.pass_context
-def downgrade(ctx: click.Context, revision: str) -> None:
-    """Downgrade the schema to REVISION ('base' drops every table)."""
+def downgrade(ctx: click.Context, revision: str, yes: bool) -> None:
+    """Downgrade the schema to REVISION ('base' drops every table). Asks first unless --yes."""
+    with _database(ctx) as db:
+        where = db.safe_url
+    confirm(f"Downgrade the schema of {where} to {revision}? Tables and data newer than it are dropped", yes)
     _migrate(ctx, "downgrade", revision)
 
 

@@ -89,6 +89,10 @@ def parse_target(text: str) -> tuple[str, str]:
 @click.option("--min-accuracy", callback=_converter(parse_fraction, "--min-accuracy"),
               help="Accuracy floor, e.g. 95%: per hardware class, the fastest variant whose task metric "
                    "(from the build) is at least this (see `fleetctl models frontier`).")
+@click.option("--min-samples", default=0, show_default=True, type=click.IntRange(0),
+              help="Require data: a gate passes only on a value over this many samples (devices, benchmarks, "
+                   "requests, sampled rows); short of them the stage waits, and fails at its deadline "
+                   "(bake + device timeout after its devices finished).")
 @click.option("--min-devices-per-stage", default=1, show_default=True, type=click.IntRange(0),
               help="Of every hardware class, where possible.")
 @click.option("--window", "window_cron", metavar="CRON", callback=_converter(parse_cron, "--window"),
@@ -108,10 +112,10 @@ def parse_target(text: str) -> tuple[str, str]:
 @api_command
 def cli(client: ApiClient, target: str, selector: str, stages: tuple[float, ...], bake: float,
         max_failure_rate: float, max_p99_regression: float, max_error_rate: float, max_confidence_shift: float,
-        min_accuracy: float | None, min_devices_per_stage: int, window_cron: str | None,
-        window_duration: float | None, device_timeout: float,
-        max_retries: int, sample_rate: float | None, sample_low_confidence: float | None, allow_downgrade: bool,
-        supersede: bool, name: str | None, dry_run: bool, fmt: str) -> None:
+        min_accuracy: float | None, min_samples: int, min_devices_per_stage: int, window_cron: str | None,
+        window_duration: float | None, device_timeout: float, max_retries: int, sample_rate: float | None,
+        sample_low_confidence: float | None, allow_downgrade: bool, supersede: bool, name: str | None,
+        dry_run: bool, fmt: str) -> None:
     """Roll NAME:VERSION out to the devices SELECTOR matches, stage by stage.
 
     \b
@@ -126,7 +130,7 @@ def cli(client: ApiClient, target: str, selector: str, stages: tuple[float, ...]
     spec = RolloutSpec(
         model=model, version=version, selector=selector, stages=stages, bake_s=bake,
         max_failure_rate=max_failure_rate, max_p99_regression=max_p99_regression, max_error_rate=max_error_rate,
-        max_confidence_shift=max_confidence_shift, min_accuracy=min_accuracy,
+        max_confidence_shift=max_confidence_shift, min_accuracy=min_accuracy, min_samples=min_samples,
         min_devices_per_stage=min_devices_per_stage,
         window_cron=window_cron, window_duration_s=window_duration, allow_downgrade=allow_downgrade,
         supersede=supersede, device_timeout_s=device_timeout, max_retries=max_retries, sampling=sampling,

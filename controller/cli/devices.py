@@ -5,6 +5,7 @@ import click
 
 from ..errors import InvalidInput
 from ..rollout.spec import parse_duration
+from ._confirm import confirm, yes_option
 from ._output import emit, emit_record, emitted_as_json, format_option
 from .client import ApiClient, api_command
 
@@ -135,9 +136,12 @@ def enroll(client: ApiClient, name: str, labels: tuple[str, ...], ttl: str, fmt:
 
 @cli.command()
 @click.argument("device_id")
+@yes_option
 @api_command
-def remove(client: ApiClient, device_id: str) -> None:
+def remove(client: ApiClient, device_id: str, yes: bool) -> None:
     """Remove a device: its tokens stop working, its records are deleted and a managed
-    broker (Mosquitto, broker_admin) refuses it and closes its open session at once."""
+    broker (Mosquitto, broker_admin) refuses it and closes its open session at once.
+    Asks first unless --yes."""
+    confirm(f"Remove device {device_id}? It must be enrolled again to come back", yes)
     client.delete(f"/v1/devices/{device_id}")
     click.echo(f"removed {device_id}")

@@ -8,7 +8,7 @@ from edgefleet.common.defaults import fleet_home
 
 from ..db.models import ApiToken, utcnow
 from ..db.session import Database
-from ..home import init_home
+from ..home import init_home, is_initialized
 from ..tokens import (
     OPERATOR_PREFIX,
     hash_token,
@@ -17,6 +17,7 @@ from ..tokens import (
     register_operator_token,
     write_operator_token,
 )
+from ._confirm import confirm, yes_option
 
 OPERATOR_NAME = "admin"
 
@@ -27,8 +28,9 @@ OPERATOR_NAME = "admin"
 @click.option("--root-keys", default=1, show_default=True, type=click.IntRange(min=1),
               help="Root keys to create (at least the threshold).")
 @click.option("--force", is_flag=True,
-              help="Replace the keys, metadata and operator token of an existing fleet home.")
-def cli(root_threshold: int, root_keys: int, force: bool) -> None:
+              help="Replace the keys, metadata and operator token of an existing fleet home (asks first).")
+@yes_option
+def cli(root_threshold: int, root_keys: int, force: bool, yes: bool) -> None:
     """Create the fleet home ($EDGEFLEET_HOME, else ~/.edgefleet).
 
     Writes config.toml, the TUF signing keys and initial metadata, migrates the
@@ -40,6 +42,9 @@ def cli(root_threshold: int, root_keys: int, force: bool) -> None:
       fleetctl init --root-keys 3 --root-threshold 2
     """
     home = fleet_home()
+    if force and is_initialized(home):
+        confirm(f"Replace the signing keys, TUF metadata and operator token of {home}? Devices enrolled "
+                "with its root must be enrolled again", yes)
     config = init_home(home, root_threshold=root_threshold, root_keys=root_keys, force=force)
     previous = read_operator_token(home)
     token = new_token(OPERATOR_PREFIX)

@@ -326,11 +326,14 @@ def step_rollout(
 ) -> PassReport:
     now = now or utcnow()
     report = report or PassReport()
+    logged = len(report.transitions)
     with db.unit_of_work() as session:
         rollout = session.get(Rollout, rollout_id, with_for_update=True)
         if rollout is None:
             raise NotFound(f"rollout {rollout_id!r} not found")
         _decide(session, rollout, now, report)
+    for line in report.transitions[logged:]:  # committed: the log says what happened, not what was tried
+        log.info("%s", line)
     owed = _owed(db, rollout_id, now)
     for start in range(0, len(owed), PUBLISH_BATCH):
         _publish_batch(db, publisher, owed[start:start + PUBLISH_BATCH], now, report)
@@ -341,7 +344,7 @@ def _decide(session: Session, rollout: Rollout, now: datetime, report: PassRepor
     spec = RolloutSpec.from_stored(rollout.spec)
     if rollout.state is RolloutState.PENDING:
         _apply(session, rollout, Trigger.START, "started", now)
-        report.transitions.append(f"{rollout.id}: started")
+        report.transitions.append(f"rollout {rollout.id} RUNNING: stage {planner.stage_label(spec, 0)} started")
     if rollout.state is not RolloutState.RUNNING:
         return
     _expire(session, rollout, spec, now, report)
@@ -362,6 +365,11 @@ def _decide(session: Session, rollout: Rollout, now: datetime, report: PassRepor
     observations = _observe(session, rollout, stage_execs, classes) if stage_execs is not None else {}
     outcome = planner.decide_stage(spec, views, observations, since)
     if outcome.decision is StageDecision.WAIT:
+        # a wait with verdicts is one for evidence (NO_DATA, min_samples): the operator sees why in the
+        # rollout's detail; other waits (devices updating, baking) show in its progress
+        if outcome.verdicts and rollout.detail != outcome.reason:
+            rollout.detail = outcome.reason
+            report.transitions.append(f"rollout {rollout.id} {rollout.state.value}: {rollout.detail}")
         return
     if stage_execs is None:  # an early failure: its executions name the variants to mark bad
         stage_execs = list(session.scalars(_executions(rollout.id, rollout.stage)))
@@ -376,7 +384,7 @@ def _decide(session: Session, rollout: Rollout, now: datetime, report: PassRepor
     else:
         _apply(session, rollout, Trigger.GATE_FAILED, f"stage {label} failed: {outcome.reason}", now)
         _mark_bad(session, rollout, stage_execs, classes, planner.failed_classes(outcome.verdicts), outcome.reason, now)
-    report.transitions.append(f"{rollout.id}: {rollout.detail}")
+    report.transitions.append(f"rollout {rollout.id} {rollout.state.value}: {rollout.detail}")
 
 
 def _expire(session: Session, rollout: Rollout, spec: RolloutSpec, now: datetime, report: PassReport) -> None:

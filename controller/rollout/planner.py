@@ -13,7 +13,7 @@ import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from edgefleet.common.hardware import HardwareProfile, Requirements
@@ -307,6 +307,7 @@ class GateVerdict:
     threshold: float
     verdict: Verdict
     awaiting: str = ""   # NO_DATA with its evidence still arriving (what is short): the stage waits
+    samples: int = 0     # the evidence behind the value: devices, benchmarks, requests or sampled rows
 
     @property
     def passed(self) -> bool:
@@ -318,7 +319,7 @@ class GateVerdict:
 
     def describe(self) -> str:
         if self.value is not None:
-            value = f"{self.value:.3g}"
+            value = f"{self.value:.3g}" + (f" ({self.awaiting})" if self.awaiting else "")
         else:
             value = f"no data ({self.awaiting})" if self.awaiting else "no data"
         return f"{self.where}: {value} (limit {self.threshold:.3g}) {self.verdict.value}"
@@ -337,22 +338,37 @@ class StageOutcome:
     reason: str
 
 
-def _judge(gate: str, cls: str, value: float | None, threshold: float, awaiting: str = "") -> GateVerdict:
+def _judge(
+    gate: str, cls: str, value: float | None, threshold: float, samples: int, awaiting: str = ""
+) -> GateVerdict:
     if value is None:
-        return GateVerdict(gate, cls, None, threshold, Verdict.NO_DATA, awaiting)
-    return GateVerdict(gate, cls, value, threshold, Verdict.PASS if value <= threshold else Verdict.FAIL)
+        return GateVerdict(gate, cls, None, threshold, Verdict.NO_DATA, awaiting, samples)
+    return GateVerdict(gate, cls, value, threshold, Verdict.PASS if value <= threshold else Verdict.FAIL,
+                       samples=samples)
 
 
 def _p99_verdict(cls: str, seen: ClassObservation, threshold: float) -> GateVerdict:
     """The p99 regression as a ratio; one within the agent's noise floor passes however
     large the ratio, since a 30 us model doubles its p99 on a scheduler hiccup."""
+    samples = len(seen.p99_new)
     if not (seen.p99_new and seen.p99_previous):
-        return _judge("p99_regression", cls, None, threshold)
+        return _judge("p99_regression", cls, None, threshold, samples)
     new, previous = statistics.median(seen.p99_new), statistics.median(seen.p99_previous)
-    verdict = _judge("p99_regression", cls, new / previous - 1, threshold)
+    verdict = _judge("p99_regression", cls, new / previous - 1, threshold, samples)
     if new - previous <= NOISE_FLOOR_MS:
-        return GateVerdict(verdict.gate, cls, verdict.value, threshold, Verdict.PASS)
+        return replace(verdict, verdict=Verdict.PASS)
     return verdict
+
+
+def _required(verdict: GateVerdict, min_samples: int) -> GateVerdict:
+    """With ``min_samples``, a gate passes only on a value measured over that many samples;
+    short of them it waits (NO_DATA, awaiting). A failing value still fails at once."""
+    if not min_samples or verdict.verdict is Verdict.FAIL:
+        return verdict
+    if verdict.value is not None and verdict.samples >= min_samples:
+        return verdict
+    short = verdict.awaiting or f"{verdict.samples} of {min_samples} samples"
+    return replace(verdict, verdict=Verdict.NO_DATA, awaiting=short)
 
 
 def gate_verdicts(
@@ -367,23 +383,25 @@ def gate_verdicts(
     for cls in classes:
         mine = [e for e in executions if e.hardware_class == cls and e.state is not ExecutionState.CANCELED]
         failed = sum(1 for e in mine if e.state in FAILURE_STATES)
-        verdicts.append(_judge("failure_rate", cls, failed / len(mine) if mine else None, spec.max_failure_rate))
         seen = observations.get(cls, ClassObservation())
-        verdicts.append(_p99_verdict(cls, seen, spec.max_p99_regression))
         error_rate = seen.errors / seen.requests if seen.requests else None
-        verdicts.append(_judge("error_rate", cls, error_rate, spec.max_error_rate))
-        verdicts.append(_confidence_verdict(cls, seen, spec.max_confidence_shift))
+        verdicts += [_required(v, spec.min_samples) for v in (
+            _judge("failure_rate", cls, failed / len(mine) if mine else None, spec.max_failure_rate, len(mine)),
+            _p99_verdict(cls, seen, spec.max_p99_regression),
+            _judge("error_rate", cls, error_rate, spec.max_error_rate, seen.requests),
+            _confidence_verdict(cls, seen, spec.max_confidence_shift),
+        )]
     return verdicts
 
 
 def _confidence_verdict(cls: str, seen: ClassObservation, threshold: float) -> GateVerdict:
     (new_mean, new_n), (previous_mean, previous_n) = seen.confidence_new, seen.confidence_previous
     if min(new_n, previous_n) >= MIN_CONFIDENCE_SAMPLES:
-        return _judge("confidence_shift", cls, abs(new_mean - previous_mean), threshold)
+        return _judge("confidence_shift", cls, abs(new_mean - previous_mean), threshold, new_n)
     # the previous version's figure is final; the new one's grows while its devices sample
     arriving = previous_n >= MIN_CONFIDENCE_SAMPLES and new_n > 0
     awaiting = f"{new_n} of {MIN_CONFIDENCE_SAMPLES} samples" if arriving else ""
-    return _judge("confidence_shift", cls, None, threshold, awaiting)
+    return _judge("confidence_shift", cls, None, threshold, new_n, awaiting)
 
 
 IN_FLIGHT = frozenset({
@@ -400,8 +418,10 @@ def decide_stage(
     """PASS once every device of the stage is terminal, the gates hold and the bake time
     passed; FAIL as soon as a gate fails (during the bake, or when the failure rate is
     beyond the limit before every device finished); else WAIT. After the bake a gate
-    whose evidence is still arriving holds the stage (``rollout promote`` goes on without
-    it); a gate no evidence can reach passes as NO_DATA, named in the reason.
+    whose evidence is still arriving (or, with ``min_samples``, any gate short of that many
+    samples) holds the stage until :func:`stage_deadline_s`, then fails it (``rollout
+    promote`` goes on without it); without ``min_samples`` a gate no evidence can reach
+    passes as NO_DATA, named in the reason.
 
     An early failure still waits for devices in the middle of an update: they are safe
     behind their own on-device gate, and their outcome completes the verdict for every
@@ -425,11 +445,21 @@ def decide_stage(
         left = spec.bake_s - seconds_since_finished
         return StageOutcome(StageDecision.WAIT, [], f"baking, {left:.0f}s left")
     awaiting = [v.describe() for v in verdicts if v.awaiting]
+    if awaiting and seconds_since_finished is not None and seconds_since_finished >= stage_deadline_s(spec):
+        return StageOutcome(StageDecision.FAIL, verdicts,
+                            f"no data by the stage deadline ({stage_deadline_s(spec):.0f}s after its devices "
+                            f"finished): {'; '.join(awaiting)}")
     if awaiting:
-        return StageOutcome(StageDecision.WAIT, [], f"waiting for evidence: {'; '.join(awaiting)}")
+        return StageOutcome(StageDecision.WAIT, verdicts, f"waiting for evidence: {'; '.join(awaiting)}")
     no_data = [v.where for v in verdicts if v.verdict is Verdict.NO_DATA]
     reason = "all gates hold" + (f"; no data: {', '.join(no_data)}" if no_data else "")
     return StageOutcome(StageDecision.PASS, verdicts, reason)
+
+
+def stage_deadline_s(spec: RolloutSpec) -> float:
+    """How long after its devices finished a stage may wait for evidence: the bake time, then
+    as long again as a device may take (``device_timeout``); then a gate still short fails it."""
+    return spec.bake_s + spec.device_timeout_s
 
 
 def failed_classes(verdicts: Iterable[GateVerdict]) -> list[str]:

@@ -103,6 +103,7 @@ class RolloutSpec:
     max_p99_regression: float = 0.15     # new p99 / previous p99 - 1, same hardware class
     max_error_rate: float = 0.01         # inference errors per request
     max_confidence_shift: float = 0.2    # change of the mean top-1 confidence, new vs previous
+    min_samples: int = 0                 # a gate passes only on a value over this many samples (0: any)
     p99_budget_ms: float | None = None   # absolute on-device budget (agent gate)
     min_accuracy: float | None = None    # accuracy floor: variants whose task metric (build) is below are not picked
     bench_seconds: float = 1.0           # on-device benchmark length
@@ -151,8 +152,8 @@ class RolloutSpec:
                 raise InvalidInput(f"{name} must not be negative")
         if self.device_timeout_s <= 0:
             raise InvalidInput("device timeout must be above 0s")
-        if self.min_devices_per_stage < 0 or self.max_retries < 0:
-            raise InvalidInput("min_devices_per_stage and max_retries must not be negative")
+        if self.min_devices_per_stage < 0 or self.max_retries < 0 or self.min_samples < 0:
+            raise InvalidInput("min_devices_per_stage, min_samples and max_retries must not be negative")
         if (self.window_cron is None) != (self.window_duration_s is None):
             raise InvalidInput("a maintenance window needs both --window CRON and --window-duration")
         try:
@@ -192,6 +193,7 @@ class RolloutSpec:
                 "max_p99_regression": self.max_p99_regression,
                 "max_error_rate": self.max_error_rate,
                 "max_confidence_shift": self.max_confidence_shift,
+                "min_samples": self.min_samples,
                 "p99_budget_ms": self.p99_budget_ms,
                 "bench_seconds": self.bench_seconds,
                 "min_accuracy": self.min_accuracy,
@@ -262,7 +264,7 @@ def _values(spec: dict[str, Any]) -> dict[str, Any]:
             values[key] = parse_fraction(gates[key], key)
     if gates.get("min_accuracy") is not None:
         values["min_accuracy"] = parse_fraction(gates["min_accuracy"], "min_accuracy")
-    for key in ("p99_budget_ms", "bench_seconds"):
+    for key in ("p99_budget_ms", "bench_seconds", "min_samples"):
         if key in gates:
             values[key] = gates[key]
     if window:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -10,10 +11,11 @@ from sqlalchemy.orm import Session
 
 from edgefleet.common.protocol import ExecutionState
 
-from ..db.models import Device, Execution, GateResult, Rollout
+from ..db.models import Device, Execution, GateResult, Rollout, utcnow
 from ..errors import NotFound
 from .planner import FAILURE_STATES
 from .spec import RolloutSpec
+from .states import RolloutState
 
 
 def summary(rollout: Rollout, counts: Counter | None = None) -> dict[str, Any]:
@@ -81,7 +83,19 @@ def rollout_status(session: Session, rollout_id: str) -> dict[str, Any]:
         stages.append({"stage": index, "share": share, "classes": classes})
     return {
         **summary(rollout, Counter(ExecutionState(e["state"]) for e in executions)),
+        "bake": _bake(rollout, spec, [e for e in executions if e["stage"] == rollout.stage]),
         "updated_at": rollout.updated_at, "stage_started_at": rollout.stage_started_at,
         "supersedes": rollout.supersedes, "spec": rollout.spec,
         "progress": stages, "gates": gates, "executions": executions,
     }
+
+
+def _bake(rollout: Rollout, spec: RolloutSpec, current: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The current stage's bake: once its devices all finished, when it ends and what is left
+    (None while devices update, or when the rollout is not running)."""
+    if rollout.state is not RolloutState.RUNNING or not current:
+        return None
+    if not all(ExecutionState(e["state"]).terminal for e in current):
+        return None
+    ends = max(e["updated_at"] for e in current) + timedelta(seconds=spec.bake_s)
+    return {"seconds": spec.bake_s, "ends_at": ends, "left_s": max(0.0, (ends - utcnow()).total_seconds())}
