@@ -7,7 +7,7 @@ import itertools
 
 import sqlalchemy as sa
 
-from edgefleet.common.protocol import Event, ModelRef, Reported, Status, Telemetry, TelemetryKind
+from edgefleet.common.protocol import DeviceMessage, Event, ModelRef, Reported, Status, Telemetry, TelemetryKind
 from edgefleet.common.protocol import ExecutionState as E
 from edgefleet.controller.claims import MAX_BOOT_STEP
 from edgefleet.controller.db.models import Device, EventRecord, Execution, TelemetryRecord
@@ -83,8 +83,9 @@ def test_one_batch_over_many_devices_is_applied_in_bulk_with_its_bounds(database
     names = [f"dev-{i:04d}" for i in range(300)]
     with db.unit_of_work() as session:
         session.add_all(Device(id=name, boot=5) for name in names)
-    batch = [Telemetry(device=name, boot=5, seq=seq, kind=TelemetryKind.HEARTBEAT, heartbeat=heartbeat())
-             for seq in (1, 2) for name in names]
+    batch: list[DeviceMessage] = [
+        Telemetry(device=name, boot=5, seq=seq, kind=TelemetryKind.HEARTBEAT, heartbeat=heartbeat())
+        for seq in (1, 2) for name in names]
     batch += [
         Event(device=names[0], boot=5, seq=3, generation=0, state=E.SUCCEEDED),
         Status(device=names[1], boot=5, online=False),

@@ -26,6 +26,7 @@ NEEDS = {
     ("POST", "/v1/devices/{device_id}/enroll-token"): "admin",
     ("GET", "/v1/models"): "viewer",
     ("GET", "/v1/models/{name}"): "viewer",
+    ("GET", "/v1/models/{name}/{version}/frontier"): "viewer",
     ("POST", "/v1/models/sync"): "deployer",
     ("POST", "/v1/rollouts"): "deployer",
     ("GET", "/v1/rollouts"): "viewer",
@@ -44,7 +45,7 @@ NEEDS = {
 OTHERS = {("GET", "/healthz"), ("GET", "/repository/{path:path}"), ("POST", "/v1/enroll"),
           ("POST", "/v1/devices/{device_id}/samples"), ("POST", "/v1/devices/{device_id}/certificate")}
 RANK = {"viewer": 0, "deployer": 1, "admin": 2}
-VALUES = {"device_id": "de-1", "name": "nobody", "rollout_id": "r-none", "action": "pause", "sample_id": "1"}
+VALUES = {"device_id": "de-1", "name": "nobody", "version": "1.0.0", "rollout_id": "r-none", "action": "pause", "sample_id": "1"}
 
 
 def served_routes() -> set[tuple[str, str]]:
