@@ -50,12 +50,12 @@ def controller_role(share_group: str) -> dict[str, Any]:
     ]}
 
 
-def initial_config(controller: str, share_group: str, device_ids: list[str]) -> dict[str, Any]:
-    """The plugin's file: the controller's identity and every device enrolled so far."""
+def initial_config(controllers: list[str], share_group: str, device_ids: list[str]) -> dict[str, Any]:
+    """The plugin's file: the controller's identities (one per replica) and every device enrolled so far."""
     return {
         "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False,
                              "subscribe": False, "unsubscribe": True},
-        "clients": [{"username": controller, "roles": [{"rolename": CONTROLLER_ROLE}]}]
+        "clients": [{"username": c, "roles": [{"rolename": CONTROLLER_ROLE}]} for c in controllers]
         + [device_client(d) for d in device_ids],
         "groups": [],
         "roles": [controller_role(share_group)] + [device_role(d) for d in device_ids],

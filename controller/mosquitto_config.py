@@ -2,9 +2,10 @@
 
 One TLS listener that requires a client certificate from the fleet CA and takes its
 subject CN as username and client id (no one can take another's client id); the
-dynamic-security plugin holds the controller's identity and each enrolled device
-(see ``dynsec``). The controller's own client certificate goes to the fleet home, never
-to the broker's directory.
+dynamic-security plugin holds the controller's identities and each enrolled device
+(see ``dynsec``). The controller's own client certificates go to the fleet home, never
+to the broker's directory: HOME/mqtt for the first controller, HOME/mqtt/NAME for each
+further replica, whose identity (and so client id) is ``edgefleet:controller:NAME``.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from edgefleet.common.fs import atomic_write
 from . import dynsec
 from .config import ControllerConfig
 from .errors import InvalidInput, Unavailable
-from .pki import CA_CERT_FILE, CONTROLLER_IDENTITY, FleetCA, ca_dir
+from .pki import CA_CERT_FILE, CONTROLLER_IDENTITY, FleetCA, ca_dir, replica_identity
 
 PLUGIN_GLOBS = ("/usr/lib/*/mosquitto_dynamic_security.so", "/usr/lib/mosquitto_dynamic_security.so",
                 "/usr/local/lib/mosquitto_dynamic_security.so", "/usr/local/lib/*/mosquitto_dynamic_security.so")
@@ -36,12 +37,14 @@ class MosquittoOptions:
     user: str = ""                           # account a broker started as root runs as (empty: "mosquitto")
     lifetime_s: int = 365 * 86400            # of the server and controller certificates
     devices: list[str] = field(default_factory=list)  # enrolled devices to admit from the start
+    replicas: tuple[str, ...] = ()           # further controller replicas, each with an identity of its own
 
 
 @dataclass(frozen=True)
 class Written:
     config_file: Path
     controller_settings: dict[str, str]  # the keys config.toml needs to use this broker
+    replica_settings: dict[str, dict[str, str]]  # per further replica: the keys that differ from the first
 
 
 def find_plugin() -> str:
@@ -86,33 +89,43 @@ def write_mosquitto(config: ControllerConfig, options: MosquittoOptions) -> Writ
     if not options.hosts:
         raise InvalidInput("give at least one --host: the name devices use to reach the broker")
     plugin = options.plugin or find_plugin()
+    identities = {CONTROLLER_IDENTITY: config.home / CONTROLLER_DIR}
+    for name in options.replicas:
+        identities[replica_identity(name)] = config.home / CONTROLLER_DIR / name
+    if len(identities) != 1 + len(options.replicas):
+        raise InvalidInput("each --replica needs a name of its own")
     ca = FleetCA.load(config.home)
     server_key, server = ca.issue_with_key(options.hosts[0], options.lifetime_s, server_names=options.hosts)
-    controller_key, controller = ca.issue_with_key(CONTROLLER_IDENTITY, options.lifetime_s)
     out = options.output
-    mine = config.home / CONTROLLER_DIR
     files = {
         out / "ca.pem": ca.certificate_pem.encode(),
         out / "server.pem": server.pem.encode(),
         out / "server-key.pem": server_key,
         out / "dynamic-security.json": json.dumps(
-            dynsec.initial_config(CONTROLLER_IDENTITY, config.effective_share_group, options.devices), indent=1
+            dynsec.initial_config(list(identities), config.effective_share_group, options.devices), indent=1
         ).encode(),
         out / "mosquitto.conf": mosquitto_conf(options, plugin).encode(),
-        mine / "controller.pem": controller.pem.encode(),
-        mine / "controller-key.pem": controller_key,
     }
+    for identity, folder in identities.items():
+        key, certificate = ca.issue_with_key(identity, options.lifetime_s)
+        files[folder / "controller.pem"] = certificate.pem.encode()
+        files[folder / "controller-key.pem"] = key
     try:
         out.mkdir(parents=True, exist_ok=True)
-        mine.mkdir(mode=0o700, exist_ok=True)
+        for folder in identities.values():
+            folder.mkdir(mode=0o700, exist_ok=True)
         for path, data in files.items():
             atomic_write(path, data)
     except (OSError, StorageError) as e:
         raise Unavailable(f"cannot write the Mosquitto configuration: {e}") from e
+    mine = config.home / CONTROLLER_DIR
     return Written(out / "mosquitto.conf", {
         "broker_url": f"mqtts://{options.hosts[0]}:{options.port}",
         "mqtt_ca_file": str(ca_dir(config.home) / CA_CERT_FILE),
-        "mqtt_cert_file": str(mine / "controller.pem"),
-        "mqtt_key_file": str(mine / "controller-key.pem"),
+        **_identity_settings(mine),
         "broker_admin": "mosquitto",
-    })
+    }, {name: _identity_settings(mine / name) for name in options.replicas})
+
+
+def _identity_settings(folder: Path) -> dict[str, str]:
+    return {"mqtt_cert_file": str(folder / "controller.pem"), "mqtt_key_file": str(folder / "controller-key.pem")}

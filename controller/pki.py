@@ -9,6 +9,7 @@ take (``CONTROLLER_IDENTITY`` has a ':').
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,11 +33,20 @@ CA_CERT_FILE = "ca.pem"
 CA_LIFETIME = timedelta(days=3650)
 MAX_SKEW_S = 300  # certificates start this much (at most a tenth of their lifetime) in the past
 CONTROLLER_IDENTITY = "edgefleet:controller"
+REPLICA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 MAX_CSR_CHARS = 4000
 
 
 def ca_dir(home: Path) -> Path:
     return Path(home) / CA_DIR
+
+
+def replica_identity(name: str) -> str:
+    """The MQTT identity of one controller replica: on a broker that takes the certificate's
+    name as client id, replicas sharing one identity would keep closing each other's session."""
+    if not REPLICA_NAME.match(name):
+        raise InvalidInput(f"replica name {name!r} must be 1-32 letters, digits, '_', '.' or '-'")
+    return f"{CONTROLLER_IDENTITY}:{name}"
 
 
 def pem(certificate: x509.Certificate) -> str:

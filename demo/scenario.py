@@ -163,17 +163,19 @@ class Controller:
 
     home: Path
     url: str
+    env: dict[str, str] = field(default_factory=dict)  # config overrides (EDGEFLEET_<KEY>) of this process
+    name: str = "controller"
     log_path: Path = field(init=False)
     proc: subprocess.Popen | None = None
 
     def __post_init__(self) -> None:
-        self.log_path = self.home / "controller.log"
+        self.log_path = self.home / f"{self.name}.log"
 
     def start(self, timeout: float = 60.0) -> Controller:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [str(BIN / "fleetctl"), "controller", "run"], stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, "EDGEFLEET_HOME": str(self.home)},
+                env={**os.environ, **self.env, "EDGEFLEET_HOME": str(self.home)},
             )
         wait_for(lambda: self._healthy(), timeout, "the controller to answer /healthz", self.log)
         return self

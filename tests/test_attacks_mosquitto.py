@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from paho.mqtt.enums import CallbackAPIVersion
 
-from demo.scenario import Fleetctl, wait_rollout
+from demo.scenario import Controller, Fleetctl, wait_rollout
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.enroll import enroll
 from edgefleet.agent.errors import RemoteError
@@ -38,7 +38,8 @@ from edgefleet.common.protocol import (
 from edgefleet.controller.errors import ControllerError
 from edgefleet.controller.pki import CONTROLLER_IDENTITY, FleetCA
 from tests.support.messages import heartbeat
-from tests.support.mosquitto import Identity, TlsFleet, tls_fleet
+from tests.conftest import free_port
+from tests.support.mosquitto import REPLICA, Identity, TlsFleet, tls_fleet
 from tests.support.mqtt import wait_until
 
 pytestmark = pytest.mark.slow
@@ -128,7 +129,8 @@ def test_publishing_as_another_device_is_refused_and_nothing_is_ingested(fleet):
     assert "evil" not in fleet.agents["dev-b"].log() and "evil" not in fleet.agents["dev-a"].log()
 
 
-@pytest.mark.parametrize("client_id", ["dev-b", CONTROLLER_IDENTITY, "edgefleet-controller"])
+@pytest.mark.parametrize("client_id", ["dev-b", CONTROLLER_IDENTITY, f"{CONTROLLER_IDENTITY}:{REPLICA}",
+                                       "edgefleet-controller"])
 def test_another_client_id_is_replaced_by_the_certificates_own(fleet, client_id):
     """use_username_as_clientid: the broker names the session after the certificate, so no one
     can take over (and kick off) another device's or the controller's session."""
@@ -144,6 +146,37 @@ def test_another_client_id_is_replaced_by_the_certificates_own(fleet, client_id)
     # the controller still ingests (dev-b's heartbeats move last_seen) and dev-b is still online
     assert wait_until(lambda: fleet.device("dev-b")["last_seen"] != seen_before, 15)
     assert fleet.device("dev-b")["online"]
+
+
+def test_a_second_replica_has_its_own_identity_and_neither_closes_the_others_session(fleet):
+    """Replicas share the fleet's share group; with one certificate between them, the broker
+    (client id = certificate name) would close one's session whenever the other connects."""
+    folder = fleet.home / "mqtt" / REPLICA
+    port = free_port()
+    replica = Controller(fleet.home, f"http://127.0.0.1:{port}", name=f"replica-{REPLICA}", env={
+        "EDGEFLEET_API_PORT": str(port),
+        "EDGEFLEET_MQTT_CERT_FILE": str(folder / "controller.pem"),
+        "EDGEFLEET_MQTT_KEY_FILE": str(folder / "controller-key.pem"),
+    })
+    identity = f"{CONTROLLER_IDENTITY}:{REPLICA}"
+    try:
+        replica.start()
+        assert wait_until(lambda: f"as {identity} (p5" in fleet.broker_log.read_text(), 15), replica.log()
+        seen = [fleet.device("dev-b")["last_seen"]]
+        for _ in range(2):  # heartbeats keep arriving through the shared subscription, both replicas connected
+            assert wait_until(lambda: fleet.device("dev-b")["last_seen"] != seen[-1], 15)
+            seen.append(fleet.device("dev-b")["last_seen"])
+    finally:
+        replica.stop()
+        # Retired for good: end its session, or the broker keeps queueing its share of the
+        # group's messages for it (a clean start with no session expiry replaces the session).
+        fleet.client(Identity(folder / "controller.pem", folder / "controller-key.pem", fleet.identity("dev-a").ca),
+                     client_id=identity).close()
+    log = fleet.broker_log.read_text()
+    assert f"Client {CONTROLLER_IDENTITY} already connected" not in log
+    assert f"Client {identity} already connected" not in log
+    seen_before = fleet.device("dev-b")["last_seen"]  # the first replica alone still ingests
+    assert wait_until(lambda: fleet.device("dev-b")["last_seen"] != seen_before, 15)
 
 
 def test_joining_the_controllers_share_group_is_refused(fleet):

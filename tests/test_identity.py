@@ -155,10 +155,9 @@ def test_broker_config_admits_the_enrolled_devices_with_their_own_topics_only(ap
     with api.client() as client:  # a token, not yet enrolled: not admitted
         assert client.post("/v1/devices/id-5/enroll-token", json={}).status_code == 201
     out = tmp_path / "broker"
+    env = {"EDGEFLEET_HOME": str(api.ctx.config.home), "EDGEFLEET_DATABASE_URL": api.ctx.config.effective_database_url}
     result = CliRunner().invoke(main, ["broker", "config", "mosquitto", "-o", str(out), "--host", "broker.lan",
-                                       "--host", "10.0.0.5", "--port", "8884"],
-                                env={"EDGEFLEET_HOME": str(api.ctx.config.home),
-                                     "EDGEFLEET_DATABASE_URL": api.ctx.config.effective_database_url})
+                                       "--host", "10.0.0.5", "--port", "8884", "--replica", "r2"], env=env)
     assert result.exit_code == 0, result.output
     settings = settings_printed(result.output)
     assert settings["broker_url"] == "mqtts://broker.lan:8884" and settings["broker_admin"] == "mosquitto"
@@ -182,3 +181,14 @@ def test_broker_config_admits_the_enrolled_devices_with_their_own_topics_only(ap
     controller = x509.load_pem_x509_certificate(Path(settings["mqtt_cert_file"]).read_bytes())
     assert controller.subject.rfc4514_string() == f"CN={CONTROLLER_IDENTITY}"
     assert Path(settings["mqtt_key_file"]).stat().st_mode & 0o777 == 0o600
+    # a further replica: an identity of its own, with the controller's role, its files beside the first's
+    replica_identity = f"{CONTROLLER_IDENTITY}:r2"
+    assert clients[replica_identity]["roles"] == clients[CONTROLLER_IDENTITY]["roles"]
+    replica_cert = Path(settings["mqtt_cert_file"]).parent / "r2" / "controller.pem"
+    assert f"EDGEFLEET_MQTT_CERT_FILE={replica_cert}" in result.output
+    replica = x509.load_pem_x509_certificate(replica_cert.read_bytes())
+    assert replica.subject.rfc4514_string() == f"CN={replica_identity}"
+    refused = CliRunner().invoke(main, ["broker", "config", "mosquitto", "-o", str(tmp_path / "b2"),
+                                        "--replica", "no/slash"], env=env)
+    assert refused.exit_code == 1 and "replica name 'no/slash' must be" in refused.output
+    assert not (tmp_path / "b2").exists()

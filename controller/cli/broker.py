@@ -37,13 +37,18 @@ def config_group() -> None:
               "it must own DIR.")
 @click.option("--days", default=365, show_default=True, type=click.IntRange(min=1),
               help="Lifetime of the broker's and the controller's certificates.")
-def mosquitto(output: Path, hosts: tuple[str, ...], port: int, bind: str, plugin: str, user: str, days: int) -> None:
+@click.option("--replica", "replicas", multiple=True, metavar="NAME",
+              help="A further controller replica on this broker, with an identity of its own (repeatable).")
+def mosquitto(output: Path, hosts: tuple[str, ...], port: int, bind: str, plugin: str, user: str, days: int,
+              replicas: tuple[str, ...]) -> None:
     """Mosquitto 2: TLS with client certificates from the fleet CA, per-device ACLs.
 
     A device may publish only its own reported/events/telemetry/status and read
     only its own desired; the controller's identity (its certificate goes to
     HOME/mqtt) owns the rest and the fleet's share group. Devices already
     enrolled are admitted; `fleetctl devices remove` revokes one at once.
+    Each --replica NAME gets its own certificate in HOME/mqtt/NAME, since
+    the broker names a session after its certificate.
 
     \b
     Example:
@@ -53,13 +58,17 @@ def mosquitto(output: Path, hosts: tuple[str, ...], port: int, bind: str, plugin
     """
     config = ControllerConfig.load(fleet_home())
     options = MosquittoOptions(output=output, hosts=hosts, port=port, bind=bind, plugin=plugin, user=user,
-                               lifetime_s=days * 86400, devices=_enrolled(config))
+                               lifetime_s=days * 86400, devices=_enrolled(config), replicas=replicas)
     written = write_mosquitto(config, options)
     click.echo(f"wrote {written.config_file} ({len(options.devices)} enrolled device(s) admitted)")
     click.echo(f"start:  mosquitto -c {written.config_file}")
     click.echo(f"then set in {config.home / 'config.toml'} (top level) and restart the controller:")
     for key, value in written.controller_settings.items():
         click.echo(f"  {key} = {toml_value(value)}")
+    for name, settings in written.replica_settings.items():
+        click.echo(f"replica {name}: the same, but run it with")
+        for key, value in settings.items():
+            click.echo(f"  EDGEFLEET_{key.upper()}={value}")
 
 
 def _enrolled(config: ControllerConfig) -> list[str]:

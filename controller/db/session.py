@@ -78,14 +78,13 @@ class Database:
                 directory.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise Unavailable(f"database unreachable: cannot create directory {directory}: {e.strerror}") from e
+            # Owner-only (its -wal and -shm files take its mode): it holds token hashes and the audit.
+            # Created here, before this process has a connection: closing any descriptor of the
+            # file drops every POSIX lock the process holds on it, and another process sharing
+            # the database would then take its WAL away (seen as "disk I/O error").
+            with contextlib.suppress(FileExistsError, OSError):  # sqlite itself then says what is wrong
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         engine = sa.create_engine(parsed, echo=echo, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-
-        if path:
-            @event.listens_for(engine, "do_connect")
-            def _create_private(*_args: object) -> None:
-                # Owner-only (its -wal and -shm files take its mode): it holds token hashes and the audit.
-                with contextlib.suppress(OSError):  # sqlite itself then says what is wrong
-                    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:

@@ -24,6 +24,7 @@ from tests.conftest import free_port, need_program, reachable
 from tests.support.mqtt import wait_until
 
 START_TIMEOUT_S = 20.0
+REPLICA = "r2"  # a second controller identity the broker admits; tests may start that replica
 
 
 @contextlib.contextmanager
@@ -177,7 +178,8 @@ def tls_fleet(tmp: Path, devices: tuple[str, ...], before_start: Callable[[], ob
     fleetctl("init")
     before_start()
     printed = fleetctl("broker", "config", "mosquitto", "-o", str(tmp / "broker"), "--host", "127.0.0.1",
-                       "--port", str(port), "--bind", "127.0.0.1", "--user", getpass.getuser())
+                       "--port", str(port), "--bind", "127.0.0.1", "--user", getpass.getuser(),
+                       "--replica", REPLICA)
     settings = settings_printed(printed)
     assert settings["broker_url"] == f"mqtts://127.0.0.1:{port}" and settings["broker_admin"] == "mosquitto"
     with open(home / "config.toml", "a") as config:
