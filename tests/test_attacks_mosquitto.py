@@ -37,8 +37,8 @@ from edgefleet.common.protocol import (
 )
 from edgefleet.controller.errors import ControllerError
 from edgefleet.controller.pki import CONTROLLER_IDENTITY, FleetCA
-from tests.support.messages import heartbeat
 from tests.conftest import free_port
+from tests.support.messages import heartbeat
 from tests.support.mosquitto import REPLICA, Identity, TlsFleet, tls_fleet
 from tests.support.mqtt import wait_until
 
