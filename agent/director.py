@@ -1,7 +1,8 @@
 """Admitting signed desired states: the I/O around :class:`.trust.DirectorTrust`.
 
 Trust comes from the TUF updater's verified cache (``<state_dir>/tuf``), read
-again only when its targets.json changes. When an envelope is not signed by the
+again only when its targets.json or timestamp.json changes, and holds only until that
+metadata expires: then the updater refreshes first. When an envelope is not signed by the
 director keys known here, the metadata may be older than the message (a director
 key rotation): the updater refreshes once, then the envelope is judged for good.
 The newest accepted envelope is kept in ``<state_dir>/desired.json``: its
@@ -16,6 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -26,7 +28,7 @@ from edgefleet.common.errors import ProtocolError, StorageError
 from edgefleet.common.fs import atomic_write, storage_error
 from edgefleet.common.protocol import Desired
 
-from .errors import CommandRefused, NotSigned, RemoteError, TransportError
+from .errors import CommandRefused, NotSigned, RemoteError, TransportError, VerificationError
 from .trust import Accepted, DirectorTrust
 
 log = logging.getLogger(__name__)
@@ -52,14 +54,16 @@ class Director:
     """Decides whether a desired state's bytes are obeyed (see the module docstring)."""
 
     def __init__(self, state_dir: Path, device: str, updater: Refresher,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.device = device
+        self._now = now
         self._metadata_dir = Path(state_dir) / "tuf"
         self._path = Path(state_dir) / ACCEPTED_FILE
         self._updater = updater
         self._clock = clock
         self._trust: DirectorTrust | None = None
-        self._stamp: tuple[int, int, int] | None = None  # targets.json the trust was read from
+        self._stamp: tuple[tuple[int, int, int], ...] | None = None  # targets and timestamp files read
         self._refreshed = -math.inf
         self._accepted = self._read_accepted()
 
@@ -72,6 +76,7 @@ class Director:
             envelope = director.open_envelope(raw)
         except ProtocolError as e:
             raise NotSigned(str(e)) from None
+        self._ensure_fresh()
         try:
             desired = self._judge(envelope)
         except NotSigned:
@@ -84,6 +89,21 @@ class Director:
             atomic_write(self._path, bytes(raw))
             self._accepted = accepted
         return desired
+
+    def _ensure_fresh(self) -> None:
+        """Refresh once when the cached metadata expired; while it stays expired, nothing is obeyed
+        (a hostile or stale mirror can delay commands, never revive a revoked director key)."""
+        trust = self._current_trust()
+        if trust is None or trust.fresh_at(self._now()):
+            return
+        try:
+            self._refresh()
+        except VerificationError as e:  # e.g. the mirror serves expired metadata: it may be fixed
+            raise RefreshLater(f"cannot refresh expired TUF metadata: {e}", RETRY_S) from e
+        trust = self._current_trust()
+        if trust is not None and not trust.fresh_at(self._now()):
+            raise RefreshLater(f"trusted TUF metadata expired at {trust.fresh_until.isoformat()}; "
+                               "waiting for the repository to sign fresh metadata", RETRY_S)
 
     def _judge(self, envelope: Envelope) -> Desired:
         trust = self._current_trust()
@@ -99,17 +119,17 @@ class Director:
         self._updater.refresh()  # TransportError: the envelope is kept for the next pass
 
     def _current_trust(self) -> DirectorTrust | None:
-        root, targets = self._metadata_dir / "root.json", self._metadata_dir / "targets.json"
+        files = [self._metadata_dir / f"{role}.json" for role in ("root", "targets", "timestamp")]
         try:
-            st = os.stat(targets)
+            stats = [os.stat(path) for path in files[1:]]
         except FileNotFoundError:
             return None
         except OSError as e:
-            raise storage_error(e, str(targets)) from e
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            raise storage_error(e, str(self._metadata_dir)) from e
+        stamp = tuple((st.st_ino, st.st_mtime_ns, st.st_size) for st in stats)
         if stamp != self._stamp:
             try:
-                self._trust = DirectorTrust.from_metadata(root.read_bytes(), targets.read_bytes())
+                self._trust = DirectorTrust.from_metadata(*(path.read_bytes() for path in files))
             except OSError as e:
                 raise storage_error(e, str(self._metadata_dir)) from e
             self._stamp = stamp

@@ -4,17 +4,19 @@ The director keys come from the targets metadata the TUF updater verified (and
 cached): :meth:`DirectorTrust.from_metadata` checks that metadata against the
 trusted root again, as ngclient's trusted set does with its local files, and
 verifies each envelope with python-tuf's own delegation check
-(``Targets.get_verification_result``) over DSSE's pre-authentication encoding.
+(``Targets.get_verification_result``) over DSSE's pre-authentication encoding. The
+keys are trusted only while the cached timestamp (and root, targets) are unexpired.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import dataclass
+from datetime import datetime
 
 from securesystemslib.dsse import Envelope
 from tuf.api.exceptions import UnsignedMetadataError
-from tuf.api.metadata import Metadata, Root, Targets
+from tuf.api.metadata import Metadata, Root, Targets, Timestamp
 from tuf.api.serialization import DeserializationError
 
 from edgefleet.common import director
@@ -37,24 +39,32 @@ class Accepted:
 
 
 class DirectorTrust:
-    """The director role as the trusted targets metadata delegates it."""
+    """The director role as the trusted targets metadata delegates it, until ``fresh_until``."""
 
-    def __init__(self, targets: Targets) -> None:
+    def __init__(self, targets: Targets, fresh_until: datetime) -> None:
         if targets.delegations is None or director.ROLE not in (targets.delegations.roles or {}):
             raise VerificationError("trusted targets metadata delegates no director role: run "
                                     "`fleetctl keys rotate director` on the controller")
         self._targets = targets
+        # The cached keys are only as current as the cached timestamp: past it, a frozen mirror
+        # could keep a revoked director key trusted, so commands wait for fresh metadata.
+        self.fresh_until = fresh_until
 
     @classmethod
-    def from_metadata(cls, root: bytes, targets: bytes) -> DirectorTrust:
-        """From the updater's cached root.json and targets.json; the targets must be signed by the root's keys."""
+    def from_metadata(cls, root: bytes, targets: bytes, timestamp: bytes) -> DirectorTrust:
+        """From the updater's cached root.json, targets.json and timestamp.json, each signed by the root's keys."""
         try:
             trusted_root = Metadata[Root].from_bytes(root).signed
             md = Metadata[Targets].from_bytes(targets)
             trusted_root.verify_delegate(Targets.type, md.signed_bytes, md.signatures)
+            stamp = Metadata[Timestamp].from_bytes(timestamp)
+            trusted_root.verify_delegate(Timestamp.type, stamp.signed_bytes, stamp.signatures)
         except (DeserializationError, UnsignedMetadataError, ValueError) as e:
             raise VerificationError(f"cached TUF metadata unusable for the director role: {e}") from e
-        return cls(md.signed)
+        return cls(md.signed, min(trusted_root.expires, md.signed.expires, stamp.signed.expires))
+
+    def fresh_at(self, now: datetime) -> bool:
+        return now < self.fresh_until
 
     @property
     def keyids(self) -> list[str]:

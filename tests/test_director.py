@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterator
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, Targets
 
 from edgefleet.agent.director import Director, RefreshLater
-from edgefleet.agent.errors import CommandRefused, NotSigned, VerificationError
+from edgefleet.agent.errors import CommandRefused, NotSigned, TransportError, VerificationError
 from edgefleet.agent.fetch import ModelUpdater
 from edgefleet.agent.trust import Accepted, DirectorTrust
 from edgefleet.common import director
@@ -22,6 +24,7 @@ from edgefleet.common.protocol import Action, Desired
 from edgefleet.controller.cli import main as fleetctl
 from edgefleet.controller.director import DirectorSigner
 from edgefleet.controller.errors import SigningError
+from edgefleet.controller.signing import Repository
 from tests.support.signed_repo import SignedRepo
 
 DEVICE = "dev-1"
@@ -45,7 +48,8 @@ def command(generation: int, device: str = DEVICE) -> Desired:
 def trust_of(fleet: SignedRepo) -> DirectorTrust:
     version = fleet.read("timestamp.json").signed.snapshot_meta.version
     targets = fleet.read(f"{version}.snapshot.json").signed.meta["targets.json"].version
-    return DirectorTrust.from_metadata(fleet.read("root.json").to_bytes(), fleet.read(f"{targets}.targets.json").to_bytes())
+    return DirectorTrust.from_metadata(fleet.read("root.json").to_bytes(), fleet.read(f"{targets}.targets.json").to_bytes(),
+                                       fleet.read("timestamp.json").to_bytes())
 
 
 def admit(trust: DirectorTrust, raw: bytes, accepted: object = None) -> Desired:
@@ -106,12 +110,14 @@ def test_targets_not_signed_by_the_root_give_no_trust(fleet):
     forged.signatures.clear()
     forged.sign(CryptoSigner.generate_ed25519())
     with pytest.raises(VerificationError, match="cached TUF metadata unusable"):
-        DirectorTrust.from_metadata(fleet.read("root.json").to_bytes(), forged.to_bytes())
+        DirectorTrust.from_metadata(fleet.read("root.json").to_bytes(), forged.to_bytes(),
+                                    fleet.read("timestamp.json").to_bytes())
     bare = Metadata(Targets())
     for key in fleet.signers("targets"):
         bare.sign(key, append=True)
     with pytest.raises(VerificationError, match="delegates no director role"):
-        DirectorTrust.from_metadata(fleet.read("root.json").to_bytes(), bare.to_bytes())
+        DirectorTrust.from_metadata(fleet.read("root.json").to_bytes(), bare.to_bytes(),
+                                    fleet.read("timestamp.json").to_bytes())
 
 
 def test_director_key_rotation_old_key_refused_new_key_accepted(fleet, signer):
@@ -173,3 +179,39 @@ def test_director_refreshes_first_persists_the_floor_and_refreshes_once_per_rota
     clock[0] += 10
     assert restarted.admit(signer.seal(command(3)), received=clock[0] - 10) == command(3)
     assert updater.count == 3
+
+
+class Unreachable:
+    """A mirror that is gone (or held back by an attacker): every refresh fails in transport."""
+
+    def refresh(self) -> None:
+        raise TransportError("TUF refresh: connection refused")
+
+
+def test_past_the_cached_timestamp_nothing_is_obeyed_until_fresh_metadata_arrives(fleet, signer, tmp_path):
+    """A frozen mirror must not keep a rotated-out (compromised) director key trusted: the cached
+    keys hold only until the cached timestamp expires (a day by default)."""
+    state = tmp_path / "state"
+    fleet.updater(state / "tuf").refresh()
+    compromised = fleet.repository.director_signers()
+    fleet.repository.rotate_key("director")  # the device is cut off before it learns of the rotation
+    expiry = trust_of(fleet).fresh_until
+    clock, later = [100.0], [expiry - timedelta(seconds=1)]
+    cut_off = Director(state, DEVICE, Unreachable(), clock=lambda: clock[0], now=lambda: later[0])
+    assert cut_off.admit(director.seal(command(2), compromised), received=clock[0]) == command(2)  # the TUF window
+    later[0] = expiry
+    with pytest.raises(TransportError):  # expired: refresh first, and the mirror is unreachable
+        cut_off.admit(director.seal(command(3), compromised), received=clock[0])
+    updater = Refreshes(state / "tuf", fleet.metadata_url, fleet.target_base_url, 5.0)
+    d = Director(state, DEVICE, updater, clock=lambda: clock[0], now=lambda: later[0])
+    later[0] = expiry + timedelta(days=2)  # the repository's own timestamp is stale too
+    with pytest.raises(RefreshLater, match="expired"):
+        d.admit(signer.seal(command(3)), received=clock[0])
+    assert updater.count == 1
+    longer = Repository.from_config(replace(fleet.config, timestamp_expiry_s=30 * 86400, snapshot_expiry_s=30 * 86400))
+    assert longer.resign_if_expiring(10 * 86400)  # the controller's expiry job signs fresh metadata
+    clock[0] += 10
+    with pytest.raises(NotSigned):  # fresh metadata: the rotated-out key is refused for good
+        d.admit(director.seal(command(3), compromised), received=clock[0])
+    assert d.admit(signer.seal(command(3)), received=clock[0]) == command(3)
+    assert updater.count == 2
