@@ -20,6 +20,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench._common import table
@@ -56,10 +57,15 @@ class _NoRefresh:
         raise AssertionError("the benchmark's metadata is in place: no refresh")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=2000)
-    args = parser.parse_args()
+@dataclass(frozen=True)
+class Measured:
+    steps: list[tuple[str, str, float]]  # (step, where, median µs)
+    plain_bytes: int                     # a desired state unsigned
+    signed_bytes: int                    # and in its envelope
+
+
+def measure(repeat: int) -> Measured:
+    """Each step above, on a fresh fleet home."""
     work = Path(tempfile.mkdtemp(prefix="bench-director-"))
     try:
         config = init_home(work / "home")
@@ -74,24 +80,32 @@ def main() -> None:
         (state / "tuf/targets.json").write_bytes(targets)
         (state / "tuf/timestamp.json").write_bytes(timestamp)
 
-        sealed = [signer.seal(command(g)) for g in range(1, args.repeat + 1)]
-        sign_us = median_us(lambda i: signer.seal(command(i + 1)), args.repeat)
+        sealed = [signer.seal(command(g)) for g in range(1, repeat + 1)]
+        sign_us = median_us(lambda i: signer.seal(command(i + 1)), repeat)
         trust = DirectorTrust.from_metadata(root, targets, timestamp)
-        verify_us = median_us(lambda i: trust.admit(director.open_envelope(sealed[i]), DEVICE, None), args.repeat)
+        verify_us = median_us(lambda i: trust.admit(director.open_envelope(sealed[i]), DEVICE, None), repeat)
         agent = Director(state, DEVICE, _NoRefresh())
-        admit_us = median_us(lambda i: agent.admit(sealed[i], time.monotonic()), args.repeat)
-        load_us = median_us(lambda i: DirectorTrust.from_metadata(root, targets, timestamp), max(50, args.repeat // 20))
-        plain, signed = len(command(1).to_json()), len(sealed[0])
-        print(f"### Signed desired states (median of {args.repeat}; ed25519, DSSE envelope)\n")
-        print(table(["step", "where", "median µs"], [
+        admit_us = median_us(lambda i: agent.admit(sealed[i], time.monotonic()), repeat)
+        load_us = median_us(lambda i: DirectorTrust.from_metadata(root, targets, timestamp), max(50, repeat // 20))
+        return Measured([
             ("sign (DirectorSigner.seal)", "controller", sign_us),
             ("verify (DirectorTrust.admit)", "agent", verify_us),
             ("admit (verify + fsynced generation floor)", "agent", admit_us),
             ("trust load (on a targets or timestamp change)", "agent", load_us),
-        ]))
-        print(f"\ndesired state: {plain} bytes unsigned, {signed} bytes signed (+{signed - plain})")
+        ], len(command(1).to_json()), len(sealed[0]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=2000)
+    args = parser.parse_args()
+    measured = measure(args.repeat)
+    print(f"### Signed desired states (median of {args.repeat}; ed25519, DSSE envelope)\n")
+    print(table(["step", "where", "median µs"], measured.steps))
+    plain, signed = measured.plain_bytes, measured.signed_bytes
+    print(f"\ndesired state: {plain} bytes unsigned, {signed} bytes signed (+{signed - plain})")
 
 
 if __name__ == "__main__":

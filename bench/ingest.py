@@ -20,11 +20,12 @@ from __future__ import annotations
 import argparse
 import ctypes
 import multiprocessing as mp
+import ssl
 import tempfile
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from multiprocessing.context import SpawnContext
 from multiprocessing.process import BaseProcess
@@ -60,6 +61,23 @@ DRAIN_TIMEOUT_S = 60.0  # after the publishers stop, everything must be consumed
 BENCH_MODEL = ModelRef(model="bench", version="1", variant="cpu-fp32")  # what the counters name
 
 
+@dataclass(frozen=True)
+class Tls:
+    """Client certificates for a broker that requires them: DIR/<identity>.pem and DIR/<identity>-key.pem,
+    one per device and one each for the bare subscriber and the bridge."""
+
+    ca: str
+    certs: str
+    bare: str      # identity of the bare subscriber
+    bridge: str    # identity of the bridge
+    share_group: str
+
+    def context(self, identity: str) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=self.ca)
+        context.load_cert_chain(f"{self.certs}/{identity}.pem", f"{self.certs}/{identity}-key.pem")
+        return context
+
+
 @dataclass
 class Result:
     database: str
@@ -85,20 +103,23 @@ class Result:
         return self.bridge_rate / self.bare_rate if self.bare_rate else 0.0
 
 
-def _client(url: BrokerURL, client_id: str) -> paho.Client:
+def _client(url: BrokerURL, client_id: str, tls: Tls | None = None, identity: str = "") -> paho.Client:
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
     client.max_inflight_messages_set(2 * WINDOW)
+    if tls is not None:
+        client.tls_set_context(tls.context(identity))
     client.connect(url.host, url.port)
     client.loop_start()
     return client
 
 
 def _publish(
-    url: str, devices: list[str], seconds: float, start_at: float, consumed: ctypes.c_longlong, out: Queue[int]
+    url: str, devices: list[str], seconds: float, start_at: float, consumed: ctypes.c_longlong, out: Queue[int],
+    tls: Tls | None,
 ) -> None:
     """Publisher process: devices take turns publishing, never more than WINDOW ahead of the consumer."""
     parsed = BrokerURL.parse(url)
-    clients = [_client(parsed, f"{d}-pub") for d in devices]
+    clients = [_client(parsed, f"{d}-pub", tls, d) for d in devices]
     topics = [protocol.topic(d, Channel.TELEMETRY) for d in devices]
     time.sleep(max(0.0, start_at - time.time()))
     deadline, seq, sent = time.time() + seconds, 0, 0
@@ -125,7 +146,7 @@ def _publish(
 
 def _bare_subscriber(
     url: str, prefix: str, devices: list[str], consumed: ctypes.c_longlong, ready: Event, stop: Event,
-    out: Queue[tuple[int, float]],
+    out: Queue[tuple[int, float]], tls: Tls | None,
 ) -> None:
     """Counts the run's telemetry with paho's automatic acks; reports (count, time of the last)."""
     received, last = 0, 0.0
@@ -138,7 +159,7 @@ def _bare_subscriber(
             last = time.time()
             consumed.value = received
 
-    client = _client(BrokerURL.parse(url), f"{prefix}bare")
+    client = _client(BrokerURL.parse(url), f"{prefix}bare", tls, tls.bare if tls else "")
     client.on_message = on_message
     # Only this run's devices: other traffic on a shared broker must not fill its queue.
     client.subscribe([(protocol.topic(d, Channel.TELEMETRY), 1) for d in devices])
@@ -151,28 +172,35 @@ def _bare_subscriber(
 
 
 def _run_publishers(
-    ctx: SpawnContext, broker: str, names: list[str], seconds: float, consumed: ctypes.c_longlong
+    ctx: SpawnContext, broker: str, names: list[str], seconds: float, consumed: ctypes.c_longlong, tls: Tls | None
 ) -> tuple[float, BaseProcess, Queue[int]]:
     start_at = time.time() + 1.0
     sent = ctx.Queue()
-    publisher = ctx.Process(target=_publish, args=(broker, names, seconds, start_at, consumed, sent), daemon=True)
+    publisher = ctx.Process(target=_publish, args=(broker, names, seconds, start_at, consumed, sent, tls),
+                            daemon=True)
     publisher.start()
     return start_at, publisher, sent
 
 
-def bare_phase(broker: str, devices: int, seconds: float) -> tuple[int, int, float]:
+def device_names(devices: int) -> list[str]:
+    """The run's devices; a fresh prefix keeps runs on a shared broker apart."""
+    prefix = f"b{uuid.uuid4().hex[:6]}-"
+    return [f"{prefix}{i}" for i in range(devices)]
+
+
+def bare_phase(broker: str, devices: int | list[str], seconds: float, tls: Tls | None = None) -> tuple[int, int, float]:
     """(published, received, msgs/s) for a bare paho subscriber."""
     ctx = mp.get_context("spawn")
-    prefix = f"b{uuid.uuid4().hex[:6]}-"
-    names = [f"{prefix}{i}" for i in range(devices)]
+    names = device_names(devices) if isinstance(devices, int) else devices
+    prefix = names[0].rsplit("-", 1)[0]
     consumed, counts, ready, stop = ctx.Value("q", 0, lock=False), ctx.Queue(), ctx.Event(), ctx.Event()
     bare = ctx.Process(
-        target=_bare_subscriber, args=(broker, prefix, names, consumed, ready, stop, counts), daemon=True
+        target=_bare_subscriber, args=(broker, prefix, names, consumed, ready, stop, counts, tls), daemon=True
     )
     bare.start()
     if not ready.wait(30):
         raise RuntimeError(f"the bare subscriber did not subscribe on {broker}")
-    start_at, publisher, sent = _run_publishers(ctx, broker, names, seconds, consumed)
+    start_at, publisher, sent = _run_publishers(ctx, broker, names, seconds, consumed, tls)
     published = sent.get(timeout=seconds + 120)
     publisher.join()
     deadline = time.time() + DRAIN_TIMEOUT_S
@@ -208,27 +236,31 @@ def _stored(db: Database) -> int:
         return session.scalar(sa.select(sa.func.count()).select_from(TelemetryRecord)) or 0
 
 
-def bridge_phase(kind: str, broker: str, postgres: str, devices: int, seconds: float,
-                 workdir: Path) -> tuple[int, int, float]:
+def bridge_phase(kind: str, broker: str, postgres: str, devices: int | list[str], seconds: float,
+                 workdir: Path, tls: Tls | None = None) -> tuple[int, int, float]:
     """(published, rows stored, msgs/s) through the real Bridge + Ingest into a fresh database."""
     url, pg_name = _fresh_database(kind, postgres, workdir)
     db = Database(url)
     try:
         db.upgrade()
-        prefix = f"b{uuid.uuid4().hex[:6]}-"
-        names = [f"{prefix}{i}" for i in range(devices)]
+        names = device_names(devices) if isinstance(devices, int) else devices
         with db.unit_of_work() as session:
             session.add_all(Device(id=name) for name in names)
         tag = uuid.uuid4().hex[:8]
-        bridge = Bridge(BridgeOptions(url=broker, client_id=f"bench-ctl-{tag}", share_group=f"bench{tag}",
-                                      session_expiry_s=60), Ingest(db),
+        options = BridgeOptions(url=broker, client_id=f"bench-ctl-{tag}", share_group=f"bench{tag}",
+                                session_expiry_s=60)
+        if tls is not None:  # the broker names the session after the certificate; the fleet's share group
+            options = replace(options, ca_file=tls.ca, cert_file=f"{tls.certs}/{tls.bridge}.pem",
+                              key_file=f"{tls.certs}/{tls.bridge}-key.pem", share_group=tls.share_group,
+                              session_expiry_s=0)
+        bridge = Bridge(options, Ingest(db),
                         partial(director.seal, signers=[CryptoSigner.generate_ed25519()]))  # sends no desired state
         bridge.start()
         if not bridge.wait_connected(10):
             raise RuntimeError(f"the bridge could not connect to {broker}")
         ctx = mp.get_context("spawn")
         consumed = ctx.Value("q", 0, lock=False)
-        start_at, publisher, sent = _run_publishers(ctx, broker, names, seconds, consumed)
+        start_at, publisher, sent = _run_publishers(ctx, broker, names, seconds, consumed, tls)
         published = None
         deadline = time.time() + seconds + DRAIN_TIMEOUT_S
         while time.time() < deadline:

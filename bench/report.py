@@ -134,9 +134,19 @@ def _variants(rows: list[Row]) -> list[str]:
     return lines
 
 
+def _security(rows: list[Row]) -> list[str]:
+    plain, secured = (r for r in rows if "median ms" in r)
+    verify = next(r for r in rows if r.get("step", "").startswith("verify"))
+    open_, tls = (r for r in rows if "bridge+ingest msgs/s" in r)
+    return [f"Security's cost: MQTT connect {secured['median ms']} ms over TLS with a client certificate vs "
+            f"{plain['median ms']} ms plain (**{secured['vs plain']}x**); verify **{verify['median µs']} µs** per "
+            f"desired state; ingest {tls['bridge+ingest msgs/s']} vs {open_['bridge+ingest msgs/s']} msgs/s "
+            f"on the open broker = **{tls['vs open']}x**, {tls['lost']} lost"]
+
+
 HEADLINES: dict[str, Callable[[list[Row]], list[str]]] = {
     "fanout": _fanout, "ingest": _ingest, "swap": _swap, "serving": _serving, "verify": _verify,
-    "footprint": _footprint, "director": _director, "variants": _variants,
+    "footprint": _footprint, "director": _director, "variants": _variants, "security": _security,
 }
 
 

@@ -93,6 +93,9 @@ BENCHMARKS: tuple[Benchmark, ...] = (
                "bench.director", ("--repeat", "2000"), ("--repeat", "50"), 300),
     _benchmark("variants", "variants", "8. Variants of real models: PP-OCR's classifier, recognizer and detector",
                "bench.variants", (), ("--small",), 1800),
+    _benchmark("security", "security", "9. The cost of security: TLS handshake, signed desired states, ingest",
+               "bench.security", ("--devices", "20", "--seconds", "15"),
+               ("--devices", "2", "--seconds", "1", "--connects", "5", "--repeat", "20"), 900),
 )
 BY_KEY = {b.key: b for b in BENCHMARKS}
 
