@@ -39,6 +39,9 @@ class AgentConfig:
     intra_op_threads: int = field(default=1, metadata=COUNT)
     inter_op_threads: int = field(default=1, metadata=COUNT)
     allow_spinning: bool = False            # ORT busy-wait threads burn CPU on shared devices
+    # Dynamic batching of concurrent requests (models with a batch dimension); 0 or 1: off.
+    max_batch_size: int = field(default=0, metadata=COUNT)
+    max_queue_delay_us: int = field(default=0, metadata=COUNT)  # an unfilled batch waits for its oldest to be this old
     heartbeat_s: float = field(default=30.0, metadata=POSITIVE)
     # A stalled download is abandoned after this, resumed later.
     download_timeout_s: float = field(default=30.0, metadata=POSITIVE)

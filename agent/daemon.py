@@ -34,7 +34,7 @@ from .probe import probe
 from .reconcile import Reconciler
 from .runtime import ModelRuntime, RuntimeOptions
 from .sampler import Sampler, controller_poster
-from .serve import InferenceServer
+from .serve import InferenceServer, limits_for
 from .slots import Slots
 from .version import agent_version
 
@@ -116,6 +116,7 @@ class Agent:
         self.server = InferenceServer(
             self.runtime, config.serve, config.max_request_bytes, on_inference=self.sampler.on_inference,
             registry=agent_registry(self.runtime, config.device_id, agent_version(), self.slots, self.sampler),
+            limits=limits_for(config.max_batch_size),
         )
         self.link = AgentLink(config, self.boot, self._on_desired)
         self.renewer = _renewer(config, self.link)

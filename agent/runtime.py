@@ -22,6 +22,7 @@ import numpy as np
 
 from edgefleet.common.protocol import CounterSnapshot, ModelCounters, ModelRef
 
+from .batching import Batcher, BatchPolicy
 from .config import AgentConfig
 from .errors import ModelError, RequestError
 
@@ -68,6 +69,7 @@ class RuntimeOptions:
     memory_margin_bytes: int = 64 * 1024 * 1024  # free memory kept back when loading beside a session
     session_memory_factor: float = 2.0       # a session takes about this many times its file size
     hold_timeout_s: float = 30.0             # longest a request waits out a resource-preserving swap
+    batching: BatchPolicy | None = None      # dynamic batching for models with a batch dimension; None: off
 
     @classmethod
     def from_config(cls, config: AgentConfig, providers: tuple[str, ...] | None = None) -> RuntimeOptions:
@@ -76,6 +78,8 @@ class RuntimeOptions:
             inter_op_threads=config.inter_op_threads,
             allow_spinning=config.allow_spinning,
             providers=providers or cls.providers,
+            batching=(BatchPolicy(config.max_batch_size, config.max_queue_delay_us)
+                      if config.max_batch_size > 1 else None),
         )
 
     def session_options(self) -> ort.SessionOptions:
@@ -163,6 +167,7 @@ class LoadedModel:
         self.counters = Counters()
         self.since = time.time()
         self.labels: ModelLabels = (self.name, self.version, ref.variant if ref else "local")
+        self.batcher: Batcher | None = None  # set by ModelRuntime.load when its options batch this model
         self._lock = threading.Lock()
         self._inflight = 0
         self._retired = False
@@ -197,9 +202,22 @@ class LoadedModel:
             checked[name] = value
         return checked
 
+    @property
+    def batchable(self) -> bool:
+        """Every input's first dimension is dynamic: requests can be stacked along it."""
+        return bool(self.inputs) and all(spec.shape and spec.shape[0] is None for spec in self.inputs)
+
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Validate and run on this model's session (no swap protection: use ModelRuntime.infer to serve)."""
+        return self.run_feed(self.validate(inputs))
+
+    def serve(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``run``, through the dynamic batcher when this model has one."""
         feed = self.validate(inputs)
+        return self.run_feed(feed) if self.batcher is None else self.batcher.infer(feed)
+
+    def run_feed(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run a validated feed."""
         session = self.session
         if session is None:
             raise ModelError(f"model {self.name} {self.version} was released; run it through the active runtime")
@@ -314,7 +332,10 @@ class ModelRuntime:
             session = ort.InferenceSession(str(path), self.options.session_options(), providers=providers)
         except Exception as e:  # ORT raises many unrelated types for one failure
             raise ModelError(f"cannot load model {path.name}: {_first_line(e)}") from e
-        return LoadedModel(session, path, ref, (time.perf_counter() - started) * 1000.0)
+        loaded = LoadedModel(session, path, ref, (time.perf_counter() - started) * 1000.0)
+        if self.options.batching is not None and loaded.batchable:
+            loaded.batcher = Batcher(loaded.run_feed, self.options.batching)
+        return loaded
 
     def swap(self, new: LoadedModel) -> LoadedModel | None:
         """Make ``new`` active; the old model drains and releases its session. Returns the old one."""
@@ -409,7 +430,7 @@ class ModelRuntime:
         loaded = self._acquire()  # pinned() inlined: this is every request's path
         started = time.perf_counter()
         try:
-            outputs = loaded.run(inputs)
+            outputs = loaded.serve(inputs)
         except RequestError:
             self._count(loaded, rejected=1)
             raise

@@ -39,6 +39,7 @@ from edgefleet.common.errors import EdgefleetError
 from edgefleet.common.protocol import ModelRef
 
 from . import metrics
+from .batching import BatchPolicy
 from .config import AgentConfig
 from .errors import AgentError, ModelError, RequestError
 from .oip import decode_request, encode_response, model_metadata, requested_outputs
@@ -551,15 +552,33 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--http", default=DEFAULT_SERVE_ADDRESS, help="HOST:PORT or unix:/path (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default: 1)")
     parser.add_argument("--max-request-bytes", type=int, default=AgentConfig.max_request_bytes)
+    parser.add_argument("--max-batch-size", type=int, default=0,
+                        help="batch concurrent requests up to this many rows (default: 0, off)")
+    parser.add_argument("--max-queue-delay-us", type=int, default=AgentConfig.max_queue_delay_us,
+                        help="how long a batch's first request waits for others (default: %(default)s)")
     return parser
 
 
+def limits_for(max_batch_size: int) -> ConnectionLimits:
+    """The default limits, with room for a whole batch's bodies in memory at once."""
+    return ConnectionLimits(max_bodies=max(ConnectionLimits.max_bodies, max_batch_size))
+
+
 def serve_command(args: argparse.Namespace) -> int:
-    runtime = ModelRuntime(RuntimeOptions(intra_op_threads=args.threads))
+    try:
+        batching = BatchPolicy(args.max_batch_size, args.max_queue_delay_us) if args.max_batch_size > 1 else None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    runtime = ModelRuntime(RuntimeOptions(intra_op_threads=args.threads, batching=batching))
     ref = ModelRef(model=args.name or args.model.stem, version=args.version, variant="local")
     try:
-        runtime.swap(runtime.load(args.model, ref))
-        server = InferenceServer(runtime, args.http, args.max_request_bytes)
+        loaded = runtime.load(args.model, ref)
+        if batching is not None and loaded.batcher is None:
+            print(f"warning: {args.model.name} has an input without a batch dimension; serving without batching",
+                  file=sys.stderr)
+        runtime.swap(loaded)
+        server = InferenceServer(runtime, args.http, args.max_request_bytes, limits=limits_for(args.max_batch_size))
         server.start()
     except EdgefleetError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -115,6 +115,15 @@ def _footprint(rows: list[Row]) -> list[str]:
     return lines
 
 
+def _batching(rows: list[Row]) -> list[str]:
+    by = {(r["clients"], r["batching"].split()[0]): r for r in rows}
+    return [f"Dynamic batching, digits, {clients} client(s): **{by[(clients, 'on')]['requests/s']} requests/s** "
+            f"batched vs {by[(clients, 'off')]['requests/s']} without = "
+            f"{_number(by[(clients, 'on')]['requests/s']) / _number(by[(clients, 'off')]['requests/s']):.2f}x; "
+            f"p99 {by[(clients, 'on')]['p99 ms']} ms vs {by[(clients, 'off')]['p99 ms']} ms"
+            for clients in ("1", "8")]
+
+
 def _director(rows: list[Row]) -> list[str]:
     by = {r["step"].split()[0]: r for r in rows}
     return [f"Signed desired states: sign **{by['sign']['median µs']} µs** on the controller, verify "
@@ -147,6 +156,7 @@ def _security(rows: list[Row]) -> list[str]:
 HEADLINES: dict[str, Callable[[list[Row]], list[str]]] = {
     "fanout": _fanout, "ingest": _ingest, "swap": _swap, "serving": _serving, "verify": _verify,
     "footprint": _footprint, "director": _director, "variants": _variants, "security": _security,
+    "batching": _batching,
 }
 
 

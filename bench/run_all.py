@@ -96,6 +96,8 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     _benchmark("security", "security", "9. The cost of security: TLS handshake, signed desired states, ingest",
                "bench.security", ("--devices", "20", "--seconds", "15"),
                ("--devices", "2", "--seconds", "1", "--connects", "5", "--repeat", "20"), 900),
+    _benchmark("batching", "batching", "10. Dynamic batching: 1 and 8 clients, batching off and on",
+               "bench.batching", ("--seconds", "2", "--rounds", "5"), ("--seconds", "0.3", "--rounds", "1"), 600),
 )
 BY_KEY = {b.key: b for b in BENCHMARKS}
 

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from bench import fanout, footprint, ingest, serving, swap, verify
+from bench import batching, fanout, footprint, ingest, serving, swap, verify
 from bench.machine import Machine
 from bench.report import Run, headlines, render, tables
 from bench.run_all import BENCHMARKS
@@ -64,6 +64,18 @@ def test_serving_headline_from_its_own_table():
     assert "digits rest-binary" in digits and "**4.000x**" in digits and "+0.300 ms" in digits
     assert "digits grpc" in digits_grpc and "**2.000x**" in digits_grpc
     assert "resnet50 rest-binary" in resnet and "**1.040x**" in resnet
+
+
+def test_batching_headline_from_its_own_table():
+    def result(clients: int, on: bool, rps: float, p99: float) -> dict:
+        return {"batching": "on" if on else "off", "clients": clients, "requests": int(rps * 10), "failed": 0,
+                "rps": rps, "p50": p99 / 4, "p99": p99, "max": p99}
+
+    out = batching.report([result(1, False, 1000, 1.0), result(1, True, 900, 1.5),
+                           result(8, False, 4000, 4.0), result(8, True, 6000, 3.0)], 8, 0, 2, 5)
+    one, eight = headlines("batching", out)
+    assert "1 client(s): **900 requests/s** batched vs 1,000 without = 0.90x" in one
+    assert "8 client(s): **6,000 requests/s** batched vs 4,000 without = 1.50x; p99 3.000 ms vs 4.000 ms" in eight
 
 
 def test_verify_headline_from_its_own_table():
