@@ -35,6 +35,7 @@ class AgentConfig:
     metadata_url: str = ""                  # TUF metadata; empty: {controller_url}/repository/metadata/
     target_base_url: str = ""               # TUF targets; empty: {controller_url}/repository/targets/
     serve: str = DEFAULT_SERVE_ADDRESS      # HOST:PORT, or unix:/path/to/socket
+    serve_grpc: str = ""                    # OIP over gRPC too, on HOST:PORT or unix:/path (the grpc extra); "": off
     # Small shared devices: do not take every core (0: ONNX Runtime's default, one per core).
     intra_op_threads: int = field(default=1, metadata=COUNT)
     inter_op_threads: int = field(default=1, metadata=COUNT)

@@ -34,7 +34,7 @@ from .probe import probe
 from .reconcile import Reconciler
 from .runtime import ModelRuntime, RuntimeOptions
 from .sampler import Sampler, controller_poster
-from .serve import InferenceServer, limits_for
+from .serve import InferenceServer, limits_for, start_grpc
 from .slots import Slots
 from .version import agent_version
 
@@ -174,6 +174,13 @@ class Agent:
         signal.signal(signal.SIGUSR1, self._on_rollback_signal)
         self.serve_active()
         self.server.start()
+        try:
+            grpc_server = (start_grpc(self.runtime, self.config.serve_grpc, self.config.max_request_bytes,
+                                      limits_for(self.config.max_batch_size), self.sampler.on_inference)
+                           if self.config.serve_grpc else None)
+        except BaseException:
+            self.server.stop()
+            raise
         if self.renewer is not None:
             self.renewer.start()
         self.link.start()
@@ -190,6 +197,8 @@ class Agent:
             if self.renewer is not None:
                 self.renewer.stop()
             self.link.stop()
+            if grpc_server is not None:
+                grpc_server.stop()
             self.server.stop()
             self.runtime.close()
             pid_file.unlink(missing_ok=True)

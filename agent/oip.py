@@ -6,16 +6,48 @@ the gRPC one, so both refuse the same bad requests with the same one-line errors
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from edgefleet.common import jsonlimit
 
-from .errors import RequestError
-from .runtime import DATATYPES, LoadedModel
+from .errors import AgentError, RequestError
+from .runtime import DATATYPES, LoadedModel, ModelRuntime
+
+log = logging.getLogger(__name__)
+
+OnInference = Callable[[dict[str, np.ndarray], dict[str, np.ndarray], LoadedModel], None]
+
+
+class UnknownModel(AgentError):
+    """The request names a model or version this server does not serve (404, NOT_FOUND)."""
+
+
+def find_model(runtime: ModelRuntime, name: str, version: str | None) -> LoadedModel:
+    """The active model if it is ``name`` (and ``version``, when given), else UnknownModel."""
+    loaded = runtime.active
+    if loaded is None:
+        raise UnknownModel(f"model {name!r} is not loaded (no model is active)")
+    if name != loaded.name:
+        raise UnknownModel(f"unknown model {name!r}; this server serves {loaded.name!r}")
+    if version and version != loaded.version:
+        raise UnknownModel(f"model {name!r} has no version {version!r}; serving {loaded.version!r}")
+    return loaded
+
+
+def notify(hook: OnInference | None, inputs: dict, outputs: dict, loaded: LoadedModel) -> None:
+    """Run the sampling hook after an answer went out; its failure never reaches the request."""
+    if hook is None:
+        return
+    try:
+        hook(inputs, outputs, loaded)
+    except Exception:  # sampling must never fail a request
+        log.exception("inference hook failed; the request was still answered")
 
 MAX_JSON_DEPTH = 64    # an input's nested "data" lists are as deep as its rank
 _LITTLE_ENDIAN = sys.byteorder == "little"  # binary tensors travel little-endian
@@ -54,10 +86,10 @@ def decode_request(
                 raise RequestError(
                     f"input {name!r} declares {size} binary bytes; the body has {len(binary) - offset} left"
                 )
-            inputs[name] = _from_bytes(name, binary[offset:offset + size], dtype, shape, count)
+            inputs[name] = from_bytes(name, binary[offset:offset + size], dtype, shape, count)
             offset += size
         elif "data" in tensor:
-            inputs[name] = _from_json(name, tensor["data"], dtype, shape, count)
+            inputs[name] = from_values(name, tensor["data"], dtype, shape, count)
         else:
             raise RequestError(f'input {name!r} has neither "data" nor a "binary_data_size" parameter')
     if offset != len(binary):
@@ -70,11 +102,14 @@ def _tensor_header(tensor: Any, max_bytes: int) -> tuple[str, np.dtype, tuple[in
     if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
         raise RequestError('every input must be an object with a "name"')
     name = tensor["name"]
-    datatype = tensor.get("datatype")
+    return (name, *check_tensor(name, tensor.get("datatype"), tensor.get("shape"), max_bytes))
+
+
+def check_tensor(name: str, datatype: Any, shape: Any, max_bytes: int) -> tuple[np.dtype, tuple[int, ...], int]:
+    """dtype, shape and element count of one declared input, its size bounded by ``max_bytes``."""
     dtype = DATATYPES.get(datatype) if isinstance(datatype, str) else None
     if dtype is None:
         raise RequestError(f"input {name!r} has datatype {datatype!r}; supported: {', '.join(DATATYPES)}")
-    shape = tensor.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise RequestError(f'input {name!r} needs "shape" as a list of non-negative integers')
     if len(shape) > MAX_JSON_DEPTH:
@@ -83,7 +118,7 @@ def _tensor_header(tensor: Any, max_bytes: int) -> tuple[str, np.dtype, tuple[in
     count = math.prod(shape)
     if any(d > max_bytes for d in shape) or count * dtype.itemsize > max_bytes:
         raise RequestError(f"input {name!r} declares shape {shape}; a request holds at most {max_bytes} bytes")
-    return name, dtype, tuple(shape), count
+    return dtype, tuple(shape), count
 
 
 def _binary_size(tensor: dict) -> int | None:
@@ -98,7 +133,8 @@ def _binary_size(tensor: dict) -> int | None:
     return size
 
 
-def _from_bytes(name: str, data: memoryview, dtype: np.dtype, shape: tuple[int, ...], count: int) -> np.ndarray:
+def from_bytes(name: str, data: memoryview | bytes, dtype: np.dtype, shape: tuple[int, ...], count: int) -> np.ndarray:
+    """An input from its little-endian bytes (the binary extension, gRPC's raw contents)."""
     expected = count * dtype.itemsize
     if len(data) != expected:
         raise RequestError(f"input {name!r} has {len(data)} binary bytes; shape {list(shape)} needs {expected}")
@@ -107,7 +143,8 @@ def _from_bytes(name: str, data: memoryview, dtype: np.dtype, shape: tuple[int, 
     return np.frombuffer(data, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
 
 
-def _from_json(name: str, data: Any, dtype: np.dtype, shape: tuple[int, ...], count: int) -> np.ndarray:
+def from_values(name: str, data: Any, dtype: np.dtype, shape: tuple[int, ...], count: int) -> np.ndarray:
+    """An input from a (nested) sequence of numbers (JSON "data", gRPC's typed contents)."""
     try:
         array = np.asarray(data, dtype=dtype)
     except (TypeError, ValueError, OverflowError) as e:
@@ -137,6 +174,12 @@ def requested_outputs(request: dict, loaded: LoadedModel) -> list[tuple[str, boo
     return chosen
 
 
+def output_bytes(value: np.ndarray) -> bytes:
+    """An output's bytes as the wire carries them: C order, little-endian."""
+    value = np.ascontiguousarray(value)
+    return value.tobytes() if _LITTLE_ENDIAN else value.astype(value.dtype.newbyteorder("<")).tobytes()
+
+
 def encode_response(
     request: dict, loaded: LoadedModel, outputs: dict[str, np.ndarray], wanted: list[tuple[str, bool]]
 ) -> tuple[bytes, int | None]:
@@ -144,10 +187,10 @@ def encode_response(
     specs = loaded.output_specs
     tensors, chunks = [], []
     for name, binary in wanted:
-        value = np.ascontiguousarray(outputs[name])
+        value = outputs[name]
         tensor: dict[str, Any] = {"name": name, "datatype": specs[name].datatype, "shape": list(value.shape)}
         if binary:
-            raw = value.tobytes() if _LITTLE_ENDIAN else value.astype(value.dtype.newbyteorder("<")).tobytes()
+            raw = output_bytes(value)
             tensor["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:

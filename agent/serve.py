@@ -25,13 +25,11 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Self, cast
+from typing import TYPE_CHECKING, Any, Self, cast
 
-import numpy as np
 from prometheus_client.registry import CollectorRegistry
 
 from edgefleet.common.defaults import DEFAULT_SERVE_ADDRESS
@@ -42,8 +40,20 @@ from . import metrics
 from .batching import BatchPolicy
 from .config import AgentConfig
 from .errors import AgentError, ModelError, RequestError
-from .oip import decode_request, encode_response, model_metadata, requested_outputs
+from .oip import (
+    OnInference,
+    UnknownModel,
+    decode_request,
+    encode_response,
+    find_model,
+    model_metadata,
+    notify,
+    requested_outputs,
+)
 from .runtime import LoadedModel, ModelRuntime, NotServingError, RuntimeOptions
+
+if TYPE_CHECKING:
+    from .grpc_serve import GrpcServer  # needs the grpc extra: imported when asked for
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +80,6 @@ class ConnectionLimits:
 
 _MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?$")
 
-OnInference = Callable[[dict[str, np.ndarray], dict[str, np.ndarray], LoadedModel], None]
 Answer = tuple[HTTPStatus, bytes, str]  # status, body, extra header lines (each ending in CRLF)
 
 _STATUS_LINE = {status: f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode() for status in HTTPStatus}
@@ -291,16 +300,10 @@ class _Handler(socketserver.BaseRequestHandler):
                                        f"Inference-Header-Content-Length: {binary_length}\r\n")
 
     def _model(self, name: str, version: str | None) -> LoadedModel:
-        loaded = self.server.runtime.active
-        if loaded is None:
-            raise HTTPError(HTTPStatus.NOT_FOUND, f"model {name!r} is not loaded (no model is active)")
-        if name != loaded.name:
-            raise HTTPError(HTTPStatus.NOT_FOUND, f"unknown model {name!r}; this server serves {loaded.name!r}")
-        if version is not None and version != loaded.version:
-            raise HTTPError(
-                HTTPStatus.NOT_FOUND, f"model {name!r} has no version {version!r}; serving {loaded.version!r}"
-            )
-        return loaded
+        try:
+            return find_model(self.server.runtime, name, version)
+        except UnknownModel as e:
+            raise HTTPError(HTTPStatus.NOT_FOUND, str(e)) from None
 
     def _body_length(self, headers: dict[str, str]) -> int:
         """The declared body length, refused before anything is read when it is missing or too large."""
@@ -389,12 +392,7 @@ class _ServerMixin:
         self.connections_lock = threading.Lock()
 
     def notify(self, inputs: dict, outputs: dict, loaded: LoadedModel) -> None:
-        if self.on_inference is None:
-            return
-        try:
-            self.on_inference(inputs, outputs, loaded)
-        except Exception:  # sampling must never fail a request
-            log.exception("inference hook failed; the request was still answered")
+        notify(self.on_inference, inputs, outputs, loaded)
 
     def process_request(self, request: Any, client_address: Any) -> None:  # on the accepting thread
         with self.connections_lock:
@@ -550,6 +548,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--name", help="model name in URLs (default: the file name without .onnx)")
     parser.add_argument("--version", default="1", help="model version reported (default: 1)")
     parser.add_argument("--http", default=DEFAULT_SERVE_ADDRESS, help="HOST:PORT or unix:/path (default: %(default)s)")
+    parser.add_argument("--grpc", metavar="ADDRESS", default="",
+                        help="also serve OIP over gRPC on HOST:PORT or unix:/path (needs the agent's grpc extra)")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default: 1)")
     parser.add_argument("--max-request-bytes", type=int, default=AgentConfig.max_request_bytes)
     parser.add_argument("--max-batch-size", type=int, default=0,
@@ -562,6 +562,19 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def limits_for(max_batch_size: int) -> ConnectionLimits:
     """The default limits, with room for a whole batch's bodies in memory at once."""
     return ConnectionLimits(max_bodies=max(ConnectionLimits.max_bodies, max_batch_size))
+
+
+def start_grpc(runtime: ModelRuntime, address: str, max_request_bytes: int, limits: ConnectionLimits,
+               on_inference: OnInference | None = None) -> GrpcServer:
+    """The gRPC front end on ``address``, started; AgentError when grpcio is not installed."""
+    try:
+        from .grpc_serve import GrpcServer
+    except ImportError as e:
+        raise AgentError(f"gRPC serving needs the agent's grpc extra ({e.name} is missing): "
+                         "pip install 'edgefleet[agent,grpc]'") from e
+    server = GrpcServer(runtime, address, max_request_bytes, limits.max_bodies, on_inference)
+    server.start()
+    return server
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -578,16 +591,20 @@ def serve_command(args: argparse.Namespace) -> int:
             print(f"warning: {args.model.name} has an input without a batch dimension; serving without batching",
                   file=sys.stderr)
         runtime.swap(loaded)
-        server = InferenceServer(runtime, args.http, args.max_request_bytes, limits=limits_for(args.max_batch_size))
+        limits = limits_for(args.max_batch_size)
+        server = InferenceServer(runtime, args.http, args.max_request_bytes, limits=limits)
         server.start()
+        grpc_server = start_grpc(runtime, args.grpc, args.max_request_bytes, limits) if args.grpc else None
     except EdgefleetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"serving {ref.model} on {server.url}", flush=True)
+    print(f"serving {ref.model} on {server.url}" + (f" and gRPC {args.grpc}" if grpc_server else ""), flush=True)
     stop.wait()
+    if grpc_server is not None:
+        grpc_server.stop()
     server.stop()
     runtime.close()
     return 0

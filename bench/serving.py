@@ -18,9 +18,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench._common import DEFAULT_CACHE, OipClient, ServeProcess, summary_ms, table
+import numpy as np
+
+from bench._common import DEFAULT_CACHE, OipClient, ServeProcess, free_port, summary_ms, table
 from edgefleet.agent.bench import synthesize
-from edgefleet.agent.runtime import ModelRuntime, RuntimeOptions
+from edgefleet.agent.runtime import _DATATYPE_OF, ModelRuntime, RuntimeOptions
 from edgefleet.common.protocol import ModelRef
 
 WARMUP = 5
@@ -47,13 +49,41 @@ def _ok(status: int) -> None:
         raise RuntimeError(f"the server answered HTTP {status}")
 
 
+def _grpc_available() -> bool:
+    try:
+        import grpc  # noqa: F401 - the agent's grpc extra
+    except ImportError:
+        return False
+    return True
+
+
+def _grpc_call(port: int, name: str, inputs: dict[str, np.ndarray]) -> tuple[Callable[[], object], Callable[[], None]]:
+    """A prepared ModelInfer call on the agent's gRPC port (request encoded once), and its close."""
+    import grpc
+
+    from edgefleet.agent._proto import grpc_predict_v2_pb2 as pb
+    from edgefleet.agent.grpc_serve import SERVICE
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    infer = channel.unary_unary(f"/{SERVICE}/ModelInfer", request_serializer=pb.ModelInferRequest.SerializeToString,
+                                response_deserializer=pb.ModelInferResponse.FromString)
+    request = pb.ModelInferRequest(model_name=name)
+    for key, value in inputs.items():
+        request.inputs.add(name=key, datatype=_DATATYPE_OF[value.dtype], shape=value.shape)
+        request.raw_input_contents.append(np.ascontiguousarray(value).tobytes())
+    return (lambda: infer(request)), channel.close
+
+
 def measure(name: str, path: Path, queries: int, threads: int) -> dict:
     runtime = ModelRuntime(RuntimeOptions(intra_op_threads=threads))
     loaded = runtime.load(path, ModelRef(model=name, version="1", variant="cpu-fp32"))
     session = loaded.session
     assert session is not None
     inputs = synthesize(loaded.inputs, batch=1)
-    with ServeProcess(path, name, "--threads", str(threads), "--max-request-bytes", str(64 << 20)) as agent:
+    grpc_port = free_port() if _grpc_available() else None
+    grpc_option = ("--grpc", f"127.0.0.1:{grpc_port}") if grpc_port else ()
+    with ServeProcess(path, name, "--threads", str(threads), "--max-request-bytes", str(64 << 20),
+                      *grpc_option) as agent:
         binary, json_ = OipClient(agent.url, name), OipClient(agent.url, name)
         binary_request = binary.prepare(inputs, binary=True)
         calls: dict[str, Callable[[], object]] = {
@@ -63,11 +93,16 @@ def measure(name: str, path: Path, queries: int, threads: int) -> dict:
         if sum(v.size for v in inputs.values()) <= JSON_MAX_VALUES:
             json_request = json_.prepare(inputs, binary=False)
             calls["rest-json"] = lambda: _ok(json_.send(json_request))
+        grpc = _grpc_call(grpc_port, name, inputs) if grpc_port else None
+        if grpc is not None:
+            calls["grpc"] = grpc[0]
         try:
             times = _interleaved(calls, queries)
         finally:
             binary.close()
             json_.close()
+            if grpc is not None:
+                grpc[1]()
     runtime.close()
     return {"model": name, "queries": queries, **{mode: summary_ms(t) for mode, t in times.items()}}
 

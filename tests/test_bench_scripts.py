@@ -30,6 +30,7 @@ def test_swap_script(cache):
 def test_serving_script(cache):
     out = run("bench.serving", "--models", "digits", "--queries", "20", "--cache", cache)
     assert "| digits | raw | 20 |" in out and "| digits | rest-binary | 20 |" in out and "| digits | rest-json | 20 |" in out
+    assert "| digits | grpc | 20 |" in out  # the dev install has the grpc extra
 
 
 def test_footprint_script(cache, mosquitto_url):

@@ -6,6 +6,7 @@ code a device runs (agent and common) only the third-party packages of the agent
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +29,10 @@ PACKAGE_OF = {folder: f"edgefleet.{folder}" for folder in ALLOWED}
 # What the device's code may import beyond the standard library: the agent extra's packages.
 DEVICE_THIRD_PARTY = {"numpy", "paho", "onnxruntime", "tuf", "securesystemslib", "cryptography", "urllib3",
                       "prometheus_client"}
+# The optional grpc extra (grpcio, protobuf): only the gRPC front end and its generated messages use it,
+# so a device installed without the extra never imports it.
+GRPC_EXTRA = {"grpc", "google"}
+GRPC_MODULES = ("agent/grpc_serve.py", "agent/_proto/")
 
 
 def imports(path: Path, package: str) -> list[tuple[int, str]]:
@@ -74,8 +79,17 @@ def test_device_code_imports_only_the_agent_extra(folder):
         for path, line, module in edgefleet_imports(folder)
         if not module.startswith("edgefleet")
         and module.split(".")[0] not in sys.stdlib_module_names | DEVICE_THIRD_PARTY
+        and not (module.split(".")[0] in GRPC_EXTRA and path.startswith(GRPC_MODULES))
     ]
     assert offenders == [], "\n".join(offenders)
+
+
+def test_a_rest_only_agent_never_loads_grpc():
+    """The daemon and `fleet-agent serve` import the gRPC front end only when asked to serve gRPC."""
+    code = ("import sys, edgefleet.agent.cli, edgefleet.agent.daemon, edgefleet.agent.serve; "
+            "print(sorted(m for m in ('grpc', 'google.protobuf') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_the_check_sees_a_forbidden_import(tmp_path, monkeypatch):
