@@ -231,11 +231,9 @@ def test_removing_a_device_closes_its_session_at_once_and_refuses_it(fleet, tmp_
         assert device.publish(topic("dev-c", Channel.STATUS),
                               Status(device="dev-c", boot=1, online=True, ts=time.time()).to_json(), True) == "Success"
         assert wait_until(lambda: fleet.device("dev-c")["online"], 10)
-        started = time.monotonic()
         fleet.fleetctl("devices", "remove", "dev-c", "--yes")
         assert wait_until(lambda: device.disconnects, 5), "the removed device's session stayed open"
-        kicked_after = time.monotonic() - started
-        assert device.disconnects == ["Administrative action"] and kicked_after < 5
+        assert device.disconnects == ["Administrative action"]  # closed by the revocation, not a timeout
     finally:
         device.close()
     again = fleet.client(identity, client_id="dev-c")
