@@ -10,13 +10,28 @@ SUCCEEDED. Anchor: AWS IoT Jobs rolls out to at most 1,000 devices per minute.
 Same-run baseline: a bare broker fan-out of N retained messages to N
 subscribers on the same Mosquitto and the same client machinery.
 
+``--thin`` measures the controller instead of the simulator: thin devices
+(simulator/thin.py) keep the wire protocol (own MQTT session, TUF refresh and
+verified download from the controller, every event, heartbeats, counters) but
+run no model and report a fixed benchmark. They are registered in bulk (rows
+written to the controller's database, as an enrollment would leave them:
+enrollment is setup, not the measurement) and spread over ``--processes``
+simulator processes, each connecting from its own loopback address (one
+address has ~28,000 ephemeral ports). The table adds the controller's and
+the broker's CPU time per device update (from /proc, deploy to finish), and
+checks that every event the devices sent was stored (or its execution
+settled from the device's report).
+
     python -m bench.fanout --devices 1000
+    python -m bench.fanout --devices 10000 --thin --database-url postgresql://postgres@127.0.0.1:5432/fanout \
+        --recreate-database
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -30,11 +45,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import httpx
+
 from bench._common import DEFAULT_CACHE, table
 
 AWS_IOT_JOBS_PER_MIN = 1000.0  # the anchor: AWS IoT Jobs' maximum rollout rate
 MODEL, VERSION = "digits", "1.0.0"
 PREFIX = "fan"
+PER_ADDRESS = 20000  # MQTT connections from one loopback address (it has ~28,000 ephemeral ports)
+
+
+def bind_address(index: int) -> str:
+    """The index-th loopback address connections come from: 127.0.0.2, 127.0.0.3, ..."""
+    return f"127.0.0.{2 + index}"
 
 
 @dataclass(frozen=True)
@@ -46,10 +69,20 @@ class FanoutResult:
     broker_s: float          # bare fan-out of N retained messages to N subscribers
     rss_per_device_kb: float
     threads: int
+    thin: bool = False
+    processes: int = 1               # simulator processes
+    controller_cpu_s: float = 0.0    # the controller process's CPU time (user+system), deploy to finish
+    broker_cpu_s: float = 0.0        # Mosquitto's
+    events_sent: int = 0             # execution events the devices published for the rollout
+    events_stored: int = 0           # of them, stored by the controller
+    settled_from_report: int = 0     # executions settled from the device's report, not their events
 
     @property
     def per_minute(self) -> float:
         return self.devices / self.deploy_s * 60.0
+
+    def cpu_ms_per_device(self, seconds: float) -> float:
+        return seconds * 1000.0 / self.devices
 
 
 def _free_port() -> int:
@@ -58,6 +91,25 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def raise_file_limit(wanted: int) -> None:
+    """Let this process (and what it starts) hold ``wanted`` descriptors: one per MQTT connection."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(hard, wanted)))  # above the hard limit: root only
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {wanted} file descriptors needed, {soft} allowed (hard limit {hard}): {e}; "
+                         "run as root or raise `ulimit -n`") from e
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager
@@ -81,7 +133,7 @@ def mosquitto(work: Path, port: int) -> list[str]:
     # No cap on the controller's queue: past it Mosquitto drops QoS 1 messages (1,000 by default),
     # and a 10,000-device fleet's heartbeats outran the controller by more than 10,000 here.
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    "max_queued_messages 0\nset_tcp_nodelay true\n")
+                    "max_queued_messages 0\nset_tcp_nodelay true\nmax_connections -1\nconnection_messages false\n")
     return [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)]
 
 
@@ -128,8 +180,9 @@ def broker_fanout(broker_url: str, devices: int, timeout: float) -> float:
         def on_connect(client: paho.Client, _present: bool, i: int = i) -> None:
             client.subscribe(f"bench/fanout/{i}", qos=1)
             subscribed.release()
-        conn = MqttConnection(url, ConnectionOptions(client_id=f"bench-sub-{i}", persistent=False),
-                              on_connect=on_connect, on_message=lambda _m: received.release())
+        options = ConnectionOptions(client_id=f"bench-sub-{i}", persistent=False,
+                                    bind_address=bind_address(i // PER_ADDRESS))
+        conn = MqttConnection(url, options, on_connect=on_connect, on_message=lambda _m: received.release())
         connections.append(loop.connection(conn))
     loop.start()
     for connection in connections:
@@ -211,15 +264,94 @@ def read_status(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def register_devices(database_url: str, devices: int, classes: str) -> None:
+    """Thin runs: the device rows an enrollment would leave (labels, hardware), written in bulk."""
+    import sqlalchemy as sa
+
+    from edgefleet.controller.db.models import Device
+    from edgefleet.controller.db.session import Database
+    from edgefleet.simulator.fleet import FleetConfig, profile_for
+
+    fleet = FleetConfig(devices=devices, classes=tuple(classes.split(",")), prefix=PREFIX)
+    rows = [{"id": device, "labels": {"fleet": PREFIX}, "hardware": profile_for(cls).to_dict(),
+             "hardware_class": cls} for device, cls in fleet.device_ids()]
+    db = Database(database_url)
+    try:
+        with db.unit_of_work() as session:
+            session.execute(sa.insert(Device), rows)
+    finally:
+        db.dispose()
+
+
+def count_rows(database_url: str, sql: str, **params: object) -> int:
+    import sqlalchemy as sa
+
+    from edgefleet.controller.db.session import Database
+
+    db = Database(database_url)
+    try:
+        with db.reading() as session:
+            return int(session.execute(sa.text(sql), params).scalar_one())
+    finally:
+        db.dispose()
+
+
+@dataclass
+class Simulators:
+    """The simulator processes of one run and their status files."""
+
+    procs: list[subprocess.Popen]
+    status: list[Path]
+    logs: list[Path]
+
+    def totals(self) -> dict:
+        stats = [read_status(path) for path in self.status]
+        states: dict[str, int] = {}
+        for one in stats:
+            for state, n in one.get("states", {}).items():
+                states[state] = states.get(state, 0) + n
+        return {"connected": sum(one.get("connected", 0) for one in stats), "states": states,
+                "events_sent": sum(one.get("events_sent", 0) for one in stats),
+                "rss_per_device_kb": max((one.get("rss_per_device_kb", 0.0) for one in stats), default=0.0),
+                "threads": sum(one.get("threads", 0) for one in stats)}
+
+    def check(self) -> None:
+        for proc, log in zip(self.procs, self.logs, strict=True):
+            if proc.poll() is not None:
+                raise RuntimeError(f"a simulator exited ({proc.returncode})\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def start_simulators(stack: ExitStack, work: Path, env: dict[str, str], devices: int, classes: str, workers: int,
+                     processes: int, common: list[str]) -> Simulators:
+    """``processes`` simulators sharing the fleet: each its slice of device indexes and its own source address."""
+    sims = Simulators([], [], [])
+    share = -(-devices // processes)
+    for i in range(processes):
+        first, count = i * share, min(share, devices - i * share)
+        if count <= 0:
+            break
+        status, log = work / f"fleet-{i}.json", work / f"simulator-{i}.log"
+        sims.procs.append(stack.enter_context(process(
+            [sys.executable, "-m", "edgefleet.simulator", *common, "--devices", str(count), "--first", str(first),
+             "--classes", classes, "--prefix", PREFIX, "--workers", str(workers),
+             "--state-root", str(work / "devices"), "--status-file", str(status), "--status-interval", "1",
+             "--requests-per-s", "0"],  # fan-out alone: no inference traffic competing for the CPU
+            log, env)))
+        sims.status.append(status)
+        sims.logs.append(log)
+    return sims
+
+
 def run(devices: int, classes: str, workers: int, database_url: str, timeout: float, cache: Path,
-        work: Path) -> FanoutResult:
+        work: Path, thin: bool = False, processes: int = 1) -> FanoutResult:
     from edgefleet.controller.cli.client import ApiClient
     from edgefleet.controller.rollout.spec import RolloutSpec
 
+    raise_file_limit(devices + 4096)  # the bare fan-out's subscribers live in this process; children inherit it
     port = _free_port()
     with ExitStack() as stack:
         broker_log = work / "mosquitto.log"
-        stack.enter_context(process(mosquitto(work, port), broker_log))
+        broker = stack.enter_context(process(mosquitto(work, port), broker_log))
         broker_url = f"mqtt://127.0.0.1:{port}"
         wait_for("mosquitto", lambda: _connectable(port), 20)
         broker_s = broker_fanout(broker_url, devices, timeout)
@@ -238,36 +370,48 @@ def run(devices: int, classes: str, workers: int, database_url: str, timeout: fl
         stack.callback(client.close)
         wait_for("the controller API", lambda: client.get("/healthz"), 60, controller, controller_log)
 
-        status = work / "fleet.json"
-        sim_log = work / "simulator.log"
         began = time.monotonic()
-        simulator = stack.enter_context(process(
-            [sys.executable, "-m", "edgefleet.simulator", "--controller", controller_url, "--token", token,
-             "--devices", str(devices), "--classes", classes, "--prefix", PREFIX, "--workers", str(workers),
-             "--state-root", str(work / "devices"), "--status-file", str(status), "--status-interval", "1",
-             "--requests-per-s", "0"],  # fan-out alone: no inference traffic competing for the CPU
-            sim_log, env))
-        wait_for("every simulated device to connect",
-                 lambda: read_status(status).get("connected") == devices, timeout, simulator, sim_log)
-        wait_for("the controller to see every device online",
-                 lambda: sum(d["online"] for d in client.get("/v1/devices", selector=f"fleet={PREFIX}")) == devices,
+        if thin:
+            register_devices(database_url, devices, classes)
+            root = work / "root.json"
+            root.write_bytes(httpx.get(f"{controller_url}/repository/metadata/1.root.json").raise_for_status().content)
+            common = ["--thin", "--trusted-root", str(root), "--broker", f"{broker_url}?protocol=5",
+                      "--metadata-url", f"{controller_url}/repository/metadata/",
+                      "--target-base-url", f"{controller_url}/repository/targets/"]
+        else:
+            common = ["--controller", controller_url, "--token", token]
+        sims = start_simulators(stack, work, env, devices, classes, workers, processes, common)
+
+        def connected() -> bool:
+            sims.check()
+            return sims.totals()["connected"] == devices
+
+        wait_for("every simulated device to connect", connected, timeout, controller, controller_log)
+        def online() -> int:  # a thin fleet of 50,000 is counted in the database, not listed through the API
+            if thin:
+                return count_rows(database_url, "SELECT count(*) FROM devices WHERE online")
+            return sum(d["online"] for d in client.get("/v1/devices", selector=f"fleet={PREFIX}"))
+
+        wait_for("the controller to see every device online", lambda: online() == devices,
                  timeout, controller, controller_log, interval=1.0)
         enroll_s = time.monotonic() - began
 
         spec = RolloutSpec(model=MODEL, version=VERSION, selector=f"fleet={PREFIX}", stages=(1.0,), bake_s=0.0,
                            bench_seconds=0.05, min_devices_per_stage=1, device_timeout_s=timeout)
+        cpu_before = cpu_seconds(controller.pid), cpu_seconds(broker.pid)
         started = time.monotonic()
         created = client.post("/v1/rollouts", {"manifest": spec.to_manifest(f"fanout-{devices}"), "dry_run": False})
         device_done: list[float] = []
         recorded: list[int] = [0]  # SUCCEEDED as the controller counts them, at the last look
 
         def finished() -> bool:
-            if not device_done and read_status(status).get("states", {}).get("SUCCEEDED") == devices:
+            sims.check()
+            if not device_done and sims.totals()["states"].get("SUCCEEDED") == devices:
                 device_done.append(time.monotonic())
             summary = next(r for r in client.get("/v1/rollouts") if r["id"] == created["id"])
             recorded[0] = summary["succeeded"]
             if summary["failed"]:
-                raise RuntimeError(f"{summary['failed']} device(s) failed; see {sim_log}")
+                raise RuntimeError(f"{summary['failed']} device(s) failed; see {sims.logs[0]}")
             return summary["succeeded"] == devices
 
         try:
@@ -278,10 +422,35 @@ def run(devices: int, classes: str, workers: int, database_url: str, timeout: fl
             raise RuntimeError(f"{e} (the controller had recorded {recorded[0]} of {devices} SUCCEEDED"
                                f"{devices_side})") from e
         deploy_s = time.monotonic() - started
-        stats = read_status(status)
+        cpu_after = cpu_seconds(controller.pid), cpu_seconds(broker.pid)
         device_side = (device_done[0] if device_done else time.monotonic()) - started
-    return FanoutResult(devices, enroll_s, deploy_s, device_side, broker_s,
-                        stats.get("rss_per_device_kb", 0.0), stats.get("threads", 0))
+        sent = stored = settled = 0
+        if thin:
+            sent, stored, settled = event_accounting(database_url, created["id"], devices, sims)
+        totals = sims.totals()
+    return FanoutResult(devices, enroll_s, deploy_s, device_side, broker_s, totals["rss_per_device_kb"],
+                        totals["threads"], thin, len(sims.procs), cpu_after[0] - cpu_before[0],
+                        cpu_after[1] - cpu_before[1], sent, stored, settled)
+
+
+def event_accounting(database_url: str, rollout_id: str, devices: int, sims: Simulators) -> tuple[int, int, int]:
+    """(events the devices sent, events the controller stored, executions settled from a report).
+
+    The controller may record the last SUCCEEDED before the simulators' status files (written
+    once a second) count it, and before its last events are stored: wait for both, a while.
+    """
+    wait_for("the simulators to count every device SUCCEEDED",
+             lambda: sims.totals()["states"].get("SUCCEEDED") == devices, 30)
+    deadline = time.monotonic() + 30
+    while True:
+        sent = sims.totals()["events_sent"]
+        stored = count_rows(database_url, "SELECT count(*) FROM events WHERE deployment = :rid", rid=rollout_id)
+        if stored >= sent or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    settled = count_rows(database_url, "SELECT count(*) FROM executions WHERE rollout_id = :rid "
+                         "AND detail LIKE 'settled from%'", rid=rollout_id)
+    return sent, stored, settled
 
 
 def _connectable(port: int) -> bool:
@@ -294,13 +463,17 @@ def _connectable(port: int) -> bool:
 def render(results: list[FanoutResult]) -> str:
     rows = [(r.devices, f"{r.deploy_s:.1f}", f"{r.device_side_s:.1f}", f"{r.per_minute:,.0f}",
              f"{r.per_minute / AWS_IOT_JOBS_PER_MIN:.2f}", f"{r.broker_s:.2f}", f"{r.deploy_s / r.broker_s:.1f}",
-             f"{r.rss_per_device_kb:.0f}", r.threads, f"{r.enroll_s:.0f}")
+             f"{r.cpu_ms_per_device(r.controller_cpu_s):.2f}", f"{r.cpu_ms_per_device(r.broker_cpu_s):.2f}",
+             "thin (no model run, fixed benchmark)" if r.thin else "full (real model work)", r.processes,
+             f"{r.events_stored:,} of {r.events_sent:,}; {r.settled_from_report} settled from report" if r.thin
+             else "—", f"{r.rss_per_device_kb:.0f}", r.threads, f"{r.enroll_s:.0f}")
             for r in results]
     return "\n".join([
         "Fan-out: deploy (API) -> every device SUCCEEDED, Mosquitto, digits model, simulated fleet", "",
         table(["devices", "deploy→all SUCCEEDED s", "last device event s", "devices/min",
                "vs AWS IoT Jobs (1,000/min)", "bare broker fan-out s", "deploy / bare broker",
-               "simulator RSS/device KiB", "simulator threads", "setup (enroll+connect) s"], rows),
+               "controller CPU-ms/device", "broker CPU-ms/device", "devices", "simulator processes",
+               "events stored", "simulator RSS/device KiB", "simulator threads", "setup s"], rows),
     ])
 
 
@@ -308,7 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, nargs="+", default=[1000], help="Fleet sizes to run, e.g. 1000 10000.")
     parser.add_argument("--classes", default="x86_64,rpi-4")
-    parser.add_argument("--workers", type=int, default=8, help="Simulator reconcile workers.")
+    parser.add_argument("--workers", type=int, default=8, help="Simulator reconcile workers (per process).")
+    parser.add_argument("--thin", action="store_true",
+                        help="Thin devices: the wire protocol without the model work, to measure the controller.")
+    parser.add_argument("--processes", type=int, default=0,
+                        help="Simulator processes (default: 2 with --thin, else 1).")
     parser.add_argument("--database-url", default="", help="Controller database (default: SQLite in the temp home).")
     parser.add_argument("--recreate-database", action="store_true",
                         help="Drop and create the --database-url PostgreSQL database before each size (scratch).")
@@ -319,19 +496,26 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
         print("error: mosquitto is not installed; install it (apt-get install -y mosquitto)", file=sys.stderr)
         return 1
+    processes = args.processes or (2 if args.thin else 1)
+    if args.thin and not args.database_url.startswith("postgresql"):
+        print("error: --thin measures the controller as it runs at scale: give --database-url postgresql://...",
+              file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds the ExitStack: no process left behind
     results = []
     for n in args.devices:
         work = Path(tempfile.mkdtemp(prefix=f"edgefleet-fanout-{n}-"))
         try:
             if args.recreate_database:
                 recreate_database(args.database_url)
-            results.append(run(n, args.classes, args.workers, args.database_url, args.timeout, args.cache, work))
+            results.append(run(n, args.classes, args.workers, args.database_url, args.timeout, args.cache, work,
+                               args.thin, processes))
         except RuntimeError as e:
             print(f"error: fan-out with {n} devices: {e} (work dir kept: {work})", file=sys.stderr)
-            progress = read_status(work / "fleet.json")
+            progress = [read_status(path) for path in sorted(work.glob("fleet-*.json"))]
             if progress:  # how far it got, for a report of a run that did not finish
-                print(f"last simulator status: {progress.get('connected')} of {n} connected, "
-                      f"device states {progress.get('states')}", file=sys.stderr)
+                print(f"last simulator status: {sum(p.get('connected', 0) for p in progress)} of {n} connected, "
+                      f"device states {[p.get('states') for p in progress]}", file=sys.stderr)
             return 1
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -76,6 +76,9 @@ class ConnectionOptions:
     keepalive_s: int = KEEPALIVE_S
     manual_ack: bool = False          # the owner acks each QoS 1 message itself (client.ack)
     receive_maximum: int | None = None  # MQTT 5: unacked QoS 1 messages the broker may send us
+    # Local address to connect from; empty: the system's choice. One address has ~28,000 ephemeral
+    # ports, so a simulated fleet larger than that spreads over several loopback addresses.
+    bind_address: str = ""
 
 
 Will = tuple[str, bytes, int, bool]  # topic, payload, qos, retain
@@ -250,7 +253,7 @@ class MqttConnection:
                 properties.ReceiveMaximum = opts.receive_maximum
         client.connect_async(
             self.url.host, self.url.port, opts.keepalive_s,
-            clean_start=not opts.persistent, properties=properties,
+            clean_start=not opts.persistent, properties=properties, bind_address=opts.bind_address,
         )
         return client
 

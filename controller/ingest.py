@@ -362,12 +362,15 @@ class _Batch:
         changed = [d for d in ordered if d.changed]
         if changed:
             self.session.execute(*liveness_update(changed, self.postgres))
-        for device in ordered:  # reports are few (one per finished execution or restart): one statement each
-            if device.reported is not None:
-                values: dict[str, Any] = {"reported": device.reported}
-                if device.hardware is not None:
-                    values.update(hardware=device.hardware, hardware_class=device.hardware_class)
-                self.session.execute(sa.update(DEVICES).where(DEVICES.c.id == device.id).values(**values))
+        reports = [d for d in ordered if d.reported is not None]
+        for columns, group in (((), [d for d in reports if d.hardware is None]),
+                               (("hardware", "hardware_class"), [d for d in reports if d.hardware is not None])):
+            if group:  # an executemany: one round trip on psycopg (pipelined)
+                self.session.execute(
+                    sa.update(DEVICES).where(DEVICES.c.id == sa.bindparam("b_id"))
+                    .values({name: sa.bindparam(f"b_{name}") for name in ("reported", *columns)}),
+                    [{"b_id": d.id, **{f"b_{name}": getattr(d, name) for name in ("reported", *columns)}}
+                     for d in group])
         moved = sorted((x for x in self.by_rollout.values() if x.moved), key=lambda x: x.id)
         if moved:
             self.session.execute(

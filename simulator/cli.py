@@ -24,6 +24,7 @@ from pathlib import Path
 
 from edgefleet.common.fs import atomic_write
 
+from .device import SimDevice
 from .faults import Faults
 from .fleet import CLASSES, Fleet, FleetConfig
 from .traffic import TrafficConfig
@@ -96,6 +97,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="Label every device.")
     p.add_argument("--state-root", type=Path, help="Devices' state directories (default: a temp dir).")
     p.add_argument("--workers", type=int, default=8, help="Reconcile passes running in parallel.")
+    p.add_argument("--first", type=int, default=0, metavar="INDEX",
+                   help="Index of the first device (several simulator processes sharing one fleet).")
+    p.add_argument("--thin", action="store_true",
+                   help="Thin devices: the real MQTT session, TUF download and events, but no ONNX model, golden "
+                        "set or benchmark (a fixed benchmark is reported); for measuring the controller.")
+    p.add_argument("--bind-address", default="", metavar="ADDR",
+                   help="Local address the devices' MQTT connections come from (e.g. 127.0.0.2).")
     p.add_argument("--heartbeat", type=float, default=30.0,
                    help="Seconds between heartbeats (and counters telemetry) of each device.")
     p.add_argument("--requests-per-s", type=_rate, default=2.0, metavar="RATE",
@@ -131,6 +139,7 @@ def config_from(args: argparse.Namespace) -> FleetConfig:
     return FleetConfig(
         broker_url=args.broker, devices=args.devices, classes=tuple(c for c in args.classes.split(",") if c),
         prefix=args.prefix, state_root=args.state_root, workers=args.workers, labels=labels,
+        first=args.first, thin=args.thin, bind_address=args.bind_address,
         controller_url=args.controller, operator_token=token, heartbeat_s=args.heartbeat,
         trusted_root=args.trusted_root.read_bytes() if args.trusted_root else b"",
         metadata_url=args.metadata_url, target_base_url=args.target_base_url,
@@ -141,6 +150,9 @@ def config_from(args: argparse.Namespace) -> FleetConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.thin and args.fault:
+        print("error: thin devices run no model, so they take no --fault; drop --thin or the faults", file=sys.stderr)
+        return 1
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -150,9 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - one line for the operator, whatever failed
         print(f"error: cannot set up the fleet: {e}", file=sys.stderr)
         return 1
-    offline = []
+    offline: list[SimDevice] = []
     for target, kind, value, version in args.fault:
-        matched = [d for d in fleet.devices.values() if target in (d.id, d.profile.hardware_class)]
+        # faults and --thin are refused together above: every device here is a SimDevice
+        matched = [d for d in fleet.devices.values()
+                   if isinstance(d, SimDevice) and target in (d.id, d.profile.hardware_class)]
         if not matched:
             print(f"error: fault target {target!r} names no device or class of this fleet", file=sys.stderr)
             return 1

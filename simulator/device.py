@@ -125,6 +125,7 @@ class _Recording:
     def event(self, state: ExecutionState, **fields: Any) -> Event:
         event = self._link.event(state, **fields)
         self._device.last_event = event
+        self._device.events_sent += 1
         return event
 
 
@@ -138,6 +139,7 @@ class SimDevice:
         self.faults = faults or Faults()
         self.id = config.device_id
         self.last_event: Event | None = None
+        self.events_sent = 0
         self.power_cuts = 0
         self._life: _Incarnation | None = None
 

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.enroll import CONFIG_FILE, enroll
-from edgefleet.agent.fetch import HttpFetcher, trust_root
+from edgefleet.agent.fetch import HttpFetcher, ModelUpdater, trust_root
 from edgefleet.agent.runtime import RuntimeOptions
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.mqtt import (
@@ -35,8 +35,10 @@ from edgefleet.common.mqtt import (
 
 from .device import Shared, SimDevice
 from .faults import Faults
+from .link import SimLink
 from .network import NetworkLoop
 from .runtime import SessionCache
+from .thin import ThinDevice, ThinShared
 from .traffic import Traffic, TrafficConfig
 from .workers import Workers
 
@@ -77,6 +79,9 @@ class FleetConfig:
     prefix: str = "sim"                  # device ids: PREFIX-CLASS-NNNNN
     state_root: Path | None = None       # None: a temp dir, removed on close()
     workers: int = 8                     # reconcile passes in parallel
+    first: int = 0                       # index of the first device (several processes share one fleet)
+    thin: bool = False                   # thin devices: the wire protocol without the model work (thin.py)
+    bind_address: str = ""               # local address the devices' MQTT connections come from
     labels: dict[str, str] = field(default_factory=dict)
     # enrolled through the controller API ...
     controller_url: str = ""
@@ -95,7 +100,7 @@ class FleetConfig:
 
     def device_ids(self) -> Iterator[tuple[str, str]]:
         """(device id, hardware class), classes dealt round-robin."""
-        for i in range(self.devices):
+        for i in range(self.first, self.first + self.devices):
             cls = self.classes[i % len(self.classes)]
             yield f"{self.prefix}-{cls}-{i:05d}", cls
 
@@ -106,6 +111,7 @@ class FleetStats:
     running: int
     connected: int
     states: dict[str, int]            # last event state -> devices
+    events_sent: int                  # execution events the devices published
     power_cuts: int
     threads: int
     sessions: int                     # distinct ONNX Runtime sessions behind every device
@@ -139,7 +145,8 @@ class Fleet:
         self._own_root = config.state_root is None
         self.root = Path(config.state_root or tempfile.mkdtemp(prefix="edgefleet-sim-"))
         self.root.mkdir(parents=True, exist_ok=True)
-        import onnxruntime  # noqa: F401 - loaded before the baseline, so RSS per device counts devices only
+        if not config.thin:
+            import onnxruntime  # noqa: F401 - loaded before the baseline, so RSS per device counts devices only
 
         self.baseline_rss_kb = rss_kb()
         self.loop = NetworkLoop()
@@ -148,7 +155,7 @@ class Fleet:
         self.sessions = SessionCache(options)
         self.traffic = Traffic(config.traffic) if config.traffic.enabled else None
         self.fetcher = HttpFetcher(config.download_timeout_s, pool_size=config.workers)
-        self.devices: dict[str, SimDevice] = {}
+        self.devices: dict[str, SimDevice | ThinDevice] = {}
         self._shared: Shared | None = None
 
     # --- setup ------------------------------------------------------------------
@@ -170,8 +177,25 @@ class Fleet:
             session_expiry_s=self.config.session_expiry_s, heartbeat_s=self.config.heartbeat_s,
             restart_after_s=self.config.restart_after_s, traffic=self.traffic,
         )
+        thin = self._thin_shared(self._shared)
         for (device_id, cls), config in zip(ids, configs, strict=True):
-            self.devices[device_id] = SimDevice(config, profile_for(cls), self._shared)
+            self.devices[device_id] = (ThinDevice(config, profile_for(cls), thin) if thin is not None
+                                       else SimDevice(config, profile_for(cls), self._shared))
+
+    def _thin_shared(self, shared: Shared) -> ThinShared | None:
+        if not self.config.thin:
+            return None
+        bind = self.config.bind_address
+
+        def link(config: AgentConfig, boot: int, on_desired: Callable[[bytes], None]) -> SimLink:
+            return SimLink(self.loop, config, shared.broker, boot, on_desired, shared.session_expiry_s, bind)
+
+        def updater(config: AgentConfig) -> ModelUpdater:
+            return ModelUpdater(Path(config.state_dir) / "tuf", config.tuf_metadata_url, config.tuf_target_base_url,
+                                config.download_timeout_s, fetcher=self.fetcher)
+
+        return ThinShared(link=link, wake=self.workers.wake, call_later=self.loop.call_later, updater=updater,
+                          heartbeat_s=self.config.heartbeat_s)
 
     def _operator_client(self) -> ApiClient | None:
         """One client for every enrollment: building an httpx client costs ~0.2 s of CPU (its TLS context)."""
@@ -227,10 +251,16 @@ class Fleet:
             device.start()
 
     def device(self, device_id: str) -> SimDevice:
-        return self.devices[device_id]
+        device = self.devices[device_id]
+        if not isinstance(device, SimDevice):
+            raise ValueError(f"{device_id} is a thin device")
+        return device
 
     def inject(self, device_id: str, faults: Faults) -> None:
-        self.devices[device_id].faults = faults
+        device = self.devices[device_id]
+        if not isinstance(device, SimDevice):
+            raise ValueError(f"{device_id} is a thin device: it runs no model, so it takes no faults")
+        device.faults = faults
 
     def stats(self) -> FleetStats:
         devices = list(self.devices.values())
@@ -239,6 +269,7 @@ class Fleet:
         return FleetStats(
             devices=len(devices), running=sum(d.running for d in devices),
             connected=sum(d.connected for d in devices), states=dict(states),
+            events_sent=sum(d.events_sent for d in devices),
             power_cuts=sum(d.power_cuts for d in devices), threads=threading.active_count(),
             sessions=len(self.sessions), rss_kb=rss, baseline_rss_kb=self.baseline_rss_kb,
             rss_per_device_kb=(rss - self.baseline_rss_kb) / max(1, len(devices)),

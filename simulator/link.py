@@ -42,9 +42,12 @@ class SimLink(AgentLink):
         boot: int,
         on_desired: Callable[[bytes], None],
         session_expiry_s: int,
+        bind_address: str = "",
     ) -> None:
         config = dataclasses.replace(config, broker_url=broker_url_text(url))
         super().__init__(config, boot, on_desired, session_expiry_s=session_expiry_s)
+        if bind_address:
+            self._conn.options = dataclasses.replace(self._conn.options, bind_address=bind_address)
         self.connection = loop.connection(self._conn)
 
     def start(self) -> None:

@@ -20,3 +20,19 @@ def test_fanout_script_rolls_out_to_a_small_fleet(digits, model_cache):
                           cwd=REPO, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"^\| 6 \| \d+\.\d \| \d+\.\d \| [\d,]+ \| \d+\.\d\d \|", done.stdout, re.M), done.stdout
+
+
+@pytest.mark.slow
+def test_thin_fanout_accounts_for_every_event_and_the_controllers_cpu(digits, model_cache, postgres_url):
+    """Thin devices over two simulator processes on PostgreSQL: every device SUCCEEDED, every event
+    the devices sent stored (or settled from a report), CPU per device measured."""
+    need_program("mosquitto", "apt-get install mosquitto")
+    url = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    done = subprocess.run([sys.executable, "-m", "bench.fanout", "--devices", "12", "--thin", "--timeout", "120",
+                           "--workers", "4", "--database-url", url, "--cache", str(model_cache)],
+                          cwd=REPO, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = re.search(r"^\| 12 \|.*\| ([\d.]+) \| ([\d.]+) \| thin \(no model run, fixed benchmark\) \| 2 \| "
+                    r"60 of 60; 0 settled from report \|", done.stdout, re.M)
+    assert row, done.stdout
+    assert float(row[1]) > 0, "the controller's CPU time was not measured"

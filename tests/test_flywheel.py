@@ -293,7 +293,7 @@ def test_production_data_reaches_the_gates_and_the_dataset(tmp_path, mosquitto_u
             classes = {d.id: d.profile.hardware_class for d in fleet.devices.values()}
             for device in fleet.devices.values():
                 if device.profile.hardware_class == "rpi-4":
-                    device.faults = Faults(fail_infer=0.6, versions=frozenset({"1.2.0"}))
+                    fleet.inject(device.id, Faults(fail_infer=0.6, versions=frozenset({"1.2.0"})))
             fleet.start()
             wait_for(lambda: [d["online"] for d in client.get("/v1/devices", selector=f"fleet={prefix}")] == [True] * 4,
                      60, "the fleet online")
@@ -322,7 +322,7 @@ def test_production_data_reaches_the_gates_and_the_dataset(tmp_path, mosquitto_u
             assert bad["state"] in ("FAILED", "ROLLED_BACK") and "error_rate on rpi-4" in bad["detail"], bad["detail"]
             failing = bad["by_gate"][("error_rate", "rpi-4")]
             assert failing["verdict"] == "FAIL" and failing["value"] > 0.2, bad["gates"]
-            wait_for(lambda: all(d.runtime.active.ref.version == "1.1.0" for d in fleet.devices.values()), 30,
+            wait_for(lambda: all(fleet.device(d).runtime.active.ref.version == "1.1.0" for d in fleet.devices), 30,
                      "every device back on 1.1.0")
         finally:
             fleet.stop(clear_retained=True)

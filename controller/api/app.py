@@ -57,6 +57,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.add_middleware(
         BodyLimit, limit_for=lambda path: upload_limit if UPLOAD_PATHS.match(path) else MAX_JSON_BYTES
     )
+    app.add_middleware(repository.WholeFiles, store=ctx.store)  # outermost: before the body limit and routing
     app.add_exception_handler(ControllerError, _controller_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)

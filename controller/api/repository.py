@@ -10,8 +10,11 @@ from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ..errors import ControllerError
 from ..store import REPOSITORY_PREFIX, ArtifactStore, check_key
+from ..store.local import LocalStore
 from .deps import get_store
 
 router = APIRouter(tags=["repository"])
@@ -63,6 +66,14 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     return ByteRange(start, end)
 
 
+def _headers(path: str) -> dict[str, str]:
+    return {"Accept-Ranges": "bytes", "Cache-Control": _IMMUTABLE if path.startswith("targets/") else "no-cache"}
+
+
+def _media_type(path: str) -> str:
+    return "application/json" if path.endswith(".json") else "application/octet-stream"
+
+
 @router.get("/repository/{path:path}", summary="Download TUF metadata or a target (Range supported)")
 def download(path: str, request: Request, store: ArtifactStore = Depends(get_store)) -> Response:
     key = check_key(f"{REPOSITORY_PREFIX}/{path}")
@@ -70,11 +81,8 @@ def download(path: str, request: Request, store: ArtifactStore = Depends(get_sto
     url = store.download_url(key)
     if url is not None:
         return RedirectResponse(url, status_code=307)
-    headers = {
-        "Accept-Ranges": "bytes",
-        "Cache-Control": _IMMUTABLE if path.startswith("targets/") else "no-cache",
-    }
-    media_type = "application/json" if path.endswith(".json") else "application/octet-stream"
+    headers = _headers(path)
+    media_type = _media_type(path)
     try:
         wanted = parse_range(request.headers.get("range"), size)
     except Unsatisfiable:
@@ -88,3 +96,44 @@ def download(path: str, request: Request, store: ArtifactStore = Depends(get_sto
     if wanted.length <= INLINE_MAX:
         return Response(b"".join(chunks), status_code=status, headers=headers, media_type=media_type)
     return StreamingResponse(chunks, status_code=status, headers=headers, media_type=media_type)
+
+
+class WholeFiles:
+    """ASGI middleware: a plain GET of a whole repository file from a local store, answered before
+    routing, dependencies and the thread pool (a fleet fetching an update asks for thousands of
+    them at once). Anything else (a Range, a large or missing file, another store) goes on to
+    ``download``, which answers it in full.
+    """
+
+    PREFIX = "/repository/"
+
+    def __init__(self, app: ASGIApp, store: ArtifactStore) -> None:
+        self.app = app
+        self.store = store if isinstance(store, LocalStore) else None  # other stores' I/O would block the loop
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = self._whole(scope)
+        if body is None:
+            await self.app(scope, receive, send)
+            return
+        path, data = body
+        headers = {**_headers(path), "Content-Length": str(len(data)), "Content-Type": _media_type(path)}
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]})
+        await send({"type": "http.response.body", "body": data})
+
+    def _whole(self, scope: Scope) -> tuple[str, bytes] | None:
+        """(path, bytes) of a small file this request asks for whole, or None to let the route answer."""
+        if (self.store is None or scope["type"] != "http" or scope["method"] != "GET"
+                or not scope["path"].startswith(self.PREFIX)
+                or any(name == b"range" for name, _ in scope["headers"])):
+            return None
+        path = scope["path"][len(self.PREFIX):]
+        try:
+            key = check_key(f"{REPOSITORY_PREFIX}/{path}")
+            size = self.store.size(key)
+            if size > INLINE_MAX:
+                return None
+            return path, b"".join(self.store.open_range(key, 0, size - 1)) if size else b""
+        except ControllerError:  # not there, or not a valid key: the route says so in the API's words
+            return None
