@@ -40,10 +40,15 @@ NEEDS = {
     ("POST", "/v1/tokens"): "admin",
     ("DELETE", "/v1/tokens/{name}"): "admin",
     ("GET", "/metrics"): "viewer",
+    ("GET", "/v1/whoami"): "viewer",
+    ("GET", "/v1/fleet"): "viewer",
+    ("GET", "/v1/rollouts/{rollout_id}/live"): "viewer",
+    ("GET", "/v1/devices/{device_id}/trends"): "viewer",
 }
-# Not operator routes: public, or a device's own token.
+# Not operator routes: public (the dashboard's and the API docs' files carry no data), or a device's own token.
 OTHERS = {("GET", "/healthz"), ("GET", "/repository/{path:path}"), ("POST", "/v1/enroll"),
-          ("POST", "/v1/devices/{device_id}/samples"), ("POST", "/v1/devices/{device_id}/certificate")}
+          ("POST", "/v1/devices/{device_id}/samples"), ("POST", "/v1/devices/{device_id}/certificate"),
+          ("GET", "/"), ("GET", "/ui/"), ("GET", "/ui/static/{name}"), ("GET", "/docs")}
 RANK = {"viewer": 0, "deployer": 1, "admin": 2}
 VALUES = {"device_id": "de-1", "name": "nobody", "version": "1.0.0", "rollout_id": "r-none", "action": "pause", "sample_id": "1"}
 

@@ -17,7 +17,21 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from ..errors import ControllerError
-from . import audit, certificates, data, devices, enroll, metrics, models, repository, rollouts, samples, tokens
+from . import (
+    audit,
+    certificates,
+    dashboard,
+    data,
+    devices,
+    enroll,
+    metrics,
+    models,
+    repository,
+    rollouts,
+    samples,
+    tokens,
+    views,
+)
 from .deps import ApiContext, get_ctx
 from .limits import BodyLimit
 
@@ -40,7 +54,8 @@ def healthz(ctx: ApiContext = Depends(get_ctx)) -> dict[str, str]:
 # Every router the app serves, one per noun.
 ROUTERS: tuple[APIRouter, ...] = (
     health, repository.router, enroll.router, certificates.router, samples.router, devices.router,
-    models.router, rollouts.router, data.router, audit.router, tokens.router, metrics.router,
+    models.router, rollouts.router, data.router, audit.router, tokens.router, metrics.router, views.router,
+    dashboard.router,
 )
 
 
@@ -49,6 +64,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         title="edgefleet controller",
         version=version("edgefleet"),
         description="Operator API (bearer operator token), device API (bearer device token), TUF repository.",
+        docs_url=None, redoc_url=None,  # /docs is served from the controller's own files (api/dashboard.py)
     )
     app.state.ctx = ctx
     for router in ROUTERS:

@@ -349,6 +349,45 @@ def _decide(session: Session, rollout: Rollout, now: datetime, report: PassRepor
         return
     _expire(session, rollout, spec, now, report)
     _add_members(session, rollout, spec, now, report)
+    stage = stage_snapshot(session, rollout, now)
+    outcome = planner.decide_stage(spec, stage.views, stage.observations, stage.since_finished_s)
+    if outcome.decision is StageDecision.WAIT:
+        # a wait with verdicts is one for evidence (NO_DATA, min_samples): the operator sees why in the
+        # rollout's detail; other waits (devices updating, baking) show in its progress
+        if outcome.verdicts and rollout.detail != outcome.reason:
+            rollout.detail = outcome.reason
+            report.transitions.append(f"rollout {rollout.id} {rollout.state.value}: {rollout.detail}")
+        return
+    stage_execs = stage.executions
+    if stage_execs is None:  # an early failure: its executions name the variants to mark bad
+        stage_execs = list(session.scalars(_executions(rollout.id, rollout.stage)))
+    for verdict in outcome.verdicts:
+        session.add(GateResult(
+            rollout_id=rollout.id, stage=rollout.stage, hardware_class=verdict.hardware_class, gate=verdict.gate,
+            value=verdict.value, threshold=verdict.threshold, verdict=verdict.verdict, ts=now,
+        ))
+    label = planner.stage_label(spec, rollout.stage)
+    if outcome.decision is StageDecision.PASS:
+        _apply(session, rollout, Trigger.STAGE_PASSED, f"stage {label} passed: {outcome.reason}", now)
+    else:
+        _apply(session, rollout, Trigger.GATE_FAILED, f"stage {label} failed: {outcome.reason}", now)
+        failed = planner.failed_classes(outcome.verdicts)
+        _mark_bad(session, rollout, stage_execs, stage.classes, failed, outcome.reason, now)
+    report.transitions.append(f"rollout {rollout.id} {rollout.state.value}: {rollout.detail}")
+
+
+@dataclass(frozen=True)
+class StageSnapshot:
+    """The current stage as the engine judges it (and the dashboard shows it)."""
+
+    views: list[ExecutionView]
+    classes: dict[str, str | None]           # device -> hardware class
+    since_finished_s: float | None           # since the stage's last device finished; None while any is pending
+    executions: list[Execution] | None       # read only once every device of the stage finished
+    observations: dict[str, ClassObservation]
+
+
+def stage_snapshot(session: Session, rollout: Rollout, now: datetime) -> StageSnapshot:
     # Plain rows, not ORM objects: this runs every pass over every device of the stage.
     rows = session.execute(
         sa.select(Execution.device_id, Device.hardware_class, Execution.state, Execution.updated_at)
@@ -363,28 +402,7 @@ def _decide(session: Session, rollout: Rollout, now: datetime, report: PassRepor
     # the evidence behind the gates is read only once it can decide: every device of the stage finished
     stage_execs = list(session.scalars(_executions(rollout.id, rollout.stage))) if settled else None
     observations = _observe(session, rollout, stage_execs, classes) if stage_execs is not None else {}
-    outcome = planner.decide_stage(spec, views, observations, since)
-    if outcome.decision is StageDecision.WAIT:
-        # a wait with verdicts is one for evidence (NO_DATA, min_samples): the operator sees why in the
-        # rollout's detail; other waits (devices updating, baking) show in its progress
-        if outcome.verdicts and rollout.detail != outcome.reason:
-            rollout.detail = outcome.reason
-            report.transitions.append(f"rollout {rollout.id} {rollout.state.value}: {rollout.detail}")
-        return
-    if stage_execs is None:  # an early failure: its executions name the variants to mark bad
-        stage_execs = list(session.scalars(_executions(rollout.id, rollout.stage)))
-    for verdict in outcome.verdicts:
-        session.add(GateResult(
-            rollout_id=rollout.id, stage=rollout.stage, hardware_class=verdict.hardware_class, gate=verdict.gate,
-            value=verdict.value, threshold=verdict.threshold, verdict=verdict.verdict, ts=now,
-        ))
-    label = planner.stage_label(spec, rollout.stage)
-    if outcome.decision is StageDecision.PASS:
-        _apply(session, rollout, Trigger.STAGE_PASSED, f"stage {label} passed: {outcome.reason}", now)
-    else:
-        _apply(session, rollout, Trigger.GATE_FAILED, f"stage {label} failed: {outcome.reason}", now)
-        _mark_bad(session, rollout, stage_execs, classes, planner.failed_classes(outcome.verdicts), outcome.reason, now)
-    report.transitions.append(f"rollout {rollout.id} {rollout.state.value}: {rollout.detail}")
+    return StageSnapshot(views, classes, since, stage_execs, observations)
 
 
 def _expire(session: Session, rollout: Rollout, spec: RolloutSpec, now: datetime, report: PassReport) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -13,9 +13,13 @@ from edgefleet.common.protocol import ExecutionState
 
 from ..db.models import Device, Execution, GateResult, Rollout, utcnow
 from ..errors import NotFound
+from . import engine, planner
 from .planner import FAILURE_STATES
 from .spec import RolloutSpec
-from .states import RolloutState
+from .states import TRANSITIONS, RolloutState, Trigger
+
+# What an operator may ask of a rollout (the engine's own triggers are not theirs to send).
+CONTROLS = (Trigger.PAUSE, Trigger.RESUME, Trigger.PROMOTE, Trigger.ABORT, Trigger.ROLLBACK)
 
 
 def summary(rollout: Rollout, counts: Counter | None = None) -> dict[str, Any]:
@@ -46,10 +50,15 @@ def list_rollouts(session: Session, state: str | None = None, limit: int = 100) 
     return [summary(r, counts[r.id]) for r in rollouts]
 
 
-def rollout_status(session: Session, rollout_id: str) -> dict[str, Any]:
+def _rollout(session: Session, rollout_id: str) -> Rollout:
     rollout = session.get(Rollout, rollout_id)
     if rollout is None:
         raise NotFound(f"rollout {rollout_id!r} not found; see `fleetctl rollout list`")
+    return rollout
+
+
+def rollout_status(session: Session, rollout_id: str) -> dict[str, Any]:
+    rollout = _rollout(session, rollout_id)
     spec = RolloutSpec.from_stored(rollout.spec)
     rows = session.execute(
         sa.select(Execution, Device.hardware_class).join(Device, Device.id == Execution.device_id)
@@ -99,3 +108,23 @@ def _bake(rollout: Rollout, spec: RolloutSpec, current: list[dict[str, Any]]) ->
         return None
     ends = max(e["updated_at"] for e in current) + timedelta(seconds=spec.bake_s)
     return {"seconds": spec.bake_s, "ends_at": ends, "left_s": max(0.0, (ends - utcnow()).total_seconds())}
+
+
+def live_stage(session: Session, rollout_id: str, now: datetime) -> dict[str, Any]:
+    """The current stage's gates as the engine would judge them now (value against threshold;
+    the evidence is read once every device of the stage finished, as the engine reads it), and
+    the controls the rollout's state allows."""
+    rollout = _rollout(session, rollout_id)
+    spec = RolloutSpec.from_stored(rollout.spec)
+    live: dict[str, Any] = {
+        "stage": rollout.stage, "bake_s": spec.bake_s, "gates": [],
+        "controls": [t.value for t in CONTROLS if (rollout.state, t) in TRANSITIONS],
+    }
+    if rollout.state in (RolloutState.RUNNING, RolloutState.PAUSED):
+        stage = engine.stage_snapshot(session, rollout, now)
+        live["gates"] = [
+            {"hardware_class": v.hardware_class, "gate": v.gate, "value": v.value, "threshold": v.threshold,
+             "verdict": v.verdict.value, "awaiting": v.awaiting}
+            for v in planner.gate_verdicts(spec, stage.views, stage.observations)
+        ]
+    return live

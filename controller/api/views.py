@@ -1,0 +1,242 @@
+"""Read models the dashboard draws (any operator may read them): who is calling, the fleet at
+a glance, a rollout's live stage and timeline, a device's trends, a model's latency/accuracy
+points. Each answer is bounded: the newest rows only, however long the fleet has run."""
+from __future__ import annotations
+
+import statistics
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Depends, Path, Query
+from sqlalchemy.orm import Session
+
+from edgefleet.common.errors import ProtocolError
+from edgefleet.common.protocol import DEVICE_ID, NAME, ExecutionState, ModelCounters, TelemetryKind
+
+from ..db.models import (
+    AuditEntry,
+    Benchmark,
+    Device,
+    EventRecord,
+    GateResult,
+    Rollout,
+    TelemetryRecord,
+    Variant,
+    utcnow,
+)
+from ..errors import NotFound
+from ..roles import Role
+from ..rollout import status
+from .auth import Operator, require_viewer
+from .deps import ApiContext, get_ctx
+from .rollouts import RolloutId
+
+router = APIRouter(prefix="/v1", tags=["dashboard"])
+
+TIMELINE_ROWS = 100       # newest entries of a rollout's timeline
+BENCHMARK_ROWS = 5000     # newest benchmarks of a model read for its chart
+HISTORY_ROWS = 50         # newest activations and benchmarks of a device
+
+
+@router.get("/whoami", summary="The calling token's name and role")
+def whoami(operator: Operator = Depends(require_viewer)) -> dict[str, Any]:
+    return {"name": operator.name, "role": operator.role.value, "controls": operator.role.allows(Role.DEPLOYER)}
+
+
+@router.get("/fleet", summary="Devices per hardware class: online, offline, and what they serve")
+def fleet(_: Operator = Depends(require_viewer), ctx: ApiContext = Depends(get_ctx)) -> dict[str, Any]:
+    classes: dict[str, dict[str, Any]] = defaultdict(lambda: {"devices": 0, "online": 0, "serving": Counter()})
+    with ctx.db.reading() as session:
+        for cls, online, reported in session.execute(sa.select(Device.hardware_class, Device.online, Device.reported)):
+            group = classes[cls or "unknown"]
+            group["devices"] += 1
+            group["online"] += int(online)
+            active = (reported or {}).get("active")
+            serving = f"{active['model']} {active['version']} {active['variant']}" if active else "nothing"
+            group["serving"][serving] += 1
+    return {
+        "devices": sum(g["devices"] for g in classes.values()),
+        "online": sum(g["online"] for g in classes.values()),
+        "classes": [{"hardware_class": cls, "devices": g["devices"], "online": g["online"],
+                     "serving": dict(g["serving"].most_common())} for cls, g in sorted(classes.items())],
+    }
+
+
+@router.get("/rollouts/{rollout_id}/live", summary="A rollout's current stage (gates, bake time left) and timeline")
+def rollout_live(
+    rollout_id: str = RolloutId, _: Operator = Depends(require_viewer), ctx: ApiContext = Depends(get_ctx),
+) -> dict[str, Any]:
+    with ctx.db.reading() as session:
+        return {**status.live_stage(session, rollout_id, utcnow()), "timeline": timeline(session, rollout_id)}
+
+
+def timeline(session: Session, rollout_id: str) -> list[dict[str, Any]]:
+    """Newest first: the operators' actions, each stage's verdict, the devices' update events."""
+    rollout = session.get_one(Rollout, rollout_id)
+    entries = [_entry(rollout.created_at, "rollout", f"created by {rollout.created_by}")]
+    if rollout.state.terminal:
+        entries.append(_entry(rollout.updated_at, "rollout", f"{rollout.state.value}: {rollout.detail}"))
+    for ts, actor, action in session.execute(
+        sa.select(AuditEntry.ts, AuditEntry.actor, AuditEntry.action)
+        .where(AuditEntry.target == rollout_id, AuditEntry.action != "rollout.create")
+        .order_by(AuditEntry.id.desc()).limit(TIMELINE_ROWS)
+    ):
+        entries.append(_entry(ts, "operator", f"{action.removeprefix('rollout.')} by {actor}"))
+    judged: dict[tuple[int, Any], list[str]] = defaultdict(list)
+    for stage, ts, cls, gate, verdict in session.execute(
+        sa.select(GateResult.stage, GateResult.ts, GateResult.hardware_class, GateResult.gate, GateResult.verdict)
+        .where(GateResult.rollout_id == rollout_id).order_by(GateResult.id)
+    ):
+        judged[(stage, ts)].append(f"{gate} on {cls or 'all'} {verdict.value}")
+    for (stage, ts), verdicts in judged.items():
+        failed = [v for v in verdicts if v.endswith(" FAIL")]
+        text = f"stage {stage + 1} " + (f"failed: {'; '.join(failed)}" if failed else f"passed {len(verdicts)} gate(s)")
+        entries.append(_entry(ts, "stage", text))
+    for ts, device, state, detail in session.execute(
+        sa.select(EventRecord.ts, EventRecord.device_id, EventRecord.state, EventRecord.detail)
+        .where(EventRecord.deployment == rollout_id).order_by(EventRecord.id.desc()).limit(TIMELINE_ROWS)
+    ):
+        entries.append(_entry(ts, "device", f"{device} {state}" + (f": {detail}" if detail else "")))
+    entries.sort(key=lambda e: e["ts"], reverse=True)
+    return entries[:TIMELINE_ROWS]
+
+
+def _entry(ts: datetime, kind: str, text: str) -> dict[str, Any]:
+    return {"ts": ts, "kind": kind, "text": text}
+
+
+@router.get("/devices/{device_id}/trends", summary="A device's latency and errors over time, benchmarks, model history")
+def device_trends(
+    device_id: str = Path(pattern=DEVICE_ID.pattern),
+    points: int = Query(300, ge=1, le=2000, description="newest counters reports to read"),
+    _: Operator = Depends(require_viewer), ctx: ApiContext = Depends(get_ctx),
+) -> dict[str, Any]:
+    with ctx.db.reading() as session:
+        if session.get(Device, device_id) is None:
+            raise NotFound(f"device {device_id!r} is unknown: see `fleetctl devices list`")
+        rows = list(session.execute(
+            sa.select(TelemetryRecord.ts, TelemetryRecord.boot, TelemetryRecord.data)
+            .where(TelemetryRecord.device_id == device_id, TelemetryRecord.kind == TelemetryKind.COUNTERS.value)
+            .order_by(TelemetryRecord.ts.desc(), TelemetryRecord.id.desc()).limit(points)
+        ))
+        benchmarks = [
+            {"ts": b.ts, "model": b.model, "version": b.version, "variant": b.variant, "p50_ms": b.p50_ms,
+             "p99_ms": b.p99_ms, "baseline_p99_ms": b.baseline_p99_ms}
+            for b in session.scalars(sa.select(Benchmark).where(Benchmark.device_id == device_id)
+                                     .order_by(Benchmark.ts.desc()).limit(HISTORY_ROWS))
+        ]
+        history = [
+            {"ts": e.ts, "state": e.state, "model": e.model, "version": e.version, "variant": e.variant,
+             "deployment": e.deployment}
+            for e in session.scalars(
+                sa.select(EventRecord).where(
+                    EventRecord.device_id == device_id,
+                    EventRecord.state.in_([ExecutionState.SUCCEEDED.value, ExecutionState.ROLLED_BACK.value]))
+                .order_by(EventRecord.boot.desc(), EventRecord.seq.desc()).limit(HISTORY_ROWS))
+        ]
+    return {"traffic": traffic(reversed(rows)), "benchmarks": benchmarks, "history": history}
+
+
+def traffic(rows: Iterable[Any]) -> list[dict[str, Any]]:
+    """Requests, errors and latency quantiles between consecutive counters reports, oldest first.
+
+    Counters are cumulative per load of a model (boot, ``since``): each point is the growth
+    since the previous report of the same load, so a restart or a swap starts a new series."""
+    last: dict[tuple[int, float], ModelCounters] = {}
+    points = []
+    for ts, boot, data in rows:
+        try:
+            now = ModelCounters.from_dict(data)
+        except ProtocolError:  # stored by an older release in another shape: skip the point, keep the chart
+            continue
+        before = last.get((boot, now.since))
+        last[(boot, now.since)] = now
+        if before is None or before.latency_buckets_ms != now.latency_buckets_ms:
+            continue
+        counts = [max(0, a - b) for a, b in zip(now.latency_counts, before.latency_counts, strict=True)]
+        points.append({
+            "ts": ts, "model": now.model.model, "version": now.model.version, "variant": now.model.variant,
+            "requests": max(0, now.requests - before.requests), "errors": max(0, now.failures - before.failures),
+            "p50_ms": quantile(now.latency_buckets_ms, counts, 0.5),
+            "p99_ms": quantile(now.latency_buckets_ms, counts, 0.99),
+        })
+    return points
+
+
+def quantile(bounds: tuple[float, ...], counts: list[int], q: float) -> float | None:
+    """The q-quantile of a histogram (upper bounds, the last count +Inf), interpolated within
+    its bucket as Prometheus does; in the +Inf bucket, the largest finite bound."""
+    total = sum(counts)
+    if not total or not bounds:
+        return None
+    rank, below = q * total, 0
+    for i, n in enumerate(counts):
+        if n and below + n >= rank:
+            if i == len(bounds):
+                return bounds[-1]
+            lower = bounds[i - 1] if i else 0.0
+            return lower + (bounds[i] - lower) * (rank - below) / n
+        below += n
+    return bounds[-1]
+
+
+@router.get("/models/{name}/frontier", summary="Each variant's accuracy against its p99 latency per hardware class")
+def model_frontier(
+    name: str = Path(pattern=NAME.pattern), _: Operator = Depends(require_viewer), ctx: ApiContext = Depends(get_ctx),
+) -> dict[str, Any]:
+    with ctx.db.reading() as session:
+        if session.scalar(sa.select(Variant.id).where(Variant.model == name).limit(1)) is None:
+            raise NotFound(f"model {name!r} is not published: see `fleetctl models list`")
+        return {"model": name, "points": frontier_points(session, name)}
+
+
+@dataclass
+class FrontierPoint:
+    version: str
+    variant: str
+    hardware_class: str            # or "build host": measured where the bundle was built
+    p99_ms: float
+    accuracy: float | None         # top-1 on the build's eval set (else agreement with the reference)
+    devices: int                   # devices whose benchmarks the p99 is the median of
+    source: str                    # "devices" or "build"
+    frontier: bool = False         # no other point of the class is as fast and as accurate, and better in one
+
+
+def frontier_points(session: Session, model: str) -> list[dict[str, Any]]:
+    """One point per (version, variant, hardware class): the build's accuracy against the
+    median on-device p99 of that class (from the activation benchmarks), and against the
+    build host's p99 (the "build host" class), which exists before any device ran it.
+
+    The dashboard's model chart reads only this function: a richer source of measurements
+    replaces it here."""
+    measured: dict[tuple[str, str], dict[str, list[tuple[str, float]]]] = defaultdict(lambda: defaultdict(list))
+    for version, variant, cls, device, p99 in session.execute(
+        sa.select(Benchmark.version, Benchmark.variant, Benchmark.hardware_class, Benchmark.device_id,
+                  Benchmark.p99_ms)
+        .where(Benchmark.model == model).order_by(Benchmark.id.desc()).limit(BENCHMARK_ROWS)
+    ):
+        measured[(version, variant)][cls].append((device, p99))
+    points: list[FrontierPoint] = []
+    for v in session.scalars(sa.select(Variant).where(Variant.model == model).order_by(Variant.id)):
+        top1, agreement = v.accuracy.get("top1"), v.accuracy.get("agreement")
+        accuracy = float(top1) if top1 is not None else float(agreement) if agreement is not None else None
+        by_class = measured.get((v.version, v.variant), {})
+        points += [FrontierPoint(v.version, v.variant, cls, statistics.median(p for _, p in seen), accuracy,
+                                 len({d for d, _ in seen}), "devices") for cls, seen in sorted(by_class.items())]
+        if v.p99_ms is not None:
+            points.append(FrontierPoint(v.version, v.variant, "build host", v.p99_ms, accuracy, 0, "build"))
+    for point in points:
+        point.frontier = point.accuracy is not None and not any(_beats(other, point) for other in points)
+    return [asdict(point) for point in points]
+
+
+def _beats(other: FrontierPoint, point: FrontierPoint) -> bool:
+    if other is point or other.hardware_class != point.hardware_class or other.accuracy is None:
+        return False
+    assert point.accuracy is not None
+    as_good = other.p99_ms <= point.p99_ms and other.accuracy >= point.accuracy
+    return as_good and (other.p99_ms, other.accuracy) != (point.p99_ms, point.accuracy)
