@@ -1,5 +1,5 @@
-"""The dashboard's read models (/v1/whoami, /v1/fleet, a rollout's live stage, a device's trends,
-a model's latency/accuracy points) and the files it is served from, through a real API server."""
+"""The dashboard's read models (/v1/whoami, /v1/fleet, a rollout's live stage, a device's trends)
+and the files it is served from, through a real API server."""
 from __future__ import annotations
 
 from datetime import timedelta
@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 
 from edgefleet.controller.api.views import quantile, traffic
-from edgefleet.controller.db.models import Benchmark, Device, TelemetryRecord, Variant, utcnow
+from edgefleet.controller.db.models import Benchmark, Device, TelemetryRecord, utcnow
 from tests.rollout_fleet import seed
 from tests.support.api_server import running_controller
 
@@ -92,29 +92,6 @@ def test_device_trends(api):
         assert [(p["requests"], p["p50_ms"]) for p in trends["traffic"]] == [(10, 1.5)]
         assert [b["p99_ms"] for b in trends["benchmarks"]] == [1.5]
         assert client.get("/v1/devices/nobody/trends").status_code == 404
-
-
-def test_model_points_mark_the_latency_accuracy_frontier_per_class(api):
-    with api.db.unit_of_work() as session:
-        for v in session.query(Variant).filter_by(version="1.1.0"):
-            v.accuracy = {"top1": {"cpu-int8": 0.95, "cpu-fp32": 0.97, "cuda-fp16": 0.96}[v.variant]}
-            v.p99_ms = 0.5 if v.variant == "cpu-fp32" else None  # measured at build time
-        for device, cls, variant, p99 in [("x1", "x86_64", "cpu-int8", 1.0), ("x2", "x86_64", "cpu-int8", 3.0),
-                                          ("x1", "x86_64", "cpu-fp32", 2.5), ("x1", "x86_64", "cuda-fp16", 4.0)]:
-            session.add(Benchmark(device_id=device, hardware_class=cls, model="digits", version="1.1.0",
-                                  variant=variant, p50_ms=p99 / 2, p99_ms=p99))
-    with api.client() as client:
-        points = client.get("/v1/models/digits/frontier").json()["points"]
-        assert client.get("/v1/models/nothing/frontier").status_code == 404
-    assert {p["version"] for p in points} == {"1.1.0"}  # 1.0.0: neither benchmarks nor a build p99
-    measured = {(p["variant"], p["hardware_class"]): p for p in points}
-    assert measured[("cpu-int8", "x86_64")]["p99_ms"] == 2.0 and measured[("cpu-int8", "x86_64")]["devices"] == 2
-    # on x86_64, int8 is fastest and fp32 most accurate; fp16 is slower than fp32 and less accurate
-    assert {k[0]: p["frontier"] for k, p in measured.items() if k[1] == "x86_64"} == {
-        "cpu-int8": True, "cpu-fp32": True, "cuda-fp16": False}
-    # each class is its own frontier: the build host's one point is on it
-    build = measured[("cpu-fp32", "build host")]
-    assert (build["p99_ms"], build["source"], build["devices"], build["frontier"]) == (0.5, "build", 0, True)
 
 
 def test_the_dashboard_and_the_api_docs_are_served_by_the_controller(api):

@@ -1,12 +1,11 @@
 """Read models the dashboard draws (any operator may read them): who is calling, the fleet at
-a glance, a rollout's live stage and timeline, a device's trends, a model's latency/accuracy
-points. Each answer is bounded: the newest rows only, however long the fleet has run."""
+a glance, a rollout's live stage and timeline, a device's trends. Each answer is bounded: the
+newest rows only, however long the fleet has run. (A model's latency/accuracy frontier is
+``GET /v1/models/{name}/{version}/frontier``.)"""
 from __future__ import annotations
 
-import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
@@ -15,7 +14,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from sqlalchemy.orm import Session
 
 from edgefleet.common.errors import ProtocolError
-from edgefleet.common.protocol import DEVICE_ID, NAME, ExecutionState, ModelCounters, TelemetryKind
+from edgefleet.common.protocol import DEVICE_ID, ExecutionState, ModelCounters, TelemetryKind
 
 from ..db.models import (
     AuditEntry,
@@ -25,7 +24,6 @@ from ..db.models import (
     GateResult,
     Rollout,
     TelemetryRecord,
-    Variant,
     utcnow,
 )
 from ..errors import NotFound
@@ -182,61 +180,3 @@ def quantile(bounds: tuple[float, ...], counts: list[int], q: float) -> float | 
             return lower + (bounds[i] - lower) * (rank - below) / n
         below += n
     return bounds[-1]
-
-
-@router.get("/models/{name}/frontier", summary="Each variant's accuracy against its p99 latency per hardware class")
-def model_frontier(
-    name: str = Path(pattern=NAME.pattern), _: Operator = Depends(require_viewer), ctx: ApiContext = Depends(get_ctx),
-) -> dict[str, Any]:
-    with ctx.db.reading() as session:
-        if session.scalar(sa.select(Variant.id).where(Variant.model == name).limit(1)) is None:
-            raise NotFound(f"model {name!r} is not published: see `fleetctl models list`")
-        return {"model": name, "points": frontier_points(session, name)}
-
-
-@dataclass
-class FrontierPoint:
-    version: str
-    variant: str
-    hardware_class: str            # or "build host": measured where the bundle was built
-    p99_ms: float
-    accuracy: float | None         # top-1 on the build's eval set (else agreement with the reference)
-    devices: int                   # devices whose benchmarks the p99 is the median of
-    source: str                    # "devices" or "build"
-    frontier: bool = False         # no other point of the class is as fast and as accurate, and better in one
-
-
-def frontier_points(session: Session, model: str) -> list[dict[str, Any]]:
-    """One point per (version, variant, hardware class): the build's accuracy against the
-    median on-device p99 of that class (from the activation benchmarks), and against the
-    build host's p99 (the "build host" class), which exists before any device ran it.
-
-    The dashboard's model chart reads only this function: a richer source of measurements
-    replaces it here."""
-    measured: dict[tuple[str, str], dict[str, list[tuple[str, float]]]] = defaultdict(lambda: defaultdict(list))
-    for version, variant, cls, device, p99 in session.execute(
-        sa.select(Benchmark.version, Benchmark.variant, Benchmark.hardware_class, Benchmark.device_id,
-                  Benchmark.p99_ms)
-        .where(Benchmark.model == model).order_by(Benchmark.id.desc()).limit(BENCHMARK_ROWS)
-    ):
-        measured[(version, variant)][cls].append((device, p99))
-    points: list[FrontierPoint] = []
-    for v in session.scalars(sa.select(Variant).where(Variant.model == model).order_by(Variant.id)):
-        top1, agreement = v.accuracy.get("top1"), v.accuracy.get("agreement")
-        accuracy = float(top1) if top1 is not None else float(agreement) if agreement is not None else None
-        by_class = measured.get((v.version, v.variant), {})
-        points += [FrontierPoint(v.version, v.variant, cls, statistics.median(p for _, p in seen), accuracy,
-                                 len({d for d, _ in seen}), "devices") for cls, seen in sorted(by_class.items())]
-        if v.p99_ms is not None:
-            points.append(FrontierPoint(v.version, v.variant, "build host", v.p99_ms, accuracy, 0, "build"))
-    for point in points:
-        point.frontier = point.accuracy is not None and not any(_beats(other, point) for other in points)
-    return [asdict(point) for point in points]
-
-
-def _beats(other: FrontierPoint, point: FrontierPoint) -> bool:
-    if other is point or other.hardware_class != point.hardware_class or other.accuracy is None:
-        return False
-    assert point.accuracy is not None
-    as_good = other.p99_ms <= point.p99_ms and other.accuracy >= point.accuracy
-    return as_good and (other.p99_ms, other.accuracy) != (point.p99_ms, point.accuracy)
