@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from paho.mqtt.enums import CallbackAPIVersion
 
-from demo.scenario import Controller, Fleetctl, wait_rollout
+from demo.scenario import Controller, Fleetctl, ScenarioError, wait_rollout
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.enroll import enroll
 from edgefleet.agent.errors import RemoteError
@@ -253,4 +253,9 @@ def test_removing_a_device_closes_its_session_at_once_and_refuses_it(fleet, tmp_
         request_certificate(fleet.controller.url, "dev-c", config.device_token, IdentityFiles.under(tmp_path / "dev-c"))
     dynsec = json.loads((fleet.home.parent / "broker" / "dynamic-security.json").read_text())
     assert "dev-c" not in {c["username"] for c in dynsec["clients"]}
+    # its certificate is still valid: re-admitting the id would let it back in, so the id waits
+    with pytest.raises(ScenarioError, match="device id 'dev-c' was removed and a certificate issued to it is valid"):
+        fleet.fleetctl("devices", "enroll", "dev-c")
+    with pytest.raises(ControllerError, match="unknown"):
+        fleet.api.get("/v1/devices/dev-c")
     assert {"dev-a", "dev-b"} <= {c["username"] for c in dynsec["clients"]}

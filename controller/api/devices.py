@@ -12,11 +12,12 @@ from pydantic import BaseModel, Field, field_validator
 from edgefleet.common.protocol import DEVICE_ID
 
 from ..db.models import Device, EnrollmentToken, EventRecord, utcnow
-from ..errors import NotFound
+from ..errors import Conflict, NotFound
 from ..rollout.selector import Selector
 from ..tokens import ENROLL_PREFIX, hash_token, new_token
 from .audit import record_operator
 from .auth import Operator, require_admin, require_operator
+from .certificates import last_certificate_expiry
 from .deps import ApiContext, get_ctx
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"], dependencies=[Depends(require_operator)])
@@ -202,6 +203,18 @@ def remove_device(
     return Response(status_code=204)
 
 
+def _refuse_a_live_certificate(session: sa.orm.Session, ctx: ApiContext, device_id: str) -> None:
+    """On a TLS broker the certificate's name is the whole login, and the broker cannot tell a
+    removed device's certificate from a new one under the same id: the id waits until it expires."""
+    if not ctx.config.effective_broker_url.startswith("mqtts://"):
+        return
+    valid_until = last_certificate_expiry(session, device_id)
+    if valid_until is not None and valid_until > utcnow():
+        raise Conflict(f"device id {device_id!r} was removed and a certificate issued to it is valid until "
+                       f"{valid_until.isoformat(timespec='seconds')}: the broker would take it again; "
+                       "enroll the device under a new id, or after that time")
+
+
 @router.post(
     "/{device_id}/enroll-token", response_model=EnrollTokenOut, status_code=201,
     summary="Create a one-time enrollment token (creates the device record if new)",
@@ -217,6 +230,7 @@ def create_enroll_token(
     with ctx.db.unit_of_work() as session:
         device = session.get(Device, device_id)
         if device is None:
+            _refuse_a_live_certificate(session, ctx, device_id)
             session.add(Device(id=device_id, labels=request.labels))
         elif request.labels:
             device.labels = {**device.labels, **request.labels}
