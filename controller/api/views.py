@@ -36,7 +36,6 @@ from .rollouts import RolloutId
 router = APIRouter(prefix="/v1", tags=["dashboard"])
 
 TIMELINE_ROWS = 100       # newest entries of a rollout's timeline
-BENCHMARK_ROWS = 5000     # newest benchmarks of a model read for its chart
 HISTORY_ROWS = 50         # newest activations and benchmarks of a device
 
 
