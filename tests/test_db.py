@@ -1,6 +1,7 @@
 """Database: unit of work, error translation, and the constraints the other parts rely on."""
 from __future__ import annotations
 
+import shutil
 import threading
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -181,7 +182,7 @@ def test_sqlite_in_an_unwritable_place_is_unavailable(tmp_path) -> None:
         Database(f"sqlite:///{tmp_path / 'file' / 'sub' / 'controller.db'}")
     (tmp_path / "ro").mkdir()
     db = Database(f"sqlite:///{tmp_path / 'ro' / 'missing' / 'controller.db'}")
-    (tmp_path / "ro" / "missing").rmdir()   # gone after start-up: cannot open the file
+    shutil.rmtree(tmp_path / "ro" / "missing")   # gone after start-up: cannot open the file
     with (
         pytest.raises(Unavailable, match="database unreachable: unable to open database file"),
         db.unit_of_work() as session,
