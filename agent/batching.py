@@ -73,6 +73,9 @@ class Batcher:
         self._queue: list[_Request] = []
         self._busy = False     # some request holds the runner role
         self._filling = False  # the runner waits for its batch to fill (only with a queue delay)
+        # session calls and the requests they answered (written by the runner only: one at a time)
+        self.calls = 0
+        self.requests = 0
 
     def infer(self, feed: Feed) -> Feed:
         rows = _rows(feed)
@@ -92,6 +95,8 @@ class Batcher:
                     self._busy = True
                     request.role = _RUN
         if alone:
+            self.calls += 1
+            self.requests += 1
             try:
                 return self._run(feed)
             finally:
@@ -147,6 +152,8 @@ class Batcher:
         return batch
 
     def _execute(self, batch: list[_Request]) -> None:
+        self.calls += 1
+        self.requests += len(batch)
         try:
             if len(batch) == 1:
                 batch[0].outputs = self._run(batch[0].feed)

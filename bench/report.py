@@ -116,12 +116,15 @@ def _footprint(rows: list[Row]) -> list[str]:
 
 
 def _batching(rows: list[Row]) -> list[str]:
-    by = {(r["clients"], r["batching"].split()[0]): r for r in rows}
-    return [f"Dynamic batching, digits, {clients} client(s): **{by[(clients, 'on')]['requests/s']} requests/s** "
-            f"batched vs {by[(clients, 'off')]['requests/s']} without = "
-            f"{_number(by[(clients, 'on')]['requests/s']) / _number(by[(clients, 'off')]['requests/s']):.2f}x; "
-            f"p99 {by[(clients, 'on')]['p99 ms']} ms vs {by[(clients, 'off')]['p99 ms']} ms"
-            for clients in ("1", "8")]
+    by = {(r["model"], r["clients"], r["batching"].split()[0]): r for r in rows if "clients" in r}
+    lines = []
+    for model, clients, setting in by:
+        if setting == "on":
+            on, off = by[(model, clients, "on")], by[(model, clients, "off")]
+            ratio = _number(on["requests/s"]) / _number(off["requests/s"])
+            lines.append(f"Dynamic batching, {model}, {clients} client(s): **{on['requests/s']} requests/s** batched "
+                         f"vs {off['requests/s']} without = {ratio:.2f}x; p99 {on['p99 ms']} ms vs {off['p99 ms']} ms")
+    return lines
 
 
 def _director(rows: list[Row]) -> list[str]:

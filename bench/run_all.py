@@ -97,7 +97,8 @@ BENCHMARKS: tuple[Benchmark, ...] = (
                "bench.security", ("--devices", "20", "--seconds", "15"),
                ("--devices", "2", "--seconds", "1", "--connects", "5", "--repeat", "20"), 900),
     _benchmark("batching", "batching", "10. Dynamic batching: 1 and 8 clients, batching off and on",
-               "bench.batching", ("--seconds", "2", "--rounds", "5"), ("--seconds", "0.3", "--rounds", "1"), 600),
+               "bench.batching", ("--seconds", "2", "--rounds", "3"),
+               ("--seconds", "0.3", "--rounds", "1", "--models", "digits"), 600),
 )
 BY_KEY = {b.key: b for b in BENCHMARKS}
 

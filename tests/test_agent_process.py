@@ -223,3 +223,33 @@ def test_metrics_follow_requests_and_updates(device, repo):
     assert after.value("edgefleet_agent_inference_duration_seconds_sum", **labels) > 0
     assert after.value("edgefleet_agent_samples_buffered") == 0
     assert after.value("process_resident_memory_bytes") > 0
+
+
+def test_daemon_serves_grpc_and_rest_with_batching_across_an_update(tmp_path, repo, mosquitto_url):
+    """`serve_grpc` and `max_batch_size` in agent.toml: unmodified tritonclient over both front ends,
+    before and after a hot-swap to a new version."""
+    import tritonclient.grpc as triton_grpc
+    import tritonclient.http as triton_http
+
+    grpc_address = f"127.0.0.1:{free_port()}"
+    device = Device(tmp_path, repo, mosquitto_url, serve_grpc=grpc_address, max_batch_size=4).start()
+    x = np.random.default_rng(5).random((3, 64), dtype=np.float32)
+    try:
+        for info in (repo.infos["v1"], repo.infos["v2"]):
+            assert device.apply(info)["state"] == "SUCCEEDED"
+            over_grpc = triton_grpc.InferenceServerClient(grpc_address)
+            over_rest = triton_http.InferenceServerClient(device.agent.url.removeprefix("http://"))
+            try:
+                assert over_grpc.get_model_metadata("digits").versions == [info.version]
+                g_in = triton_grpc.InferInput("input", [3, 64], "FP32")
+                g_in.set_data_from_numpy(x)
+                h_in = triton_http.InferInput("input", [3, 64], "FP32")
+                h_in.set_data_from_numpy(x)
+                by_grpc = over_grpc.infer("digits", [g_in]).as_numpy("probabilities")
+                by_rest = over_rest.infer("digits", [h_in], model_version=info.version).as_numpy("probabilities")
+                assert by_grpc.shape == (3, 10) and np.allclose(by_grpc, by_rest, atol=1e-6)
+            finally:
+                over_grpc.close()
+                over_rest.close()
+    finally:
+        device.close()

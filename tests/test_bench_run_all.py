@@ -68,14 +68,17 @@ def test_serving_headline_from_its_own_table():
 
 def test_batching_headline_from_its_own_table():
     def result(clients: int, on: bool, rps: float, p99: float) -> dict:
-        return {"batching": "on" if on else "off", "clients": clients, "requests": int(rps * 10), "failed": 0,
-                "rps": rps, "p50": p99 / 4, "p99": p99, "max": p99}
+        return {"model": "digits", "batching": "on" if on else "off", "clients": clients, "requests": int(rps * 10),
+                "failed": 0, "rps": rps, "p50": p99 / 4, "p99": p99, "max": p99}
 
+    runtime_only = [{"model": "digits", "batching": "off", "rps": 9000.0, "per_call": 1.0},
+                    {"model": "digits", "batching": "on", "rps": 9900.0, "per_call": 3.5}]
     out = batching.report([result(1, False, 1000, 1.0), result(1, True, 900, 1.5),
-                           result(8, False, 4000, 4.0), result(8, True, 6000, 3.0)], 8, 0, 2, 5)
+                           result(8, False, 4000, 4.0), result(8, True, 6000, 3.0)], runtime_only, 8, 0, 2, 5)
     one, eight = headlines("batching", out)
-    assert "1 client(s): **900 requests/s** batched vs 1,000 without = 0.90x" in one
-    assert "8 client(s): **6,000 requests/s** batched vs 4,000 without = 1.50x; p99 3.000 ms vs 4.000 ms" in eight
+    assert "digits, 1 client(s): **900 requests/s** batched vs 1,000 without = 0.90x" in one
+    assert "digits, 8 client(s): **6,000 requests/s** batched vs 4,000 without = 1.50x; p99 3.000 ms vs 4.000 ms" in eight
+    assert "| digits | on | 9,900 | 3.50 |" in out
 
 
 def test_verify_headline_from_its_own_table():

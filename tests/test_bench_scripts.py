@@ -37,3 +37,9 @@ def test_footprint_script(cache, mosquitto_url):
     out = run("bench.footprint", "--idle-seconds", "0.3", "--requests", "3", "--cache", cache, "--broker", mosquitto_url)
     assert "fleet-agent serve, digits loaded" in out and "RSS agent / bare imports" in out
     assert "| fleet-agent run (daemon: MQTT connected, digits active) |" in out and "RSS daemon / bare imports" in out
+
+
+def test_batching_script(cache):
+    out = run("bench.batching", "--seconds", "0.2", "--rounds", "1", "--models", "digits", "--cache", cache)
+    assert "| digits | 8 | on (max 8, 0 µs) |" in out and "| digits | 1 | off |" in out
+    assert "digits, 8 client(s): batching gives" in out and "| digits | on |" in out
