@@ -10,6 +10,7 @@ drains and the new one loads.
 from __future__ import annotations
 
 import bisect
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -28,6 +29,8 @@ from .errors import ModelError, RequestError
 
 if TYPE_CHECKING:
     import onnxruntime as ort  # imported when a model loads, not with the agent
+
+log = logging.getLogger(__name__)
 
 # ORT element type -> (Open Inference Protocol datatype, numpy dtype)
 _TYPES: dict[str, tuple[str, np.dtype]] = {
@@ -333,8 +336,12 @@ class ModelRuntime:
         except Exception as e:  # ORT raises many unrelated types for one failure
             raise ModelError(f"cannot load model {path.name}: {_first_line(e)}") from e
         loaded = LoadedModel(session, path, ref, (time.perf_counter() - started) * 1000.0)
-        if self.options.batching is not None and loaded.batchable:
-            loaded.batcher = Batcher(loaded.run_feed, self.options.batching)
+        if self.options.batching is not None:
+            if loaded.batchable:
+                loaded.batcher = Batcher(loaded.run_feed, self.options.batching)
+            else:
+                log.warning("%s has an input without a dynamic first (batch) dimension: served without batching",
+                            path.name)
         return loaded
 
     def swap(self, new: LoadedModel) -> LoadedModel | None:

@@ -586,11 +586,7 @@ def serve_command(args: argparse.Namespace) -> int:
     runtime = ModelRuntime(RuntimeOptions(intra_op_threads=args.threads, batching=batching))
     ref = ModelRef(model=args.name or args.model.stem, version=args.version, variant="local")
     try:
-        loaded = runtime.load(args.model, ref)
-        if batching is not None and loaded.batcher is None:
-            print(f"warning: {args.model.name} has an input without a batch dimension; serving without batching",
-                  file=sys.stderr)
-        runtime.swap(loaded)
+        runtime.swap(runtime.load(args.model, ref))
         limits = limits_for(args.max_batch_size)
         server = InferenceServer(runtime, args.http, args.max_request_bytes, limits=limits)
         server.start()

@@ -92,3 +92,21 @@ def test_runtime_batches_a_model_with_a_batch_dimension(digits):
         assert np.allclose(result["probabilities"], loaded.run({"input": x})["probabilities"], atol=1e-6)
     assert runtime.counters().requests == 16
     runtime.close()
+
+
+def test_a_model_without_a_batch_dimension_is_served_unbatched_with_a_warning(tmp_path, caplog):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "fixed",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    path = tmp_path / "fixed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), path)
+    runtime = ModelRuntime(RuntimeOptions(batching=BatchPolicy(max_batch_size=8)))
+    loaded = runtime.load(path)
+    assert loaded.batcher is None and "fixed.onnx has an input without a dynamic first" in caplog.text
+    runtime.swap(loaded)
+    x = np.ones((2, 3), np.float32)
+    assert np.array_equal(runtime.infer({"x": x})[0]["y"], x)
+    runtime.close()
