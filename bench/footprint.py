@@ -78,8 +78,16 @@ def _serve_requests(url: str, requests: int) -> None:
         client.close()
 
 
-def measure_agent(model: Path, idle_seconds: float, requests: int) -> dict:
-    with ServeProcess(model, "digits") as agent:
+def _grpc_installed() -> bool:
+    try:
+        import grpc  # noqa: F401 - the agent's grpc extra
+    except ImportError:
+        return False
+    return True
+
+
+def measure_agent(model: Path, idle_seconds: float, requests: int, *options: str) -> dict:
+    with ServeProcess(model, "digits", *options) as agent:
         _serve_requests(agent.url, requests)
         return idle_figures(agent.pid, idle_seconds)
 
@@ -169,9 +177,12 @@ def measure_bare(idle_seconds: float, imports: str = BARE_IMPORTS) -> dict:
         stop_process(proc)
 
 
-def report(agent: dict, bare: dict, ort_only: dict, idle_seconds: float, daemon: dict | None = None) -> str:
+def report(agent: dict, bare: dict, ort_only: dict, idle_seconds: float, daemon: dict | None = None,
+           grpc: dict | None = None) -> str:
     rows = [
         ("fleet-agent serve, digits loaded", agent["rss_mb"], agent["cpu_percent"], agent["threads"]),
+        *([("fleet-agent serve --grpc (REST and gRPC, the grpc extra), digits loaded", grpc["rss_mb"],
+            grpc["cpu_percent"], grpc["threads"])] if grpc else []),
         *([("fleet-agent run (daemon: MQTT connected, digits active)", daemon["rss_mb"], daemon["cpu_percent"],
             daemon["threads"])] if daemon else []),
         (f"bare `python -c \"{BARE_IMPORTS}\"`", bare["rss_mb"], bare["cpu_percent"], bare["threads"]),
@@ -188,6 +199,8 @@ def report(agent: dict, bare: dict, ort_only: dict, idle_seconds: float, daemon:
         f"**{agent['rss_mb'] / ort_only['rss_mb']:.2f}x** ({agent['rss_mb'] - ort_only['rss_mb']:+.1f} MiB)",
         *([f"RSS daemon / bare imports: **{daemon['rss_mb'] / bare['rss_mb']:.2f}x** "
            f"({daemon['rss_mb'] - bare['rss_mb']:+.1f} MiB)"] if daemon else []),
+        *([f"RSS serve --grpc / serve: **{grpc['rss_mb'] / agent['rss_mb']:.2f}x** "
+           f"({grpc['rss_mb'] - agent['rss_mb']:+.1f} MiB for gRPC)"] if grpc else []),
     ])
 
 
@@ -205,11 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     digits = models.digits(args.cache)
     model = args.model or digits.model
     agent = measure_agent(model, args.idle_seconds, args.requests)
+    grpc = (measure_agent(model, args.idle_seconds, args.requests, "--grpc", f"127.0.0.1:{free_port()}")
+            if _grpc_installed() else None)
     daemon = (measure_daemon(model, digits.eval_data, args.broker, args.idle_seconds, args.requests)
               if args.broker else None)
     bare = measure_bare(args.idle_seconds)
     ort_only = measure_bare(args.idle_seconds, ORT_ONLY)
-    print(report(agent, bare, ort_only, args.idle_seconds, daemon))
+    print(report(agent, bare, ort_only, args.idle_seconds, daemon, grpc))
     return 0
 
 

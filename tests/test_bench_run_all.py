@@ -94,10 +94,13 @@ def test_footprint_headlines_for_serve_and_daemon():
     def figures(rss: float) -> dict:
         return {"rss_mb": rss, "cpu_percent": 0.1, "threads": 4}
 
-    out = footprint.report(figures(80.0), figures(100.0), figures(60.0), 10.0, daemon=figures(110.0))
-    serve, daemon = headlines("footprint", out)
+    out = footprint.report(figures(80.0), figures(100.0), figures(60.0), 10.0, daemon=figures(110.0),
+                           grpc=figures(90.0))
+    serve, grpc, daemon = headlines("footprint", out)
     assert "`fleet-agent serve`" in serve and "**80.000 MiB**" in serve and "0.80x the bare imports" in serve
+    assert "`fleet-agent serve --grpc`" in grpc and "0.90x" in grpc
     assert "`fleet-agent run`" in daemon and "1.10x" in daemon
+    assert "RSS serve --grpc / serve: **1.12x** (+10.0 MiB for gRPC)" in out
 
 
 def test_a_changed_table_is_reported_not_raised():
