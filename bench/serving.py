@@ -9,7 +9,7 @@ gRPC (when grpcio is installed). Requests are encoded once; every answer is
 read whole. "Added" is the request's time minus the raw run's, p50 against
 p50 (the raw run's figures are those of the REST pass).
 
-    python -m bench.serving [--models digits,resnet50] [--queries 2000] [--resnet-queries 150]
+    python -m bench.serving [--models digits,resnet50] [--queries 2000] [--resnet-queries 300]
 """
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="digits,resnet50", help="comma-separated: digits, resnet50")
     parser.add_argument("--queries", type=int, default=2000, help="queries per mode for digits")
-    parser.add_argument("--resnet-queries", type=int, default=150, help="queries per mode for resnet50")
+    parser.add_argument("--resnet-queries", type=int, default=300, help="queries per mode for resnet50")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     args = parser.parse_args(argv)
