@@ -91,13 +91,11 @@ class _Service:
 
     def model_infer(self, request: pb.ModelInferRequest) -> tuple[pb.ModelInferResponse, Callable[[], None]]:
         """The answer, and what to run once it is sent (the sampling hook)."""
-        specs = self._model(request.model_name, request.model_version).output_specs
-        names = [o.name for o in request.outputs] or list(specs)
-        unknown = [name for name in names if name not in specs]
-        if unknown:
-            raise RequestError(f"unknown output {unknown[0]!r}; the model gives {', '.join(sorted(specs))}")
+        names = _outputs(request, self._model(request.model_name, request.model_version))  # before running
         inputs = self._inputs(request)
         outputs, loaded = self.runtime.infer(inputs)
+        names = _outputs(request, loaded)  # again for the model that answered: a swap may have come between
+        specs = loaded.output_specs
         response = pb.ModelInferResponse(model_name=loaded.name, model_version=loaded.version, id=request.id)
         for name in names:
             value = outputs[name]
@@ -132,6 +130,16 @@ class _Service:
         except UnknownModel as e:
             code = grpc.StatusCode.UNAVAILABLE if self.runtime.active is None else grpc.StatusCode.NOT_FOUND
             raise _Abort(code, str(e)) from None
+
+
+def _outputs(request: pb.ModelInferRequest, loaded: LoadedModel) -> list[str]:
+    """The outputs a request asks for (all when it names none), each one the model gives."""
+    specs = loaded.output_specs
+    names = [o.name for o in request.outputs] or list(specs)
+    unknown = [name for name in names if name not in specs]
+    if unknown:
+        raise RequestError(f"unknown output {unknown[0]!r}; the model gives {', '.join(sorted(specs))}")
+    return names
 
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
