@@ -30,3 +30,11 @@ def test_agent_extra_pulls_nothing_of_the_controller():
     agent = " ".join(PYPROJECT["project"]["optional-dependencies"]["agent"]).lower()
     for heavy in ("sqlalchemy", "alembic", "boto3", "fastapi", "click", "onnx>"):
         assert heavy not in agent
+
+
+def test_grpc_is_an_extra_a_rest_only_device_goes_without():
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert not any(dep.startswith(("grpcio", "protobuf")) for dep in extras["agent"])
+    grpc = {dep.split(">")[0].split("[")[0] for dep in extras["grpc"]}
+    assert {"grpcio", "protobuf", "edgefleet"} == grpc
+    assert "edgefleet[controller,grpc]" in extras["dev"]  # the tests run tritonclient.grpc against it
