@@ -472,7 +472,7 @@ def render(results: list[FanoutResult]) -> str:
         "Fan-out: deploy (API) -> every device SUCCEEDED, Mosquitto, digits model, simulated fleet", "",
         table(["devices", "deploy→all SUCCEEDED s", "last device event s", "devices/min",
                "vs AWS IoT Jobs (1,000/min)", "bare broker fan-out s", "deploy / bare broker",
-               "controller CPU-ms/device", "broker CPU-ms/device", "devices", "simulator processes",
+               "controller CPU-ms/device", "broker CPU-ms/device", "device kind", "simulator processes",
                "events stored", "simulator RSS/device KiB", "simulator threads", "setup s"], rows),
     ])
 
