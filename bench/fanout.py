@@ -283,7 +283,8 @@ def register_devices(database_url: str, devices: int, classes: str) -> None:
         db.dispose()
 
 
-def count_rows(database_url: str, sql: str, **params: object) -> int:
+def query_value(database_url: str, sql: str, **params: object) -> object:
+    """The one value a query returns (a new connection each time: the database may have restarted)."""
     import sqlalchemy as sa
 
     from edgefleet.controller.db.session import Database
@@ -291,9 +292,13 @@ def count_rows(database_url: str, sql: str, **params: object) -> int:
     db = Database(database_url)
     try:
         with db.reading() as session:
-            return int(session.execute(sa.text(sql), params).scalar_one())
+            return session.execute(sa.text(sql), params).scalar_one()
     finally:
         db.dispose()
+
+
+def count_rows(database_url: str, sql: str, **params: object) -> int:
+    return int(str(query_value(database_url, sql, **params)))
 
 
 @dataclass
@@ -453,6 +458,14 @@ def event_accounting(database_url: str, rollout_id: str, devices: int, sims: Sim
     return sent, stored, settled
 
 
+def done_with(work: Path, keep: bool) -> None:
+    """Remove a finished run's work directory, or say where it is kept."""
+    if keep:
+        print(f"work dir: {work}", file=sys.stderr)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _connectable(port: int) -> bool:
     import socket
 
@@ -517,10 +530,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"last simulator status: {sum(p.get('connected', 0) for p in progress)} of {n} connected, "
                       f"device states {[p.get('states') for p in progress]}", file=sys.stderr)
             return 1
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"work dir: {work}", file=sys.stderr)
+        done_with(work, args.keep)
     print(render(results))
     return 0
 

@@ -63,7 +63,7 @@ class BridgeOptions:
     def from_config(cls, config: ControllerConfig) -> BridgeOptions:
         return cls(
             url=config.effective_broker_url,
-            client_id=controller_client_id(config.home),
+            client_id=config.mqtt_client_id or controller_client_id(config.home),
             username=config.mqtt_username,
             password=config.mqtt_password,
             ca_file=config.mqtt_ca_file,
@@ -126,6 +126,8 @@ class Bridge:
         self._idle = threading.Condition()
         self._worker: threading.Thread | None = None
         self._control: dict[bytes, Callable[[bytes], None]] = {}  # broker administration topic -> handler
+        self._reread_lock = threading.Lock()
+        self._rereading: list[str] = []  # reported topics subscribed by the last reread_reports
         self._conn = MqttConnection(
             url,
             ConnectionOptions(
@@ -202,6 +204,29 @@ class Bridge:
                     f"MQTT broker {where} did not acknowledge the desired state for {d.device} "
                     f"within {timeout:g}s; it is sent when the connection is back"
                 )
+
+    # --- retained reports read again --------------------------------------------------
+
+    def reread_reports(self, devices: list[str]) -> int:
+        """Have the broker send these devices' retained reports to this replica again.
+
+        A plain (not shared) subscription to a topic delivers its retained message; ingest then
+        settles an execution from the report even when its events, or the report itself, went
+        astray (on a shared subscription Mosquitto also queues messages for a replica that died,
+        in its session, until it comes back). The previous call's subscriptions are dropped
+        first, so at most one sweep's worth is held. Returns how many were asked for.
+        """
+        client = self._conn.client
+        if client is None or not self._conn.connected.is_set():
+            return 0
+        topics = [protocol.topic(device, Channel.REPORTED) for device in devices]
+        with self._reread_lock:
+            if self._rereading:
+                client.unsubscribe(self._rereading)
+            self._rereading = topics
+            if topics:
+                client.subscribe([(topic, 1) for topic in topics])
+        return len(topics)
 
     # --- broker administration (e.g. Mosquitto's $CONTROL/ topics) --------------------
 

@@ -51,6 +51,8 @@ class ControllerConfig:
     broker_admin: str = ""           # "mosquitto": admit and revoke devices through its dynamic-security plugin
     device_cert_lifetime_s: int = field(default=30 * 86400, metadata=POSITIVE)  # devices renew at 2/3
     share_group: str = ""            # MQTT 5 shared-subscription group of this fleet's replicas (see below)
+    # default: edgefleet-controller-HOST-<hash of home>; replicas that share a host and a home set one each
+    mqtt_client_id: str = ""
     store: StoreConfig = field(default_factory=StoreConfig)
     timestamp_expiry_s: int = field(default=86400, metadata=POSITIVE)  # lifetime of a signed timestamp
     snapshot_expiry_s: int = field(default=7 * 86400, metadata=POSITIVE)
@@ -58,6 +60,8 @@ class ControllerConfig:
     heartbeat_timeout_s: float = field(default=90, metadata=POSITIVE)  # no heartbeat for this long: offline
     telemetry_retention_days: int = field(default=30, metadata=POSITIVE)
     scheduler_interval_s: float = field(default=2.0, metadata=POSITIVE)  # rollout stepping and sweeps
+    # a sent execution silent this long has its device's retained report read again (sweep: twice as often)
+    report_reread_s: float = field(default=30.0, metadata=POSITIVE)
     max_upload_bytes: int = field(default=32 * 1024 * 1024, metadata=POSITIVE)
 
     @property

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import os
 import secrets
 import signal
 import socket
@@ -39,7 +40,7 @@ from .ingest import Ingest
 from .jobs import add_housekeeping
 from .mirror import mirror_targets
 from .mosquitto_admin import MosquittoAdmin
-from .rollout import engine
+from .rollout import engine, reread
 from .scheduler import Scheduler
 from .signing import Expiry, Repository
 from .store import ArtifactStore, open_store
@@ -116,13 +117,18 @@ class ControllerService:
 
     def _schedule(self) -> Scheduler:
         config = self.config
-        scheduler = Scheduler(self.db, config, holder_id=f"{socket.gethostname()}-{secrets.token_hex(4)}")
+        # host and process id: an operator (or a test) sees which replica leads
+        scheduler = Scheduler(self.db, config,
+                              holder_id=f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
         assert self.repository is not None and self.store is not None and self.bridge is not None
         scheduler.add_job("resign-metadata", partial(self.repository.resign_if_expiring, config.resign_margin_s),
                           RESIGN_INTERVAL_S)
         scheduler.add_job("mirror-targets", partial(mirror_targets, self.db, self.repository), MIRROR_INTERVAL_S)
         scheduler.add_job("rollout-stepping", partial(engine.step_all, self.db, self.bridge),
                           config.scheduler_interval_s)
+        scheduler.add_job("reread-reports",
+                          partial(reread.reread_reports, self.db, self.bridge, config.report_reread_s),
+                          config.report_reread_s / 2)
         add_housekeeping(scheduler, self.db, config)
         return scheduler
 

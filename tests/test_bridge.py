@@ -22,6 +22,7 @@ from edgefleet.common.protocol import (
     Event,
     ExecutionState,
     ModelRef,
+    Reported,
     Status,
     Telemetry,
     TelemetryKind,
@@ -323,4 +324,26 @@ def test_replicas_split_the_load_with_shared_subscriptions(mosquitto_url, db):
     finally:
         first.stop()
         second.stop()
+        rec.close()
+
+
+def test_a_retained_report_missed_on_the_shared_subscription_is_read_again(mosquitto_url, db):
+    """Shared subscriptions get no retained messages: a report published while no replica
+    listened reaches ingest only when the bridge asks for it again (the leader's sweep)."""
+    device = unique_device()
+    enroll(db, device)
+    rec = Recorder(mosquitto_url, "x/none")
+    bridge = make_bridge(mosquitto_url, db)
+    try:
+        report = Reported(device=device, boot=1, seq=3, generation=0, active=DIGITS)
+        rec.publish(protocol.topic(device, Channel.REPORTED), report.to_json(), retain=True)
+        bridge.start()
+        assert bridge.wait_connected(10) and bridge.is_v5
+        assert bridge.wait_idle(2) and device_row(db, device).reported is None
+        assert bridge.reread_reports([device]) == 1
+        assert wait_until(lambda: (device_row(db, device).reported or {}).get("seq") == 3)
+        assert bridge.reread_reports([]) == 0  # the previous sweep's subscriptions are dropped
+    finally:
+        bridge.stop()
+        rec.clear_retained(device)
         rec.close()
