@@ -339,9 +339,10 @@ def test_a_retained_report_missed_on_the_shared_subscription_is_read_again(mosqu
         rec.publish(protocol.topic(device, Channel.REPORTED), report.to_json(), retain=True)
         bridge.start()
         assert bridge.wait_connected(10) and bridge.is_v5
-        assert bridge.wait_idle(2) and device_row(db, device).reported is None
+        assert bridge.wait_idle(5)
+        assert device_row(db, device).reported is None, "a shared subscription got a retained message"
         assert bridge.reread_reports([device]) == 1
-        assert wait_until(lambda: (device_row(db, device).reported or {}).get("seq") == 3)
+        assert wait_until(lambda: (device_row(db, device).reported or {}).get("seq") == 3, timeout=30)
         assert bridge.reread_reports([]) == 0  # the previous sweep's subscriptions are dropped
     finally:
         bridge.stop()
