@@ -13,6 +13,7 @@ from typing import Any, Self
 import httpx
 import numpy as np
 
+from bench.ports import free_port
 from edgefleet.agent.runtime import _DATATYPE_OF
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,12 +106,6 @@ def digits_model(cache: Path) -> Path:
     from bench import models
 
     return models.digits(cache).model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def agent_command() -> list[str]:

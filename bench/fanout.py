@@ -48,6 +48,7 @@ from typing import TypeVar
 import httpx
 
 from bench._common import DEFAULT_CACHE, table
+from bench.ports import free_port
 
 AWS_IOT_JOBS_PER_MIN = 1000.0  # the anchor: AWS IoT Jobs' maximum rollout rate
 MODEL, VERSION = "digits", "1.0.0"
@@ -83,14 +84,6 @@ class FanoutResult:
 
     def cpu_ms_per_device(self, seconds: float) -> float:
         return seconds * 1000.0 / self.devices
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def raise_file_limit(wanted: int) -> None:
@@ -353,7 +346,7 @@ def run(devices: int, classes: str, workers: int, database_url: str, timeout: fl
     from edgefleet.controller.rollout.spec import RolloutSpec
 
     raise_file_limit(devices + 4096)  # the bare fan-out's subscribers live in this process; children inherit it
-    port = _free_port()
+    port = free_port()
     with ExitStack() as stack:
         broker_log = work / "mosquitto.log"
         broker = stack.enter_context(process(mosquitto(work, port), broker_log))
@@ -361,7 +354,7 @@ def run(devices: int, classes: str, workers: int, database_url: str, timeout: fl
         wait_for("mosquitto", lambda: _connectable(port), 20)
         broker_s = broker_fanout(broker_url, devices, timeout)
         # chosen after the fan-out: its N client connections may have taken the port picked before
-        api_port = _free_port()
+        api_port = free_port()
         controller_url = f"http://127.0.0.1:{api_port}"
 
         home, token = fleet_home(work, port, api_port, database_url)

@@ -43,7 +43,6 @@ from bench.fanout import (
     VERSION,
     Simulators,
     _connectable,
-    _free_port,
     count_rows,
     done_with,
     event_accounting,
@@ -56,6 +55,7 @@ from bench.fanout import (
     start_simulators,
     wait_for,
 )
+from bench.ports import free_port
 
 CHAOS = ("kill", "broker", "database")
 STAGES = (0.3, 0.6, 1.0)
@@ -135,7 +135,7 @@ def mosquitto_persistent(work: Path, port: int) -> list[str]:
 
 @contextmanager
 def postgres(root: Path) -> Iterator[Postgres]:
-    cluster = Postgres(root, _free_port())
+    cluster = Postgres(root, free_port())
     cluster.init()
     try:
         yield cluster
@@ -162,11 +162,11 @@ def run(devices: int, replicas: int, chaos: tuple[str, ...], timeout: float, cac
     raise_file_limit(devices + 4096)
     with ExitStack() as stack:
         cluster = stack.enter_context(postgres(work / "pg"))
-        port = _free_port()
+        port = free_port()
         broker_command, broker_log = mosquitto_persistent(work, port), work / "mosquitto.log"
         brokers = [stack.enter_context(process(broker_command, broker_log))]
         wait_for("mosquitto", lambda: _connectable(port), 20)
-        api_ports = [_free_port() for _ in range(replicas)]
+        api_ports = [free_port() for _ in range(replicas)]
         home, token = fleet_home(work, port, api_ports[0], cluster.url)
         with open(home / "config.toml", "a") as f:
             f.write(f'share_group = "edgefleet-bench"\nscheduler_interval_s = 1.0\nreport_reread_s = {silent_s}\n')

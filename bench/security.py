@@ -29,7 +29,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from bench import director as director_bench
 from bench import ingest
 from bench._common import table
-from bench.fanout import _connectable, _free_port, mosquitto, process, wait_for
+from bench.fanout import _connectable, mosquitto, process, wait_for
+from bench.ports import free_port
 from edgefleet.controller.home import init_home
 from edgefleet.controller.mosquitto_config import MosquittoOptions, write_mosquitto
 from edgefleet.controller.pki import FleetCA, replica_identity
@@ -95,7 +96,7 @@ class SecurityCost:
 def measure(args: argparse.Namespace) -> SecurityCost:
     with tempfile.TemporaryDirectory(prefix="bench-security-") as tmp, ExitStack() as stack:
         work = Path(tmp)
-        plain_port, tls_port = _free_port(), _free_port()
+        plain_port, tls_port = free_port(), free_port()
         devices = ingest.device_names(args.devices)
         tls = secured_broker(work, tls_port, devices)
         (work / "plain").mkdir()

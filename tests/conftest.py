@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.ports import free_port as free_port  # the tests' own import of it
+
 REPO = Path(__file__).resolve().parent.parent
 # .ci/run sets this: a missing service is then a failure, never a skip.
 REQUIRE_SERVICES = os.environ.get("EDGEFLEET_REQUIRE_SERVICES") == "1"
@@ -43,12 +45,6 @@ def _missing(message: str) -> None:
     if REQUIRE_SERVICES:
         pytest.fail(message + " [EDGEFLEET_REQUIRE_SERVICES=1]")
     pytest.skip(message)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

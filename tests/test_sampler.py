@@ -15,6 +15,7 @@ from edgefleet.agent.runtime import ModelRuntime
 from edgefleet.agent.sampler import Sampler, confidence, controller_poster, read_meta
 from edgefleet.agent.serve import InferenceServer
 from edgefleet.common.protocol import ModelRef, SamplingPolicy
+from tests.support.mqtt import wait_until
 
 REF = ModelRef(model="digits", version="2.0.0", variant="cpu-fp32")
 X = {"input": np.full((1, 64), 0.5, np.float32)}
@@ -216,6 +217,7 @@ def test_server_hook_samples_real_requests(tmp_path, digits):
     with InferenceServer(runtime, "127.0.0.1:0", 1 << 20, on_inference=sampler.on_inference) as server:
         body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": data.ravel().tolist()}]}
         assert httpx.post(f"{server.url}/v2/models/digits/infer", json=body).status_code == 200
+        assert wait_until(sampler.pending, 10)  # the hook runs once the answer is out
     [path] = sampler.pending()
     with np.load(path, allow_pickle=False) as record:
         assert np.array_equal(record["input/input"], data)
