@@ -253,13 +253,19 @@ class Reconciler:
         active = self.runtime.active
         if self.slots.pointer().active == name and active is not None and active.ref == slot.meta.ref:
             return HandlerResult(Outcome.DONE, f"{name} is active")
+        model = slot.meta.ref.model
         previous = self.slots.active()
-        recorded_p99 = previous.meta.p99_ms if previous is not None else None
+        # A p99 regression is measured against an earlier version of the same model; another model
+        # (a device switching what it runs) takes other inputs and says nothing about this one's speed.
+        same = previous is not None and previous.meta.ref.model == model
+        recorded_p99 = previous.meta.p99_ms if previous is not None and same else None
         reports: list[GateReport] = []  # the gate's, once it ran
 
         def gate_and_commit(loaded: LoadedModel) -> None:
             self._on_step()
             serving = self.runtime.active  # side by side: the previous version, measured in turn with the new
+            if serving is not None and (serving.ref is None or serving.ref.model != model):
+                serving = None
             result = run_gate(loaded, slot.golden, journal.desired.gate, recorded_p99, baseline=serving)
             reports.append(result.report)
             if not result.passed:

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import click
 
+from ..accuracy import METRICS
 from ..errors import BuildError
 from ._output import emit, format_option, table
 
 BUILD_COLUMNS = ("variant", "size_bytes", "ops", "p50_ms", "p99_ms")
 ACCURACY_COLUMNS = ("agreement", "max_abs_diff")
+ACCURACY_METRICS = (*METRICS, "cer")  # a pipeline's table shows each member's task metrics
 
 _existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
 
@@ -61,6 +63,55 @@ def build(model: Path, name: str, version: str, variants: tuple[str, ...], calib
         click.echo(render_report(report))
     if not report["variants"]:
         raise BuildError(f"no variant of {model} was built; see the refusals above")
+
+
+def _members(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> dict[str, Path]:
+    members: dict[str, Path] = {}
+    for value in values:
+        member, sep, directory = value.partition("=")
+        if not sep or not member or not directory:
+            raise click.BadParameter(f"{value!r} is not NAME=BUNDLE_DIR, e.g. det=out-det/")
+        if member in members:
+            raise click.BadParameter(f"member {member!r} is given twice")
+        members[member] = Path(directory)
+    return members
+
+
+@cli.command()
+@click.option("--name", required=True, help="Pipeline name, e.g. ocr.")
+@click.option("--version", "version", required=True, help="Pipeline version, e.g. 1.0.0.")
+@click.option("--member", "members", multiple=True, required=True, callback=_members, metavar="NAME=BUNDLE_DIR",
+              help="A built member bundle (repeatable, in pipeline order), e.g. det=out-det/.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Pipeline bundle directory to write.")
+@format_option
+def pipeline(name: str, version: str, members: dict[str, Path], out: Path, fmt: str) -> None:
+    """Merge built bundles into one pipeline bundle that moves as one unit.
+
+    For each variant every member has, the members' models become one graph (names
+    prefixed MEMBER/) with one golden set: devices verify, gate, activate and roll
+    it back as one. Publish it with `fleetctl bundle publish OUT`.
+
+    \b
+    Example:
+      fleetctl bundle pipeline --name ocr --version 1.0.0 \\
+          --member det=out-det/ --member cls=out-cls/ --member rec=out-rec/ -o out-ocr/
+    """
+    from ..bundle.pipeline import build_pipeline
+
+    report = build_pipeline(name, version, members, out)
+    if fmt == "json":
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        rows = [{**_row(v["variant"], v, {}, BUILD_COLUMNS),
+                 "members": ", ".join(f"{k}={value:.4g}" for k, value in sorted(v["accuracy"].items())
+                                      if k.split(".", 1)[1] in ACCURACY_METRICS)}
+                for v in report["variants"]]
+        click.echo(table(rows, (*BUILD_COLUMNS, "members")))
+        for refused in report["refused"]:
+            click.echo(f"refused: {refused['variant']}: {refused['reason']}")
+    if not report["variants"]:
+        raise BuildError(f"no variant of pipeline {name} was built; see the refusals above")
 
 
 def render_report(report: dict) -> str:

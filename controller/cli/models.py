@@ -71,8 +71,8 @@ def frontier(client: ApiClient, target: str, min_accuracy: str | None, png: Path
       fleetctl models frontier textdir:1.0.0 --min-accuracy 99% --png frontier.png
     """
     name, version = parse_target(target)
-    query = "" if min_accuracy is None else f"?min_accuracy={parse_fraction(min_accuracy, '--min-accuracy')}"
-    found = client.get(f"/v1/models/{name}/{version}/frontier{query}")
+    floor = None if min_accuracy is None else parse_fraction(min_accuracy, "--min-accuracy")
+    found = client.get(f"/v1/models/{name}/{version}/frontier", min_accuracy=floor)
     if png is not None:
         from .frontier_png import draw
 
