@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
-import logging
 import os
 import sys
 import time
 from pathlib import Path
 
+from edgefleet.common import logs
 from edgefleet.common.defaults import DEFAULT_STATE_DIR
 from edgefleet.common.errors import EdgefleetError
 from edgefleet.common.settings import environment_help
@@ -63,7 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import Agent
 
     faulthandler.enable()  # a crash inside ONNX Runtime leaves a Python traceback in the journal
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level, args.log_format)
     return Agent(_load_config(args.config or default_config())).run()
 
 
@@ -160,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the agent daemon", formatter_class=argparse.RawDescriptionHelpFormatter,
                          epilog=environment_help(AgentConfig, ENV_PREFIX, "agent.toml"))
     _add_config(run)
-    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-level", default="info", choices=logs.LEVELS)
+    run.add_argument("--log-format", default="auto", choices=logs.FORMATS,
+                     help="auto (default): journal (<6> priority prefixes) when stderr is journald's, else text")
     run.set_defaults(func=cmd_run)
 
     enroll = sub.add_parser("enroll", help="enroll this device with a controller")

@@ -19,6 +19,7 @@ from edgefleet.common.errors import EdgefleetError
 from edgefleet.common.fs import storage_error
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.protocol import (
+    Action,
     BenchmarkReport,
     Desired,
     ExecutionState,
@@ -268,6 +269,8 @@ class Reconciler:
                 serving = None
             result = run_gate(loaded, slot.golden, journal.desired.gate, recorded_p99, baseline=serving)
             reports.append(result.report)
+            log.log(logging.INFO if result.passed else logging.WARNING, "activation gate of %s %s: %s",
+                    name, "passed" if result.passed else "failed", result.reason)
             if not result.passed:
                 raise GateError(result.reason)
             if result.report.benchmark is not None:
@@ -327,7 +330,13 @@ class Reconciler:
         self.slots.save_journal(journal)
 
     def _event(self, journal: Journal, detail: str | None = None, gate: GateReport | None = None) -> None:
+        """Report the execution's state (and log it: each is a lifecycle step an operator reads)."""
         desired = journal.desired
+        said = journal.detail if detail is None else detail
+        log.log(logging.WARNING if journal.state in (State.FAILED, State.REJECTED) else logging.INFO,
+                "update %d (%s%s): %s%s", desired.generation, _what(desired),
+                f", rollout {desired.deployment}" if desired.deployment else "", journal.state.value,
+                f": {said}" if said else "")
         self.link.event(
             journal.state.reported,
             generation=desired.generation,
@@ -370,6 +379,12 @@ class Reconciler:
         journal = self.slots.journal()
         if journal is not None and not journal.state.terminal:
             self._close(journal, f"agent error: {type(error).__name__}: {error}")
+
+
+def _what(desired: Desired) -> str:
+    if desired.action is not Action.INSTALL:
+        return desired.action.value
+    return " ".join(p for p in (desired.model, desired.version, desired.variant) if p)
 
 
 def _ref(info: TargetInfo) -> ModelRef:

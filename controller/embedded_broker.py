@@ -73,16 +73,22 @@ class _Broker(Broker):
         self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
     ) -> tuple[BrokerProtocolHandler, Session]:
         try:
-            handler, session = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
-        except MQTTError:
-            await writer.close()
-            raise
-        refusal = await self._refusal(session)
-        if refusal is not None:
-            log.warning("MQTT client %r from %s refused: %s", session.client_id, remote_address, refusal)
-            await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
-            await writer.close()
-            raise MQTTError(refusal)
+            try:
+                handler, session = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+            except MQTTError:
+                await writer.close()
+                raise
+            refusal = await self._refusal(session)
+            if refusal is not None:
+                log.warning("MQTT client %r from %s refused: %s", session.client_id, remote_address, refusal)
+                await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+                await writer.close()
+                raise MQTTError(refusal)
+        except OSError as e:
+            # The client left while its CONNECT was answered or closed (a reset, a port probe). amqtt
+            # catches only its own errors here: an OSError reached asyncio, which logged a traceback
+            # per connection. As an MQTTError it is one line, and amqtt releases the connection slot.
+            raise MQTTError(f"client {remote_address}:{remote_port} left during CONNECT: {e}") from None
         # From here on as amqtt's own _initialize_client_session (0.12.1).
         if session.clean_session:
             if session.client_id:

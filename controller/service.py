@@ -139,7 +139,10 @@ class ControllerService:
                                     broker_admin=self.broker_admin, bridge=self.bridge))
         self.server = _Server(uvicorn.Config(
             app, host=self.config.api_host, port=self.config.api_port, lifespan="off",
-            log_level="info", access_log=False, timeout_graceful_shutdown=10,
+            # uvicorn logs through the root logger (its format, its level): log_config=None keeps
+            # it from installing its own handlers and format
+            log_config=None, log_level=logging.getLogger().getEffectiveLevel(), access_log=False,
+            timeout_graceful_shutdown=10,
         ))
         notifier = threading.Thread(target=self._notify_systemd, name="sd-notify", daemon=True)
         notifier.start()

@@ -253,3 +253,31 @@ def test_daemon_serves_grpc_and_rest_with_batching_across_an_update(tmp_path, re
                 over_rest.close()
     finally:
         device.close()
+
+
+def test_lifecycle_steps_are_logged_with_journald_priorities(tmp_path, repo, mosquitto_url):
+    """Under systemd (stderr is the journal's stream: JOURNAL_STREAM names it) every line carries
+    its syslog priority; each update step, the gate's verdict and the rollback are logged."""
+    log = tmp_path / "agent.log"
+    log.touch()
+    stream = log.stat()
+    device = Device(tmp_path, repo, mosquitto_url, env={"JOURNAL_STREAM": f"{stream.st_dev}:{stream.st_ino}"})
+    device.start()
+    try:
+        assert device.apply(repo.infos["v1"])["state"] == "SUCCEEDED"
+        assert device.apply(repo.infos["wrong"])["state"] == "ROLLED_BACK"
+    finally:
+        device.close()
+    lines = log.read_text().splitlines()
+    logged = [line for line in lines if line.startswith("<")]
+    assert len(logged) == len(lines), [line for line in lines if not line.startswith("<")][:5]
+    for step in ("download", "verify: downloaded", "stage: digits+1.0.0+cpu-fp32", "activate: digits+1.0.0",
+                 "succeeded: swapped"):
+        assert any(line.startswith("<6>edgefleet.agent.reconcile: update 1 (digits 1.0.0 cpu-fp32, rollout dep-1): "
+                                   + step) for line in logged), step
+    assert any(line.startswith("<6>edgefleet.agent.reconcile: activation gate of digits+1.0.0+cpu-fp32+r1 passed")
+               for line in logged)
+    assert any(line.startswith("<4>edgefleet.agent.reconcile: activation gate of digits+3.0.0-wrong+cpu-fp32+r3 "
+                               "failed: golden set failed") for line in logged)
+    assert any("update 2 (digits 3.0.0-wrong cpu-fp32, rollout dep-2): rolled_back: golden set failed" in line
+               for line in logged)

@@ -104,6 +104,14 @@ def test_export_low_confidence_only(api, tmp_path):
     assert all(e["low_confidence"] and e["reason"] == "low_confidence" for e in index)
 
 
+def test_export_of_an_unknown_model_fails_in_one_line(api, tmp_path):
+    result = CliRunner().invoke(main, ["data", "export", "--model", "digts", "-o", str(tmp_path / "typo"),
+                                       "--controller", api.url, "--token", api.token])
+    assert result.exit_code == 1
+    assert result.output == "error: model 'digts' is not published: see `fleetctl models list`\n"
+    assert not (tmp_path / "typo").exists()
+
+
 def test_stats_by_version_and_class(api):
     data = json.loads(fleetctl(api, "data", "stats", "--model", "digits", "--format", "json"))
     groups = {(g["version"], g["hardware_class"]): g for g in data["groups"]}

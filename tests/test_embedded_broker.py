@@ -1,12 +1,18 @@
 """The embedded broker's fixes and rules, on real amqtt brokers: retained replay, disconnect, the ACL."""
 from __future__ import annotations
 
+import logging
+import socket
+import struct
+
 import pytest
 
 from edgefleet.common import protocol
 from edgefleet.common.protocol import Action, Channel, Desired
 from edgefleet.controller import broker_acl
 from edgefleet.controller.broker_acl import CONTROLLER_USER
+from edgefleet.controller.embedded_broker import EmbeddedBroker
+from tests.conftest import free_port
 from tests.support.mqtt import (  # noqa: F401  (fixtures)
     Recorder,
     embedded_broker,
@@ -80,3 +86,26 @@ def test_topic_rules():
     assert not broker_acl.may_publish(None, own[1]) and not broker_acl.may_subscribe("", own[0])
     assert broker_acl.may_subscribe(CONTROLLER_USER, "edgefleet/v1/+/events")
     assert broker_acl.may_publish(CONTROLLER_USER, own[0])
+
+
+def test_a_client_that_resets_during_connect_costs_one_line_not_a_traceback(caplog):
+    """A reset while amqtt answers a CONNECT (a port probe, a client killed) reached asyncio as an
+    unhandled OSError: one traceback per connection in the controller's log."""
+    broker = EmbeddedBroker(port=free_port(), check_password=lambda _user, _password: False)
+    broker.start()
+    try:
+        for level in (3, 4):  # an unsupported protocol level (amqtt answers), a refused login (we do)
+            for _ in range(5):
+                with socket.create_connection((broker.host, broker.port)) as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+                    sock.sendall(_connect(level))
+        assert wait_until(lambda: sum("left during CONNECT" in r.getMessage() for r in caplog.records) >= 1)
+    finally:
+        broker.stop()
+    assert [r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR] == []
+
+
+def _connect(level: int) -> bytes:
+    """An MQTT CONNECT packet with protocol ``level``, clean session, client id "probe"."""
+    body = b"\x00\x04MQTT" + bytes([level]) + b"\x02\x00\x3c" + b"\x00\x05probe"
+    return bytes([0x10, len(body)]) + body

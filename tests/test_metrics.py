@@ -54,9 +54,11 @@ def agent_scrape(tmp_path, digits) -> Scrape:
 
 
 def test_controller_process_metrics_need_a_token_and_follow_devices(tmp_path, agent_scrape):
+    """Also its log: every line one JSON object (--log-format json), uvicorn's included."""
     controller = Controller(tmp_path / "home", free_port(), tmp_path / "controller.log")
     write_config(controller.home, int(controller.url.rsplit(":", 1)[1]), embedded_broker_port=free_port())
     controller.fleetctl("init")
+    controller.extra_env = {"EDGEFLEET_LOG_FORMAT": "json"}
     controller.start()
     try:
         viewer = json.loads(controller.fleetctl("tokens", "create", "prometheus", "--role", "viewer",
@@ -91,6 +93,10 @@ def test_controller_process_metrics_need_a_token_and_follow_devices(tmp_path, ag
         assert not missing, f"the Grafana dashboard queries metrics nobody serves: {sorted(missing)}"
     finally:
         assert controller.stop() == 0
+    logged = [json.loads(line) for line in controller.log.read_text().splitlines()]
+    assert {"uvicorn.error", "edgefleet.controller.embedded_broker"} <= {e["logger"] for e in logged}
+    assert any(e["message"].startswith("Uvicorn running on") and e["priority"] == 6 for e in logged)
+    assert not [e for e in logged if "exc" in e or e["priority"] <= 3]
 
 
 def test_rollout_metrics_follow_executions_and_gates(tmp_path):

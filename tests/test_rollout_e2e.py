@@ -104,5 +104,11 @@ def test_good_rollout_restart_and_canary_rollback(fleet):
     details = " ".join(e["detail"] for e in touched.values())
     assert "golden set failed" in details and "regresses past" in details, details
     wait_for(lambda: all(a.serving() == "1.1.0" for a in agents), 30, "every device back on 1.1.0")
+    # the controller logged each rollout's lifecycle, stages numbered from 1
+    logged = controller.log_path.read_text()
+    for line in ("rollout r1 created by admin: digits:1.0.0 to 4 device(s) in 2 stage(s)",
+                 "rollout r1 RUNNING: stage 1/2 (50%) started", "rollout r1 RUNNING: stage 1/2 (50%) passed",
+                 "rollout r1 SUCCEEDED: stage 2/2 (100%) passed", "rollout r3 FAILED: stage 1/2 (50%) failed"):
+        assert line in logged, line
     listed = {d["id"]: d for d in fleetctl.json("devices", "list")}
     assert all(listed[name]["active"]["version"] == "1.1.0" for name in names), listed

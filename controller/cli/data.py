@@ -50,6 +50,7 @@ def cli() -> None:
 def export_data(client: ApiClient, model: str, version: str | None, since: datetime | None,
                 low_confidence: bool, out: Path) -> None:
     """Write .npz shards of the sampled tensors plus an index.jsonl of their metadata."""
+    client.get(f"/v1/models/{model}")  # an unknown model is an error (a typo), not an empty dataset
     records = sample_records(client, model, version, since)
     result = export(records, lambda r: client.get_bytes(f"/v1/data/samples/{r.id}"), out, low_confidence)
     click.echo(f"wrote {result.rows} row(s) from {result.samples} sample shard(s) into "

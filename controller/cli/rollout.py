@@ -70,7 +70,9 @@ def render_status(status: dict[str, Any]) -> str:
     for stage in status["progress"]:
         label = f"{stage['stage'] + 1} ({percent(stage['share'])})"
         if not stage["classes"]:
-            rows.append({"stage": label, "class": "-", "progress": bar(0, 0), "done": "-", "states": "not started"})
+            ahead = stage["stage"] > status["stage"] and status["state"] != "SUCCEEDED"
+            rows.append({"stage": label, "class": "-", "progress": bar(0, 0), "done": "-",
+                         "states": "not started" if ahead else "no devices"})
         for cls, p in stage["classes"].items():
             rows.append({"stage": label, "class": cls, "progress": bar(p["done"], p["total"]),
                          "done": f"{p['done']}/{p['total']}", "states": p["states"]})
