@@ -66,10 +66,22 @@ def _number(cell: str) -> float:
 
 
 def _fanout(rows: list[Row]) -> list[str]:
-    return [f"Fan-out to {int(_number(r['devices'])):,} devices: "
+    return [f"Fan-out to {int(_number(r['devices'])):,} "
+            f"{'thin ' if r.get('device kind', '').startswith('thin') else ''}devices: "
             f"deploy → all SUCCEEDED in {r['deploy→all SUCCEEDED s']} s "
             f"= **{r['devices/min']} devices/min**, {r['vs AWS IoT Jobs (1,000/min)']}x AWS IoT Jobs' 1,000/min "
-            f"({r['deploy / bare broker']}x a bare broker fan-out)" for r in rows]
+            f"({r['deploy / bare broker']}x a bare broker fan-out)"
+            + (f"; controller {r['controller CPU-ms/device']} CPU-ms/device, broker {r['broker CPU-ms/device']}"
+               if "controller CPU-ms/device" in r else "") for r in rows]
+
+
+def _replicas(rows: list[Row]) -> list[str]:
+    return [f"{r['replicas']} replica(s), {int(_number(r['devices'])):,} thin devices, {r['during the rollout']} "
+            f"during the rollout: all SUCCEEDED in {r['deploy→all SUCCEEDED s']} s ({r['devices/min']}/min), "
+            f"{r['executions']} executions, {r['devices with >1 execution']} devices with more than one, events "
+            f"stored {r['events stored']}"
+            + (f", leader hand-over **{r['leader hand-over s']} s**" if r["leader hand-over s"] != "—" else "")
+            for r in rows]
 
 
 def _ingest(rows: list[Row]) -> list[str]:
@@ -159,7 +171,7 @@ def _security(rows: list[Row]) -> list[str]:
 HEADLINES: dict[str, Callable[[list[Row]], list[str]]] = {
     "fanout": _fanout, "ingest": _ingest, "swap": _swap, "serving": _serving, "verify": _verify,
     "footprint": _footprint, "director": _director, "variants": _variants, "security": _security,
-    "batching": _batching,
+    "batching": _batching, "replicas": _replicas,
 }
 
 

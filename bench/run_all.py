@@ -100,6 +100,29 @@ BENCHMARKS: tuple[Benchmark, ...] = (
                "bench.batching", ("--seconds", "2", "--rounds", "3"),
                ("--seconds", "0.3", "--rounds", "1", "--models", "digits"), 600),
 )
+# Thin devices: the controller measured, not the simulator (bench/fanout.py --thin, bench/replicas.py).
+THIN_DATABASE = "postgresql://postgres@127.0.0.1:5432/edgefleet_fanout_thin"
+THIN_NOTE = ("Separate processes: a dedicated Mosquitto, `fleetctl controller run` (PostgreSQL, a scratch database "
+             "recreated for the run) and two simulator processes of thin devices (simulator/thin.py: each device its "
+             "own MQTT session, the director's check, a real TUF refresh and verified download from the controller, "
+             "every event, heartbeats and counters; no ONNX model, golden set or benchmark: a fixed benchmark is "
+             "reported). CPU-ms/device: the controller's and Mosquitto's CPU time from the deploy to the last "
+             "SUCCEEDED, over the devices. PostgreSQL's own CPU is not counted. All on this one machine.")
+REPLICAS_NOTE = ("Its own PostgreSQL cluster and its own Mosquitto with persistence, two `fleetctl controller run` on "
+                 "one fleet home, thin devices in two processes; replica A leads, the devices fetch from replica B. "
+                 "The hand-over is the time from the leader's SIGKILL until replica B holds the leader lock.")
+BENCHMARKS += (
+    _benchmark("fanout-thin-10k", "fanout", "11. Thin fan-out, 10,000 devices (the controller's cost)",
+               "bench.fanout", ("--devices", "10000", "--thin", "--workers", "64", "--timeout", "1200",
+                                "--database-url", THIN_DATABASE, "--recreate-database"), None, 3600, THIN_NOTE),
+    _benchmark("fanout-thin-50k", "fanout", "12. Thin fan-out, 50,000 devices", "bench.fanout",
+               ("--devices", "50000", "--thin", "--workers", "64", "--timeout", "2400", "--database-url",
+                THIN_DATABASE, "--recreate-database"), None, 3 * 3600, THIN_NOTE),
+    _benchmark("replicas-chaos", "replicas", "13. Replicas through a killed leader, a broker and a database restart",
+               "bench.replicas", ("--devices", "2000", "--chaos", "kill,broker,database"), None, 3600, REPLICAS_NOTE),
+    _benchmark("replicas-10k", "replicas", "14. Two replicas vs one, thin fan-out of 10,000 devices",
+               "bench.replicas", ("--devices", "10000", "--replicas", "1", "2"), None, 3 * 3600, REPLICAS_NOTE),
+)
 BY_KEY = {b.key: b for b in BENCHMARKS}
 
 
