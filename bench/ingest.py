@@ -25,6 +25,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from functools import partial
 from multiprocessing.context import SpawnContext
@@ -54,7 +55,6 @@ from edgefleet.controller.db.models import Device, TelemetryRecord
 from edgefleet.controller.db.session import Database
 from edgefleet.controller.ingest import Ingest
 
-DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432"
 WINDOW = 500  # published but not yet consumed, over all devices
 DRAIN_TIMEOUT_S = 60.0  # after the publishers stop, everything must be consumed by then
@@ -296,18 +296,21 @@ def report(results: Sequence[Result], broker: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--broker", default=DEFAULT_BROKER)
+    parser.add_argument("--broker", default="",
+                        help="MQTT broker URL (default: a Mosquitto of this run's own, on a free port: a shared "
+                             "broker's other traffic and caps would be measured too)")
     parser.add_argument("--postgres", default=DEFAULT_POSTGRES, help="server URL without a database name")
     parser.add_argument("--databases", default="postgresql,sqlite")
     parser.add_argument("--devices", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each phase")
     args = parser.parse_args(argv)
-    bare_published, bare_received, bare_rate = bare_phase(args.broker, args.devices, args.seconds)
     results = []
-    with tempfile.TemporaryDirectory(prefix="edgefleet-ingest-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="edgefleet-ingest-") as workdir, ExitStack() as stack:
+        broker = args.broker or own_broker(stack, Path(workdir))
+        bare_published, bare_received, bare_rate = bare_phase(broker, args.devices, args.seconds)
         for kind in args.databases.split(","):
             published, stored, rate = bridge_phase(
-                kind.strip(), args.broker, args.postgres, args.devices, args.seconds, Path(workdir)
+                kind.strip(), broker, args.postgres, args.devices, args.seconds, Path(workdir)
             )
             results.append(Result(
                 database="PostgreSQL" if kind.strip() == "postgresql" else "SQLite",
@@ -315,9 +318,18 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
                 bridge_rate=rate, bare_received=bare_received, bare_published=bare_published,
                 bare_rate=bare_rate,
             ))
-    print(report(results, args.broker))
+    print(report(results, "a dedicated Mosquitto" if not args.broker else args.broker))
     return results
 
+
+def own_broker(stack: ExitStack, workdir: Path) -> str:
+    """A Mosquitto for this run alone (no cap on queued messages), stopped with the stack."""
+    from bench.fanout import _connectable, _free_port, mosquitto, process, wait_for
+
+    port = _free_port()
+    stack.enter_context(process(mosquitto(workdir, port), workdir / "mosquitto.log"))
+    wait_for("mosquitto", lambda: _connectable(port), 20)
+    return f"mqtt://127.0.0.1:{port}"
 
 if __name__ == "__main__":
     main()
