@@ -324,9 +324,10 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
 
 def own_broker(stack: ExitStack, workdir: Path) -> str:
     """A Mosquitto for this run alone (no cap on queued messages), stopped with the stack."""
-    from bench.fanout import _connectable, _free_port, mosquitto, process, wait_for
+    from bench.fanout import _connectable, mosquitto, process, wait_for
+    from bench.ports import free_port
 
-    port = _free_port()
+    port = free_port()
     stack.enter_context(process(mosquitto(workdir, port), workdir / "mosquitto.log"))
     wait_for("mosquitto", lambda: _connectable(port), 20)
     return f"mqtt://127.0.0.1:{port}"
