@@ -64,7 +64,8 @@ class Director:
         self._clock = clock
         self._trust: DirectorTrust | None = None
         self._stamp: tuple[tuple[int, int, int], ...] | None = None  # targets and timestamp files read
-        self._refreshed = -math.inf
+        self._attempted = -math.inf  # the last refresh tried (they are spaced REFRESH_MIN_S apart)
+        self._refreshed = -math.inf  # the start of the last refresh that succeeded
         self._accepted = self._read_accepted()
 
     def admit(self, raw: bytes, received: float) -> Desired:
@@ -112,11 +113,13 @@ class Director:
         return trust.admit(envelope, self.device, self._accepted)
 
     def _refresh(self) -> None:
-        wait = self._refreshed + REFRESH_MIN_S - self._clock()
+        started = self._clock()
+        wait = self._attempted + REFRESH_MIN_S - started
         if wait > 0:
             raise RefreshLater("director keys may have rotated; TUF refresh due shortly", wait)
-        self._refreshed = self._clock()
+        self._attempted = started
         self._updater.refresh()  # TransportError: the envelope is kept for the next pass
+        self._refreshed = started  # only a refresh that worked judges an envelope for good
 
     def _current_trust(self) -> DirectorTrust | None:
         files = [self._metadata_dir / f"{role}.json" for role in ("root", "targets", "timestamp")]

@@ -215,3 +215,27 @@ def test_past_the_cached_timestamp_nothing_is_obeyed_until_fresh_metadata_arrive
         d.admit(director.seal(command(3), compromised), received=clock[0])
     assert d.admit(signer.seal(command(3)), received=clock[0]) == command(3)
     assert updater.count == 2
+
+
+class FailsOnce(Refreshes):
+    """The repository is unreachable for the first refresh, as when a fleet starts all at once."""
+
+    def refresh(self) -> None:
+        self.count += 1
+        if self.count == 1:
+            raise TransportError("TUF refresh: connection refused")
+        ModelUpdater.refresh(self)
+
+
+def test_a_refresh_that_failed_in_transport_does_not_refuse_the_command(fleet, signer, tmp_path):
+    state = tmp_path / "state"
+    fleet.updater(state / "tuf")  # trusts the root: no targets metadata yet
+    updater = FailsOnce(state / "tuf", fleet.metadata_url, fleet.target_base_url, 5.0)
+    clock = [100.0]
+    d = Director(state, DEVICE, updater, clock=lambda: clock[0])
+    raw = signer.seal(command(1))
+    with pytest.raises(TransportError):
+        d.admit(raw, received=clock[0])
+    clock[0] += 15  # judged again later: the refresh works now, and the command is obeyed
+    assert d.admit(raw, received=100.0) == command(1)
+    assert updater.count == 2
