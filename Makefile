@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo lint test models clean
+.PHONY: demo demo-ocr lint test models clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ OCR_MODELS := $(MODELS)/rapidocr-1.4.4/ch_PP-OCRv4_rec_infer.onnx
 $(OCR_MODELS): | $(VENV)/.installed
 	$(PY) -m bench.ocr fetch $(MODELS)
 models: $(OCR_MODELS)
+
+# The second demo: PP-OCR's real text-direction classifier, its frontier per hardware class and a
+# rollout with an accuracy floor (demo/ocr.py; tests/test_ocr_e2e.py runs the same steps).
+demo-ocr: $(VENV)/.installed models
+	$(PY) -m demo.ocr
 
 # Static checks, configured in pyproject.toml. `edgefleet.agent` is the folder
 # agent/ (setuptools package-dir), which mypy cannot see through the editable

@@ -14,7 +14,6 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from .scenario import (
     Fleetctl,
     ScenarioError,
     build_bundles,
-    cleanup,
+    run_demo,
     stop_process,
     wait_for,
     wait_for_fleet,
@@ -183,20 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-cache", default=os.environ.get("EDGEFLEET_MODEL_CACHE", REPO / ".cache" / "models"))
     parser.add_argument("--keep", action="store_true", help="keep the demo's fleet home and files")
     args = parser.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
-    try:
-        run(args, work)
-        return 0
-    except ScenarioError as e:
-        print(f"\ndemo FAILED: {e}", file=sys.stderr)
-        print(f"logs: {work}/home/controller.log, {work}/simulator.log", file=sys.stderr)
-        args.keep = True
-        return 1
-    finally:
-        if not args.keep:
-            cleanup(work)
-        else:
-            print(f"demo files kept in {work}", file=sys.stderr)
+    return run_demo("demo", lambda work: run(args, work), "{work}/home/controller.log, {work}/simulator.log",
+                    args.keep)
 
 
 if __name__ == "__main__":

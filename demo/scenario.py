@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
@@ -252,6 +253,25 @@ def _progress(status: dict) -> Any:
 
 def cleanup(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def run_demo(label: str, body: Callable[[Path], None], logs: str, keep: bool) -> int:
+    """A demo's exit status: ``body`` runs in a fresh work folder, removed afterwards unless kept
+    (or the story failed: ``logs``, formatted with ``work``, says where to look)."""
+    work = Path(tempfile.mkdtemp(prefix=f"edgefleet-{label}-"))
+    try:
+        body(work)
+        return 0
+    except ScenarioError as e:
+        print(f"\n{label} FAILED: {e}", file=sys.stderr)
+        print(f"logs: {logs.format(work=work)}", file=sys.stderr)
+        keep = True
+        return 1
+    finally:
+        if not keep:
+            cleanup(work)
+        else:
+            print(f"{label} files kept in {work}", file=sys.stderr)
 
 
 @dataclass

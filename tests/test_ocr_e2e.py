@@ -1,14 +1,8 @@
 """PP-OCR's pretrained models end to end, on one fleet: a real controller process and two real
 agent processes in two simulated hardware classes (x86_64, rpi-4).
 
-The frontier (text-direction classifier ``textdir``): its int8 variant was calibrated on blank
-images and built with a loose bound (--max-drop 100), so it is fast but loses top-1.
-
-1. Without a floor the planner has no evidence and picks by preference: int8 on both classes;
-   the devices' on-device benchmarks become the frontier's latency for int8.
-2. `deploy --dry-run --min-accuracy` explains that the floor rules int8 out.
-3. The floored rollout moves both devices to fp32; now both variants are measured on both
-   classes, and `models frontier` marks the frontier and the pick per class (and draws it).
+The frontier of the text-direction classifier is `make demo-ocr`'s story (demo/ocr.py): the
+fleet is the demo's, and the first test runs the demo's steps and checks what they promise.
 
 The pipeline (``ocr``: detector, classifier and recognizer merged by `fleetctl bundle pipeline`):
 
@@ -21,20 +15,18 @@ The pipeline (``ocr``: detector, classifier and recognizer merged by `fleetctl b
 import json
 import shutil
 import urllib.request
-import uuid
 
 import numpy as np
 import pytest
 
-from bench import ocr
-from demo.scenario import AgentProcess, Controller, Fleetctl, wait_for, wait_for_fleet, wait_rollout, write_config
+from demo import ocr as demo
+from demo.scenario import AgentProcess, Fleetctl, wait_for, wait_rollout
 from edgefleet.common.golden import GoldenSet
 from edgefleet.controller.bundle.build import build_bundle
 from tests.conftest import free_port, ocr_set
 
 pytestmark = pytest.mark.slow
-ROLLOUT = ["--stages", "100%", "--bake", "0s", "--device-timeout", "2m", "--max-p99-regression", "1000%"]
-FLOOR = "95%"
+ROLLOUT = demo.ROLLOUT
 MEMBERS = {"det": (4, 2), "cls": (8, 4), "rec": (6, 2)}  # (eval, calibration) samples of each pipeline member
 
 
@@ -54,18 +46,6 @@ def _served(agent: AgentProcess) -> dict | None:
             return json.loads(r.read())
     except OSError:
         return None
-
-
-def _textdir(fleetctl: Fleetctl, tmp_path, model_cache) -> dict:
-    files = ocr_set(model_cache, "cls", 32, 8)
-    blank = tmp_path / "blank.npz"
-    np.savez(blank, x=np.zeros((4, 3, *ocr.CLS_SHAPE), np.float32))
-    bundle = tmp_path / "textdir-1.0.0"
-    fleetctl("bundle", "build", str(files.model), "--name", "textdir", "--version", "1.0.0",
-             "--variant", "cpu-fp32", "--variant", "cpu-int8", "--calibration", str(blank),
-             "--eval", str(files.eval_data), "--max-drop", "100", "-o", str(bundle))
-    fleetctl("bundle", "publish", str(bundle))
-    return json.loads((bundle / "report.json").read_text())
 
 
 def _ocr_pipeline(fleetctl: Fleetctl, tmp_path, model_cache) -> None:
@@ -90,61 +70,35 @@ def _ocr_pipeline(fleetctl: Fleetctl, tmp_path, model_cache) -> None:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, ocr_models, model_cache):
     tmp_path = tmp_path_factory.mktemp("ocr-fleet")
-    home = tmp_path / "home"
-    write_config(home, free_port(), embedded_broker_port=free_port())
-    fleetctl = Fleetctl(home, echo=print)
-    fleetctl("init")
-    report = _textdir(fleetctl, tmp_path, model_cache)
-    _ocr_pipeline(fleetctl, tmp_path, model_cache)
-    api_port = free_port()  # chosen now: the builds took long enough for another test to take an early pick
-    write_config(home, api_port, embedded_broker_port=free_port())
-    controller = Controller(home, f"http://127.0.0.1:{api_port}").start()
-    run = uuid.uuid4().hex[:6]
-    agents = {cls: AgentProcess(f"{cls.replace('_', '')}-ocr-{run}", cls, tmp_path / f"agent-{cls}", free_port())
-              for cls in ("x86_64", "rpi-4")}
-    try:
-        for agent in agents.values():
-            agent.enroll(fleetctl, controller.url).start()
-        wait_for_fleet(fleetctl, {a.name: a.hw_class for a in agents.values()})
-        yield fleetctl, report, agents
-    finally:
-        for agent in agents.values():
-            agent.stop()
-        controller.stop()
+
+    def ports() -> demo.Ports:
+        return demo.Ports(free_port(), free_port(), (free_port(), free_port()))
+
+    with demo.ocr_fleet(tmp_path, model_cache, ports, echo=print, step=print) as ocr_fleet:
+        _ocr_pipeline(ocr_fleet.fleetctl, tmp_path, model_cache)
+        yield ocr_fleet
 
 
-def _points(frontier: dict, cls: str) -> dict[str, dict]:
-    return {p["variant"]: p for p in frontier["classes"][cls]}
-
-
-def test_frontier_from_two_hardware_classes(fleet, tmp_path):
-    fleetctl, report, _ = fleet
-    accuracy = {v["variant"]: v["accuracy"]["top1"] for v in report["variants"]}
+def test_demo_ocr_frontier_from_two_hardware_classes(fleet, tmp_path):
+    """`make demo-ocr`'s story: the frontier per class from devices' benchmarks, and a floor."""
+    accuracy = {v["variant"]: v["accuracy"]["top1"] for v in fleet.report["variants"]}
     assert accuracy["cpu-int8"] < 0.95 <= accuracy["cpu-fp32"], accuracy  # the premise of the story
 
-    fleetctl("deploy", "textdir:1.0.0", "--to", "hw.class in (x86_64,rpi-4)", "--name", "fast", *ROLLOUT)
-    assert wait_rollout(fleetctl, "fast")["state"] == "SUCCEEDED"
-    first = fleetctl.json("models", "frontier", "textdir:1.0.0")
-    for cls in ("x86_64", "rpi-4"):
-        int8, fp32 = _points(first, cls)["cpu-int8"], _points(first, cls)["cpu-fp32"]
+    png = tmp_path / "frontier.png"
+    story = demo.frontier_story(fleet, step=print, png=png)
+    summary = demo.check(story)
+    assert "top-1 fp32" in summary and "x86_64 fp32 p50" in summary and "rpi-4 fp32 p50" in summary, summary
+    for cls in demo.CLASSES:
+        int8, fp32 = demo.points(story.first, cls)["cpu-int8"], demo.points(story.first, cls)["cpu-fp32"]
         assert int8["devices"] == 1 and 0 < int8["p50_ms"] <= int8["p99_ms"] and int8["picked"]
         assert int8["accuracy"] == accuracy["cpu-int8"] and int8["metric"] == "top1"
         assert fp32["p99_ms"] is None and not fp32["on_frontier"] and "no device" in fp32["note"]
 
-    plan = fleetctl("deploy", "textdir:1.0.0", "--to", "hw.class in (x86_64,rpi-4)", "--min-accuracy", FLOOR,
-                    "--dry-run", *ROLLOUT)
-    assert "cpu-fp32" in plan and "below the floor 0.95" in plan and "dry run" in plan
-
-    fleetctl("deploy", "textdir:1.0.0", "--to", "hw.class in (x86_64,rpi-4)", "--name", "accurate",
-             "--min-accuracy", FLOOR, *ROLLOUT)
-    assert wait_rollout(fleetctl, "accurate")["state"] == "SUCCEEDED"
-    png = tmp_path / "frontier.png"
-    printed = fleetctl("models", "frontier", "textdir:1.0.0", "--min-accuracy", FLOOR, "--png", str(png))
-    print(printed)
-    assert "<- pick" in printed and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    floored = fleetctl.json("models", "frontier", "textdir:1.0.0", "--min-accuracy", FLOOR)
-    for cls in ("x86_64", "rpi-4"):
-        points = _points(floored, cls)
+    assert "cpu-fp32" in story.plan and "below the floor 0.95" in story.plan and "dry run" in story.plan
+    assert "<- pick" in story.printed and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {g["hardware_class"] for g in story.accurate["gates"] if g["verdict"] == "PASS"} == set(demo.CLASSES)
+    for cls in demo.CLASSES:
+        points = demo.points(story.floored, cls)
         assert all(p["devices"] == 1 and p["p99_ms"] > 0 for p in points.values()), points  # both measured here
         assert points["cpu-fp32"]["picked"] and not points["cpu-int8"]["picked"]
         assert points["cpu-fp32"]["on_frontier"]  # the most accurate is never dominated
@@ -154,8 +108,7 @@ def test_frontier_from_two_hardware_classes(fleet, tmp_path):
 
 
 def test_pipeline_installs_gates_and_rolls_back_as_one_unit(fleet):
-    fleetctl, _, agents = fleet
-    agent = agents["x86_64"]
+    fleetctl, agent = fleet.fleetctl, fleet.agents["x86_64"]
     variants = fleetctl.json("models", "show", "ocr")["versions"][0]["variants"]
     assert [v["variant"] for v in variants] == ["cpu-fp32"]  # one signed target per variant: the unit
     assert {"det.box_f1", "cls.top1", "rec.exact_match"} <= set(variants[0]["accuracy"])
