@@ -30,18 +30,18 @@ def reachable(host: str, port: int, timeout: float = 0.5) -> bool:
 
 def need_service(name: str, host: str, port: int) -> None:
     if not reachable(host, port):
-        _missing(f"{name} is not reachable at {host}:{port}; start it (see .ci/run) to run this test")
+        missing(f"{name} is not reachable at {host}:{port}; start it (see .ci/run) to run this test")
 
 
 def need_program(name: str, install_hint: str) -> str:
     """The program's path; a missing one skips the test locally and fails it in CI."""
     path = shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None)
     if path is None:
-        _missing(f"{name} is not installed ({install_hint}; .ci/run does)")
+        missing(f"{name} is not installed ({install_hint}; .ci/run does)")
     return path
 
 
-def _missing(message: str) -> None:
+def missing(message: str) -> None:
     if REQUIRE_SERVICES:
         pytest.fail(message + " [EDGEFLEET_REQUIRE_SERVICES=1]")
     pytest.skip(message)
@@ -158,7 +158,7 @@ def ocr_models(model_cache) -> dict[str, Path]:
 
     paths = ocr.model_paths(model_cache)
     if not all(p.is_file() for p in paths.values()):
-        _missing(f"the OCR models are not in {model_cache}; run `make models`")
+        missing(f"the OCR models are not in {model_cache}; run `make models`")
     return paths
 
 

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, need_program
+from tests.conftest import REPO, missing, need_program
 
 
 @pytest.mark.slow
 def test_a_rollout_survives_a_killed_leader_a_broker_restart_and_a_database_restart(digits, model_cache):
     need_program("mosquitto", "apt-get install mosquitto")
     if not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
-        pytest.skip("PostgreSQL server binaries are not installed (apt-get install postgresql)")
+        missing("PostgreSQL server binaries are not installed (apt-get install postgresql)")
     done = subprocess.run([sys.executable, "-m", "bench.replicas", "--devices", "40", "--chaos",
                            "kill,broker,database", "--workers", "8", "--silent-s", "5", "--timeout", "180",
                            "--cache", str(model_cache)],

@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Path, Query, Response
 from pydantic import BaseModel, Field, field_validator
 
+from edgefleet.common.mqtt import BrokerURL
 from edgefleet.common.protocol import DEVICE_ID
 
 from ..db.models import Device, EnrollmentToken, EventRecord, utcnow
@@ -206,7 +207,7 @@ def remove_device(
 def _refuse_a_live_certificate(session: sa.orm.Session, ctx: ApiContext, device_id: str) -> None:
     """On a TLS broker the certificate's name is the whole login, and the broker cannot tell a
     removed device's certificate from a new one under the same id: the id waits until it expires."""
-    if not ctx.config.effective_broker_url.startswith("mqtts://"):
+    if not BrokerURL.parse(ctx.config.effective_broker_url).tls:
         return
     valid_until = last_certificate_expiry(session, device_id)
     if valid_until is not None and valid_until > utcnow():

@@ -23,6 +23,8 @@ import httpx
 from websockets.sync.client import connect
 from websockets.sync.connection import Connection
 
+from demo.scenario import stop_process
+
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--remote-debugging-port=0", "--window-size=1200,900"]
@@ -127,12 +129,7 @@ class Browser:
                     page.send(f"{domain}.enable")
                 yield page
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            stop_process(proc, 10)
 
 
 def _devtools_port(proc: subprocess.Popen, port_file: Path, log: Path) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from demo.scenario import AgentProcess, Controller, Fleetctl, wait_for, write_config
+from demo.scenario import AgentProcess, Controller, Fleetctl, stop_process, wait_for, write_config
 from edgefleet.common.settings import toml_value
 from edgefleet.controller.cli.client import ApiClient, read_token
 from edgefleet.controller.config import ControllerConfig
@@ -43,12 +43,7 @@ def running_mosquitto(config_dir: Path, port: int) -> Iterator[Path]:
             time.sleep(0.05)
         yield log
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)
 
 
 def settings_printed(output: str) -> dict[str, str]:
