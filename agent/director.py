@@ -26,7 +26,7 @@ from securesystemslib.dsse import Envelope
 from edgefleet.common import director
 from edgefleet.common.errors import ProtocolError, StorageError
 from edgefleet.common.fs import atomic_write, storage_error
-from edgefleet.common.protocol import Desired
+from edgefleet.common.protocol import DesiredSet
 
 from .errors import CommandRefused, NotSigned, RemoteError, TransportError, VerificationError
 from .trust import Accepted, DirectorTrust
@@ -68,7 +68,7 @@ class Director:
         self._refreshed = -math.inf  # the start of the last refresh that succeeded
         self._accepted = self._read_accepted()
 
-    def admit(self, raw: bytes, received: float) -> Desired:
+    def admit(self, raw: bytes, received: float) -> DesiredSet:
         """The desired state ``raw`` carries, once verified; ``received`` is its arrival (clock time).
 
         Raises CommandRefused (for good) or RefreshLater (keep it, try again).
@@ -106,7 +106,7 @@ class Director:
             raise RefreshLater(f"trusted TUF metadata expired at {trust.fresh_until.isoformat()}; "
                                "waiting for the repository to sign fresh metadata", RETRY_S)
 
-    def _judge(self, envelope: Envelope) -> Desired:
+    def _judge(self, envelope: Envelope) -> DesiredSet:
         trust = self._current_trust()
         if trust is None:
             raise NotSigned("no trusted targets metadata yet")
@@ -147,7 +147,7 @@ class Director:
             raise storage_error(e, str(self._path)) from e
         try:
             envelope = director.open_envelope(raw)
-            return Accepted.of(envelope, Desired.from_json(envelope.payload))
+            return Accepted.of(envelope, DesiredSet.from_json(envelope.payload))
         except ProtocolError as e:  # written only whole (atomic_write): someone edited it
             log.warning("%s is unreadable (%s); any signed generation is accepted next", self._path, e)
             return None
@@ -169,7 +169,7 @@ class Inbox:
         self._clock = clock
         self._lock = threading.Lock()
         self._received: tuple[bytes, float] | None = None
-        self._desired: Desired | None = None
+        self._desired: DesiredSet | None = None
         self._refused = b""  # digest of the last payload refused
 
     def put(self, raw: bytes) -> None:
@@ -181,7 +181,7 @@ class Inbox:
         with self._lock:
             self._received, self._desired = None, None
 
-    def take(self) -> tuple[Desired | None, float | None]:
+    def take(self) -> tuple[DesiredSet | None, float | None]:
         """The desired state to act on, and seconds until a held envelope is judged again (None: nothing held)."""
         with self._lock:
             received, self._received = self._received, None

@@ -21,7 +21,7 @@ from tuf.api.serialization import DeserializationError
 
 from edgefleet.common import director
 from edgefleet.common.errors import ProtocolError
-from edgefleet.common.protocol import NAME, Desired
+from edgefleet.common.protocol import NAME, DesiredSet
 
 from .errors import CommandRefused, NotSigned, VerificationError
 
@@ -34,7 +34,7 @@ class Accepted:
     digest: str  # sha256 of the signed payload
 
     @classmethod
-    def of(cls, envelope: Envelope, desired: Desired) -> Accepted:
+    def of(cls, envelope: Envelope, desired: DesiredSet) -> Accepted:
         return cls(desired.generation, hashlib.sha256(envelope.payload).hexdigest())
 
 
@@ -70,7 +70,7 @@ class DirectorTrust:
     def keyids(self) -> list[str]:
         return list(self._targets.get_delegated_role(director.ROLE).keyids)
 
-    def admit(self, envelope: Envelope, device: str, accepted: Accepted | None) -> Desired:
+    def admit(self, envelope: Envelope, device: str, accepted: Accepted | None) -> DesiredSet:
         """The desired state to act on: newer than ``accepted``, or ``accepted`` itself delivered again.
 
         Raises NotSigned, or CommandRefused (with the generation when the director signed it for this device).
@@ -82,7 +82,7 @@ class DirectorTrust:
                 f"{len(result.signed)} valid signature(s) of keys {', '.join(k[:8] for k in self.keyids)})"
             )
         try:
-            desired = Desired.from_json(envelope.payload)
+            desired = DesiredSet.from_json(envelope.payload)
         except ProtocolError as e:  # signed, so its generation is the director's word, where it names us
             named, generation, deployment = _identity(envelope.payload)
             if named != device:
@@ -108,9 +108,13 @@ def _identity(payload: bytes) -> tuple[object, int, str | None]:
         return None, 0, None
     if not isinstance(data, dict):
         return None, 0, None
-    generation, deployment = data.get("generation"), data.get("deployment")
+    generation = data.get("generation")
     if not isinstance(generation, int) or isinstance(generation, bool) or generation < 0:
         generation = 0
+    entries = data.get("models")
+    changed = [e for e in entries if isinstance(e, dict) and e.get("generation") == generation] \
+        if isinstance(entries, list) else []
+    deployment = changed[0].get("deployment") if len(changed) == 1 else None
     if not isinstance(deployment, str) or not NAME.match(deployment):
         deployment = None
     return data.get("device"), generation, deployment

@@ -2,7 +2,7 @@
 
 A desired state travels as a DSSE envelope (securesystemslib's ``dsse.Envelope``)::
 
-    {"payload": base64(Desired.to_json()), "payloadType": PAYLOAD_TYPE,
+    {"payload": base64(DesiredSet.to_json()), "payloadType": PAYLOAD_TYPE,
      "signatures": [{"keyid": ..., "sig": base64}]}
 
 The signature covers the exact payload bytes (DSSE's pre-authentication encoding),
@@ -25,14 +25,14 @@ from securesystemslib.signer import Signature, Signer
 
 from . import jsonlimit
 from .errors import ProtocolError
-from .protocol import MAX_MESSAGE_BYTES, Desired
+from .protocol import MAX_MESSAGE_BYTES, DesiredSet
 
 ROLE = "director"  # the delegated role whose keys sign desired states
 PAYLOAD_TYPE = "application/vnd.edgefleet.desired+json"
 MAX_SIGNATURES = 8  # more than any threshold a fleet uses; a longer list is refused unread
 
 
-def seal(desired: Desired, signers: Sequence[Signer]) -> bytes:
+def seal(desired: DesiredSet, signers: Sequence[Signer]) -> bytes:
     """The envelope of ``desired`` signed by every signer, as the bytes published on the desired topic."""
     return seal_payload(desired.to_json(), signers)
 

@@ -239,9 +239,9 @@ class Action(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Desired(DeviceMessage):
-    """Controller -> agent: what the device should run. Retained, QoS 1."""
+    """What the device should run of one model: an entry of :class:`DesiredSet`."""
 
-    generation: int                 # increases with every new desired state for this device
+    generation: int                 # the DesiredSet generation at which this entry last changed
     action: Action = Action.INSTALL
     deployment: str | None = None   # rollout/execution id the events refer to
     model: str | None = None
@@ -265,6 +265,56 @@ class Desired(DeviceMessage):
                 raise ProtocolError(f"Desired.{name} {value!r} has characters outside [A-Za-z0-9_.-]")
 
 
+MAX_MODELS = 16  # models one device serves at once; a longer list is refused
+
+
+@dataclass(frozen=True)
+class DesiredSet(DeviceMessage):
+    """Controller -> agent: what the device should run, one :class:`Desired` entry per model
+    (each with its own rollouts, hot-swap and rollback). Signed (:mod:`.director`), retained, QoS 1.
+
+    ``generation`` rises with every change of any entry; an entry keeps the generation at which
+    it last changed, so the agent acts on an entry only when its own generation rises. A model
+    the set no longer names keeps what it runs.
+    """
+
+    generation: int
+    models: tuple[Desired, ...] = ()
+
+    def validate(self) -> None:
+        check_device_id(self.device)
+        _non_negative("DesiredSet", generation=self.generation)
+        if len(self.models) > MAX_MODELS:
+            raise ProtocolError(f"DesiredSet names {len(self.models)} models; a device serves at most {MAX_MODELS}")
+        names = set()
+        for entry in self.models:
+            if entry.device != self.device:
+                raise ProtocolError(f"DesiredSet for {self.device} has an entry for {entry.device}")
+            if not entry.model:
+                raise ProtocolError("every DesiredSet entry must name its model")
+            if entry.model in names:
+                raise ProtocolError(f"DesiredSet names model {entry.model!r} twice")
+            if entry.generation > self.generation:
+                raise ProtocolError(f"DesiredSet entry {entry.model!r} has generation {entry.generation},"
+                                    f" above the set's {self.generation}")
+            names.add(entry.model)
+
+    @property
+    def deployment(self) -> str | None:
+        """The rollout whose change made this generation (None: no entry changed at it)."""
+        changed = next((e for e in self.models if e.generation == self.generation), None)
+        return changed.deployment if changed is not None else None
+
+    def entry(self, model: str) -> Desired | None:
+        return next((e for e in self.models if e.model == model), None)
+
+    def with_entry(self, entry: Desired) -> DesiredSet:
+        """This set with ``entry`` added or replacing its model's, at the entry's generation."""
+        others = tuple(e for e in self.models if e.model != entry.model)
+        return DesiredSet(device=self.device, generation=entry.generation,
+                          models=tuple(sorted((*others, entry), key=lambda e: e.model or "")))
+
+
 @dataclass(frozen=True)
 class ModelRef(Message):
     model: str
@@ -274,26 +324,45 @@ class ModelRef(Message):
 
 
 @dataclass(frozen=True)
-class Reported(DeviceMessage):
-    """Agent -> controller: what the device runs now. Retained, QoS 1."""
+class ModelStatus(Message):
+    """One model's part of :class:`Reported`."""
 
-    boot: int
-    seq: int
-    generation: int                 # generation of the desired state last acted on
+    model: str
+    generation: int                 # generation of the model's desired entry last acted on
     active: ModelRef | None = None
     previous: ModelRef | None = None
-    hardware: dict[str, Any] | None = None  # HardwareProfile.to_dict(), read leniently by its from_dict
-    agent_version: str = ""
     # The terminal state the execution of ``generation`` reached, once the device finished its own
     # checks of it (gate, swap, commit or rollback); None while it runs. The controller settles an
     # execution from it when the execution's own events were lost.
     outcome: ExecutionState | None = None
+    memory_kb: int | None = None    # resident memory the active version took when it loaded
+
+    def validate(self) -> None:
+        _non_negative("ModelStatus", generation=self.generation, memory_kb=self.memory_kb)
+        if self.outcome is not None and not self.outcome.terminal:
+            raise ProtocolError(f"ModelStatus.outcome must be a terminal state, got {self.outcome.value}")
+
+
+@dataclass(frozen=True)
+class Reported(DeviceMessage):
+    """Agent -> controller: what the device runs now, one entry per model. Retained, QoS 1."""
+
+    boot: int
+    seq: int
+    models: tuple[ModelStatus, ...] = ()
+    hardware: dict[str, Any] | None = None  # HardwareProfile.to_dict(), read leniently by its from_dict
+    agent_version: str = ""
 
     def validate(self) -> None:
         check_device_id(self.device)
-        _non_negative("Reported", boot=self.boot, seq=self.seq, generation=self.generation)
-        if self.outcome is not None and not self.outcome.terminal:
-            raise ProtocolError(f"Reported.outcome must be a terminal state, got {self.outcome.value}")
+        _non_negative("Reported", boot=self.boot, seq=self.seq)
+        if len(self.models) > MAX_MODELS:
+            raise ProtocolError(f"Reported names {len(self.models)} models; the limit is {MAX_MODELS}")
+        if len({m.model for m in self.models}) != len(self.models):
+            raise ProtocolError("Reported names a model twice")
+
+    def status(self, model: str) -> ModelStatus | None:
+        return next((m for m in self.models if m.model == model), None)
 
 
 @dataclass(frozen=True)
@@ -408,7 +477,7 @@ class Heartbeat(Message):
     """``heartbeat`` telemetry: the agent is up, and how it fares."""
 
     uptime_s: float
-    active: ModelRef | None
+    active: tuple[ModelRef, ...]     # every model served now
     counters: CounterSnapshot        # every request since the agent started, whichever model served it
     rss_kb: int | None = None        # None: not measured (the simulator)
     samples_pending: int = 0
@@ -484,7 +553,7 @@ class Status(DeviceMessage):
 
 
 SCHEMAS: dict[Channel, type[DeviceMessage]] = {
-    Channel.DESIRED: Desired,
+    Channel.DESIRED: DesiredSet,
     Channel.REPORTED: Reported,
     Channel.EVENTS: Event,
     Channel.TELEMETRY: Telemetry,
