@@ -27,7 +27,7 @@ from edgefleet.common.errors import EdgefleetError
 from edgefleet.common.settings import environment_help
 
 from .config import ENV_PREFIX, AgentConfig
-from .slots import Slots
+from .slots import Slots, installed_models, model_dir
 from .version import agent_version
 
 CONFIG_ENV = "FLEET_AGENT_CONFIG"
@@ -78,21 +78,32 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+def _installed(config: AgentConfig) -> dict[str, Slots]:
+    """Each installed model's slots; a state directory an agent of one model left is read in place."""
+    state_dir = Path(config.state_dir)
+    found = {model: Slots(model_dir(state_dir, model)) for model in installed_models(state_dir)}
+    single = Slots(state_dir)
+    if not found and (single.active() or single.journal()):
+        active, journal = single.active(), single.journal()
+        found[active.meta.ref.model if active else (journal.desired.model if journal else None) or "model"] = single
+    return found
+
+
 def _status(config: AgentConfig) -> dict:
-    slots = Slots(config.state_dir)
-    active, previous, journal = slots.active(), slots.previous(), slots.journal()
-    return {
-        "device": config.device_id,
-        "active": active.meta.ref.to_dict() if active else None,
-        "previous": previous.meta.ref.to_dict() if previous else None,
-        "update": None if journal is None else {
-            "generation": journal.generation,
-            "state": journal.state.reported.value,
-            "model": journal.desired.model,
-            "version": journal.desired.version,
-            "detail": journal.detail,
-        },
-    }
+    models = {}
+    for model, slots in _installed(config).items():
+        active, previous, journal = slots.active(), slots.previous(), slots.journal()
+        models[model] = {
+            "active": active.meta.ref.to_dict() if active else None,
+            "previous": previous.meta.ref.to_dict() if previous else None,
+            "update": None if journal is None else {
+                "generation": journal.generation,
+                "state": journal.state.reported.value,
+                "version": journal.desired.version,
+                "detail": journal.detail,
+            },
+        }
+    return {"device": config.device_id, "models": models}
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -104,11 +115,17 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from .daemon import signal_running_agent
 
     config = _load_config(args.config or default_config())
-    slots = Slots(config.state_dir)
+    installed = _installed(config)
+    if args.model is None and len(installed) > 1:
+        raise CliError(f"this device serves {', '.join(sorted(installed))}: name one with --model")
+    model = args.model or next(iter(installed), "")
+    slots = installed.get(model)
+    if slots is None:
+        raise CliError(f"model {model!r} is not installed" if model else "no model is installed")
     before = slots.pointer()
     if slots.previous() is None:
-        raise CliError("no previous model is installed to roll back to")
-    if not signal_running_agent(config.state_dir):
+        raise CliError(f"no previous version of {model} is installed to roll back to")
+    if not signal_running_agent(config.state_dir, model):
         pointer = slots.rollback()
         _keep_owner(config.state_dir, slots.root / "pointer.json")
         print(f"active model is now {pointer.active} (served when the agent starts)")
@@ -141,7 +158,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench_command
 
     def active_model() -> Path:
-        active = Slots(_load_config(args.config or default_config()).state_dir).active()
+        installed = _installed(_load_config(args.config or default_config()))
+        if len(installed) > 1:
+            raise CliError(f"this device serves {', '.join(sorted(installed))}: pass the MODEL.onnx to benchmark")
+        active = next(iter(installed.values())).active() if installed else None
         if active is None:
             raise CliError("no model is installed yet; pass a MODEL.onnx to benchmark")
         return active.model
@@ -175,8 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(status)
     status.set_defaults(func=cmd_status)
 
-    rollback = sub.add_parser("rollback", help="reactivate the previous model now")
+    rollback = sub.add_parser("rollback", help="reactivate the previous version of a model now")
     _add_config(rollback)
+    rollback.add_argument("--model", help="the model to roll back (needed when the device serves several)")
     rollback.set_defaults(func=cmd_rollback)
 
     serve.build_parser(sub.add_parser("serve", help="serve one local ONNX model (no controller)"))

@@ -8,6 +8,7 @@ installed) is loaded and served at once; an interrupted update resumes.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -19,7 +20,7 @@ from pathlib import Path
 from edgefleet.common.errors import EdgefleetError
 from edgefleet.common.fs import atomic_write, read_json
 from edgefleet.common.hardware import HardwareProfile
-from edgefleet.common.protocol import ExecutionState, Heartbeat, SamplingPolicy
+from edgefleet.common.protocol import Action, Desired, DesiredSet, ExecutionState, Heartbeat, SamplingPolicy
 from edgefleet.common.retry import Backoff
 from edgefleet.common.systemd import sd_notify, watchdog_interval
 
@@ -32,10 +33,11 @@ from .link import AgentLink
 from .metrics import agent_registry
 from .probe import probe
 from .reconcile import Reconciler
-from .runtime import ModelRuntime, RuntimeOptions
+from .runtime import ModelRuntime, RuntimeOptions, rss_kb
 from .sampler import Sampler, controller_poster
 from .serve import InferenceServer, limits_for, start_grpc
 from .slots import Slots
+from .units import DeviceReport, ModelUnit, UnitLink, Units
 from .version import agent_version
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ TICK_S = 60.0        # a level-triggered pass runs at least this often
 UPLOAD_S = 60.0      # buffered samples are offered to the controller this often
 PING_EVERY_S = 1.0   # at most this often to the watchdog from inside a step
 PID_FILE = "agent.pid"
+ROLLBACK_FILE = "rollback.json"  # {"model": NAME}: which model `fleet-agent rollback` asked for
 LOOP_BACKOFF = Backoff(min_s=1.0, max_s=TICK_S)  # after the main loop raised: retry, never exit
 
 
@@ -104,30 +107,22 @@ class Agent:
         self.config = config
         state_dir = Path(config.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
-        self.slots = Slots(state_dir)
         self.boot = next_boot(state_dir)
         self.profile = hardware_profile(config)
-        self.runtime = ModelRuntime(RuntimeOptions.from_config(config, self.profile.providers))
-        journal = self.slots.journal()
-        self.sampler = Sampler(
-            journal.desired.sampling if journal else SamplingPolicy(), state_dir / "samples",
-            device=config.device_id, max_buffer_bytes=config.sample_buffer_bytes,
-        )
-        self.server = InferenceServer(
-            self.runtime, config.serve, config.max_request_bytes, on_inference=self.sampler.on_inference,
-            registry=agent_registry(self.runtime, config.device_id, agent_version(), self.slots, self.sampler),
-            limits=limits_for(config.max_batch_size),
-        )
+        self.runtime_options = RuntimeOptions.from_config(config, self.profile.providers)
         self.link = AgentLink(config, self.boot, self._on_desired)
+        self.report = DeviceReport(self.link, self.profile.to_dict(), agent_version())
         self.renewer = _renewer(config, self.link)
-        updater = ModelUpdater(
+        self.updater = ModelUpdater(
             state_dir / "tuf", config.tuf_metadata_url, config.tuf_target_base_url,
             fetcher=PingingFetcher(config.download_timeout_s, self._ping),
         )
-        self.inbox = Inbox(Director(state_dir, config.device_id, updater), self._refused)
-        self.reconciler = Reconciler(
-            self.slots, updater, self.runtime, self.link, self.profile,
-            agent_version=agent_version(), on_step=self._ping,
+        self.inbox = Inbox(Director(state_dir, config.device_id, self.updater), self._refused)
+        self.units = Units(state_dir, self._make_unit)
+        self.server = InferenceServer(
+            self.units.served, config.serve, config.max_request_bytes, on_inference=self.units.on_inference,
+            registry=agent_registry(self.units, config.device_id, agent_version()),
+            limits=limits_for(config.max_batch_size),
         )
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -135,6 +130,18 @@ class Agent:
         self._watchdog = watchdog_interval()
         self._last_ping = 0.0
         self._started = time.monotonic()
+
+    def _make_unit(self, model: str, directory: Path) -> ModelUnit:
+        slots = Slots(directory)
+        runtime = ModelRuntime(self.runtime_options)
+        journal = slots.journal()
+        sampler = Sampler(
+            journal.desired.sampling if journal else SamplingPolicy(), directory / "samples",
+            device=self.config.device_id, max_buffer_bytes=self.config.sample_buffer_bytes,
+        )
+        reconciler = Reconciler(slots, self.updater, runtime, UnitLink(model, self.link, self.report), self.profile,
+                                on_step=self._ping)
+        return ModelUnit(model, slots, runtime, sampler, reconciler)
 
     # --- callbacks from other threads and signals ---------------------------
 
@@ -162,9 +169,10 @@ class Agent:
 
     # --- lifecycle ------------------------------------------------------------
 
-    def serve_active(self) -> None:
-        if not serve_installed(self.slots, self.runtime):
-            log.warning("no installed model can be served yet; serving starts after the next successful update")
+    def serve_active(self, unit: ModelUnit) -> None:
+        if not serve_installed(unit.slots, unit.runtime):
+            log.warning("no installed version of %s can be served yet; it is served after its next successful update",
+                        unit.name)
 
     def run(self) -> int:
         pid_file = Path(self.config.state_dir) / PID_FILE
@@ -172,11 +180,12 @@ class Agent:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         signal.signal(signal.SIGUSR1, self._on_rollback_signal)
-        self.serve_active()
+        for unit in self.units:
+            self.serve_active(unit)
         self.server.start()
         try:
-            grpc_server = (start_grpc(self.runtime, self.config.serve_grpc, self.config.max_request_bytes,
-                                      limits_for(self.config.max_batch_size), self.sampler.on_inference)
+            grpc_server = (start_grpc(self.units.served, self.config.serve_grpc, self.config.max_request_bytes,
+                                      limits_for(self.config.max_batch_size), self.units.on_inference)
                            if self.config.serve_grpc else None)
         except BaseException:
             self.server.stop()
@@ -184,7 +193,9 @@ class Agent:
         if self.renewer is not None:
             self.renewer.start()
         self.link.start()
-        self.reconciler.announce()
+        self.report.publish()  # hardware and agent version, before any model has a unit
+        for unit in self.units:
+            unit.reconciler.announce()
         uploader = threading.Thread(target=self._upload_samples, name="sample-upload", daemon=True)
         uploader.start()
         sd_notify(f"READY=1\nSTATUS=serving on {self.server.url}")
@@ -200,7 +211,7 @@ class Agent:
             if grpc_server is not None:
                 grpc_server.stop()
             self.server.stop()
-            self.runtime.close()
+            self.units.served.close()
             pid_file.unlink(missing_ok=True)
         return 0
 
@@ -233,31 +244,60 @@ class Agent:
             self._wake.wait(max(0.0, timeout))
 
     def _pass(self) -> float:
-        """One reconcile pass; seconds until the next. What it raises fails the execution in
-        progress with its reason (reported), and the next pass waits a growing backoff."""
+        """One reconcile pass over every model; seconds until the next."""
         try:
             desired, again = self.inbox.take()
-            if desired is not None:
-                self.sampler.set_policy(desired.sampling)
-            delay = self.reconciler.run_pass(desired)
         except EdgefleetError as e:  # e.g. the disk is full: keep serving, try again later
-            log.error("reconcile pass failed: %s", e)
+            log.error("reading the desired state failed: %s", e)
+            return TICK_S
+        delays = [TICK_S if again is None else again]
+        for unit, entry in self._work(desired):
+            if entry is not None:
+                unit.sampler.set_policy(entry.sampling)
+            delays.append(self._unit_pass(unit, entry))
+        return min(delays)
+
+    def _work(self, desired: DesiredSet | None) -> list[tuple[ModelUnit, Desired | None]]:
+        """Each unit with its entry of ``desired``; an install of a new model makes its unit."""
+        entries = {e.model: e for e in desired.models if e.model} if desired is not None else {}
+        for model, entry in entries.items():
+            if entry.action is Action.INSTALL:
+                self.units.ensure(model)
+        return [(unit, entries.get(unit.name)) for unit in self.units]
+
+    def _unit_pass(self, unit: ModelUnit, entry: Desired | None) -> float:
+        """One model's pass; what it raises fails that model's execution in progress with its
+        reason (reported), and the next pass waits a growing backoff."""
+        try:
+            delay = unit.reconciler.run_pass(entry)
+        except EdgefleetError as e:  # e.g. the disk is full: keep serving, try again later
+            log.error("reconcile pass of %s failed: %s", unit.name, e)
             return TICK_S
         except Exception as e:  # a bug: not met again on every pass
-            self.reconciler.fail(e)
+            unit.reconciler.fail(e)
             raise
-        return min(TICK_S if delay is None else delay, TICK_S if again is None else again)
+        return TICK_S if delay is None else delay
 
     def _local_rollback(self) -> None:
         """`fleet-agent rollback` asked for it: the agent flips its own slots (its files stay its own)."""
+        request = Path(self.config.state_dir) / ROLLBACK_FILE
+        asked = read_json(request)
+        request.unlink(missing_ok=True)
+        model = asked.get("model") if isinstance(asked, dict) else None
+        units = list(self.units)
+        unit = self.units.get(model) if isinstance(model, str) else (units[0] if len(units) == 1 else None)
+        if unit is None:
+            log.error("local rollback refused: %s", f"no model {model!r} is installed" if model
+                      else f"name the model to roll back ({', '.join(u.name for u in units) or 'none installed'})")
+            return
         try:
-            pointer = self.slots.rollback()
+            pointer = unit.slots.rollback()
         except EdgefleetError as e:
-            log.error("local rollback refused: %s", e)
+            log.error("local rollback of %s refused: %s", unit.name, e)
             return
         log.info("local rollback: %s is active again", pointer.active)
-        self.serve_active()
-        self.reconciler.report()
+        self.serve_active(unit)
+        unit.reconciler.report()
 
     def _upload_samples(self) -> None:
         """Its own thread: an upload waiting on a slow link must not hold up reconcile or the watchdog."""
@@ -265,21 +305,24 @@ class Agent:
             return
         post = controller_poster(self.config.controller_url, self.config.device_id, self.config.device_token)
         while not self._stop.wait(UPLOAD_S):
-            self.sampler.upload_pending(post)
+            for unit in self.units:
+                unit.sampler.upload_pending(post)
 
     def _heartbeat(self) -> None:
-        active = self.runtime.active
+        units = list(self.units)
+        served = [unit.runtime.active for unit in units]
         self.link.telemetry(Heartbeat(
             uptime_s=round(time.monotonic() - self._started, 1),
-            active=active.ref if active is not None else None,
-            counters=self.runtime.counters(),
-            rss_kb=_rss_kb(),
-            samples_pending=len(self.sampler.pending()),
-            samples_dropped=self.sampler.dropped,
+            active=tuple(loaded.ref for loaded in served if loaded is not None and loaded.ref is not None),
+            counters=self.units.served.counters(),
+            rss_kb=rss_kb(),
+            samples_pending=sum(len(unit.sampler.pending()) for unit in units),
+            samples_dropped=sum(unit.sampler.dropped for unit in units),
         ))
-        counters = self.runtime.active_counters()
-        if counters is not None:  # the rollout's error-rate gate reads these, per model version
-            self.link.telemetry(counters)
+        for unit in units:  # the rollout's error-rate gate reads these, per model version
+            counters = unit.runtime.active_counters()
+            if counters is not None:
+                self.link.telemetry(counters)
 
 
 def _renewer(config: AgentConfig, link: AgentLink) -> Renewer | None:
@@ -292,24 +335,14 @@ def _renewer(config: AgentConfig, link: AgentLink) -> Renewer | None:
     return Renewer(config.controller_url, config.device_id, config.device_token, files, link.reload_identity)
 
 
-def _rss_kb() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def signal_running_agent(state_dir: Path) -> bool:
-    """Ask a running agent to roll back to its previous slot; False when no agent runs."""
+def signal_running_agent(state_dir: Path, model: str) -> bool:
+    """Ask a running agent to roll ``model`` back to its previous slot; False when no agent runs."""
     try:
         pid = int((Path(state_dir) / PID_FILE).read_text())
         # a pid file left by a killed agent may name an unrelated process now
         if b"fleet-agent" not in Path(f"/proc/{pid}/cmdline").read_bytes():
             return False
+        atomic_write(Path(state_dir) / ROLLBACK_FILE, json.dumps({"model": model}).encode())
         os.kill(pid, signal.SIGUSR1)
     except (OSError, ValueError):
         return False

@@ -26,9 +26,7 @@ from ._proto import grpc_predict_v2_pb2 as pb
 from .errors import AgentError, ModelError, RequestError
 from .oip import (
     OnInference,
-    UnknownModel,
     check_tensor,
-    find_model,
     from_bytes,
     from_values,
     model_metadata,
@@ -37,6 +35,7 @@ from .oip import (
 )
 from .runtime import LoadedModel, ModelRuntime, NotServingError
 from .serve import EXTENSIONS, SERVER_NAME, SERVER_VERSION
+from .served import NotLoaded, ServedModels, UnknownModel
 
 log = logging.getLogger(__name__)  # unexpected errors, with their traceback
 
@@ -60,8 +59,8 @@ class _Abort(Exception):
 class _Service:
     """The calls; each one a plain function of the request (errors raised as _Abort)."""
 
-    def __init__(self, runtime: ModelRuntime, max_request_bytes: int, on_inference: OnInference | None) -> None:
-        self.runtime = runtime
+    def __init__(self, models: ServedModels, max_request_bytes: int, on_inference: OnInference | None) -> None:
+        self.models = models
         self.max_request_bytes = max_request_bytes
         self.on_inference = on_inference
 
@@ -69,7 +68,7 @@ class _Service:
         return pb.ServerLiveResponse(live=True)
 
     def server_ready(self, _: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.runtime.active is not None)
+        return pb.ServerReadyResponse(ready=self.models.ready)
 
     def server_metadata(self, _: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
@@ -93,7 +92,7 @@ class _Service:
         """The answer, and what to run once it is sent (the sampling hook)."""
         names = _outputs(request, self._model(request.model_name, request.model_version))  # before running
         inputs = self._inputs(request)
-        outputs, loaded = self.runtime.infer(inputs)
+        outputs, loaded = self.models.runtime(request.model_name).infer(inputs)
         names = _outputs(request, loaded)  # again for the model that answered: a swap may have come between
         specs = loaded.output_specs
         response = pb.ModelInferResponse(model_name=loaded.name, model_version=loaded.version, id=request.id)
@@ -126,9 +125,9 @@ class _Service:
 
     def _model(self, name: str, version: str) -> LoadedModel:
         try:
-            return find_model(self.runtime, name, version)
+            return self.models.find(name, version)
         except UnknownModel as e:
-            code = grpc.StatusCode.UNAVAILABLE if self.runtime.active is None else grpc.StatusCode.NOT_FOUND
+            code = grpc.StatusCode.UNAVAILABLE if isinstance(e, NotLoaded) else grpc.StatusCode.NOT_FOUND
             raise _Abort(code, str(e)) from None
 
 
@@ -197,10 +196,10 @@ class GrpcServer:
     client's next call while the server still counts its last one as running.)
     """
 
-    def __init__(self, runtime: ModelRuntime, address: str, max_request_bytes: int, max_calls: int = 4,
+    def __init__(self, models: ServedModels | ModelRuntime, address: str, max_request_bytes: int, max_calls: int = 4,
                  on_inference: OnInference | None = None) -> None:
         self.address = address
-        self._service = _Service(runtime, max_request_bytes, on_inference)
+        self._service = _Service(ServedModels.of(models), max_request_bytes, on_inference)
         self._max_request_bytes = max_request_bytes
         self._max_calls = max_calls
         self._server: grpc.Server | None = None

@@ -188,9 +188,9 @@ class AgentLink:
 
     # --- outgoing -----------------------------------------------------------
 
-    def report(self, generation: int, **fields: Any) -> Reported:
-        """Publish what the device runs now (retained): active, previous, hardware, agent_version."""
-        return self._send(Channel.REPORTED, Reported, retain=True, generation=generation, **fields)
+    def report(self, **fields: Any) -> Reported:
+        """Publish what the device runs now (retained): models, hardware, agent_version."""
+        return self._send(Channel.REPORTED, Reported, retain=True, **fields)
 
     def event(self, state: ExecutionState, **fields: Any) -> Event:
         """Publish one execution transition; ``generation`` is required, the rest as in protocol.Event."""

@@ -16,28 +16,12 @@ import numpy as np
 
 from edgefleet.common import jsonlimit
 
-from .errors import AgentError, RequestError
-from .runtime import DATATYPES, LoadedModel, ModelRuntime
+from .errors import RequestError
+from .runtime import DATATYPES, LoadedModel
 
 log = logging.getLogger(__name__)
 
 OnInference = Callable[[dict[str, np.ndarray], dict[str, np.ndarray], LoadedModel], None]
-
-
-class UnknownModel(AgentError):
-    """The request names a model or version this server does not serve (404, NOT_FOUND)."""
-
-
-def find_model(runtime: ModelRuntime, name: str, version: str | None) -> LoadedModel:
-    """The active model if it is ``name`` (and ``version``, when given), else UnknownModel."""
-    loaded = runtime.active
-    if loaded is None:
-        raise UnknownModel(f"model {name!r} is not loaded (no model is active)")
-    if name != loaded.name:
-        raise UnknownModel(f"unknown model {name!r}; this server serves {loaded.name!r}")
-    if version and version != loaded.version:
-        raise UnknownModel(f"model {name!r} has no version {version!r}; serving {loaded.version!r}")
-    return loaded
 
 
 def notify(hook: OnInference | None, inputs: dict, outputs: dict, loaded: LoadedModel) -> None:

@@ -83,7 +83,6 @@ class Reconciler:
         runtime: ModelRuntime,
         link: Link,
         profile: HardwareProfile,
-        agent_version: str = "",
         backoff: Backoff = RETRY_BACKOFF,
         on_step: Callable[[], None] = lambda: None,
     ) -> None:
@@ -92,7 +91,6 @@ class Reconciler:
         self.runtime = runtime
         self.link = link
         self.profile = profile
-        self.agent_version = agent_version
         self.backoff = backoff
         self._attempts = 0      # consecutive retries of the current step
         self._resumed = False   # the first pass of this process resumes an interrupted step
@@ -351,14 +349,13 @@ class Reconciler:
     def _report(self, journal: Journal | None) -> None:
         """Announce what runs, and how the last execution ended once it has (the controller settles
         the execution from this report when its events were lost on the way)."""
-        active, previous = self.slots.active(), self.slots.previous()
+        active, previous, loaded = self.slots.active(), self.slots.previous(), self.runtime.active
         self.link.report(
             generation=journal.generation if journal else 0,
             outcome=journal.state.reported if journal is not None and journal.state.terminal else None,
             active=active.meta.ref if active else None,
             previous=previous.meta.ref if previous else None,
-            hardware=self.profile.to_dict(),
-            agent_version=self.agent_version,
+            memory_kb=loaded.memory_kb if loaded is not None else None,
         )
 
     def report(self) -> None:

@@ -146,11 +146,13 @@ class LoadedModel:
     and its last in-flight request has finished.
     """
 
-    def __init__(self, session: ort.InferenceSession, path: Path, ref: ModelRef | None, load_ms: float) -> None:
+    def __init__(self, session: ort.InferenceSession, path: Path, ref: ModelRef | None, load_ms: float,
+                 memory_kb: int | None = None) -> None:
         self.session = session
         self.path = path
         self.ref = ref
         self.load_ms = load_ms  # untimed-phase figure for the benchmark's cold start
+        self.memory_kb = memory_kb  # resident memory the process grew by while the session was created
         self.size_bytes = path.stat().st_size
         self.provider = session.get_providers()[0]
         inputs = [_spec(a) for a in session.get_inputs()]
@@ -294,6 +296,18 @@ class SwapOutcome:
     preserved: bool  # True: requests were held while the old session made room for the new one
 
 
+def rss_kb() -> int | None:
+    """This process's resident memory (VmRSS), None where /proc does not tell."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def available_memory() -> int:
     """MemAvailable in bytes (0 when unknown, which forces a resource-preserving swap)."""
     try:
@@ -330,12 +344,14 @@ class ModelRuntime:
         path = Path(path)
         available = ort.get_available_providers()
         providers = [p for p in self.options.providers if p in available] or ["CPUExecutionProvider"]
-        started = time.perf_counter()
+        started, rss_before = time.perf_counter(), rss_kb()
         try:
             session = ort.InferenceSession(str(path), self.options.session_options(), providers=providers)
         except Exception as e:  # ORT raises many unrelated types for one failure
             raise ModelError(f"cannot load model {path.name}: {_first_line(e)}") from e
-        loaded = LoadedModel(session, path, ref, (time.perf_counter() - started) * 1000.0)
+        rss_after = rss_kb()
+        memory_kb = max(0, rss_after - rss_before) if rss_before is not None and rss_after is not None else None
+        loaded = LoadedModel(session, path, ref, (time.perf_counter() - started) * 1000.0, memory_kb)
         if self.options.batching is not None:
             if loaded.batchable:
                 loaded.batcher = Batcher(loaded.run_feed, self.options.batching)

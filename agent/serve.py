@@ -42,15 +42,14 @@ from .config import AgentConfig
 from .errors import AgentError, ModelError, RequestError
 from .oip import (
     OnInference,
-    UnknownModel,
     decode_request,
     encode_response,
-    find_model,
     model_metadata,
     notify,
     requested_outputs,
 )
 from .runtime import LoadedModel, ModelRuntime, NotServingError, RuntimeOptions
+from .served import ServedModels, UnknownModel
 
 if TYPE_CHECKING:
     from .grpc_serve import GrpcServer  # needs the grpc extra: imported when asked for
@@ -250,11 +249,10 @@ class _Handler(socketserver.BaseRequestHandler):
             self.request.sendall(body)
 
     def _get(self, path: str) -> Answer:
-        runtime = self.server.runtime
         if path == "/v2/health/live":
             return HTTPStatus.OK, b'{"live":true}', ""
         if path == "/v2/health/ready":
-            ready = runtime.active is not None
+            ready = self.server.models.ready
             return (HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE), _json({"ready": ready}), ""
         if path == "/v2":
             return HTTPStatus.OK, _json({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}), ""
@@ -275,6 +273,7 @@ class _Handler(socketserver.BaseRequestHandler):
         if not match or match["action"] != "/infer":
             raise HTTPError(HTTPStatus.NOT_FOUND, f"no such endpoint {head.path} (POST /v2/models/NAME/infer)")
         self._model(match["name"], match["version"])  # 404 before reading a body meant for another model
+        runtime = self.server.models.runtime(match["name"])
         length = self._body_length(head.headers)
         server = self.server
         limits = server.limits
@@ -289,7 +288,7 @@ class _Handler(socketserver.BaseRequestHandler):
             except ValueError:
                 raise RequestError(f"Inference-Header-Content-Length {header_length!r} is not an integer") from None
             request, inputs = decode_request(body, json_length, server.max_request_bytes)
-            outputs, loaded = server.runtime.infer(inputs)
+            outputs, loaded = runtime.infer(inputs)
         finally:
             server.bodies.release()
         answer, binary_length = encode_response(request, loaded, outputs, requested_outputs(request, loaded))
@@ -301,7 +300,7 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def _model(self, name: str, version: str | None) -> LoadedModel:
         try:
-            return find_model(self.server.runtime, name, version)
+            return self.server.models.find(name, version)
         except UnknownModel as e:
             raise HTTPError(HTTPStatus.NOT_FOUND, str(e)) from None
 
@@ -372,17 +371,17 @@ def _error(message: str) -> bytes:
 class _ServerMixin:
     """What the handler needs from its server, for both socket families."""
 
-    runtime: ModelRuntime
+    models: ServedModels
     max_request_bytes: int
     on_inference: OnInference | None
     limits: ConnectionLimits
     metrics: CollectorRegistry
 
     def setup_server(
-        self, runtime: ModelRuntime, max_request_bytes: int, on_inference: OnInference | None, limits: ConnectionLimits,
+        self, models: ServedModels, max_request_bytes: int, on_inference: OnInference | None, limits: ConnectionLimits,
         registry: CollectorRegistry,
     ) -> None:
-        self.runtime = runtime
+        self.models = models
         self.metrics = registry
         self.max_request_bytes = max_request_bytes
         self.on_inference = on_inference
@@ -438,24 +437,24 @@ class _TCP6Server(_TCPServer):
 
 
 class InferenceServer:
-    """The OIP server on ``address`` (``HOST:PORT`` or ``unix:/path``) for ``runtime.active``,
-    and ``GET /metrics``: ``registry``, else the runtime's inference metrics."""
+    """The OIP server on ``address`` (``HOST:PORT`` or ``unix:/path``) for ``models`` (each by its
+    name; or one runtime), and ``GET /metrics``: ``registry``, else the models' inference metrics."""
 
     def __init__(
         self,
-        runtime: ModelRuntime,
+        models: ServedModels | ModelRuntime,
         address: str = DEFAULT_SERVE_ADDRESS,
         max_request_bytes: int = AgentConfig.max_request_bytes,
         on_inference: OnInference | None = None,
         limits: ConnectionLimits = ConnectionLimits(),
         registry: CollectorRegistry | None = None,
     ) -> None:
-        self.runtime = runtime
+        self.models = ServedModels.of(models)
         self.address = address
         self.max_request_bytes = max_request_bytes
         self.on_inference = on_inference
         self.limits = limits
-        self.registry = registry or metrics.registry(metrics.InferenceCollector(runtime))
+        self.registry = registry or metrics.registry(metrics.InferenceCollector(self.models))
         self._server: _TCPServer | _UnixServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -483,7 +482,7 @@ class InferenceServer:
             raise AgentError(
                 f"cannot serve on {self.address}: {e}; use HOST:PORT or unix:/path with a free address"
             ) from e
-        server.setup_server(self.runtime, self.max_request_bytes, self.on_inference, self.limits, self.registry)
+        server.setup_server(self.models, self.max_request_bytes, self.on_inference, self.limits, self.registry)
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="oip-server", daemon=True)
         self._thread.start()
@@ -564,7 +563,7 @@ def limits_for(max_batch_size: int) -> ConnectionLimits:
     return ConnectionLimits(max_bodies=max(ConnectionLimits.max_bodies, max_batch_size))
 
 
-def start_grpc(runtime: ModelRuntime, address: str, max_request_bytes: int, limits: ConnectionLimits,
+def start_grpc(models: ServedModels | ModelRuntime, address: str, max_request_bytes: int, limits: ConnectionLimits,
                on_inference: OnInference | None = None) -> GrpcServer:
     """The gRPC front end on ``address``, started; AgentError when grpcio is not installed."""
     try:
@@ -572,7 +571,7 @@ def start_grpc(runtime: ModelRuntime, address: str, max_request_bytes: int, limi
     except ImportError as e:
         raise AgentError(f"gRPC serving needs the agent's grpc extra ({e.name} is missing): "
                          "pip install 'edgefleet[agent,grpc]'") from e
-    server = GrpcServer(runtime, address, max_request_bytes, limits.max_bodies, on_inference)
+    server = GrpcServer(models, address, max_request_bytes, limits.max_bodies, on_inference)
     server.start()
     return server
 

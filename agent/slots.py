@@ -1,6 +1,8 @@
 """Installed model versions on disk, switched atomically.
 
-Layout under ``state_dir``::
+Each model a device serves has its own directory, ``models/<model>/``; an agent of one
+model kept that model's files in the state directory itself, and the first start of this
+one moves them (:func:`adopt_single_model_layout`). Layout under a model's directory::
 
     slots/<name>/model.onnx, golden.npz, meta.json   one installed, verified version
     slots/.staging/<name>/                           downloads in progress
@@ -16,6 +18,7 @@ verified version. Every write is temp + fsync + ``os.replace`` + fsync(dir).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -30,7 +33,7 @@ from edgefleet.common.fs import (
     read_json,
     storage_error,
 )
-from edgefleet.common.protocol import Action, Desired, ModelRef, TargetInfo
+from edgefleet.common.protocol import NAME, Action, Desired, ModelRef, TargetInfo
 
 from .errors import AgentError
 from .state import Journal, State
@@ -40,6 +43,8 @@ GOLDEN_FILE = "golden.npz"
 META_FILE = "meta.json"
 STAGING = ".staging"
 TRASH = ".trash-"  # a directory being deleted; never a slot
+
+log = logging.getLogger(__name__)
 
 
 def slot_name(ref: ModelRef) -> str:
@@ -304,3 +309,61 @@ class Slots:
 
     def save_journal(self, journal: Journal) -> None:
         self._write(self.state_dir / "journal.json", journal.to_json())
+
+
+# --- one directory per model ---------------------------------------------
+
+MODELS_DIR = "models"
+MOVING_FILE = "models-moving.json"  # the model the single-model files are being moved under
+SINGLE_MODEL_FILES = ("slots", "journal.json", "releases.json", "samples")
+
+
+def model_dir(state_dir: Path, model: str) -> Path:
+    return Path(state_dir) / MODELS_DIR / model
+
+
+def installed_models(state_dir: Path) -> list[str]:
+    """The models that have a directory here, by name."""
+    root = Path(state_dir) / MODELS_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and NAME.match(p.name))
+
+
+def adopt_single_model_layout(state_dir: Path) -> str | None:
+    """Move a single-model agent's files under ``models/<model>/``; the model moved, if any.
+
+    Each file moves by one rename, and the model's name is written down first, so a power
+    cut at any instant resumes the move at the next start with the files where they were.
+    """
+    state_dir = Path(state_dir)
+    marker = state_dir / MOVING_FILE
+    noted = read_json(marker)
+    model = noted.get("model") if isinstance(noted, dict) else None
+    if not isinstance(model, str) or not NAME.match(model):
+        model = _single_model_name(state_dir)
+        if model is None:
+            return None
+        atomic_write(marker, f'{{"model": "{model}"}}'.encode())
+    target = model_dir(state_dir, model)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in SINGLE_MODEL_FILES:
+        if (state_dir / name).exists() and not (target / name).exists():
+            os.replace(state_dir / name, target / name)
+    fsync_dir(target)
+    marker.unlink()
+    fsync_dir(state_dir)
+    log.info("moved the installed model %s under %s", model, target)
+    return model
+
+
+def _single_model_name(state_dir: Path) -> str | None:
+    """The model a single-model state directory holds: its active slot's, else its journal's."""
+    slots = Slots(state_dir)
+    if not (state_dir / "slots").is_dir() and not (state_dir / "journal.json").exists():
+        return None
+    for slot in (slots.active(), slots.previous()):
+        if slot is not None:
+            return slot.meta.ref.model
+    journal = slots.journal()
+    return journal.desired.model if journal is not None else None

@@ -26,11 +26,14 @@ from edgefleet.agent.fetch import ModelUpdater, RangeFetcher
 from edgefleet.agent.reconcile import Reconciler
 from edgefleet.agent.sampler import Sampler, controller_poster
 from edgefleet.agent.slots import Slots
+from edgefleet.agent.units import DeviceReport, ModelUnit, UnitLink, Units
 from edgefleet.agent.version import agent_version
 from edgefleet.common.errors import EdgefleetError
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.mqtt import BrokerURL
 from edgefleet.common.protocol import (
+    Action,
+    Desired,
     Event,
     ExecutionState,
     Heartbeat,
@@ -74,23 +77,32 @@ class _Incarnation:
     def __init__(self, device: SimDevice) -> None:
         config, shared = device.config, device.shared
         self.boot = next_boot(Path(config.state_dir))
-        self.slots = Slots(Path(config.state_dir))
-        self.runtime = SimRuntime(shared.sessions, lambda: device.faults)
-        updater = ModelUpdater(
+        self.updater = ModelUpdater(
             Path(config.state_dir) / "tuf", config.tuf_metadata_url, config.tuf_target_base_url,
             config.download_timeout_s, fetcher=FaultyFetcher(shared.fetcher, lambda: device.faults),
         )
         # as the daemon wires it; memory (what was received, what was admitted) dies with the incarnation
-        self.inbox = Inbox(Director(Path(config.state_dir), config.device_id, updater), self._refused)
+        self.inbox = Inbox(Director(Path(config.state_dir), config.device_id, self.updater), self._refused)
         self.link = SimLink(shared.loop, config, shared.broker, self.boot, self._on_desired, shared.session_expiry_s)
+        self.report = DeviceReport(self.link, device.profile.to_dict(), agent_version())
+        self._recording = _Recording(self.link, device)
         self._device = device
-        self.reconciler = Reconciler(
-            self.slots, updater, self.runtime, _Recording(self.link, device), device.profile,
-            agent_version=agent_version(), on_step=device.check_power,
-        )
+        self.units = Units(Path(config.state_dir), self._make_unit)
         self.traffic = self._traffic(device, shared.traffic) if shared.traffic is not None else None
         self.started = time.monotonic()
         self.alive = True
+
+    def _make_unit(self, model: str, directory: Path) -> ModelUnit:
+        """As the daemon makes one; the sampler resumes its on-disk buffer under the journal's policy."""
+        device, config = self._device, self._device.config
+        slots = Slots(directory)
+        runtime = SimRuntime(device.shared.sessions, lambda: device.faults)
+        journal = slots.journal()
+        sampler = Sampler(journal.desired.sampling if journal else SamplingPolicy(), directory / "samples",
+                          device=config.device_id, max_buffer_bytes=config.sample_buffer_bytes)
+        reconciler = Reconciler(slots, self.updater, runtime, UnitLink(model, self._recording, self.report),
+                                device.profile, on_step=device.check_power)
+        return ModelUnit(model, slots, runtime, sampler, reconciler)
 
     def _on_desired(self, raw: bytes) -> None:
         self.inbox.put(raw)
@@ -101,16 +113,21 @@ class _Incarnation:
                         detail=f"desired state refused: {reason}"[:2000])
 
     def _traffic(self, device: SimDevice, traffic: Traffic) -> DeviceTraffic:
-        """As the daemon wires it: the sampler resumes its on-disk buffer under the journal's policy."""
-        config, journal = device.config, self.slots.journal()
-        sampler = Sampler(journal.desired.sampling if journal else SamplingPolicy(), Path(config.state_dir) / "samples",
-                          device=config.device_id, max_buffer_bytes=config.sample_buffer_bytes)
+        config = device.config
         post = controller_poster(config.controller_url, config.device_id, config.device_token,
                                  UPLOAD_TIMEOUT_S) if config.device_token else None
-        return DeviceTraffic(traffic, config.device_id, self.runtime, sampler, post)
+        return DeviceTraffic(traffic, config.device_id, self.units, post)
 
     def serve_active(self) -> None:
-        serve_installed(self.slots, self.runtime)
+        for unit in self.units:
+            serve_installed(unit.slots, unit.runtime)
+
+    def work(self, entries: dict[str, Desired]) -> list[tuple[ModelUnit, Desired | None]]:
+        """Each unit with its desired entry; an install of a new model makes its unit (as the daemon)."""
+        for model, entry in entries.items():
+            if entry.action is Action.INSTALL:
+                self.units.ensure(model)
+        return [(unit, entries.get(unit.name)) for unit in self.units]
 
 
 class _Recording:
@@ -119,7 +136,6 @@ class _Recording:
     def __init__(self, link: SimLink, device: SimDevice) -> None:
         self._link = link
         self._device = device
-        self.report = link.report
         self.telemetry = link.telemetry
 
     def event(self, state: ExecutionState, **fields: Any) -> Event:
@@ -158,8 +174,8 @@ class SimDevice:
         return self._life is not None and self._life.link.connected
 
     @property
-    def runtime(self) -> SimRuntime | None:
-        return self._life.runtime if self._life is not None else None
+    def units(self) -> Units | None:
+        return self._life.units if self._life is not None else None
 
     def start(self) -> None:
         """Boot from the state directory: serve what is installed, connect, resume any update."""
@@ -167,7 +183,9 @@ class SimDevice:
         self._life = life
         life.serve_active()
         life.link.start()
-        life.reconciler.report()
+        life.report.publish()
+        for unit in life.units:
+            unit.reconciler.report()
         self.shared.workers.wake(self)  # a pass at once: it resumes an interrupted update
         # spread over the interval: a fleet started together must not heartbeat in lock-step
         first = random.uniform(0.0, self.shared.heartbeat_s)
@@ -184,7 +202,7 @@ class SimDevice:
             return
         life.alive = False
         life.link.stop(after=done, forget=forget)
-        life.runtime.close()
+        life.units.served.close()
 
     def power_cut(self) -> None:
         """Drop the device now, wherever it is: no goodbye, nothing cleaned up; boot again later."""
@@ -209,8 +227,7 @@ class SimDevice:
         life = self._life
         if at is None or life is None:
             return
-        journal = life.slots.journal()
-        if journal is not None and journal.state.value == at:
+        if any((journal := unit.slots.journal()) is not None and journal.state.value == at for unit in life.units):
             self.faults.clear_power_cut()
             raise PowerCut(f"power cut in {at}")
 
@@ -219,40 +236,48 @@ class SimDevice:
         life = self._life
         if life is None or not life.alive:
             return None
-        again = None
         try:
             desired, again = life.inbox.take()
-            if desired is not None and life.traffic is not None:
-                life.traffic.sampler.set_policy(desired.sampling)
-            delay = life.reconciler.run_pass(desired)
-        except PowerCut as cut:
-            log.info("%s: %s", self.id, cut)
-            if self._life is life:
-                self.faults.clear_power_cut()
-                self.power_cut()
-            return None
-        except EdgefleetError as e:  # e.g. the disk is full: keep serving, try again later
-            log.error("%s: reconcile pass failed: %s", self.id, e)
-            delay = TICK_S
-        except Exception as e:  # the daemon's last resort: the execution fails, the device keeps serving
-            log.exception("%s: reconcile pass failed unexpectedly", self.id)
-            life.reconciler.fail(e)
-            delay = TICK_S
-        return min(TICK_S if delay is None else delay, TICK_S if again is None else again)
+        except EdgefleetError as e:
+            log.error("%s: reading the desired state failed: %s", self.id, e)
+            return TICK_S
+        delays = [TICK_S if again is None else again]
+        entries = {e.model: e for e in desired.models if e.model} if desired is not None else {}
+        for unit, entry in life.work(entries):
+            if entry is not None:
+                unit.sampler.set_policy(entry.sampling)
+            try:
+                delay = unit.reconciler.run_pass(entry)
+            except PowerCut as cut:
+                log.info("%s: %s", self.id, cut)
+                if self._life is life:
+                    self.faults.clear_power_cut()
+                    self.power_cut()
+                return None
+            except EdgefleetError as e:  # e.g. the disk is full: keep serving, try again later
+                log.error("%s: reconcile pass of %s failed: %s", self.id, unit.name, e)
+                delay = TICK_S
+            except Exception as e:  # the daemon's last resort: the execution fails, the device keeps serving
+                log.exception("%s: reconcile pass of %s failed unexpectedly", self.id, unit.name)
+                unit.reconciler.fail(e)
+                delay = TICK_S
+            delays.append(TICK_S if delay is None else delay)
+        return min(delays)
 
     def _heartbeat(self, life: _Incarnation) -> None:
         if not life.alive or self._life is not life:
             return
-        active = life.runtime.active
         if life.link.connected:  # as AgentLink's offline queue drops telemetry first, don't pile it up
+            served = [unit.runtime.active for unit in life.units]
             life.link.telemetry(Heartbeat(
                 uptime_s=round(time.monotonic() - life.started, 1),
-                active=active.ref if active is not None else None,
-                counters=life.runtime.counters(),
+                active=tuple(loaded.ref for loaded in served if loaded is not None and loaded.ref is not None),
+                counters=life.units.served.counters(),
             ))
-            counters = life.runtime.active_counters()
-            if counters is not None:  # as the daemon sends them: the rollout's error-rate gate reads these
-                life.link.telemetry(counters)
+            for unit in life.units:  # as the daemon sends them: the rollout's error-rate gate reads these
+                counters = unit.runtime.active_counters()
+                if counters is not None:
+                    life.link.telemetry(counters)
         self.shared.loop.call_later(self.shared.heartbeat_s, lambda: self._heartbeat(life))
 
     def _traffic_tick(self, life: _Incarnation) -> None:

@@ -31,12 +31,12 @@ import numpy as np
 from edgefleet.agent.errors import ModelError
 from edgefleet.agent.runtime import (
     LoadedModel,
-    ModelRuntime,
     NotServingError,
     TensorSpec,
 )
-from edgefleet.agent.sampler import Post, Sampler
+from edgefleet.agent.sampler import Post
 from edgefleet.agent.slots import GOLDEN_FILE
+from edgefleet.agent.units import Units
 from edgefleet.common.errors import EdgefleetError, GoldenFormatError
 from edgefleet.common.golden import GoldenSet
 
@@ -154,17 +154,16 @@ class Traffic:
 
 
 class DeviceTraffic:
-    """One device incarnation's requests, sampling and uploads (driven by ``tick`` on the network loop)."""
+    """One device incarnation's requests, sampling and uploads (driven by ``tick`` on the network loop).
+    The requests go to the models the device serves in turn."""
 
-    def __init__(self, traffic: Traffic, device_id: str, runtime: ModelRuntime, sampler: Sampler,
-                 post: Post | None) -> None:
+    def __init__(self, traffic: Traffic, device_id: str, units: Units, post: Post | None) -> None:
         self.traffic = traffic
         self.device_id = device_id
-        self.runtime = runtime
-        self.sampler = sampler
+        self.units = units
         self.post = post
         self._rng = random.Random(f"{traffic.config.seed}:{device_id}")
-        self._source: tuple[LoadedModel, InputSource] | None = None
+        self._sources: dict[str, tuple[LoadedModel, InputSource]] = {}
         self._owed = 0.0
         self._serving = False
         self._uploading = False
@@ -189,23 +188,22 @@ class DeviceTraffic:
 
     def _serve(self, count: int) -> None:
         try:
-            loaded = self.runtime.active
-            if loaded is None:
-                return
-            source = self._inputs(loaded)
+            serving = [(unit, loaded) for unit in self.units if (loaded := unit.runtime.active) is not None]
             served = failures = 0
-            for _ in range(count):
-                inputs = source.take()
-                try:
-                    outputs, used = self.runtime.infer(inputs)
-                except NotServingError:
-                    break  # mid-swap or nothing loaded: the rest does not reach a model
-                except ModelError:
-                    served, failures = served + 1, failures + 1  # the runtime counts it as this model's failure
-                    continue
-                served += 1
-                if used.ref is not None:
-                    self.sampler.observe(inputs, outputs, used.ref)
+            for i, (unit, loaded) in enumerate(serving):
+                source = self._inputs(loaded)
+                for _ in range(count // len(serving) + (i < count % len(serving))):
+                    inputs = source.take()
+                    try:
+                        outputs, used = unit.runtime.infer(inputs)
+                    except NotServingError:
+                        break  # mid-swap or nothing loaded: the rest does not reach a model
+                    except ModelError:
+                        served, failures = served + 1, failures + 1  # the runtime counts it as this model's failure
+                        continue
+                    served += 1
+                    if used.ref is not None:
+                        unit.sampler.observe(inputs, outputs, used.ref)
             self.traffic.count(requests=served, failures=failures)
         except (EdgefleetError, OSError) as e:  # e.g. a full disk under the sample buffer
             log.warning("%s: traffic batch stopped: %s", self.device_id, e)
@@ -215,7 +213,7 @@ class DeviceTraffic:
     def _upload(self) -> None:
         try:
             assert self.post is not None  # an upload is only started with a poster
-            self.traffic.count(samples_uploaded=self.sampler.upload_pending(self.post))
+            self.traffic.count(samples_uploaded=sum(unit.sampler.upload_pending(self.post) for unit in self.units))
         except OSError as e:
             log.warning("%s: sample upload stopped: %s", self.device_id, e)
         finally:
@@ -223,8 +221,9 @@ class DeviceTraffic:
 
     def _inputs(self, loaded: LoadedModel) -> InputSource:
         """The input rows for the active model, chosen once per loaded model."""
-        if self._source is not None and self._source[0] is loaded:
-            return self._source[1]
+        known = self._sources.get(loaded.name)
+        if known is not None and known[0] is loaded:
+            return known[1]
         source = InputSource.matching(self.traffic.dataset, loaded.inputs, self._rng)
         golden = loaded.path.with_name(GOLDEN_FILE)  # an installed slot keeps its golden set beside the model
         if source is None and golden.exists():
@@ -234,5 +233,5 @@ class DeviceTraffic:
                 log.info("%s: golden inputs unreadable (%s); generating inputs", self.device_id, e)
         if source is None:
             source = InputSource.generated(loaded.inputs, self._rng)
-        self._source = (loaded, source)
+        self._sources[loaded.name] = (loaded, source)
         return source
