@@ -541,10 +541,10 @@ def _poke(server: _TCPServer | _UnixServer) -> None:
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(
-        prog="fleet-agent serve", description="Serve one local ONNX model over the Open Inference Protocol."
+        prog="fleet-agent serve", description="Serve local ONNX models over the Open Inference Protocol."
     )
-    parser.add_argument("model", type=Path, help="ONNX model file")
-    parser.add_argument("--name", help="model name in URLs (default: the file name without .onnx)")
+    parser.add_argument("model", type=Path, nargs="+", help="ONNX model file(s), each served under its own name")
+    parser.add_argument("--name", help="model name in URLs, for one model (default: the file name without .onnx)")
     parser.add_argument("--version", default="1", help="model version reported (default: 1)")
     parser.add_argument("--http", default=DEFAULT_SERVE_ADDRESS, help="HOST:PORT or unix:/path (default: %(default)s)")
     parser.add_argument("--grpc", metavar="ADDRESS", default="",
@@ -582,26 +582,35 @@ def serve_command(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    runtime = ModelRuntime(RuntimeOptions(intra_op_threads=args.threads, batching=batching))
-    ref = ModelRef(model=args.name or args.model.stem, version=args.version, variant="local")
+    names = [args.name] if args.name and len(args.model) == 1 else [path.stem for path in args.model]
+    if (args.name and len(args.model) > 1) or len(set(names)) < len(names):
+        print("error: each model needs its own name: --name takes one model; rename files that share a name",
+              file=sys.stderr)
+        return 1
+    models = ServedModels()
     try:
-        runtime.swap(runtime.load(args.model, ref))
+        for name, path in zip(names, args.model, strict=True):
+            runtime = ModelRuntime(RuntimeOptions(intra_op_threads=args.threads, batching=batching))
+            models.add(name, runtime)
+            runtime.swap(runtime.load(path, ModelRef(model=name, version=args.version, variant="local")))
         limits = limits_for(args.max_batch_size)
-        server = InferenceServer(runtime, args.http, args.max_request_bytes, limits=limits)
+        server = InferenceServer(models, args.http, args.max_request_bytes, limits=limits)
         server.start()
-        grpc_server = start_grpc(runtime, args.grpc, args.max_request_bytes, limits) if args.grpc else None
+        grpc_server = start_grpc(models, args.grpc, args.max_request_bytes, limits) if args.grpc else None
     except EdgefleetError as e:
         print(f"error: {e}", file=sys.stderr)
+        models.close()
         return 1
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"serving {ref.model} on {server.url}" + (f" and gRPC {args.grpc}" if grpc_server else ""), flush=True)
+    print(f"serving {', '.join(names)} on {server.url}" + (f" and gRPC {args.grpc}" if grpc_server else ""),
+          flush=True)
     stop.wait()
     if grpc_server is not None:
         grpc_server.stop()
     server.stop()
-    runtime.close()
+    models.close()
     return 0
 
 

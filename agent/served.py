@@ -58,9 +58,9 @@ class ServedModels:
 
     @property
     def ready(self) -> bool:
-        """Every model this server knows is loaded (Triton's server readiness), and there is one."""
-        runtimes = self._runtimes
-        return bool(runtimes) and all(r.active is not None for r in runtimes.values())
+        """Some model is loaded: a second model being installed must not take the device's first
+        out of service (each model's own readiness is ``/v2/models/NAME/ready``)."""
+        return any(runtime.active is not None for _, runtime in self)
 
     def counters(self) -> CounterSnapshot:
         """Every request since the runtimes started, whichever model served it."""

@@ -56,10 +56,10 @@ def test_status_and_rollback_before_any_update(tmp_path, capsys):
     config.write_text(AgentConfig(device_id="d1", state_dir=tmp_path / "state").to_toml())
     assert main(["status", "--config", str(config)]) == 0
     status = json.loads(capsys.readouterr().out)
-    assert status == {"device": "d1", "active": None, "previous": None, "update": None}
+    assert status == {"device": "d1", "models": {}}
     assert not (tmp_path / "state").exists()  # status only reads (root must not create the agent's dirs)
     assert main(["rollback", "--config", str(config)]) == 1
-    assert capsys.readouterr().err == "error: no previous model is installed to roll back to\n"
+    assert capsys.readouterr().err == "error: no model is installed\n"
     assert main(["status", "--config", str(tmp_path / "missing.toml")]) == 1
     assert "run `fleet-agent enroll` first" in capsys.readouterr().err
 

@@ -20,7 +20,7 @@ from edgefleet.agent.fetch import ModelUpdater
 from edgefleet.agent.trust import Accepted, DirectorTrust
 from edgefleet.common import director
 from edgefleet.common.errors import ProtocolError
-from edgefleet.common.protocol import Action, Desired
+from edgefleet.common.protocol import Action, Desired, DesiredSet
 from edgefleet.controller.cli import main as fleetctl
 from edgefleet.controller.director import DirectorSigner
 from edgefleet.controller.errors import SigningError
@@ -41,8 +41,9 @@ def signer(fleet: SignedRepo) -> DirectorSigner:
     return DirectorSigner(fleet.repository)
 
 
-def command(generation: int, device: str = DEVICE) -> Desired:
-    return Desired(device=device, generation=generation, action=Action.NONE, deployment=f"r{generation}")
+def command(generation: int, device: str = DEVICE, action: Action = Action.NONE) -> DesiredSet:
+    entry = Desired(device=device, generation=generation, action=action, deployment=f"r{generation}", model="digits")
+    return DesiredSet(device=device, generation=generation, models=(entry,))
 
 
 def trust_of(fleet: SignedRepo) -> DirectorTrust:
@@ -52,7 +53,7 @@ def trust_of(fleet: SignedRepo) -> DirectorTrust:
                                        fleet.read("timestamp.json").to_bytes())
 
 
-def admit(trust: DirectorTrust, raw: bytes, accepted: object = None) -> Desired:
+def admit(trust: DirectorTrust, raw: bytes, accepted: object = None) -> DesiredSet:
     return trust.admit(director.open_envelope(raw), DEVICE, accepted)  # type: ignore[arg-type]
 
 
@@ -97,7 +98,7 @@ def test_another_devices_command_older_generations_and_attacker_generations(flee
         admit(trust, signer.seal(command(4)), accepted)
     assert (replay.value.generation, replay.value.deployment) == (4, "r4")
     with pytest.raises(CommandRefused, match="generation 5 is not above 5"):  # same generation, other content
-        admit(trust, signer.seal(Desired(device=DEVICE, generation=5, action=Action.ROLLBACK)), accepted)
+        admit(trust, signer.seal(command(5, action=Action.ROLLBACK)), accepted)
     with pytest.raises(NotSigned):
         admit(trust, director.seal(command(10**12), [CryptoSigner.generate_ed25519()]), accepted)
     assert admit(trust, signer.seal(command(6)), accepted) == command(6)

@@ -68,7 +68,7 @@ def test_round_trip_desired_in_reports_events_telemetry_out(broker_url, recorder
         assert wait_until(lambda: got), "the desired state never reached on_desired"
         assert got[-1].generation == 3
 
-        link.report(generation=3, agent_version="t")
+        link.report(agent_version="t")
         link.event(ExecutionState.DOWNLOADING, generation=3, deployment="r1")
         link.telemetry(heartbeat())
         assert wait_until(lambda: recorder.on(Channel.TELEMETRY))
@@ -153,12 +153,12 @@ def test_offline_queue_keeps_events_drops_oldest_telemetry_and_flushes_in_order(
     rec = Recorder(embedded_broker.url, f"{protocol.TOPIC_ROOT}/{device}/#")
     link = make_link(embedded_broker.url, device, [], queue_max=5)
     # Not started yet: the broker is unreachable as far as the link knows.
-    link.report(generation=1)                                  # seq 1
+    link.report(agent_version="1")                            # seq 1
     link.event(ExecutionState.DOWNLOADING, generation=1)                    # seq 2
     for i in range(6):
         link.telemetry(heartbeat(i))                            # seq 3..8
     link.event(ExecutionState.VERIFYING, generation=1)                      # seq 9
-    link.report(generation=2)                                  # seq 10 replaces seq 1
+    link.report(agent_version="2")                            # seq 10 replaces seq 1
     assert len(link.queue) == 5 and link.queue.dropped == 4  # a superseded report is no loss
     link.start()
     try:

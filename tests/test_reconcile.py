@@ -112,7 +112,7 @@ def test_update_walks_every_state_and_is_idempotent(agent, repo):
     assert agent.serving() == ref(v1)
     assert agent.slots.active().meta.ref == ref(v1) and agent.slots.active().meta.p99_ms > 0
     assert agent.link.reports[-1]["active"] == ref(v1) and agent.link.reports[-1]["generation"] == 1
-    assert agent.link.reports[-1]["hardware"]["arch"] == ARCH
+    assert agent.link.reports[-1]["memory_kb"] >= 0  # what the session took, for the report's model entry
     bench = agent.link.sent[-1]
     assert isinstance(bench, BenchmarkReport) and bench.model == ref(v1)
     golden, benchmark = bench.gate.golden, bench.gate.benchmark

@@ -38,7 +38,7 @@ def counter_snapshot(requests: int = 0, failures: int = 0) -> CounterSnapshot:
 
 
 def heartbeat(uptime_s: float = 1.0) -> Heartbeat:
-    return Heartbeat(uptime_s=uptime_s, active=None, counters=counter_snapshot())
+    return Heartbeat(uptime_s=uptime_s, active=(), counters=counter_snapshot())
 
 
 def model_counters(ref: ModelRef, requests: int = 0, failures: int = 0, since: float = 0.0) -> ModelCounters:
