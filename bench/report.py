@@ -90,13 +90,13 @@ def _ingest(rows: list[Row]) -> list[str]:
 
 
 def _swap(rows: list[Row]) -> list[str]:
-    by = {r["phase"]: r for r in rows}
-    steady, during = by["steady state"], by["in flight during a swap"]
+    by = {r["model: phase"]: r for r in rows}
+    steady, during = by["digits (swapped): steady state"], by["digits (swapped): in flight during a swap"]
     failed = sum(int(_number(r["failed"])) for r in rows)
     requests = sum(int(_number(r["requests"])) for r in rows)
-    return [f"Hot-swap under load: **{failed} failed** of {requests:,} requests timed around the swaps; p99 during "
-            f"swaps {during['p99 ms']} ms vs steady {steady['p99 ms']} ms = "
-            f"**{_number(during['p99 ms']) / _number(steady['p99 ms']):.2f}x**"]
+    return [f"Hot-swap under load, two models served: **{failed} failed** of {requests:,} requests timed around "
+            f"the swaps; p99 of the swapped model during swaps {during['p99 ms']} ms vs steady {steady['p99 ms']} ms "
+            f"= **{_number(during['p99 ms']) / _number(steady['p99 ms']):.2f}x**"]
 
 
 def _serving(rows: list[Row]) -> list[str]:

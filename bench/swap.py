@@ -1,10 +1,11 @@
 """Hot-swap under load: requests served and failed during N swaps, p99 during swaps vs steady state.
 
-Client threads send binary OIP requests back to back to the agent's server
-while the main thread loads a new session, swaps it in and waits for the old
-one to drain, N times. "During a swap" are the requests in flight at any
-moment of a load+swap+drain; the baseline is the same load with no swap,
-measured first in the same run.
+The agent's server serves two models, each from its own runtime (as a device serving
+several models does). Client threads send binary OIP requests back to back to both
+while the main thread loads a new session of the first, swaps it in and waits for the
+old one to drain, N times; the second is never swapped. "During a swap" are the
+requests in flight at any moment of a load+swap+drain; the baseline is the same load
+with no swap, measured first in the same run.
 
     python -m bench.swap [--swaps 100] [--clients 2] [--steady-seconds 5] [--model M.onnx]
 """
@@ -23,6 +24,7 @@ import numpy as np
 from bench._common import DEFAULT_CACHE, OipClient, digits_model, summary_ms, table
 from edgefleet.agent.runtime import ModelRuntime
 from edgefleet.agent.serve import InferenceServer
+from edgefleet.agent.served import ServedModels
 from edgefleet.common.protocol import ModelRef
 
 
@@ -79,16 +81,23 @@ def overlaps(intervals: list[tuple[float, float]]) -> Callable[[float, float], b
     return keep
 
 
+SWAPPED, BYSTANDER = "digits", "bystander"
+
+
 def run(model: Path, swaps: int, clients: int, steady_seconds: float, interval: float) -> dict:
-    runtime = ModelRuntime()
-    name = "digits"
+    runtime, other = ModelRuntime(), ModelRuntime()
+    name = SWAPPED
     first = runtime.load(model, ModelRef(model=name, version="0", variant="cpu-fp32"))
     runtime.swap(first)
+    other.swap(other.load(model, ModelRef(model=BYSTANDER, version="0", variant="cpu-fp32")))
     inputs = {first.inputs[0].name: np.random.default_rng(0).random((1, 64), dtype=np.float32)}
     retired = []
-    with InferenceServer(runtime, "127.0.0.1:0", 1 << 20) as server:
+    served = ServedModels({SWAPPED: runtime, BYSTANDER: other})
+    with InferenceServer(served, "127.0.0.1:0", 1 << 20) as server:
         load = LoadGenerator(server.url, name, inputs, clients)
+        bystander = LoadGenerator(server.url, BYSTANDER, inputs, clients)
         load.start()
+        bystander.start()
         t0 = time.perf_counter()
         time.sleep(steady_seconds)
         t1 = time.perf_counter()
@@ -103,34 +112,43 @@ def run(model: Path, swaps: int, clients: int, steady_seconds: float, interval: 
             time.sleep(interval)
         time.sleep(0.2)  # let requests started during the last swap finish
         load.finish()
-    steady, steady_failed = load.select(lambda start, end: t0 <= start and end < t1)
-    during, during_failed = load.select(overlaps(swapping))
+        bystander.finish()
+    served.close()
     released = sum(old.released for old in retired)
     return {
         "swaps": swaps, "clients": clients, "released": released, "interval": interval,
         "swap_ms": summary_ms([b - a for a, b in swapping]),
-        "steady": {"requests": len(steady), "failed": steady_failed, **summary_ms(steady)},
-        "during": {"requests": len(during), "failed": during_failed, **summary_ms(during)},
-        "failed_total": sum(status != 200 for _, _, status in load.records),
-        "requests_total": len(load.records),
+        **_phases(load, t0, t1, swapping),
+        BYSTANDER: _phases(bystander, t0, t1, swapping),
+        "failed_total": sum(status != 200 for _, _, status in load.records + bystander.records),
+        "requests_total": len(load.records) + len(bystander.records),
     }
+
+
+def _phases(load: LoadGenerator, t0: float, t1: float, swapping: list[tuple[float, float]]) -> dict:
+    steady, steady_failed = load.select(lambda start, end: t0 <= start and end < t1)
+    during, during_failed = load.select(overlaps(swapping))
+    return {"steady": {"requests": len(steady), "failed": steady_failed, **summary_ms(steady)},
+            "during": {"requests": len(during), "failed": during_failed, **summary_ms(during)}}
 
 
 def report(result: dict) -> str:
     rows = [
-        (phase, r["requests"], r["failed"], r["p50"], r["p99"], r["max"])
-        for phase, r in (("steady state", result["steady"]), ("in flight during a swap", result["during"]))
+        (f"{model}: {phase}", r["requests"], r["failed"], r["p50"], r["p99"], r["max"])
+        for model, phases in ((f"{SWAPPED} (swapped)", result), (f"{BYSTANDER} (not swapped)", result[BYSTANDER]))
+        for phase, r in (("steady state", phases["steady"]), ("in flight during a swap", phases["during"]))
     ]
     ratio = result["during"]["p99"] / result["steady"]["p99"]
+    beside = result[BYSTANDER]["during"]["p99"] / result[BYSTANDER]["steady"]["p99"]
     return "\n".join([
-        f"### Hot-swap under load ({result['clients']} clients; {result['swaps']} swaps, one every "
-        f"{result['interval'] * 1000:.0f} ms, each load+swap+drain p50 {result['swap_ms']['p50']:.1f} ms; "
-        f"{result['released']}/{result['swaps']} old sessions released)",
+        f"### Hot-swap under load, two models served ({result['clients']} clients per model; {result['swaps']} "
+        f"swaps of {SWAPPED}, one every {result['interval'] * 1000:.0f} ms, each load+swap+drain p50 "
+        f"{result['swap_ms']['p50']:.1f} ms; {result['released']}/{result['swaps']} old sessions released)",
         "",
-        table(["phase", "requests", "failed", "p50 ms", "p99 ms", "max ms"], rows),
+        table(["model: phase", "requests", "failed", "p50 ms", "p99 ms", "max ms"], rows),
         "",
-        f"p99 during swaps / steady state: **{ratio:.2f}x**; requests failed in the whole run: "
-        f"**{result['failed_total']}** of {result['requests_total']}",
+        f"p99 during swaps / steady state: **{ratio:.2f}x** for the swapped model, {beside:.2f}x for the other; "
+        f"requests failed in the whole run: **{result['failed_total']}** of {result['requests_total']}",
     ])
 
 

@@ -45,12 +45,13 @@ def test_ingest_headline_from_its_own_table():
 
 def test_swap_headline_from_its_own_table():
     summary = {"p50": 1.0, "max": 9.0}
+    phases = {"steady": {"requests": 900, "failed": 0, **summary, "p99": 2.0},
+              "during": {"requests": 300, "failed": 0, **summary, "p99": 5.0}}
+    bystander = {"steady": {**phases["steady"], "p99": 1.0}, "during": {**phases["during"], "failed": 2, "p99": 9.0}}
     result = {"swaps": 100, "clients": 2, "released": 100, "interval": 0.02, "swap_ms": {"p50": 30.0},
-              "steady": {"requests": 900, "failed": 0, **summary, "p99": 2.0},
-              "during": {"requests": 300, "failed": 0, **summary, "p99": 5.0},
-              "failed_total": 0, "requests_total": 1500}
+              **phases, "bystander": bystander, "failed_total": 2, "requests_total": 3000}
     (line,) = headlines("swap", swap.report(result))
-    assert "**0 failed** of 1,200" in line and "**2.50x**" in line
+    assert "**2 failed** of 2,400" in line and "**2.50x**" in line  # failures of either model; p99 of the swapped
 
 
 def test_serving_headline_from_its_own_table():

@@ -23,7 +23,7 @@ def cache(digits, model_cache) -> str:
 def test_swap_script(cache):
     out = run("bench.swap", "--swaps", "5", "--clients", "2", "--steady-seconds", "0.3", "--interval", "0.01",
               "--cache", cache)
-    assert "| in flight during a swap |" in out
+    assert "| digits (swapped): in flight during a swap |" in out and "| bystander (not swapped): steady state |" in out
     assert "requests failed in the whole run: **0**" in out and "5/5 old sessions released" in out
 
 
