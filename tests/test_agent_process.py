@@ -95,10 +95,12 @@ def test_update_then_swap_under_load_drops_nothing(device, repo):
     assert load.failures == [], load.failures[:3]
     assert {"1.0.0", "2.0.0", "6.0.0"} <= load.versions or {"1.0.0", "6.0.0"} <= load.versions
     reported = device.observer.wait(
-        lambda: (r := device.observer.reported) and r["active"] and r["active"]["version"] == "6.0.0" and r,
+        lambda: (r := device.observer.model_report()) and r["active"] and r["active"]["version"] == "6.0.0" and r,
         10, "reported v6")
     assert reported["previous"]["version"] == "2.0.0" and reported["generation"] == 3
-    assert reported["hardware"]["arch"] and reported["hardware"]["providers"]
+    assert reported["outcome"] == "SUCCEEDED" and reported["memory_kb"] is not None  # measured at load
+    hardware = device.observer.reported["hardware"]
+    assert hardware["arch"] and hardware["providers"]
     assert device.observer.telemetry("benchmark"), "gate results are sent as telemetry"
     assert device.observer.telemetry("heartbeat")
 
@@ -122,7 +124,7 @@ def test_rollbacks_on_failing_golden_set_and_slow_model(device, repo):
     device.observer.wait(lambda: device.agent.serving_version() == "2.0.0", 10, "local rollback to be served")
     status = subprocess.run([str(Path(sys.executable).parent / "fleet-agent"), "status", "--config",
                              str(device.agent.config_path)], capture_output=True, text=True, timeout=30)
-    assert json.loads(status.stdout)["active"]["version"] == "2.0.0"
+    assert json.loads(status.stdout)["models"]["digits"]["active"]["version"] == "2.0.0"
 
 
 def test_bad_inputs_fail_or_reject_and_keep_serving(device, repo):
@@ -182,7 +184,7 @@ def test_restart_serves_at_once_and_talks_to_systemd(tmp_path, repo, mosquitto_u
         assert "WATCHDOG=1" in messages
         assert dev.apply(repo.infos["v1"], sampling=SamplingPolicy(enabled=True, rate=1.0))["state"] == "SUCCEEDED"
         dev.agent.infer()  # the desired state's sampling policy keeps it for retraining
-        samples = dev.config.state_dir / "samples"
+        samples = dev.config.state_dir / "models" / "digits" / "samples"  # each model buffers its own
         dev.observer.wait(lambda: list(samples.glob("*.npz")), 10, "a buffered sample")
         first_boot = dev.observer.reported["boot"]
         assert dev.agent.stop() == 0, dev.agent.log()  # SIGTERM: clean exit
@@ -201,7 +203,7 @@ def test_metrics_follow_requests_and_updates(device, repo):
     labels = {"model": "digits", "version": "1.0.0", "variant": "cpu-fp32"}
     metrics_url = f"{device.agent.url}/metrics"
     before = scrape(metrics_url)
-    assert before.value("edgefleet_agent_update_generation") == 0
+    assert before.value("edgefleet_agent_update_generation", model="digits") == 0  # no such model yet: no series
     assert before.value("edgefleet_agent_info", device=device.config.device_id,
                  agent_version=version("edgefleet")) == 1
     assert device.apply(repo.infos["v1"])["state"] == "SUCCEEDED"
@@ -211,9 +213,9 @@ def test_metrics_follow_requests_and_updates(device, repo):
                      json={"inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]})
     assert bad.status_code == 400
     after = scrape(metrics_url)
-    assert after.value("edgefleet_agent_update_generation") == 1
-    assert after.value("edgefleet_agent_update_state", state="succeeded") == 1
-    assert after.value("edgefleet_agent_update_state", state="download") == 0
+    assert after.value("edgefleet_agent_update_generation", model="digits") == 1
+    assert after.value("edgefleet_agent_update_state", model="digits", state="succeeded") == 1
+    assert after.value("edgefleet_agent_update_state", model="digits", state="download") == 0
     assert after.value("edgefleet_agent_model_active", **labels) == 1
     assert after.value("edgefleet_agent_inference_requests_total", **labels) == 6
     assert after.value("edgefleet_agent_inference_errors_total", **labels, kind="rejected") == 1
@@ -221,7 +223,8 @@ def test_metrics_follow_requests_and_updates(device, repo):
     assert after.value("edgefleet_agent_inference_duration_seconds_count", **labels) == 5
     assert after.value("edgefleet_agent_inference_duration_seconds_bucket", **labels, le="+Inf") == 5
     assert after.value("edgefleet_agent_inference_duration_seconds_sum", **labels) > 0
-    assert after.value("edgefleet_agent_samples_buffered") == 0
+    assert after.value("edgefleet_agent_samples_buffered", model="digits") == 0
+    assert ("edgefleet_agent_model_memory_bytes", frozenset(labels.items())) in after.samples  # measured at load
     assert after.value("process_resident_memory_bytes") > 0
 
 

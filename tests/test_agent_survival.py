@@ -22,9 +22,12 @@ def repo(tmp_path_factory, digits):
     signed.stop()
 
 
-def publish_signed(device: Device, repo: ModelRepo, payload: bytes) -> None:
-    """Bytes the director signed (a controller bug, say) on the device's retained desired topic."""
-    device.observer.publish_raw(director.seal_payload(payload, repo.signed.repository.director_signers()))
+def publish_signed(device: Device, repo: ModelRepo, entry: dict) -> None:
+    """A desired set of one entry, as the director signed it (a controller bug, say), on the
+    device's retained desired topic."""
+    payload = {"v": 1, "device": entry["device"], "generation": entry["generation"], "models": [entry]}
+    device.observer.publish_raw(director.seal_payload(json.dumps(payload).encode(),
+                                                      repo.signed.repository.director_signers()))
 
 
 def still_serving(device: Device, load: Load, version: str) -> None:
@@ -53,7 +56,7 @@ def test_a_malformed_window_is_rejected_and_the_agent_stays_up(device, repo):
         device.generation += 1
         bad = desired(device.config.device_id, device.generation, repo.infos["2.0.0"],
                       window=Window(cron="61 25 * * *", duration_s=7200))  # built, never validated
-        publish_signed(device, repo, bad.to_json())
+        publish_signed(device, repo, bad.to_dict())
         refused = device.observer.wait_terminal(device.generation)
         assert refused["state"] == "REJECTED" and refused["deployment"] == f"dep-{device.generation}"
         assert "Window.cron '61 25 * * *': minute 61 is out of range 0-59" in refused["detail"]
@@ -67,10 +70,10 @@ def test_a_desired_state_it_cannot_parse_is_rejected_and_the_agent_stays_up(devi
         device.generation += 1
         wrong_types = {**desired(device.config.device_id, device.generation, repo.infos["2.0.0"]).to_dict(),
                        "model": 7, "gate": "fast"}
-        publish_signed(device, repo, json.dumps(wrong_types).encode())
+        publish_signed(device, repo, wrong_types)
         refused = device.observer.wait_terminal(device.generation)
         assert refused["state"] == "REJECTED" and refused["deployment"] == f"dep-{device.generation}"
-        assert refused["detail"].startswith("desired state refused: Desired.")
+        assert refused["detail"].startswith("desired state refused: DesiredSet.models[0]: Desired.")
         device.observer.publish_raw(b"\x00 not json {")
         garbage = device.observer.wait(
             lambda: next((e for e in device.observer.events(0) if "not valid JSON" in e["detail"]), None),

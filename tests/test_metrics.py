@@ -14,10 +14,13 @@ from click.testing import CliRunner
 
 from demo.scenario import write_config
 from edgefleet.agent.metrics import agent_registry
+from edgefleet.agent.probe import probe
+from edgefleet.agent.reconcile import Reconciler
 from edgefleet.agent.runtime import ModelRuntime
 from edgefleet.agent.sampler import Sampler
 from edgefleet.agent.serve import InferenceServer
 from edgefleet.agent.slots import Slots
+from edgefleet.agent.units import ModelUnit, Units
 from edgefleet.common.protocol import ExecutionState as E
 from edgefleet.common.protocol import ModelRef, SamplingPolicy
 from edgefleet.controller.cli import main
@@ -44,9 +47,16 @@ def agent_scrape(tmp_path, digits) -> Scrape:
     """The agent server's /metrics (as `fleet-agent run` wires it) after one request."""
     runtime = ModelRuntime()
     runtime.swap(runtime.load(digits.model, ModelRef(model="digits", version="1.0.0", variant="cpu-fp32")))
-    registry = agent_registry(runtime, "pi-1", "0.1.0", Slots(tmp_path / "state"),
-                              Sampler(SamplingPolicy(), tmp_path / "samples"))
-    with InferenceServer(runtime, "127.0.0.1:0", 1 << 20, registry=registry) as server:
+
+    def unit(name: str, directory: Path) -> ModelUnit:  # no updates here: the reconciler never runs
+        slots = Slots(directory)
+        return ModelUnit(name, slots, runtime, Sampler(SamplingPolicy(), directory / "samples"),
+                         Reconciler(slots, None, runtime, None, probe()))  # type: ignore[arg-type]
+
+    units = Units(tmp_path / "state", unit)
+    units.ensure("digits")
+    registry = agent_registry(units, "pi-1", "0.1.0")
+    with InferenceServer(units.served, "127.0.0.1:0", 1 << 20, registry=registry) as server:
         answer = httpx.post(f"{server.url}/v2/models/digits/infer", timeout=10, json={
             "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]})
         assert answer.status_code == 200, answer.text

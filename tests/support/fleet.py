@@ -26,6 +26,7 @@ from edgefleet.common.golden import GoldenSet
 from edgefleet.common.protocol import (
     Channel,
     Desired,
+    DesiredSet,
     Gate,
     TargetInfo,
     target_path,
@@ -81,10 +82,13 @@ class ModelRepo:
     def trusted_root(self) -> bytes:
         return self.signed.repository.trusted_root()
 
-    def seal(self, message: Desired) -> bytes:
-        """``message`` signed by the fleet's director key, as the controller publishes it."""
+    def seal(self, message: Desired | DesiredSet) -> bytes:
+        """``message`` signed by the fleet's director key, as the controller publishes it (an entry
+        alone goes as the set of that one model, at its generation)."""
         if self._director is None:
             self._director = DirectorSigner(self.signed.repository)
+        if isinstance(message, Desired):
+            message = DesiredSet(device=message.device, generation=message.generation, models=(message,))
         return self._director.seal(message)
 
     def publish(
@@ -130,18 +134,19 @@ def agent_config(state_dir: Path, repo: ModelRepo, broker_url: str, serve: str, 
 
 
 def desired(device: str, generation: int, info: TargetInfo | None = None, **fields: Any) -> Desired:
+    """One model's entry (digits unless ``info`` or ``model`` names another)."""
     if info is not None:
         fields = {"model": info.model, "version": info.version, "variant": info.variant,
                   "target": target_path(info.model, info.version, info.variant), **fields}
     return Desired(device=device, generation=generation, deployment=f"dep-{generation}",
-                   gate=fields.pop("gate", FAST_GATE), **fields)
+                   gate=fields.pop("gate", FAST_GATE), **{"model": "digits", **fields})
 
 
 class Observer:
     """Publishes retained desired states (sealed by ``seal``) and collects what one device sends
     (paho, a real broker)."""
 
-    def __init__(self, broker_url: str, device: str, seal: Callable[[Desired], bytes]) -> None:
+    def __init__(self, broker_url: str, device: str, seal: Callable[[Desired | DesiredSet], bytes]) -> None:
         import paho.mqtt.client as paho
         from paho.mqtt.enums import CallbackAPIVersion
 
@@ -174,13 +179,17 @@ class Observer:
             if channel is Channel.REPORTED:
                 self.reported = body
 
-    def publish(self, message: Desired) -> None:
+    def publish(self, message: Desired | DesiredSet) -> None:
         self.publish_raw(self.seal(message))
 
     def publish_raw(self, payload: bytes, device: str | None = None) -> None:
         """Any bytes, retained on the desired topic of ``device`` (this one by default), as an attacker could."""
         info = self.client.publish(topic(device or self.device, Channel.DESIRED), payload, qos=1, retain=True)
         info.wait_for_publish(10)
+
+    def model_report(self, model: str = "digits") -> dict | None:
+        """The model's entry of the device's last report."""
+        return next((m for m in (self.reported or {}).get("models", []) if m["model"] == model), None)
 
     def events(self, generation: int | None = None) -> list[dict]:
         with self._lock:
