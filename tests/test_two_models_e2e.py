@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
+from tritonclient.utils import InferenceServerException
 
 from demo.scenario import AgentProcess, Controller, Fleetctl, wait_for, wait_for_fleet, wait_rollout, write_config
 from edgefleet.agent.config import AgentConfig
@@ -125,7 +126,7 @@ def test_two_models_roll_out_serve_swap_and_roll_back_independently(device):
                 try:
                     infer(triton_http, client, model, DIGITS if model == "digits" else LINES)
                     served[model] += 1
-                except Exception as e:  # any failure is the finding
+                except (InferenceServerException, OSError) as e:  # any failure is the finding
                     failures.append(f"{model}: {e}")
         finally:
             client.close()
