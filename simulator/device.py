@@ -247,7 +247,7 @@ class SimDevice:
         if life.link.connected:  # as AgentLink's offline queue drops telemetry first, don't pile it up
             life.link.telemetry(Heartbeat(
                 uptime_s=round(time.monotonic() - life.started, 1),
-                active=active.ref if active is not None else None,
+                active=(active.ref,) if active is not None and active.ref is not None else (),
                 counters=life.runtime.counters(),
             ))
             counters = life.runtime.active_counters()

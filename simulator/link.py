@@ -20,7 +20,7 @@ from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.link import AgentLink
 from edgefleet.common import protocol
 from edgefleet.common.mqtt import BrokerURL
-from edgefleet.common.protocol import Channel, Status
+from edgefleet.common.protocol import Channel, ModelStatus, Reported, Status
 
 from .network import NetworkLoop
 
@@ -71,6 +71,11 @@ class SimLink(AgentLink):
     def cut(self, after: Callable[[], None] | None = None) -> None:
         """Drop the TCP connection without a goodbye (power cut, cable pulled): the broker sends the will."""
         self.connection.disconnect(abrupt=True, after=after)
+
+    def report_statuses(self, models: tuple[ModelStatus, ...], **fields: Any) -> Reported:
+        """Publish (retained) a report of statuses the caller keeps itself: a thin device has no
+        agent state for ``AgentLink.report`` to read."""
+        return self._send(Channel.REPORTED, Reported, retain=True, models=models, **fields)
 
     def _send(self, channel: Channel, schema: Callable[..., M], retain: bool = False, **fields: Any) -> M:
         with self._outbox:  # seq order is publish order
