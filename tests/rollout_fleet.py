@@ -87,6 +87,10 @@ class RecordingPublisher:
             raise Unavailable("broker unreachable (test)")
         for message in desired:
             DesiredSet.from_json(message.to_json())  # what goes on the wire must parse
+        self.record(*desired)
+
+    def record(self, *desired: DesiredSet) -> None:
+        for message in desired:
             self.sets.append(message)
             self.sent.append(next(e for e in message.models if e.generation == message.generation))
 
