@@ -133,7 +133,7 @@ def test_fleet_updates_with_faults_on_one_network_thread(repo, mosquitto_url, tm
                                                 for s in watcher.of(cut_activate, "status")]
         for device in (ids[4], ids[-1]):  # one of each class
             reported = watcher.of(device, "reported")[-1]
-            assert reported["active"]["version"] == "1.0.0"
+            assert [m["active"]["version"] for m in reported["models"]] == ["1.0.0"]
             assert device.startswith(f"{prefix}-{reported['hardware']['hardware_class']}-")
     finally:
         fleet.stop(clear_retained=True)
