@@ -108,7 +108,7 @@ class ThinDevice:
         self._updater = shared.updater(config)
         self._inbox = Inbox(Director(self._state_dir, self.id, self._updater), self._refused)
         self._link: SimLink | None = None
-        self._served: dict[str, Served] = {}  # by model, once an execution of it ended
+        self._served: dict[str, Served] = {}  # by model; reported once an execution of it ended
         self._attempts = 0          # consecutive retries of the current step
         self._started = time.monotonic()
 
