@@ -4,7 +4,7 @@ A fresh fleet home (``fleetctl init``: ed25519 keys, the director delegated in t
 
 - sign: the controller's ``DirectorSigner.seal`` (one stat of HOME/keys, DSSE envelope, ed25519);
 - verify: the agent's ``DirectorTrust.admit`` (envelope parse, python-tuf's delegation check of the
-  signature, the Desired decoded, device and generation checked);
+  signature, the DesiredSet decoded, device and generation checked);
 - admit: the agent's ``Director.admit`` as the daemon calls it (verify, plus the stat of the cached
   targets.json and the fsynced write of the accepted envelope, which is the generation floor);
 - trust load: ``DirectorTrust.from_metadata`` (targets checked against the root), paid when
@@ -27,7 +27,7 @@ from bench._common import table
 from edgefleet.agent.director import Director
 from edgefleet.agent.trust import DirectorTrust
 from edgefleet.common import director
-from edgefleet.common.protocol import Desired, Gate, SamplingPolicy
+from edgefleet.common.protocol import Desired, DesiredSet, Gate, SamplingPolicy
 from edgefleet.controller.director import DirectorSigner
 from edgefleet.controller.home import init_home
 from edgefleet.controller.signing import METADATA_PREFIX, Repository
@@ -35,12 +35,13 @@ from edgefleet.controller.signing import METADATA_PREFIX, Repository
 DEVICE = "bench-device-0001"
 
 
-def command(generation: int) -> Desired:
-    """A realistic install: model, variant, target, gate and sampling policy."""
-    return Desired(device=DEVICE, generation=generation, deployment="rollout-20260101-abcdef",
-                   model="digits", version="1.4.2", variant="cpu-int8", target="digits/1.4.2/cpu-int8.onnx",
-                   sampling=SamplingPolicy(enabled=True, rate=0.01, low_confidence_below=0.6),
-                   gate=Gate(p99_budget_ms=12.5, max_p99_regression=0.3))
+def command(generation: int) -> DesiredSet:
+    """A realistic install: model, variant, target, gate and sampling policy (one model's entry)."""
+    install = Desired(device=DEVICE, generation=generation, deployment="rollout-20260101-abcdef",
+                      model="digits", version="1.4.2", variant="cpu-int8", target="digits/1.4.2/cpu-int8.onnx",
+                      sampling=SamplingPolicy(enabled=True, rate=0.01, low_confidence_below=0.6),
+                      gate=Gate(p99_budget_ms=12.5, max_p99_regression=0.3))
+    return DesiredSet(device=DEVICE, generation=generation, models=(install,))
 
 
 def median_us(run: Callable[[int], object], repeat: int) -> float:

@@ -28,7 +28,7 @@ from edgefleet.common import protocol
 from edgefleet.common.defaults import fleet_home
 from edgefleet.common.errors import ProtocolError
 from edgefleet.common.mqtt import BrokerURL, ConnectionOptions, MqttConnection
-from edgefleet.common.protocol import Channel, Desired, DeviceMessage
+from edgefleet.common.protocol import Channel, DesiredSet, DeviceMessage
 from edgefleet.common.retry import Backoff
 
 from .config import ControllerConfig
@@ -106,8 +106,8 @@ class Bridge:
         self,
         options: BridgeOptions,
         ingest: Ingest,
-        seal: Callable[[Desired], bytes],
-        desired_source: Callable[[], Iterable[Desired]] | None = None,
+        seal: Callable[[DesiredSet], bytes],
+        desired_source: Callable[[], Iterable[DesiredSet]] | None = None,
     ) -> None:
         try:
             url = BrokerURL.parse(options.url)
@@ -180,7 +180,7 @@ class Bridge:
 
     # --- desired state out ------------------------------------------------------
 
-    def publish_desired(self, *desired: Desired, timeout: float | None = None) -> None:
+    def publish_desired(self, *desired: DesiredSet, timeout: float | None = None) -> None:
         """Publish each retained at QoS 1, then wait for every PUBACK (in flight together, so a
         batch costs one round trip); Unavailable if any does not come."""
         timeout = self.options.publish_timeout_s if timeout is None else timeout
@@ -249,7 +249,7 @@ class Bridge:
         if not info.is_published():
             raise Unavailable(f"MQTT broker {where} did not acknowledge the request on {topic} within {timeout:g}s")
 
-    def _stored_desired(self) -> list[Desired]:
+    def _stored_desired(self) -> list[DesiredSet]:
         with self.ingest.db.reading() as session:
             return stored_desired(session)
 

@@ -7,7 +7,7 @@ import threading
 from securesystemslib.signer import CryptoSigner
 
 from edgefleet.common import director
-from edgefleet.common.protocol import Desired
+from edgefleet.common.protocol import DesiredSet
 
 from .errors import SigningError
 from .signing import Repository
@@ -38,6 +38,6 @@ class DirectorSigner:
                 self._seen = changed
             return self._signers
 
-    def seal(self, desired: Desired) -> bytes:
+    def seal(self, desired: DesiredSet) -> bytes:
         """The bytes to publish on the device's desired topic."""
         return director.seal(desired, self._load())

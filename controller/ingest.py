@@ -21,8 +21,9 @@ and bounded, and an event or a report moves an execution only for a generation t
 device was sent.
 
 An execution settles from its events, or from the device's report when the report
-says the execution of that generation ended (``Reported.outcome``, sent once the
-device finished its own checks): a lost event then costs nothing.
+says the execution of that generation ended (the ``outcome`` of the model's
+``ModelStatus``, sent once the device finished its own checks): a lost event then
+costs nothing.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from edgefleet.common.protocol import (
     DeviceMessage,
     Event,
     ExecutionState,
+    ModelStatus,
     Reported,
     Status,
     Telemetry,
@@ -170,7 +172,8 @@ class _Batch:
     def run(self, messages: Sequence[DeviceMessage]) -> IngestResult:
         devices = self._devices({m.device for m in messages})
         events = [m for m in messages if isinstance(m, Event) and m.device in devices]
-        reports = [m for m in messages if isinstance(m, Reported) and m.device in devices and m.outcome]
+        reports = [m for m in messages if isinstance(m, Reported) and m.device in devices
+                   and any(status.outcome for status in m.models)]
         self.seen_events = self._stored(EventRecord, events)
         self._executions(events, reports)
         self.seen_telemetry = self._stored(TelemetryRecord, [
@@ -222,8 +225,9 @@ class _Batch:
             return
         by_rollout = sa.and_(Execution.rollout_id.in_({e.deployment for e in named}),
                              Execution.device_id.in_({e.device for e in named}))
+        ended = {status.generation for r in reports for status in r.models if status.outcome}
         by_generation = sa.and_(Execution.device_id.in_({r.device for r in reports}),
-                                Execution.generation.in_({r.generation for r in reports}))
+                                Execution.generation.in_(ended))
         query = (
             sa.select(Execution.id, Execution.rollout_id, Execution.device_id, Execution.generation,
                       Execution.state, Execution.detail, Rollout.model, Rollout.version, Execution.variant)
@@ -274,28 +278,33 @@ class _Batch:
                 log.warning("device %s reported an unreadable hardware profile: %s", device.id, e)
             else:
                 device.hardware, device.hardware_class = profile.to_dict(), profile.hardware_class
-        self._settle(device, message)
+        for status in message.models:
+            self._settle(device, status)
         self._seen(device, message.boot)
         self.result.applied += 1
 
-    def _settle(self, device: DeviceState, message: Reported) -> None:
-        """Settle the execution of the reported generation from the report's outcome."""
-        if message.outcome is None or not 0 < message.generation <= device.desired_generation:
+    def _settle(self, device: DeviceState, status: ModelStatus) -> None:
+        """Settle the execution of one model's reported generation from its outcome."""
+        if status.outcome is None or not 0 < status.generation <= device.desired_generation:
             return  # still running, or a generation never sent to this device: nothing to settle
-        execution = self.by_generation.get((device.id, message.generation))
+        execution = self.by_generation.get((device.id, status.generation))
         if execution is None or execution.state.terminal:
             return
-        active = message.active
-        if message.outcome is ExecutionState.SUCCEEDED and (
+        if status.model != execution.model:  # generations are per device: another model's execution
+            log.warning("device %s reports generation %d for %s, which was sent for %s: not settled",
+                        device.id, status.generation, status.model, execution.model)
+            return
+        active = status.active
+        if status.outcome is ExecutionState.SUCCEEDED and (
             active is None or (active.model, active.version, active.variant)
             != (execution.model, execution.version, execution.variant)
         ):
             log.warning("device %s reports generation %d SUCCEEDED but runs %s, not %s %s %s: not settled",
-                        device.id, message.generation, active, execution.model, execution.version,
+                        device.id, status.generation, active, execution.model, execution.version,
                         execution.variant)
             return
-        execution.state, execution.moved = message.outcome, True
-        execution.detail = f"settled from the device's report (generation {message.generation})"
+        execution.state, execution.moved = status.outcome, True
+        execution.detail = f"settled from the device's report (generation {status.generation})"
         self.result.settled += 1
 
     def _event(self, device: DeviceState, message: Event) -> None:

@@ -143,7 +143,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         expect(bad["stage"] == 0, f"digits 1.1.0 got past the canary (stage {bad['stage'] + 1})")
         failed = {g["hardware_class"] for g in bad["gates"] if g["verdict"] == "FAIL"}
         expect(failed == set(CLASSES), f"gates failed for {sorted(failed)}, expected both classes")
-        wait_for(lambda: all(d["active"] and d["active"]["version"] == "1.0.0"
+        wait_for(lambda: all([m["version"] for m in d["active"]] == ["1.0.0"]
                              for d in fleetctl.json("devices", "list", "--selector", SELECTOR)),
                  60, "every device back on digits 1.0.0")
 

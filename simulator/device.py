@@ -24,6 +24,7 @@ from edgefleet.agent.daemon import TICK_S, next_boot, serve_installed
 from edgefleet.agent.director import Director, Inbox
 from edgefleet.agent.fetch import ModelUpdater, RangeFetcher
 from edgefleet.agent.reconcile import Reconciler
+from edgefleet.agent.runtime import LoadedModel
 from edgefleet.agent.sampler import Sampler, controller_poster
 from edgefleet.agent.slots import Slots
 from edgefleet.agent.units import DeviceReport, ModelUnit, UnitLink, Units
@@ -176,6 +177,11 @@ class SimDevice:
     @property
     def units(self) -> Units | None:
         return self._life.units if self._life is not None else None
+
+    def active(self, model: str) -> LoadedModel | None:
+        """The version of ``model`` this incarnation serves (None: not running, or not served)."""
+        unit = self._life.units.get(model) if self._life is not None else None
+        return unit.runtime.active if unit is not None else None
 
     def start(self) -> None:
         """Boot from the state directory: serve what is installed, connect, resume any update."""

@@ -5,8 +5,9 @@ What a thin device does is what a device does on the wire: its own MQTT session
 status, desired-state subscription), the director's check of each desired state
 (``Inbox``/``Director`` over its own TUF metadata), a real TUF refresh and a real,
 verified download of the target from the repository over HTTP, every execution
-event in the agent's order (its state table), the benchmark telemetry, a report
-with the outcome, heartbeats and counters.
+event in the agent's order (its state table) for each model whose desired entry
+changed, the benchmark telemetry, a report with each model's outcome, heartbeats
+and counters.
 
 What it skips is the ONNX work: no session is created, no golden set is fetched or
 checked, no benchmark runs; the benchmark it reports is FIXED_BENCHMARK. Its state
@@ -41,6 +42,7 @@ from edgefleet.common.protocol import (
     Heartbeat,
     ModelCounters,
     ModelRef,
+    ModelStatus,
 )
 from edgefleet.common.retry import Backoff
 
@@ -48,7 +50,6 @@ from .link import SimLink
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.onnx"
 RETRY = Backoff(min_s=1.0, max_s=30.0)
 
 
@@ -77,6 +78,20 @@ class ThinShared:
     heartbeat_s: float
 
 
+@dataclass
+class Served:
+    """One model on a thin device: what runs, and how its last execution ended."""
+
+    active: ModelRef | None = None
+    previous: ModelRef | None = None
+    finished: int = 0                      # the last generation whose execution ended
+    outcome: ExecutionState | None = None  # and how
+
+    def status(self, model: str) -> ModelStatus:
+        return ModelStatus(model=model, generation=self.finished, active=self.active, previous=self.previous,
+                           outcome=self.outcome)
+
+
 class ThinDevice:
     """One thin device; ``reconcile()`` runs on a worker, heartbeats on the network loop."""
 
@@ -93,9 +108,7 @@ class ThinDevice:
         self._updater = shared.updater(config)
         self._inbox = Inbox(Director(self._state_dir, self.id, self._updater), self._refused)
         self._link: SimLink | None = None
-        self._active: ModelRef | None = None
-        self._previous: ModelRef | None = None
-        self._finished = 0          # the last generation whose execution ended
+        self._served: dict[str, Served] = {}  # by model; reported once an execution of it ended
         self._attempts = 0          # consecutive retries of the current step
         self._started = time.monotonic()
 
@@ -107,7 +120,7 @@ class ThinDevice:
         self._link = self.shared.link(self.config, next_boot(self._state_dir), self._on_desired)
         self._link.start()
         self.running = True
-        self._report(0, None)
+        self._report()
         self.shared.call_later(random.uniform(0.0, self.shared.heartbeat_s), self._heartbeat)
 
     def stop(self, done: Callable[[], None] | None = None, forget: bool = False) -> None:
@@ -132,35 +145,44 @@ class ThinDevice:
         if not self.running:
             return None
         desired, again = self._inbox.take()
-        state = first_state(desired, self._active, self._finished or None)
-        if desired is None or state is None:
-            return again
-        if state is State.ROLLBACK or desired.action is not Action.INSTALL:
-            return again  # thin devices only install (the fan-out); a rollback needs a previous slot
+        acted = False
+        for entry in desired.models if desired is not None else ():
+            served = self._served.setdefault(entry.model or "", Served())
+            state = first_state(entry, served.active, served.finished or None)
+            if state is None or state is State.ROLLBACK or entry.action is not Action.INSTALL:
+                continue  # thin devices only install (the fan-out); a rollback needs a previous slot
+            retry = self._execute(state, entry, served)
+            if retry is not None:
+                return retry
+            acted = True
+        return TICK_S if acted and again is None else again
+
+    def _execute(self, state: State, entry: Desired, served: Served) -> float | None:
+        """Run the execution of one entry to its end; the delay of a step to retry, else None."""
         while not state.terminal:
-            self._event_for(state, desired)
-            outcome, detail = self._step(state, desired)
+            self._event_for(state, entry)
+            outcome, detail = self._step(state, entry, served)
             if outcome is Outcome.RETRY:
                 delay = RETRY.delay(self._attempts)
                 self._attempts += 1
-                self._event_for(state, desired, f"{detail}; retrying in {delay:.0f}s")
+                self._event_for(state, entry, f"{detail}; retrying in {delay:.0f}s")
                 return delay
             self._attempts = 0
             state = next_state(state, outcome)
-        self._finished = desired.generation
-        self._event_for(state, desired)
-        self._report(desired.generation, state.reported)
-        return again if again is not None else TICK_S
+        served.finished, served.outcome = entry.generation, state.reported
+        self._event_for(state, entry)
+        self._report()
+        return None
 
-    def _step(self, state: State, desired: Desired) -> tuple[Outcome, str]:
+    def _step(self, state: State, desired: Desired, served: Served) -> tuple[Outcome, str]:
         try:
             if state is State.DOWNLOAD:
-                return self._download(desired)
+                return self._download(desired, served)
             if state is State.ACTIVATE:
                 ref = ModelRef(model=desired.model or "", version=desired.version or "",
                                variant=desired.variant or "")
                 self._benchmark(ref)
-                self._previous, self._active = self._active, ref
+                served.previous, served.active = served.active, ref
                 return Outcome.DONE, "swapped (thin: no model loaded)"
             return Outcome.DONE, ""  # VERIFY (the download verified it), STAGE: nothing to do in memory
         except TransportError as e:
@@ -170,14 +192,14 @@ class ThinDevice:
         except EdgefleetError as e:
             return Outcome.FAILED, str(e)
 
-    def _download(self, desired: Desired) -> tuple[Outcome, str]:
+    def _download(self, desired: Desired, served: Served) -> tuple[Outcome, str]:
         self._updater.refresh()
         target, info = self._updater.find(desired.target or "")
         unmet = info.requirements.unmet(self.profile)
         if unmet:
             raise RejectedError(f"{info.variant} cannot run here: {'; '.join(unmet)}")
-        check_release(info, self._active.release if self._active else 0)
-        self._updater.download(target, self._state_dir / MODEL_FILE)
+        check_release(info, served.active.release if served.active else 0)
+        self._updater.download(target, self._state_dir / f"{desired.model}.onnx")
         return Outcome.DONE, f"downloaded {target.length} bytes"
 
     def _benchmark(self, ref: ModelRef) -> None:
@@ -195,17 +217,18 @@ class ThinDevice:
             self.last_event = self._link.event(state, **fields)
             self.events_sent += 1
 
-    def _report(self, generation: int, outcome: ExecutionState | None) -> None:
+    def _report(self) -> None:
         if self._link is not None:
-            self._link.report(generation=generation, active=self._active, previous=self._previous,
-                              hardware=self.profile.to_dict(), agent_version="thin", outcome=outcome)
+            statuses = tuple(served.status(model) for model, served in sorted(self._served.items()) if served.finished)
+            self._link.report(models=statuses, hardware=self.profile.to_dict(), agent_version="thin")
 
     def _heartbeat(self) -> None:
         if not self.running or self._link is None:
             return
         if self._link.connected:
+            active = tuple(served.active for served in self._served.values() if served.active is not None)
             self._link.telemetry(Heartbeat(uptime_s=round(time.monotonic() - self._started, 1),
-                                           active=self._active, counters=_NO_COUNTS))
-            if self._active is not None:
-                self._link.telemetry(ModelCounters.of(self._active, self._started, _NO_COUNTS))
+                                           active=active, counters=_NO_COUNTS))
+            for ref in active:
+                self._link.telemetry(ModelCounters.of(ref, self._started, _NO_COUNTS))
         self.shared.call_later(self.shared.heartbeat_s, self._heartbeat)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgefleet.common.protocol import Desired, target_path
+from edgefleet.common.protocol import Desired, DesiredSet, target_path
 from edgefleet.controller.db.models import Device, Variant
 from edgefleet.controller.db.session import Database
 from edgefleet.controller.rollout.spec import RolloutSpec
@@ -28,8 +28,9 @@ def device_rows(count_per_class: int = 3, running: str | None = "1.0.0") -> list
             reported = None
             if running:
                 variant = "cpu-int8" if cls == "x86_64" else "cpu-fp32"
-                reported = {"device": name, "boot": 1, "seq": 0, "generation": 0,
-                            "active": {"model": "digits", "version": running, "variant": variant, "release": 1}}
+                active = {"model": "digits", "version": running, "variant": variant, "release": 1}
+                reported = {"device": name, "boot": 1, "seq": 0,
+                            "models": [{"model": "digits", "generation": 0, "active": active}]}
             rows.append(Device(
                 id=name, labels={"site": "berlin" if i % 2 == 0 else "paris"}, hardware=hardware,
                 hardware_class=cls, online=True, reported=reported,
@@ -47,13 +48,19 @@ def fleet_db(url: str, count_per_class: int = 3, running: str | None = "1.0.0") 
 def seed(db: Database, count_per_class: int = 3, running: str | None = "1.0.0") -> None:
     with db.unit_of_work() as session:
         session.add_all(device_rows(count_per_class, running))
-        for release, version in enumerate(("1.0.0", "1.1.0"), start=1):
+    publish_model(db, "digits", ("1.0.0", "1.1.0"))
+
+
+def publish_model(db: Database, model: str, versions: tuple[str, ...]) -> None:
+    """The VARIANTS of each version of ``model``, as `fleetctl models publish` would store them."""
+    with db.unit_of_work() as session:
+        for release, version in enumerate(versions, start=1):
             for variant, requirements, preference in VARIANTS:
                 session.add(Variant(
-                    model="digits", version=version, variant=variant,
-                    target_path=target_path("digits", version, variant), release=release,
+                    model=model, version=version, variant=variant,
+                    target_path=target_path(model, version, variant), release=release,
                     requirements=requirements, preference=preference, accuracy={"top1_drop": 0.0},
-                    golden_path=target_path("digits", version, variant, ".golden.npz"),
+                    golden_path=target_path(model, version, variant, ".golden.npz"),
                 ))
 
 
@@ -65,20 +72,27 @@ def spec_for(**changes: Any) -> RolloutSpec:
 
 
 class RecordingPublisher:
-    """Stands in for controller.broker.Bridge: records every desired state in order."""
+    """Stands in for controller.broker.Bridge: records every desired set in order (``sets``), and
+    the entry each one changed, the one at the set's generation (``sent``)."""
 
     def __init__(self) -> None:
+        self.sets: list[DesiredSet] = []
         self.sent: list[Desired] = []
         self.fail = False
 
-    def publish_desired(self, *desired: Desired) -> None:
+    def publish_desired(self, *desired: DesiredSet) -> None:
         from edgefleet.controller.errors import Unavailable
 
         if self.fail:
             raise Unavailable("broker unreachable (test)")
         for message in desired:
-            Desired.from_json(message.to_json())  # what goes on the wire must parse
-            self.sent.append(message)
+            DesiredSet.from_json(message.to_json())  # what goes on the wire must parse
+        self.record(*desired)
+
+    def record(self, *desired: DesiredSet) -> None:
+        for message in desired:
+            self.sets.append(message)
+            self.sent.append(next(e for e in message.models if e.generation == message.generation))
 
     def to(self, device: str) -> list[Desired]:
         return [d for d in self.sent if d.device == device]

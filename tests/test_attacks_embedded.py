@@ -30,9 +30,11 @@ from edgefleet.common.protocol import (
     Action,
     Channel,
     Desired,
+    DesiredSet,
     Event,
     ExecutionState,
     Heartbeat,
+    ModelStatus,
     Reported,
     Status,
     Telemetry,
@@ -197,16 +199,17 @@ def test_reading_what_is_not_its_own_gets_nothing(fleet):
 
 def test_a_retained_rollback_on_another_devices_desired_is_not_taken(fleet):
     victim = fleet.victim.name
-    generation = fleet.device(victim).reported["generation"]
+    statuses = fleet.device(victim).reported["models"]
     login = fleet.login()
     try:
-        rollback = Desired(device=victim, generation=10**12, action=Action.ROLLBACK)
+        entry = Desired(device=victim, generation=10**12, action=Action.ROLLBACK, model="digits")
+        rollback = DesiredSet(device=victim, generation=10**12, models=(entry,))
         login.publish(protocol.topic(victim, Channel.DESIRED), rollback, retain=True)
         time.sleep(QUIET_S)
     finally:
         login.close()
     assert fleet.victim.serving() == "1.0.0"
-    assert fleet.device(victim).reported["generation"] == generation
+    assert fleet.device(victim).reported["models"] == statuses
     assert "rollback" not in fleet.victim.log().lower()
 
 
@@ -222,7 +225,8 @@ def test_forged_events_telemetry_and_status_of_another_device_are_not_ingested(f
             Channel.TELEMETRY: Telemetry(device=victim, boot=before.boot, seq=10**6, kind=TelemetryKind.HEARTBEAT,
                                          heartbeat=heartbeat(uptime_s=4242.0)),
             Channel.STATUS: Status(device=victim, boot=10**9, online=False),
-            Channel.REPORTED: Reported(device=victim, boot=10**9, seq=0, generation=10**9),
+            Channel.REPORTED: Reported(device=victim, boot=10**9, seq=0,
+                                       models=(ModelStatus(model="digits", generation=10**9),)),
         }
         for channel, message in forged.items():
             login.publish(protocol.topic(victim, channel), message, retain=channel in protocol.RETAINED)
@@ -301,21 +305,24 @@ def test_a_devices_own_claims_are_bounded(fleet):
         login.subscribe(protocol.topic(mallory, Channel.DESIRED))
         hardware = HardwareProfile(arch="x86_64", memory_mb=4096).to_dict()
         login.publish(protocol.topic(mallory, Channel.REPORTED),
-                      Reported(device=mallory, boot=1, seq=1, generation=0, hardware=hardware), retain=True)
+                      Reported(device=mallory, boot=1, seq=1, hardware=hardware), retain=True)
         login.publish(protocol.topic(mallory, Channel.STATUS), Status(device=mallory, boot=1, online=True))
         wait_for(lambda: (d := fleet.device(mallory)) and d.hardware_class == "x86_64", 10, "mallory's hardware")
         fleet.fleetctl("deploy", "digits:1.0.0", "--to", "role=mallory", "--name", "m1", *DEPLOY)
         wait_for(lambda: login.messages, 20, "mallory's desired state", fleet.controller.log)
-        sent = Desired.from_json(open_envelope(login.messages[-1][1]).payload)
+        sent = DesiredSet.from_json(open_envelope(login.messages[-1][1]).payload)
         claims = [
             Event(device=mallory, boot=1, seq=2, generation=sent.generation + 1, state=ExecutionState.SUCCEEDED,
                   deployment="m1", detail="a generation never sent"),
             Status(device=mallory, boot=10**6, online=False),
             Telemetry(device=mallory, boot=1, seq=3, kind=TelemetryKind.HEARTBEAT, heartbeat=Heartbeat(
-                uptime_s=7.0, active=None, counters=counter_snapshot(), samples_pending=2**60)),
+                uptime_s=7.0, active=(), counters=counter_snapshot(), samples_pending=2**60)),
+            Reported(device=mallory, boot=1, seq=4, models=(  # a success with nothing running to show for it
+                ModelStatus(model="digits", generation=sent.generation, outcome=ExecutionState.SUCCEEDED),)),
         ]
         for claim in claims:
-            channel = {Event: Channel.EVENTS, Status: Channel.STATUS, Telemetry: Channel.TELEMETRY}[type(claim)]
+            channel = {Event: Channel.EVENTS, Status: Channel.STATUS, Telemetry: Channel.TELEMETRY,
+                       Reported: Channel.REPORTED}[type(claim)]
             login.publish(protocol.topic(mallory, channel), claim)
         time.sleep(QUIET_S)
         with fleet.db.reading() as session:

@@ -19,9 +19,11 @@ from edgefleet.common.protocol import (
     Action,
     Channel,
     Desired,
+    DesiredSet,
     Event,
     ExecutionState,
     ModelRef,
+    ModelStatus,
     Reported,
     Status,
     Telemetry,
@@ -58,15 +60,21 @@ pytestmark = pytest.mark.timeout(90)
 DIRECTOR = CryptoSigner.generate_ed25519()
 
 
-def seal(desired: Desired) -> bytes:
+def seal(desired: DesiredSet) -> bytes:
     return director.seal(desired, [DIRECTOR])
 
 
-def unseal(raw: bytes) -> Desired:
+def unseal(raw: bytes) -> DesiredSet:
     """The desired state in a published envelope, whose signature must be the director's."""
     envelope = director.open_envelope(raw)
     envelope.verify([DIRECTOR.public_key], 1)
-    return Desired.from_json(envelope.payload)
+    return DesiredSet.from_json(envelope.payload)
+
+
+def one_model(device: str, generation: int, **entry) -> DesiredSet:
+    """A desired set whose only entry, of digits, changed at ``generation``."""
+    return DesiredSet(device=device, generation=generation,
+                      models=(Desired(device=device, generation=generation, model="digits", **entry),))
 
 
 def make_bridge(url: str, db: Database) -> Bridge:
@@ -118,19 +126,23 @@ def test_round_trip_desired_out_reports_events_telemetry_in(broker_url, db, brid
         s.flush()
         s.add(Execution(rollout_id="r1", device_id=device, stage=0, generation=1))
         s.get(Device, device).desired_generation = 3  # the generations sent below
-    got: list[Desired] = []
+    got: list[DesiredSet] = []
     link = make_link(broker_url, device, boot=3, desired=got)
+    rec = Recorder(broker_url, "x/none")
     link.start()
     try:
-        desired = Desired(device=device, generation=1, deployment="r1", model="digits", version="1.0",
-                          variant="cpu-fp32", target="digits/1.0/cpu-fp32.onnx")
+        desired = one_model(device, 1, deployment="r1", version="1.0", variant="cpu-fp32",
+                            target="digits/1.0/cpu-fp32.onnx")
         bridge.publish_desired(desired)  # returns after the PUBACK
         assert wait_until(lambda: got and got[-1] == desired)
-        newer = [Desired(device=device, generation=g, action=Action.NONE) for g in (2, 3)]
+        newer = [one_model(device, g, action=Action.NONE) for g in (2, 3)]
         bridge.publish_desired(*newer)  # one batch, every PUBACK awaited
         assert wait_until(lambda: got[-1] == newer[-1])
 
-        link.report(generation=1, hardware=HardwareProfile(arch="x86_64").to_dict())
+        # the report as the device's link would send it (the agent's own reports are its tests')
+        report = Reported(device=device, boot=3, seq=1000, models=(ModelStatus(model="digits", generation=1),),
+                          hardware=HardwareProfile(arch="x86_64").to_dict())
+        rec.publish(protocol.topic(device, Channel.REPORTED), report.to_json(), retain=True)
         link.event(ExecutionState.DOWNLOADING, generation=1, deployment="r1")
         link.event(ExecutionState.SUCCEEDED, generation=1, deployment="r1", detail="swapped")
         link.telemetry(benchmark_report(DIGITS, p99_ms=0.3))
@@ -139,11 +151,12 @@ def test_round_trip_desired_out_reports_events_telemetry_in(broker_url, db, brid
         assert bridge.wait_idle(10)
     finally:
         link.stop()
-        Recorder(broker_url, "x/none").clear_retained(device)
+        rec.clear_retained(device)
+        rec.close()
 
     row = device_row(db, device)
     assert (row.online, row.boot) == (True, 3) or not row.online  # stop() may already have said offline
-    assert row.reported["generation"] == 1 and row.hardware_class == "x86_64"
+    assert row.reported["models"][0]["generation"] == 1 and row.hardware_class == "x86_64"
     assert count(db, EventRecord, device_id=device) == 2
     assert count(db, Benchmark, device_id=device, hardware_class="x86_64", model="digits") == 1
     with db.unit_of_work() as s:
@@ -280,13 +293,13 @@ def test_database_down_then_back_loses_nothing(mosquitto_url, make_postgres_db):
 
 def test_restarted_embedded_broker_gets_the_desired_states_back(embedded_broker, db):
     device = unique_device()
-    desired = Desired(device=device, generation=4, action=Action.NONE)
+    desired = one_model(device, 4, action=Action.NONE)
     enroll(db, device)
     with db.unit_of_work() as s:
         s.get(Device, device).desired = desired.to_dict()
     bridge = make_bridge(embedded_broker.url, db)
     bridge.start()
-    got: list[Desired] = []
+    got: list[DesiredSet] = []
     link = make_link(embedded_broker.url, device, desired=got)
     try:
         assert bridge.wait_connected(10)
@@ -335,7 +348,7 @@ def test_a_retained_report_missed_on_the_shared_subscription_is_read_again(mosqu
     rec = Recorder(mosquitto_url, "x/none")
     bridge = make_bridge(mosquitto_url, db)
     try:
-        report = Reported(device=device, boot=1, seq=3, generation=0, active=DIGITS)
+        report = Reported(device=device, boot=1, seq=3, models=(ModelStatus(model="digits", generation=0, active=DIGITS),))
         rec.publish(protocol.topic(device, Channel.REPORTED), report.to_json(), retain=True)
         bridge.start()
         assert bridge.wait_connected(10) and bridge.is_v5

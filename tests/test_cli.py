@@ -6,11 +6,13 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
+from edgefleet.common.protocol import ExecutionState, ModelRef, ModelStatus, Reported
 from edgefleet.controller.api.app import create_app
 from edgefleet.controller.api.deps import ApiContext
 from edgefleet.controller.cli import main
@@ -19,6 +21,7 @@ from edgefleet.controller.config import ControllerConfig
 from edgefleet.controller.db.models import ApiToken
 from edgefleet.controller.db.session import Database
 from edgefleet.controller.errors import InvalidInput
+from edgefleet.controller.ingest import Ingest
 from edgefleet.controller.store import open_store
 from edgefleet.controller.tokens import hash_token
 from tests.conftest import free_port
@@ -106,6 +109,31 @@ def test_device_commands_round_trip(fleet):
     audit = json.loads(fleetctl(fleet, "audit", "--target", "cli-1", "--format", "json"))
     assert [a["action"] for a in audit] == ["device.label", "device.enroll-token"]
     assert all(a["actor"] == "operator:admin" for a in audit)
+
+
+def test_devices_list_and_show_every_model_a_device_serves(fleet):
+    fleetctl(fleet, "devices", "enroll", "cli-3")
+    report = Reported(device="cli-3", boot=1, seq=1, models=(
+        ModelStatus(model="digits", generation=0, memory_kb=20480,
+                    active=ModelRef(model="digits", version="1.0.0", variant="cpu-fp32", release=1)),
+        ModelStatus(model="ocr-cls", generation=0, active=ModelRef(model="ocr-cls", version="2", variant="cpu-int8")),
+        ModelStatus(model="asr", generation=0, outcome=ExecutionState.FAILED),  # never got one running
+    ))
+    db = Database(ControllerConfig.load(Path(fleet["EDGEFLEET_HOME"])).effective_database_url)
+    try:
+        assert Ingest(db).apply([report]).applied == 1
+    finally:
+        db.dispose()
+    try:
+        listed = fleetctl(fleet, "devices", "list").splitlines()
+        assert "digits 1.0.0 cpu-fp32, ocr-cls 2 cpu-int8" in next(line for line in listed if line.startswith("cli-3"))
+        shown = fleetctl(fleet, "devices", "show", "cli-3").splitlines()
+        models = shown.index("models:")
+        assert [line.split() for line in shown[models + 1:models + 4]] == [
+            ["MODEL", "VERSION", "VARIANT", "RELEASE", "MEMORY_KB"],
+            ["digits", "1.0.0", "cpu-fp32", "1", "20480"], ["ocr-cls", "2", "cpu-int8", "0", "-"]]
+    finally:
+        fleetctl(fleet, "devices", "remove", "cli-3", "--yes")
 
 
 def test_models_commands(fleet):

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.common.hardware import HardwareProfile
-from edgefleet.common.protocol import Channel, ModelRef, Reported, Status, topic
+from edgefleet.common.protocol import Channel, ModelRef, ModelStatus, Reported, Status, topic
 from edgefleet.controller.cli import main
 from edgefleet.controller.config import EMBEDDED_BROKER_HOST, EMBEDDED_BROKER_PORT
 from edgefleet.controller.db.session import Database
@@ -144,8 +144,11 @@ def mqtt_session(url: str, username: str | None, password: str | None) -> paho.C
 def report_online(client: paho.Client, device: str) -> None:
     messages = [
         (Channel.STATUS, Status(device=device, boot=1, online=True)),
-        (Channel.REPORTED, Reported(device=device, boot=1, seq=1, generation=0,
-                                    active=ModelRef(model="digits", version="1.0.0", variant="cpu-fp32"))),
+        (Channel.REPORTED, Reported(device=device, boot=1, seq=1, models=(
+            ModelStatus(model="digits", generation=0, memory_kb=20480,
+                        active=ModelRef(model="digits", version="1.0.0", variant="cpu-fp32")),
+            ModelStatus(model="ocr-cls", generation=0, active=ModelRef(model="ocr-cls", version="2", variant="cpu-int8")),
+        ))),
     ]
     for channel, message in messages:
         client.publish(topic(device, channel), message.to_json(), qos=1, retain=True).wait_for_publish(10)
@@ -176,7 +179,9 @@ def check_round_trip(controller: Controller, device: str) -> None:
         client.publish(topic(device, Channel.REPORTED), b"", qos=1, retain=True).wait_for_publish(10)
         client.loop_stop()
         client.disconnect()
-    assert shown["active"] == {"model": "digits", "version": "1.0.0", "variant": "cpu-fp32", "release": 0}
+    assert shown["active"] == [
+        {"model": "digits", "version": "1.0.0", "variant": "cpu-fp32", "release": 0, "memory_kb": 20480},
+        {"model": "ocr-cls", "version": "2", "variant": "cpu-int8", "release": 0, "memory_kb": None}]
     assert shown["labels"] == {"site": "lab"}
     with controller.api() as api:
         assert [d["id"] for d in api.get("/v1/devices").json()] == [device]

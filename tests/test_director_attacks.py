@@ -17,7 +17,7 @@ from securesystemslib.signer import CryptoSigner
 
 from edgefleet.common import director
 from edgefleet.common.protocol import Action
-from tests.support.fleet import Load, ModelRepo, desired
+from tests.support.fleet import Load, ModelRepo, as_set, desired
 from tests.test_agent_process import Device
 
 ATTACKER = CryptoSigner.generate_ed25519()
@@ -54,11 +54,11 @@ def attack(case: str, device: Device, repo: ModelRepo) -> bytes:
     if case == "unsigned":
         return desired(me, nxt, two).to_json()
     if case == "wrong key":
-        return director.seal(desired(me, nxt, two), [ATTACKER])
+        return director.seal(as_set(desired(me, nxt, two)), [ATTACKER])
     if case == "another device":
         return repo.seal(desired("dev-someone-else", nxt, two))
     if case == "generation 10**12, attacker key":
-        return director.seal(desired(me, 10**12, two), [ATTACKER])
+        return director.seal(as_set(desired(me, 10**12, two)), [ATTACKER])
     if case == "tampered":
         return tampered(repo.seal(desired(me, nxt, repo.infos["1.0.0"])), version="2.0.0",
                         target="digits/2.0.0/cpu-fp32.onnx")
@@ -129,7 +129,7 @@ def test_a_director_key_rotation_the_old_key_refused_the_new_one_taken(device, r
     assert device.apply(repo.infos["2.0.0"])["state"] == "SUCCEEDED", device.agent.log()
     installed = slots(device)
     with Load(device.agent) as load:
-        device.observer.publish_raw(director.seal(desired(me, device.generation + 1, repo.infos["3.0.0"]), old))
+        device.observer.publish_raw(director.seal(as_set(desired(me, device.generation + 1, repo.infos["3.0.0"])), old))
         assert refused(device, "not signed by the director")["deployment"] is None
         unmoved(device, load, "2.0.0", installed)
     assert device.apply(repo.infos["3.0.0"])["state"] == "SUCCEEDED"

@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from edgefleet.common.protocol import Action, Event, ModelRef, Telemetry, TelemetryKind
+from edgefleet.common.protocol import Action, Desired, DesiredSet, Event, ModelRef, Telemetry, TelemetryKind
 from edgefleet.common.protocol import ExecutionState as E
 from edgefleet.controller.db.models import (
     BadVariant,
@@ -24,7 +24,7 @@ from edgefleet.controller.errors import Conflict
 from edgefleet.controller.ingest import Ingest
 from edgefleet.controller.rollout import engine
 from edgefleet.controller.rollout.states import RolloutState, Trigger, Verdict
-from tests.rollout_fleet import RPI, RecordingPublisher, fleet_db, spec_for
+from tests.rollout_fleet import RPI, RecordingPublisher, fleet_db, publish_model, spec_for
 from tests.support.messages import benchmark_report
 
 _seq = itertools.count(1)
@@ -96,7 +96,8 @@ def test_full_rollout_steps_through_stages(database_url):
         assert {(g.stage, g.hardware_class) for g in gates} == {(s, c) for s in (0, 1) for c in ("x86_64", "rpi-4")}
         assert all(g.verdict is not Verdict.FAIL for g in gates)
         devices = {d.id: d for d in session.scalars(sa.select(Device))}
-    assert all(d.desired_generation == 1 and d.desired["deployment"] == rid for d in devices.values())
+    assert all(d.desired_generation == 1 and DesiredSet.from_dict(d.desired).deployment == rid
+               for d in devices.values())
     assert len(publisher.sent) == 6
 
 
@@ -278,3 +279,77 @@ def test_p99_gate_prefers_the_paired_baseline_over_older_figures(database_url):
         p99 = {g.hardware_class: g for g in session.scalars(
             sa.select(GateResult).where(GateResult.gate == "p99_regression"))}
     assert p99["rpi-4"].value == pytest.approx(40 / 39 - 1) and p99["rpi-4"].verdict is Verdict.PASS
+
+
+def entries(db: Database) -> dict[str, dict[str, Desired]]:
+    """Per device: its stored desired set's entries, by model."""
+    with db.reading() as session:
+        stored = session.scalars(sa.select(Device.desired).where(Device.desired.is_not(None)))
+        sets = [DesiredSet.from_dict(data) for data in stored]
+    return {s.device: {e.model or "": e for e in s.models} for s in sets}
+
+
+def test_rollouts_of_two_models_run_side_by_side_and_stop_apart(database_url):
+    """digits and ocr-cls roll out to the same devices at once, each with its own executions and
+    its own entry of each device's desired set; rolling ocr-cls back leaves digits alone."""
+    db = fleet_db(database_url, count_per_class=2)
+    publish_model(db, "ocr-cls", ("1", "2"))
+    publisher = RecordingPublisher()
+    digits = create(db, stages=(0.5, 1.0))
+    with db.unit_of_work() as session:
+        created = engine.create_rollout(session, spec_for(model="ocr-cls", version="2", stages=(0.5, 1.0)), "test")
+    ocr = created.rollout_id
+    assert created.superseded == [], "another model's rollout holds no device"
+    for _ in range(4):  # a pass publishes a stage or passes it; every device each was sent succeeds
+        engine.step_all(db, publisher)
+        finish(db, publisher, digits)
+        finish(db, publisher, ocr)
+    assert (rollout(db, digits).state, rollout(db, ocr).state) == (RolloutState.SUCCEEDED, RolloutState.SUCCEEDED)
+    assert {e.state for e in executions(db, digits) + executions(db, ocr)} == {E.SUCCEEDED}
+    installed = entries(db)
+    assert len(installed) == 4
+    for device, by_model in installed.items():
+        assert {m: (e.action, e.version, e.deployment) for m, e in by_model.items()} == {
+            "digits": (Action.INSTALL, "1.1.0", digits), "ocr-cls": (Action.INSTALL, "2", ocr)}, device
+        assert by_model["digits"].generation != by_model["ocr-cls"].generation
+    with db.unit_of_work() as session:
+        engine.control(session, ocr, Trigger.ROLLBACK, "alice")
+    engine.step_all(db, publisher)
+    after = entries(db)
+    for device, by_model in after.items():
+        assert by_model["ocr-cls"].action is Action.ROLLBACK and by_model["ocr-cls"].deployment == ocr
+        assert by_model["digits"] == installed[device]["digits"], "digits' entry is untouched"
+    assert rollout(db, digits).state is RolloutState.SUCCEEDED
+
+
+def test_aborting_one_models_rollout_holds_only_that_model(database_url):
+    db = fleet_db(database_url, count_per_class=1)
+    publish_model(db, "ocr-cls", ("1", "2"))
+    publisher = RecordingPublisher()
+    digits = create(db, stages=(1.0,))
+    ocr = create(db, model="ocr-cls", version="2", stages=(1.0,))
+    engine.step_all(db, publisher)
+    with db.unit_of_work() as session:
+        engine.control(session, ocr, Trigger.ABORT, "alice")
+    engine.step_all(db, publisher)
+    held = entries(db)
+    # never ran ocr-cls before: the hold is "nothing desired" for that model, still named
+    assert {(d, e.action, e.deployment) for d, m in held.items() for e in m.values() if e.model == "ocr-cls"} == {
+        ("x1", Action.NONE, None), ("p1", Action.NONE, None)}
+    assert {e.state for e in executions(db, ocr)} == {E.CANCELED}
+    finish(db, publisher, digits)          # digits carries on as if ocr-cls had never been there
+    engine.step_all(db, publisher)
+    assert rollout(db, digits).state is RolloutState.SUCCEEDED
+    assert all(m["digits"].deployment == digits and m["digits"].action is Action.INSTALL for m in entries(db).values())
+
+
+def test_a_second_rollout_of_the_same_model_still_needs_supersede(database_url):
+    db = fleet_db(database_url, count_per_class=1)
+    publish_model(db, "ocr-cls", ("1",))
+    first = create(db)
+    create(db, model="ocr-cls", version="1")                       # another model: no conflict
+    with pytest.raises(Conflict, match=f"already in active rollout\\(s\\) {first}"):
+        create(db, version="1.1.0")
+    with db.unit_of_work() as session:
+        created = engine.create_rollout(session, spec_for(supersede=True), "test")
+    assert created.superseded == [first] and rollout(db, first).state is RolloutState.SUPERSEDED

@@ -44,6 +44,7 @@ from edgefleet.simulator.traffic import (
 )
 from tests.rollout_fleet import RecordingPublisher, fleet_db, spec_for
 from tests.support.messages import counter_snapshot
+from tests.support.units import units_serving
 
 _seq = itertools.count(1)
 
@@ -176,7 +177,8 @@ def test_device_traffic_serves_samples_uploads_and_shows_faults(digits, tmp_path
     sampler = Sampler(SamplingPolicy(enabled=True, rate=1.0, max_per_hour=1000), tmp_path / "samples", device="d1")
     uploaded: list[dict] = []
     traffic = Traffic(TrafficConfig(requests_per_s=5, upload_interval_s=2, inputs=digits.eval_data, threads=1))
-    device = DeviceTraffic(traffic, "d1", runtime, sampler, lambda data, meta: uploaded.append(meta))
+    units = units_serving(tmp_path / "state", "digits", runtime, sampler)
+    device = DeviceTraffic(traffic, "d1", units, lambda data, meta: uploaded.append(meta))
     try:
         def active_counters() -> ModelCounters:
             counters = runtime.active_counters()
@@ -322,7 +324,7 @@ def test_production_data_reaches_the_gates_and_the_dataset(tmp_path, mosquitto_u
             assert bad["state"] in ("FAILED", "ROLLED_BACK") and "error_rate on rpi-4" in bad["detail"], bad["detail"]
             failing = bad["by_gate"][("error_rate", "rpi-4")]
             assert failing["verdict"] == "FAIL" and failing["value"] > 0.2, bad["gates"]
-            wait_for(lambda: all(fleet.device(d).runtime.active.ref.version == "1.1.0" for d in fleet.devices), 30,
+            wait_for(lambda: all(fleet.device(d).active("digits").ref.version == "1.1.0" for d in fleet.devices), 30,
                      "every device back on 1.1.0")
         finally:
             fleet.stop(clear_retained=True)

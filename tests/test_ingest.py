@@ -7,23 +7,33 @@ import itertools
 
 import sqlalchemy as sa
 
-from edgefleet.common.protocol import DeviceMessage, Event, ModelRef, Reported, Status, Telemetry, TelemetryKind
+from edgefleet.common.protocol import (
+    DeviceMessage,
+    Event,
+    ModelRef,
+    ModelStatus,
+    Reported,
+    Status,
+    Telemetry,
+    TelemetryKind,
+)
 from edgefleet.common.protocol import ExecutionState as E
 from edgefleet.controller.claims import MAX_BOOT_STEP
 from edgefleet.controller.db.models import Device, EventRecord, Execution, TelemetryRecord
 from edgefleet.controller.db.session import Database
 from edgefleet.controller.ingest import Ingest
 from edgefleet.controller.rollout import engine
-from tests.rollout_fleet import RecordingPublisher, fleet_db, spec_for
+from tests.rollout_fleet import RecordingPublisher, fleet_db, publish_model, spec_for
 from tests.support.messages import heartbeat
 
 _seq = itertools.count(100)
 
 
-def started(db: Database) -> tuple[str, dict[str, int]]:
-    """A one-stage rollout of digits 1.1.0 to every device, sent: (rollout id, device -> generation)."""
+def started(db: Database, model: str = "digits", version: str = "1.1.0") -> tuple[str, dict[str, int]]:
+    """A one-stage rollout of ``model`` ``version`` to every device, sent: (rollout id, device -> generation)."""
     with db.unit_of_work() as session:
-        rid = engine.create_rollout(session, spec_for(stages=(1.0,)), "test").rollout_id
+        spec = spec_for(model=model, version=version, stages=(1.0,))
+        rid = engine.create_rollout(session, spec, "test").rollout_id
     publisher = RecordingPublisher()
     engine.step_all(db, publisher)
     return rid, {d.device: d.generation for d in publisher.sent}
@@ -38,10 +48,16 @@ def event(device: str, rid: str, generation: int, state: E) -> Event:
     return Event(device=device, boot=1, seq=next(_seq), generation=generation, state=state, deployment=rid)
 
 
+def status(generation: int, outcome: E | None, version: str = "1.1.0", variant: str = "cpu-fp32",
+           model: str = "digits", active_model: str | None = None) -> ModelStatus:
+    """One model's status; ``active_model`` names what the device says it runs, when not ``model``."""
+    active = ModelRef(model=active_model or model, version=version, variant=variant, release=2)
+    return ModelStatus(model=model, generation=generation, active=active, outcome=outcome)
+
+
 def report(device: str, generation: int, outcome: E | None, version: str = "1.1.0",
            variant: str = "cpu-fp32") -> Reported:
-    active = ModelRef(model="digits", version=version, variant=variant, release=2)
-    return Reported(device=device, boot=1, seq=next(_seq), generation=generation, active=active, outcome=outcome)
+    return Reported(device=device, boot=1, seq=next(_seq), models=(status(generation, outcome, version, variant),))
 
 
 def test_a_report_settles_an_execution_whose_events_were_lost(database_url):
@@ -75,6 +91,32 @@ def test_a_report_never_settles_early_or_on_a_claim_that_does_not_add_up(databas
     assert result.settled == 1
     states = {d: execution(db, rid, d).state for d in sent}
     assert states == {**dict.fromkeys(sent, E.ACTIVATING), "x1": E.SUCCEEDED}
+
+
+def test_a_report_of_two_models_settles_each_models_execution(database_url):
+    db = fleet_db(database_url, count_per_class=1)
+    publish_model(db, "ocr-cls", ("1", "2"))
+    digits, to_digits = started(db)
+    ocr, to_ocr = started(db, model="ocr-cls", version="2")
+    assert to_ocr["p1"] != to_digits["p1"], "one generation per change of the device's desired set"
+    ingest = Ingest(db)
+    both = Reported(device="p1", boot=1, seq=next(_seq), models=(
+        status(to_digits["p1"], E.SUCCEEDED),
+        status(to_ocr["p1"], E.FAILED, version="1", model="ocr-cls"),
+    ))
+    assert ingest.apply([both]).settled == 2
+    assert (execution(db, digits, "p1").state, execution(db, ocr, "p1").state) == (E.SUCCEEDED, E.FAILED)
+    # x1's report swaps the two: each model claims the other's generation, which settles nothing;
+    # then ocr-cls says SUCCEEDED while what it names as running is digits
+    crossed = Reported(device="x1", boot=1, seq=next(_seq), models=(
+        status(to_ocr["x1"], E.FAILED, version="1.0.0", variant="cpu-int8"),
+        status(to_digits["x1"], E.FAILED, version="1", variant="cpu-int8", model="ocr-cls"),
+    ))
+    mismatched = Reported(device="x1", boot=1, seq=next(_seq), models=(
+        status(to_ocr["x1"], E.SUCCEEDED, version="2", variant="cpu-int8", model="ocr-cls", active_model="digits"),
+    ))
+    assert ingest.apply([crossed]).settled == 0 and ingest.apply([mismatched]).settled == 0
+    assert (execution(db, digits, "x1").state, execution(db, ocr, "x1").state) == (E.QUEUED, E.QUEUED)
 
 
 def test_one_batch_over_many_devices_is_applied_in_bulk_with_its_bounds(database_url):

@@ -14,21 +14,17 @@ from click.testing import CliRunner
 
 from demo.scenario import write_config
 from edgefleet.agent.metrics import agent_registry
-from edgefleet.agent.probe import probe
-from edgefleet.agent.reconcile import Reconciler
 from edgefleet.agent.runtime import ModelRuntime
-from edgefleet.agent.sampler import Sampler
 from edgefleet.agent.serve import InferenceServer
-from edgefleet.agent.slots import Slots
-from edgefleet.agent.units import ModelUnit, Units
 from edgefleet.common.protocol import ExecutionState as E
-from edgefleet.common.protocol import ModelRef, SamplingPolicy
+from edgefleet.common.protocol import ModelRef
 from edgefleet.controller.cli import main
 from edgefleet.controller.rollout import engine
 from tests.conftest import free_port
 from tests.rollout_fleet import RecordingPublisher, seed
 from tests.support.api_server import running_controller
 from tests.support.metrics import Scrape, scrape
+from tests.support.units import units_serving
 from tests.test_controller_service import Controller, enroll_device, mqtt_session, report_online
 from tests.test_engine import say
 
@@ -48,13 +44,7 @@ def agent_scrape(tmp_path, digits) -> Scrape:
     runtime = ModelRuntime()
     runtime.swap(runtime.load(digits.model, ModelRef(model="digits", version="1.0.0", variant="cpu-fp32")))
 
-    def unit(name: str, directory: Path) -> ModelUnit:  # no updates here: the reconciler never runs
-        slots = Slots(directory)
-        return ModelUnit(name, slots, runtime, Sampler(SamplingPolicy(), directory / "samples"),
-                         Reconciler(slots, None, runtime, None, probe()))  # type: ignore[arg-type]
-
-    units = Units(tmp_path / "state", unit)
-    units.ensure("digits")
+    units = units_serving(tmp_path / "state", "digits", runtime)
     registry = agent_registry(units, "pi-1", "0.1.0")
     with InferenceServer(units.served, "127.0.0.1:0", 1 << 20, registry=registry) as server:
         answer = httpx.post(f"{server.url}/v2/models/digits/infer", timeout=10, json={

@@ -128,4 +128,4 @@ def test_pipeline_installs_gates_and_rolls_back_as_one_unit(fleet):
     after = _served(agent)
     assert after["versions"] == ["1.0.0"] and {t["name"].split("/")[0] for t in after["inputs"]} == set(MEMBERS)
     (device,) = [d for d in fleetctl.json("devices", "list") if d["id"] == agent.name]
-    assert device["active"]["model"] == "ocr" and device["active"]["version"] == "1.0.0"
+    assert [(m["model"], m["version"]) for m in device["active"]] == [("ocr", "1.0.0")]

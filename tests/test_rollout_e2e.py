@@ -111,4 +111,4 @@ def test_good_rollout_restart_and_canary_rollback(fleet):
                  "rollout r1 SUCCEEDED: stage 2/2 (100%) passed", "rollout r3 FAILED: stage 1/2 (50%) failed"):
         assert line in logged, line
     listed = {d["id"]: d for d in fleetctl.json("devices", "list")}
-    assert all(listed[name]["active"]["version"] == "1.1.0" for name in names), listed
+    assert all([m["version"] for m in listed[name]["active"]] == ["1.1.0"] for name in names), listed

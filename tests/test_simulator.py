@@ -107,7 +107,7 @@ def test_fleet_updates_with_faults_on_one_network_thread(repo, mosquitto_url, tm
         assert set(states.values()) == {"SUCCEEDED"}, states
         for device in (cut_activate, cut_download):
             assert fleet.device(device).power_cuts == 1 and fleet.device(device).boot == 2
-        assert fleet.device(ids[5]).runtime.active.ref.version == "1.0.0"
+        assert fleet.device(ids[5]).active("digits").ref.version == "1.0.0"
 
         stats = fleet.stats()
         assert stats.sessions == 1  # twenty devices, one ONNX Runtime session
@@ -133,7 +133,7 @@ def test_fleet_updates_with_faults_on_one_network_thread(repo, mosquitto_url, tm
                                                 for s in watcher.of(cut_activate, "status")]
         for device in (ids[4], ids[-1]):  # one of each class
             reported = watcher.of(device, "reported")[-1]
-            assert reported["active"]["version"] == "1.0.0"
+            assert [m["active"]["version"] for m in reported["models"]] == ["1.0.0"]
             assert device.startswith(f"{prefix}-{reported['hardware']['hardware_class']}-")
     finally:
         fleet.stop(clear_retained=True)

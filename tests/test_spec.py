@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from edgefleet.common.protocol import ExecutionState
+from edgefleet.common.protocol import DesiredSet, ExecutionState
 from edgefleet.controller.db.models import Rollout
 from edgefleet.controller.errors import Conflict, InvalidInput, NotFound
 from edgefleet.controller.rollout import engine
@@ -173,8 +173,8 @@ def test_dry_run_stores_nothing(database_url):
 class BridgePublisher(RecordingPublisher):
     """Publishes what the database holds, as controller.broker.Bridge does (the agent judges it)."""
 
-    def publish_desired(self, *desired) -> None:
-        self.sent.extend(desired)
+    def publish_desired(self, *desired: DesiredSet) -> None:
+        self.record(*desired)
 
 
 def test_a_stored_spec_is_trusted_so_a_stricter_release_does_not_stall_it(database_url):

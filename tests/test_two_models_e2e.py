@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -71,7 +72,7 @@ def raw_outputs(model: Path, x: np.ndarray) -> dict[str, np.ndarray]:
         runtime.close()
 
 
-def infer(module, client, model: str, x: np.ndarray) -> object:
+def infer(module, client, model: str, x: np.ndarray) -> Any:
     name = "input" if model == "digits" else "x"
     tensor = module.InferInput(name, list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)

@@ -50,15 +50,22 @@ def test_traffic_is_the_growth_between_reports_of_one_model_load():
 
 
 def test_whoami_and_the_fleet_at_a_glance(api):
+    ocr = {"model": "ocr-cls", "generation": 2, "memory_kb": 9000,
+           "active": {"model": "ocr-cls", "version": "2", "variant": "cpu-int8", "release": 1}}
     with api.db.unit_of_work() as session:
         session.get_one(Device, "p2").online = False
+        p1 = session.get_one(Device, "p1")
+        p1.reported = {**p1.reported, "models": [*p1.reported["models"], ocr]}  # p1 serves a second model
     with api.client() as client:
         assert client.get("/v1/whoami").json() == {"name": "admin", "role": "admin", "controls": True}
         fleet = client.get("/v1/fleet").json()
+        p1_active = client.get("/v1/devices/p1").json()["active"]
     assert (fleet["devices"], fleet["online"]) == (6, 5)
     by_class = {c["hardware_class"]: c for c in fleet["classes"]}
     assert by_class["rpi-4"] == {"hardware_class": "rpi-4", "devices": 3, "online": 2,
-                                 "serving": {"digits 1.0.0 cpu-fp32": 3}}
+                                 "serving": {"digits 1.0.0 cpu-fp32": 3, "ocr-cls 2 cpu-int8": 1}}
+    assert [(m["model"], m["version"], m["memory_kb"]) for m in p1_active] == [
+        ("digits", "1.0.0", None), ("ocr-cls", "2", 9000)]
     assert by_class["x86_64"]["serving"] == {"digits 1.0.0 cpu-int8": 3}
 
 

@@ -14,6 +14,7 @@ from edgefleet.common.protocol import DEVICE_ID
 
 from ..db.models import Device, EnrollmentToken, EventRecord, utcnow
 from ..errors import Conflict, NotFound
+from ..reported import serving
 from ..rollout.selector import Selector
 from ..tokens import ENROLL_PREFIX, hash_token, new_token
 from .audit import record_operator
@@ -36,6 +37,7 @@ class ActiveModel(BaseModel):
     version: str
     variant: str
     release: int = 0
+    memory_kb: int | None = Field(None, description="resident memory the version took when it loaded")
 
 
 class DeviceOut(BaseModel):
@@ -46,7 +48,7 @@ class DeviceOut(BaseModel):
     enrolled: bool
     last_seen: datetime | None
     enrolled_at: datetime
-    active: ActiveModel | None
+    active: list[ActiveModel] = Field(description="every model the device serves, by name")
 
     @classmethod
     def of(cls, device: Device) -> DeviceOut:
@@ -73,7 +75,6 @@ class DeviceDetail(DeviceOut):
 
 
 def _summary(device: Device) -> dict[str, Any]:
-    active = (device.reported or {}).get("active")
     return {
         "id": device.id,
         "labels": dict(device.labels),
@@ -82,7 +83,7 @@ def _summary(device: Device) -> dict[str, Any]:
         "enrolled": device.token_hash is not None,
         "last_seen": device.last_seen,
         "enrolled_at": device.enrolled_at,
-        "active": ActiveModel(**active) if active else None,
+        "active": [ActiveModel(**model) for model in serving(device.reported)],
     }
 
 

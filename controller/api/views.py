@@ -27,6 +27,7 @@ from ..db.models import (
     utcnow,
 )
 from ..errors import NotFound
+from ..reported import serving
 from ..roles import Role
 from ..rollout import status
 from .auth import Operator, require_viewer
@@ -52,9 +53,9 @@ def fleet(_: Operator = Depends(require_viewer), ctx: ApiContext = Depends(get_c
             group = classes[cls or "unknown"]
             group["devices"] += 1
             group["online"] += int(online)
-            active = (reported or {}).get("active")
-            serving = f"{active['model']} {active['version']} {active['variant']}" if active else "nothing"
-            group["serving"][serving] += 1
+            models = serving(reported)
+            group["serving"].update(
+                [f"{m['model']} {m['version']} {m['variant']}" for m in models] if models else ["nothing"])
     return {
         "devices": sum(g["devices"] for g in classes.values()),
         "online": sum(g["online"] for g in classes.values()),

@@ -6,18 +6,19 @@ import click
 from ..errors import InvalidInput
 from ..rollout.spec import parse_duration
 from ._confirm import confirm, yes_option
-from ._output import emit, emit_record, emitted_as_json, format_option
+from ._output import emit, emit_record, emitted_as_json, format_option, table
 from .client import ApiClient, api_command
 
 LIST_COLUMNS = ["id", "online", "enrolled", "hardware_class", "active", "labels", "last_seen"]
-SHOW_FIELDS = ["id", "online", "enrolled", "hardware_class", "active", "labels", "last_seen", "enrolled_at", "boot"]
-EVENT_COLUMNS = ["ts", "deployment", "generation", "state", "version", "variant", "detail"]
+SHOW_FIELDS = ["id", "online", "enrolled", "hardware_class", "labels", "last_seen", "enrolled_at", "boot"]
+MODEL_COLUMNS = ["model", "version", "variant", "release", "memory_kb"]
+EVENT_COLUMNS = ["ts", "deployment", "generation", "state", "model", "version", "variant", "detail"]
 
 
 def _active(device: dict) -> dict:
-    active = device.get("active")
-    text = f"{active['model']}/{active['version']}/{active['variant']}" if active else None
-    return {**device, "active": text}
+    """Every model the device serves in one cell: ``digits 1.0.0 cpu-fp32, ocr-cls 2 cpu-int8``."""
+    served = [f"{m['model']} {m['version']} {m['variant']}" for m in device.get("active") or []]
+    return {**device, "active": ", ".join(served) or None}
 
 
 def parse_labels(items: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
@@ -66,7 +67,10 @@ def show(client: ApiClient, device_id: str, fmt: str) -> None:
     device = client.get(f"/v1/devices/{device_id}")
     if emitted_as_json(device, fmt):
         return
-    emit_record(_active(device), fmt, SHOW_FIELDS)
+    emit_record(device, fmt, SHOW_FIELDS)
+    click.echo("models:" if device["active"] else "models: none served")
+    if device["active"]:
+        click.echo("\n".join(f"  {line}" for line in table(device["active"], MODEL_COLUMNS).splitlines()))
     hardware = device.get("hardware") or {}
     if hardware:
         click.echo("hardware:")

@@ -76,6 +76,11 @@ function modelText(m) {
   return m ? `${m.model} ${m.version} ${m.variant}` : "nothing";
 }
 
+// every model a device serves (the API's `active` list)
+function servingText(models) {
+  return models.length ? models.map(modelText).join(", ") : "nothing";
+}
+
 // --- the API -----------------------------------------------------------------------------
 
 class LoggedOut extends Error {}
@@ -200,7 +205,7 @@ async function fleetPage() {
     table(["device", "class", "online", "serving", "labels", "last seen"], devices.map((d) => [
       link(`#/devices/${encodeURIComponent(d.id)}`, d.id), d.hardware_class || "—",
       h("span", { class: `dot ${d.online ? "on" : "off"}`, title: d.online ? "online" : "offline" }),
-      modelText(d.active), Object.entries(d.labels).map(([k, v]) => `${k}=${v}`).join(" "), when(d.last_seen),
+      servingText(d.active), Object.entries(d.labels).map(([k, v]) => `${k}=${v}`).join(" "), when(d.last_seen),
     ])));
 }
 
@@ -302,7 +307,7 @@ async function devicePage(id) {
   const t = trends.traffic.map((p) => ({ ...p, x: new Date(p.ts).getTime() }));
   return h("section", null,
     h("h1", null, d.id, " ", h("span", { class: `dot ${d.online ? "on" : "off"}` }), d.online ? " online" : " offline"),
-    h("p", null, `${d.hardware_class || "unknown class"} · serving ${modelText(d.active)} · last seen ${when(d.last_seen)}`),
+    h("p", null, `${d.hardware_class || "unknown class"} · serving ${servingText(d.active)} · last seen ${when(d.last_seen)}`),
     h("p", { class: "muted" }, Object.entries(d.labels).map(([k, v]) => `${k}=${v}`).join(" ")),
     h("div", { class: "columns" },
       h("div", null, h("h2", null, "Latency (ms)"), lineChart([

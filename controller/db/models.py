@@ -106,7 +106,7 @@ class Device(Base):
     mqtt_password_hash: Mapped[str | None] = mapped_column(sa.String(255))
     public_key: Mapped[str | None] = mapped_column(sa.Text)
     reported: Mapped[dict[str, Any] | None]          # last protocol.Reported
-    desired: Mapped[dict[str, Any] | None]           # last protocol.Desired published
+    desired: Mapped[dict[str, Any] | None]           # last protocol.DesiredSet published
     desired_generation: Mapped[int] = mapped_column(default=0)
     # The generation the broker acknowledged; below desired_generation it is owed again (the outbox).
     desired_sent_generation: Mapped[int] = mapped_column(default=0, server_default="0")
@@ -189,7 +189,7 @@ class Execution(Base):
     )
     detail: Mapped[str] = mapped_column(sa.Text, default="")
     attempt: Mapped[int] = mapped_column(default=0)
-    generation: Mapped[int] = mapped_column(default=0)            # Desired.generation sent
+    generation: Mapped[int] = mapped_column(default=0)            # generation of the Desired entry sent
     previous: Mapped[dict[str, Any] | None]                       # ModelRef before this rollout
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

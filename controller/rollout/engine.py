@@ -28,6 +28,7 @@ from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.protocol import (
     Action,
     Desired,
+    DesiredSet,
     ExecutionState,
     ModelCounters,
     ModelRef,
@@ -48,8 +49,9 @@ from ..db.models import (
     utcnow,
 )
 from ..db.session import Database
-from ..desired import stored_desired
+from ..desired import desired_set, stored_desired, stored_entry
 from ..errors import Conflict, ControllerError, InvalidInput, NotFound
+from ..reported import active as reported_active
 from . import planner, states
 from .planner import (
     ClassObservation,
@@ -74,7 +76,7 @@ HURRIED = [s for s in ExecutionState if not s.terminal and s is not ExecutionSta
 class Publisher(Protocol):
     """What the engine needs of the MQTT bridge (controller/broker.py ``Bridge``)."""
 
-    def publish_desired(self, *desired: Desired) -> None:
+    def publish_desired(self, *desired: DesiredSet) -> None:
         """Publish them all; return once the broker took every one (raise Unavailable if not)."""
 
 
@@ -85,9 +87,10 @@ class Publisher(Protocol):
 VIEW_COLUMNS = (Device.id, Device.labels, Device.hardware, Device.hardware_class, Device.online, Device.reported)
 
 
-def device_view(device: Device | sa.Row) -> DeviceView:
-    """A planner view of a device, from its ORM object or a row of VIEW_COLUMNS."""
-    active = (device.reported or {}).get("active") or {}
+def device_view(device: Device | sa.Row, model: str) -> DeviceView:
+    """A planner view of a device, from its ORM object or a row of VIEW_COLUMNS; what it runs
+    is its version of ``model`` (the model being rolled out)."""
+    active = reported_active(device.reported, model) or {}
     hardware = dict(device.hardware or {})
     cls = device.hardware_class or (HardwareProfile.from_dict(hardware).hardware_class if hardware else "unknown")
     return DeviceView(
@@ -133,8 +136,8 @@ def bad_variants(session: Session, model: str, version: str) -> set[tuple[str, s
     return {(variant, cls) for variant, cls in rows}
 
 
-def all_devices(session: Session) -> list[DeviceView]:
-    return [device_view(row) for row in session.execute(sa.select(*VIEW_COLUMNS).order_by(Device.id))]
+def all_devices(session: Session, model: str) -> list[DeviceView]:
+    return [device_view(row, model) for row in session.execute(sa.select(*VIEW_COLUMNS).order_by(Device.id))]
 
 
 # --- creating a rollout -----------------------------------------------------------
@@ -166,7 +169,8 @@ def create_rollout(
 
     Refuses: an unknown model or version, a selector that matches nothing or only
     devices no variant fits, a downgrade without ``allow_downgrade``, and devices
-    that another active rollout holds unless ``supersede``.
+    that another active rollout of the same model holds unless ``supersede`` (the
+    rollouts of a device's other models run beside it).
     """
     now = now or utcnow()
     rollout_id = rollout_id or new_rollout_id(spec)
@@ -179,7 +183,7 @@ def create_rollout(
         if not known:
             raise NotFound(f"model {spec.model!r} is not published; see `fleetctl models list`")
         raise NotFound(f"model {spec.model} has no version {spec.version!r}; published: {', '.join(known)}")
-    devices = planner.select(spec.selector, all_devices(session))
+    devices = planner.select(spec.selector, all_devices(session, spec.model))
     if not devices:
         raise InvalidInput(
             f"selector {spec.selector!r} matches no device; no rollout created (see `fleetctl devices list`)"
@@ -231,11 +235,11 @@ def _check_downgrade(spec: RolloutSpec, devices: list[DeviceView]) -> None:
 
 def _overlapping(session: Session, spec: RolloutSpec, devices: list[DeviceView], rollout_id: str) -> list[str]:
     mine = {d.id for d in devices}
-    everyone = all_devices(session)
+    everyone = all_devices(session, spec.model)
     overlapping = []
     active = session.scalars(
         sa.select(Rollout).where(Rollout.state.in_(list(states.ACTIVE | {RolloutState.PAUSED})))
-        .where(Rollout.id != rollout_id).order_by(Rollout.created_at)
+        .where(Rollout.model == spec.model, Rollout.id != rollout_id).order_by(Rollout.created_at)
     )
     for other in active:
         theirs = {d.id for d in planner.select(other.selector, everyone)}
@@ -443,7 +447,7 @@ def _add_members(session: Session, rollout: Rollout, spec: RolloutSpec, now: dat
         return
     _membership_checked[key] = (fingerprint, time.monotonic())
     rows = {r.id: r for r in session.execute(sa.select(*VIEW_COLUMNS, Device.enrolled_at).order_by(Device.id))}
-    views = planner.select(spec.selector, [device_view(d) for d in rows.values()])
+    views = planner.select(spec.selector, [device_view(d, rollout.model) for d in rows.values()])
     started = set(session.scalars(sa.select(Execution.device_id).where(Execution.rollout_id == rollout.id)))
     variants = variant_views(session, rollout.model, rollout.version)
     proof = evidence(session, rollout.model, rollout.version)
@@ -455,10 +459,10 @@ def _add_members(session: Session, rollout: Rollout, spec: RolloutSpec, now: dat
     # in device id order: each insert takes a key-share lock on its device, as ingest locks them
     for device in sorted({d.id: d for d in members + joined}.values(), key=lambda d: d.id):
         choice = choices[device.id]
-        active = (rows[device.id].reported or {}).get("active")
+        previous = reported_active(rows[device.id].reported, rollout.model)
         session.add(Execution(
             rollout_id=rollout.id, device_id=device.id, stage=rollout.stage, variant=choice.variant,
-            reason=choice.reason, state=ExecutionState.QUEUED, previous=active, created_at=now,
+            reason=choice.reason, state=ExecutionState.QUEUED, previous=previous, created_at=now,
             detail="" if device.online else "device offline; pending until it connects",
         ))
         report.created += 1
@@ -612,14 +616,15 @@ def _desired_for(rollout: Rollout, execution: Execution, device: Device, now: da
     Install: the rollout runs and the execution was never sent (or is due for a retry).
     Events name the rollout as their deployment; (rollout, device) is the execution.
     Rollback / hold: the rollout failed, was rolled back or aborted, and the device's
-    current desired state is still this execution's install of the new version.
+    desired entry for the rollout's model is still this execution's install of the new version
+    (the entries of its other models belong to their own rollouts).
     """
     if rollout.state is RolloutState.RUNNING:
         due = execution.next_attempt_at is None or execution.next_attempt_at <= now
         if execution.state is ExecutionState.QUEUED and execution.generation == 0 and due:
             return "install"
         return None
-    desired = device.desired or {}
+    desired = stored_entry(device.desired, rollout.model) or {}
     still_ours = (desired.get("deployment") == rollout.id and desired.get("action") == Action.INSTALL.value
                   and desired.get("version") == rollout.version)
     if not still_ours:
@@ -635,8 +640,10 @@ def _publish_batch(
     db: Database, publisher: Publisher, execution_ids: list[int], now: datetime, report: PassReport
 ) -> None:
     """Up to PUBLISH_BATCH devices: commit their desired states in one transaction (one per
-    device made a 10,000-device fleet wait on fsyncs), then publish, then confirm."""
-    batch: list[Desired] = []
+    device made a 10,000-device fleet wait on fsyncs), then publish, then confirm.
+
+    Each changes only the entry of the rollout's model in the device's desired set."""
+    batch: list[DesiredSet] = []
     try:
         with db.unit_of_work() as session:
             # Devices before executions, each in id order: the order ingest locks them in.
@@ -657,7 +664,7 @@ def _publish_batch(
                 if kind is None:
                     continue
                 generation = device.desired_generation + 1
-                desired = _build(kind, rollout, spec, execution, device.id, generation)
+                desired = _with_entry(device, _build(kind, rollout, spec, execution, device.id, generation))
                 device.desired, device.desired_generation = desired.to_dict(), generation
                 if kind == "install":
                     execution.generation = generation
@@ -676,7 +683,7 @@ def _publish_batch(
     report.published += _send(db, publisher, batch, report)
 
 
-def _send(db: Database, publisher: Publisher, batch: list[Desired], report: PassReport) -> int:
+def _send(db: Database, publisher: Publisher, batch: list[DesiredSet], report: PassReport) -> int:
     """Publish committed desired states and record the broker's acknowledgement; what is not
     acknowledged stays unsent in the database for ``publish_unsent``."""
     if not batch:
@@ -710,6 +717,16 @@ def publish_unsent(db: Database, publisher: Publisher, report: PassReport | None
     return report
 
 
+def _with_entry(device: Device, entry: Desired) -> DesiredSet:
+    """The device's desired set with ``entry`` in place of its model's (the other models' entries kept)."""
+    desired = desired_set(device).with_entry(entry)
+    try:
+        desired.validate()  # e.g. one model more than a device serves
+    except ProtocolError as e:
+        raise InvalidInput(f"cannot build desired state for {device.id}: {e}") from e
+    return desired
+
+
 def _build(
     kind: str, rollout: Rollout, spec: RolloutSpec, execution: Execution, device: str, generation: int
 ) -> Desired:
@@ -723,11 +740,11 @@ def _build(
             )
         if kind == "rollback":
             return Desired(device=device, generation=generation, action=Action.ROLLBACK,
-                           deployment=rollout.id)
+                           deployment=rollout.id, model=rollout.model)
         # hold: stay on what ran before; no deployment, so the agent's report does not touch this execution
         previous = ModelRef.from_dict(execution.previous) if execution.previous else None
         if previous is None:
-            return Desired(device=device, generation=generation, action=Action.NONE)
+            return Desired(device=device, generation=generation, action=Action.NONE, model=rollout.model)
         return Desired(
             device=device, generation=generation, action=Action.INSTALL, model=previous.model,
             version=previous.version, variant=previous.variant,

@@ -2,7 +2,7 @@
 
 Events can go astray between a device and the database (a replica that died with messages
 queued in its broker session, a broker that dropped a queue). The device's retained report
-says how the execution of its last generation ended (``Reported.outcome``), so the leader
+says how the execution of each model's last generation ended (``ModelStatus.outcome``), so the leader
 asks the broker for the retained reports of devices whose sent execution has been silent
 for a while, and ingest settles them like any report. An execution still running (its
 report names an older generation, or no outcome yet) is left alone; one held for its
@@ -31,13 +31,14 @@ class ReportSource(Protocol):
 
 
 def silent_devices(db: Database, silent: timedelta, now: datetime) -> list[str]:
-    """Devices whose sent execution has said nothing for ``silent``, the longest silent first."""
+    """Devices whose sent execution has said nothing for ``silent``, the longest silent first
+    (each once, though executions of several of its models may be silent)."""
     with db.reading() as session:
-        return list(session.scalars(
+        return list(dict.fromkeys(session.scalars(
             sa.select(Execution.device_id)
             .where(Execution.state.in_(WAITING), Execution.generation > 0, Execution.updated_at < now - silent)
             .order_by(Execution.updated_at).limit(MAX_DEVICES)
-        ))
+        )))
 
 
 def reread_reports(db: Database, source: ReportSource, silent_s: float, now: datetime | None = None) -> int:

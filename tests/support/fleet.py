@@ -87,9 +87,7 @@ class ModelRepo:
         alone goes as the set of that one model, at its generation)."""
         if self._director is None:
             self._director = DirectorSigner(self.signed.repository)
-        if isinstance(message, Desired):
-            message = DesiredSet(device=message.device, generation=message.generation, models=(message,))
-        return self._director.seal(message)
+        return self._director.seal(as_set(message) if isinstance(message, Desired) else message)
 
     def publish(
         self,
@@ -131,6 +129,11 @@ def agent_config(state_dir: Path, repo: ModelRepo, broker_url: str, serve: str, 
     config = AgentConfig(**{**settings, **overrides})
     trust_root(state_dir / "tuf", repo.trusted_root())
     return config
+
+
+def as_set(entry: Desired) -> DesiredSet:
+    """The desired set of one model's entry, at the entry's generation."""
+    return DesiredSet(device=entry.device, generation=entry.generation, models=(entry,))
 
 
 def desired(device: str, generation: int, info: TargetInfo | None = None, **fields: Any) -> Desired:
