@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from securesystemslib.signer import CryptoSigner
 
+from edgefleet.agent.slots import model_dir
 from edgefleet.common import director
 from edgefleet.common.protocol import Action
 from tests.support.fleet import Load, ModelRepo, as_set, desired
@@ -82,7 +83,7 @@ def refused(device: Device, why: str, generation: int = 0) -> dict:
 
 
 def slots(device: Device) -> list[str]:
-    return sorted(p.name for p in (Path(device.config.state_dir) / "slots").iterdir())
+    return sorted(p.name for p in (model_dir(Path(device.config.state_dir), "digits") / "slots").iterdir())
 
 
 def unmoved(device: Device, load: Load, version: str, installed: list[str]) -> None:
