@@ -166,7 +166,8 @@ def test_disk_full_fails_the_update_and_keeps_serving(tmp_path, repo, mosquitto_
         full = dev.apply(repo.infos["big"])
         assert full["state"] == "FAILED" and "disk full" in full["detail"], full
         assert dev.agent.serving_version() == "1.0.0"
-        assert not list((dev.config.state_dir / "slots" / ".staging").glob("*"))
+        staging = dev.config.state_dir / "models" / "digits" / "slots" / ".staging"
+        assert staging.parent.is_dir() and not list(staging.glob("*"))
     finally:
         dev.close()
 

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from edgefleet.agent.slots import Slots
+from edgefleet.agent.slots import Slots, model_dir
 from edgefleet.common.protocol import Gate
 from tests.conftest import free_port
 from tests.support.fleet import AgentProcess, ModelRepo, Observer, agent_config, desired
@@ -23,7 +23,7 @@ GATE = Gate(bench_seconds=0.05, bench_min_queries=10, max_p99_regression=1000.0)
 
 def assert_serves_a_verified_slot(state_dir, signed_sha256: dict[str, str]) -> str:
     """The active slot is complete and its bytes are exactly what TUF signed; returns its version."""
-    slots = Slots(state_dir)
+    slots = Slots(model_dir(state_dir, "digits"))
     active = slots.active()
     assert active is not None, "the pointer names no complete slot"
     digest = hashlib.sha256(active.model.read_bytes()).hexdigest()
@@ -63,7 +63,7 @@ def test_sigkill_at_random_moments_during_updates(tmp_path, digits, mosquitto_ur
             for delay in [rng.uniform(0, window)] + ([rng.uniform(0, window)] if rng.random() < 0.6 else []):
                 time.sleep(delay)
                 agent.kill()
-                journal = Slots(config.state_dir).journal()
+                journal = Slots(model_dir(config.state_dir, "digits")).journal()
                 step = journal.state.value if journal and journal.generation == generation else "before"
                 landed[step] = landed.get(step, 0) + 1
                 kills += not (step == "before" or journal.state.terminal)
@@ -78,7 +78,7 @@ def test_sigkill_at_random_moments_during_updates(tmp_path, digits, mosquitto_ur
         # the kills landed inside the update's steps, not only around it
         assert kills >= KILLS
         assert landed.get("download", 0) and landed.get("activate", 0), landed
-        slots = Slots(config.state_dir)
+        slots = Slots(model_dir(config.state_dir, "digits"))
         leftovers = {p.name for p in slots.root.iterdir()} - {slots.pointer().active, slots.pointer().previous,
                                                              ".staging", "pointer.json"}
         assert leftovers == set() and list(slots.staging_root.glob("*")) == []
