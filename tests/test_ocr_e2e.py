@@ -128,4 +128,6 @@ def test_pipeline_installs_gates_and_rolls_back_as_one_unit(fleet):
     after = _served(agent)
     assert after["versions"] == ["1.0.0"] and {t["name"].split("/")[0] for t in after["inputs"]} == set(MEMBERS)
     (device,) = [d for d in fleetctl.json("devices", "list") if d["id"] == agent.name]
-    assert [(m["model"], m["version"]) for m in device["active"]] == [("ocr", "1.0.0")]
+    # the pipeline is a model of its own: whatever else the device serves (the frontier test's
+    # ocr-cls, when it ran first) is untouched
+    assert ("ocr", "1.0.0") in [(m["model"], m["version"]) for m in device["active"]]
