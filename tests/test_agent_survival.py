@@ -46,9 +46,11 @@ def take_next_good(device: Device, info, **fields) -> None:
 @pytest.fixture
 def device(tmp_path, repo, mosquitto_url):
     d = Device(tmp_path, repo, mosquitto_url).start()
-    assert d.apply(repo.infos["1.0.0"])["state"] == "SUCCEEDED", d.agent.log()
-    yield d
-    d.close()
+    try:
+        assert d.apply(repo.infos["1.0.0"])["state"] == "SUCCEEDED", d.agent.log()
+        yield d
+    finally:
+        d.close()
 
 
 def test_a_malformed_window_is_rejected_and_the_agent_stays_up(device, repo):

@@ -36,9 +36,11 @@ def repo(tmp_path_factory, digits):
 @pytest.fixture
 def device(tmp_path, repo, mosquitto_url):
     d = Device(tmp_path, repo, mosquitto_url).start()
-    assert d.apply(repo.infos["1.0.0"])["state"] == "SUCCEEDED", d.agent.log()
-    yield d
-    d.close()
+    try:
+        assert d.apply(repo.infos["1.0.0"])["state"] == "SUCCEEDED", d.agent.log()
+        yield d
+    finally:
+        d.close()
 
 
 def tampered(raw: bytes, **changes: object) -> bytes:
