@@ -20,7 +20,7 @@ from pathlib import Path
 from edgefleet.common.errors import EdgefleetError
 from edgefleet.common.fs import atomic_write, read_json
 from edgefleet.common.hardware import HardwareProfile
-from edgefleet.common.protocol import Action, Desired, DesiredSet, ExecutionState, Heartbeat, SamplingPolicy
+from edgefleet.common.protocol import Desired, ExecutionState, Heartbeat, SamplingPolicy
 from edgefleet.common.retry import Backoff
 from edgefleet.common.systemd import sd_notify, watchdog_interval
 
@@ -251,19 +251,11 @@ class Agent:
             log.error("reading the desired state failed: %s", e)
             return TICK_S
         delays = [TICK_S if again is None else again]
-        for unit, entry in self._work(desired):
+        for unit, entry in self.units.work(desired):
             if entry is not None:
                 unit.sampler.set_policy(entry.sampling)
             delays.append(self._unit_pass(unit, entry))
         return min(delays)
-
-    def _work(self, desired: DesiredSet | None) -> list[tuple[ModelUnit, Desired | None]]:
-        """Each unit with its entry of ``desired``; an install of a new model makes its unit."""
-        entries = {e.model: e for e in desired.models if e.model} if desired is not None else {}
-        for model, entry in entries.items():
-            if entry.action is Action.INSTALL:
-                self.units.ensure(model)
-        return [(unit, entries.get(unit.name)) for unit in self.units]
 
     def _unit_pass(self, unit: ModelUnit, entry: Desired | None) -> float:
         """One model's pass; what it raises fails that model's execution in progress with its
@@ -310,10 +302,9 @@ class Agent:
 
     def _heartbeat(self) -> None:
         units = list(self.units)
-        served = [unit.runtime.active for unit in units]
         self.link.telemetry(Heartbeat(
             uptime_s=round(time.monotonic() - self._started, 1),
-            active=tuple(loaded.ref for loaded in served if loaded is not None and loaded.ref is not None),
+            active=self.units.serving(),
             counters=self.units.served.counters(),
             rss_kb=rss_kb(),
             samples_pending=sum(len(unit.sampler.pending()) for unit in units),

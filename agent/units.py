@@ -10,7 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from edgefleet.common.protocol import ExecutionState, ModelStatus, Reported, TelemetryPayload
+from edgefleet.common.protocol import (
+    Action,
+    Desired,
+    DesiredSet,
+    ExecutionState,
+    ModelRef,
+    ModelStatus,
+    Reported,
+    TelemetryPayload,
+)
 
 from .link import AgentLink
 from .reconcile import Reconciler
@@ -89,15 +98,32 @@ class Units:
     def ensure(self, name: str) -> ModelUnit:
         unit = self._units.get(name)
         if unit is None:
-            unit = self._units[name] = self._make(name, model_dir(self.state_dir, name))
+            unit = self._make(name, model_dir(self.state_dir, name))
+            # replaced, never changed in place: the servers and the upload thread iterate it meanwhile
+            self._units = {**self._units, name: unit}
             self.served.add(name, unit.runtime)
         return unit
+
+    def work(self, desired: DesiredSet | None) -> list[tuple[ModelUnit, Desired | None]]:
+        """Each unit with its entry of ``desired`` (None: the set does not name it, or no set yet);
+        an install of a model the device does not have yet makes its unit."""
+        entries = {e.model: e for e in desired.models if e.model} if desired is not None else {}
+        for model, entry in entries.items():
+            if entry.action is Action.INSTALL:
+                self.ensure(model)
+        return [(unit, entries.get(unit.name)) for unit in self]
+
+    def serving(self) -> tuple[ModelRef, ...]:
+        """The version of each model being served now (the heartbeat's ``active``)."""
+        loaded = [unit.runtime.active for unit in self]
+        return tuple(m.ref for m in loaded if m is not None and m.ref is not None)
 
     def get(self, name: str) -> ModelUnit | None:
         return self._units.get(name)
 
     def __iter__(self) -> Iterator[ModelUnit]:
-        return iter([self._units[name] for name in sorted(self._units)])
+        units = self._units
+        return iter([units[name] for name in sorted(units)])
 
     def __len__(self) -> int:
         return len(self._units)

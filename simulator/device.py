@@ -33,8 +33,6 @@ from edgefleet.common.errors import EdgefleetError
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.mqtt import BrokerURL
 from edgefleet.common.protocol import (
-    Action,
-    Desired,
     Event,
     ExecutionState,
     Heartbeat,
@@ -122,13 +120,6 @@ class _Incarnation:
     def serve_active(self) -> None:
         for unit in self.units:
             serve_installed(unit.slots, unit.runtime)
-
-    def work(self, entries: dict[str, Desired]) -> list[tuple[ModelUnit, Desired | None]]:
-        """Each unit with its desired entry; an install of a new model makes its unit (as the daemon)."""
-        for model, entry in entries.items():
-            if entry.action is Action.INSTALL:
-                self.units.ensure(model)
-        return [(unit, entries.get(unit.name)) for unit in self.units]
 
 
 class _Recording:
@@ -248,8 +239,7 @@ class SimDevice:
             log.error("%s: reading the desired state failed: %s", self.id, e)
             return TICK_S
         delays = [TICK_S if again is None else again]
-        entries = {e.model: e for e in desired.models if e.model} if desired is not None else {}
-        for unit, entry in life.work(entries):
+        for unit, entry in life.units.work(desired):
             if entry is not None:
                 unit.sampler.set_policy(entry.sampling)
             try:
@@ -274,10 +264,9 @@ class SimDevice:
         if not life.alive or self._life is not life:
             return
         if life.link.connected:  # as AgentLink's offline queue drops telemetry first, don't pile it up
-            served = [unit.runtime.active for unit in life.units]
             life.link.telemetry(Heartbeat(
                 uptime_s=round(time.monotonic() - life.started, 1),
-                active=tuple(loaded.ref for loaded in served if loaded is not None and loaded.ref is not None),
+                active=life.units.serving(),
                 counters=life.units.served.counters(),
             ))
             for unit in life.units:  # as the daemon sends them: the rollout's error-rate gate reads these
