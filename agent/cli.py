@@ -83,9 +83,10 @@ def _installed(config: AgentConfig) -> dict[str, Slots]:
     state_dir = Path(config.state_dir)
     found = {model: Slots(model_dir(state_dir, model)) for model in installed_models(state_dir)}
     single = Slots(state_dir)
-    if not found and (single.active() or single.journal()):
-        active, journal = single.active(), single.journal()
-        found[active.meta.ref.model if active else (journal.desired.model if journal else None) or "model"] = single
+    active, journal = single.active(), single.journal()
+    name = active.meta.ref.model if active else (journal.desired.model if journal else None)
+    if not found and name:
+        found[name] = single
     return found
 
 
