@@ -97,12 +97,15 @@ def test_good_rollout_restart_and_canary_rollback(fleet):
     assert third["state"] in ("FAILED", "ROLLED_BACK"), third["state"]
     assert third["stage"] == 0, "stopped at the first stage"
     failing = [g for g in third["gates"] if g["verdict"] == "FAIL"]
-    assert {g["hardware_class"] for g in failing} == {"x86_64", "rpi-4"}, third["gates"]
+    assert "rpi-4" in {g["hardware_class"] for g in failing}, third["gates"]
     assert "FAIL" in printed
     touched = {e["device"]: e for e in third["executions"]}
     assert len(touched) == 2, "only the canary stage was touched"
     details = " ".join(e["detail"] for e in touched.values())
-    assert "golden set failed" in details and "regresses past" in details, details
+    # Arm fails its golden set at once; x86 fails its latency gate, unless the failed stage's
+    # rollback reaches it first (its benchmark is slower on a busy machine)
+    assert "golden set failed" in details, details
+    assert "regresses past" in details or "rolled back to digits 1.1.0" in details, details
     wait_for(lambda: all(a.serving() == "1.1.0" for a in agents), 30, "every device back on 1.1.0")
     # the controller logged each rollout's lifecycle, stages numbered from 1
     logged = controller.log_path.read_text()
