@@ -182,13 +182,15 @@ class Agent:
         signal.signal(signal.SIGUSR1, self._on_rollback_signal)
         for unit in self.units:
             self.serve_active(unit)
-        self.server.start()
+        # gRPC first: once REST answers (what health checks wait for), gRPC does too
+        grpc_server = (start_grpc(self.units.served, self.config.serve_grpc, self.config.max_request_bytes,
+                                  limits_for(self.config.max_batch_size), self.units.on_inference)
+                       if self.config.serve_grpc else None)
         try:
-            grpc_server = (start_grpc(self.units.served, self.config.serve_grpc, self.config.max_request_bytes,
-                                      limits_for(self.config.max_batch_size), self.units.on_inference)
-                           if self.config.serve_grpc else None)
+            self.server.start()
         except BaseException:
-            self.server.stop()
+            if grpc_server is not None:
+                grpc_server.stop()
             raise
         if self.renewer is not None:
             self.renewer.start()

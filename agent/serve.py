@@ -594,9 +594,15 @@ def serve_command(args: argparse.Namespace) -> int:
             models.add(name, runtime)
             runtime.swap(runtime.load(path, ModelRef(model=name, version=args.version, variant="local")))
         limits = limits_for(args.max_batch_size)
-        server = InferenceServer(models, args.http, args.max_request_bytes, limits=limits)
-        server.start()
+        # gRPC first: once REST answers (what clients and benchmarks wait for), gRPC does too
         grpc_server = start_grpc(models, args.grpc, args.max_request_bytes, limits) if args.grpc else None
+        server = InferenceServer(models, args.http, args.max_request_bytes, limits=limits)
+        try:
+            server.start()
+        except EdgefleetError:
+            if grpc_server is not None:
+                grpc_server.stop()
+            raise
     except EdgefleetError as e:
         print(f"error: {e}", file=sys.stderr)
         models.close()
