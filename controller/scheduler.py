@@ -1,7 +1,8 @@
 """Periodic jobs (APScheduler 3), run by exactly one controller replica at a time.
 
 Every replica runs a Scheduler; before each run a job renews the database leader
-lock and skips the run unless this replica holds it. Owners register their jobs
+lock (db/leader.py: a session advisory lock on PostgreSQL, a lease on SQLite) and
+skips the run unless this replica holds it. Owners register their jobs
 (timestamp re-signing, offline sweep, rollout stepping, telemetry retention) with
 ``add_job(name, func, interval_s)``.
 """
