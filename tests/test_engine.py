@@ -8,7 +8,16 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from edgefleet.common.protocol import Action, Desired, DesiredSet, Event, ModelRef, Telemetry, TelemetryKind
+from edgefleet.common.protocol import (
+    MAX_MODELS,
+    Action,
+    Desired,
+    DesiredSet,
+    Event,
+    ModelRef,
+    Telemetry,
+    TelemetryKind,
+)
 from edgefleet.common.protocol import ExecutionState as E
 from edgefleet.controller.db.models import (
     BadVariant,
@@ -320,6 +329,23 @@ def test_rollouts_of_two_models_run_side_by_side_and_stop_apart(database_url):
         assert by_model["ocr-cls"].action is Action.ROLLBACK and by_model["ocr-cls"].deployment == ocr
         assert by_model["digits"] == installed[device]["digits"], "digits' entry is untouched"
     assert rollout(db, digits).state is RolloutState.SUCCEEDED
+
+
+def test_a_device_at_its_model_limit_fails_its_execution_and_the_others_go_on(database_url):
+    db = fleet_db(database_url, count_per_class=1)
+    full = "x1"
+    with db.unit_of_work() as session:
+        device = session.get_one(Device, full)
+        entries_ = tuple(Desired(device=full, generation=i + 1, action=Action.NONE, model=f"m{i}")
+                         for i in range(MAX_MODELS))
+        device.desired = DesiredSet(device=full, generation=MAX_MODELS, models=entries_).to_dict()
+        device.desired_generation = MAX_MODELS
+    rollout_id = create(db, stages=(1.0,))
+    engine.step_all(db, RecordingPublisher())
+    by_device = {e.device_id: e for e in executions(db, rollout_id)}
+    assert by_device[full].state is E.FAILED and f"at most {MAX_MODELS}" in by_device[full].detail
+    others = [e for d, e in by_device.items() if d != full]
+    assert others and all(e.generation > 0 for e in others), "the rest of the batch was published"
 
 
 def test_aborting_one_models_rollout_holds_only_that_model(database_url):

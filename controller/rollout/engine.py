@@ -664,7 +664,11 @@ def _publish_batch(
                 if kind is None:
                     continue
                 generation = device.desired_generation + 1
-                desired = _with_entry(device, _build(kind, rollout, spec, execution, device.id, generation))
+                try:
+                    desired = _with_entry(device, _build(kind, rollout, spec, execution, device.id, generation))
+                except InvalidInput as e:  # this device only (one model too many): the batch goes on
+                    _refuse(execution, str(e))
+                    continue
                 device.desired, device.desired_generation = desired.to_dict(), generation
                 if kind == "install":
                     execution.generation = generation
@@ -715,6 +719,13 @@ def publish_unsent(db: Database, publisher: Publisher, report: PassReport | None
     for start in range(0, len(unsent), PUBLISH_BATCH):
         report.published += _send(db, publisher, unsent[start:start + PUBLISH_BATCH], report)
     return report
+
+
+def _refuse(execution: Execution, reason: str) -> None:
+    """An execution whose desired state cannot be built fails with why; one already settled keeps its state."""
+    log.warning("execution %s (device %s): %s", execution.id, execution.device_id, reason)
+    if not execution.state.terminal:
+        execution.state, execution.detail = ExecutionState.FAILED, reason
 
 
 def _with_entry(device: Device, entry: Desired) -> DesiredSet:
