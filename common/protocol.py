@@ -492,6 +492,7 @@ class BenchmarkReport(Message):
     gate: GateReport
 
 
+_KINDS = tuple(kind.value for kind in TelemetryKind)  # iterating the enum itself costs more, per message
 TelemetryPayload = Heartbeat | BenchmarkReport | ModelCounters
 _KIND_OF: dict[type[Message], TelemetryKind] = {
     Heartbeat: TelemetryKind.HEARTBEAT,
@@ -530,7 +531,7 @@ class Telemetry(DeviceMessage):
     def validate(self) -> None:
         check_device_id(self.device)
         _non_negative("Telemetry", boot=self.boot, seq=self.seq)
-        present = [k.value for k in TelemetryKind if getattr(self, k.value) is not None]
+        present = [kind for kind in _KINDS if getattr(self, kind) is not None]
         if present != [self.kind.value]:
             raise ProtocolError(
                 f"Telemetry.{self.kind.value} must carry the payload of kind {self.kind.value!r}"

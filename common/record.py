@@ -14,7 +14,7 @@ import enum
 import types
 import typing
 from collections.abc import Callable
-from typing import Any, Self
+from typing import Any, Self, cast
 
 from .errors import ProtocolError
 
@@ -28,47 +28,93 @@ class Record:
     :class:`ProtocolError` naming ``Class.field``."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: encode(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {name: encode(getattr(self, name)) for name in _field_names(type(self))}
 
     @classmethod
     def from_dict(cls, data: Any) -> Self:
-        if not isinstance(data, dict):
-            raise ProtocolError(f"{cls.__name__} must be a JSON object, got {_json_name(data)}")
-        schema = _schema(cls)
-        unknown = [name for name in data if name not in schema]
-        if unknown:
-            raise ProtocolError(f"{cls.__name__} has unknown field(s) {', '.join(sorted(unknown))}")
-        values: dict[str, Any] = {}
-        for name, (decoder, where, required) in schema.items():
-            if name in data:
-                values[name] = decoder(data[name], where)
-            elif required:
-                raise ProtocolError(f"{where} is required")
-        record = cls(**values)
-        record.validate()
-        return record
+        decode = _DECODERS.get(cls) or _compile(cls)
+        return cast(Self, decode(data))
 
     def validate(self) -> None:
         """Cross-field checks; override to add."""
 
 
-# Per class, built once: field name -> (decoder, "Class.field", required).
-_SCHEMAS: dict[type, dict[str, tuple[Decoder, str, bool]]] = {}
+# A JSON value whose type is in a field's pass-through set is already the field's value (a str
+# for str, an int for int, None for X | None): the decoder runs only for the rest, which is
+# where conversions happen and errors are named. JSON values are always of these types.
+_JSON_TYPES = (str, int, float, bool, type(None), list, dict)
+_PASS_THROUGH: dict[Any, tuple[type, ...]] = {str: (str,), int: (int,), float: (float,), bool: (bool,),
+                                              Any: _JSON_TYPES}
+_MISSING = object()
 
 
-def _schema(cls: type[Record]) -> dict[str, tuple[Decoder, str, bool]]:
-    schema = _SCHEMAS.get(cls)
-    if schema is None:
-        hints = typing.get_type_hints(cls)
-        schema = _SCHEMAS[cls] = {
-            f.name: (
-                decoder(hints[f.name]),
-                f"{cls.__name__}.{f.name}",
-                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
-            )
-            for f in dataclasses.fields(cls)
-        }
-    return schema
+class _Field(typing.NamedTuple):
+    name: str
+    decode: Decoder
+    pass_through: tuple[type, ...]
+    where: str  # "Class.field"
+    required: bool
+
+
+# Per class, built on first use: a decode function specialized to its fields.
+_DECODERS: dict[type, Callable[[Any], Record]] = {}
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type[Record]) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
+def _fields(cls: type[Record]) -> tuple[_Field, ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple(
+        _Field(
+            f.name, decoder(hints[f.name]), pass_through(hints[f.name]), f"{cls.__name__}.{f.name}",
+            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+        )
+        for f in dataclasses.fields(cls)
+    )
+
+
+def _compile(cls: type[Record]) -> Callable[[Any], Record]:
+    """Build (once) and remember the decode function of ``cls``."""
+    fields = _fields(cls)
+    known = frozenset(f.name for f in fields)
+    name = cls.__name__
+
+    def decode(data: Any) -> Record:
+        if not isinstance(data, dict):
+            raise ProtocolError(f"{name} must be a JSON object, got {_json_name(data)}")
+        if not known.issuperset(data):
+            unknown = sorted(key for key in data if key not in known)
+            raise ProtocolError(f"{name} has unknown field(s) {', '.join(unknown)}")
+        values: dict[str, Any] = {}
+        for field_name, field_decoder, passes, where, required in fields:
+            value = data.get(field_name, _MISSING)
+            if value is _MISSING:
+                if required:
+                    raise ProtocolError(f"{where} is required")
+            elif type(value) in passes:
+                values[field_name] = value
+            else:
+                values[field_name] = field_decoder(value, where)
+        record = cls(**values)
+        record.validate()
+        return record
+
+    _DECODERS[cls] = decode
+    return decode
+
+
+def pass_through(hint: Any) -> tuple[type, ...]:
+    """The JSON value types that are, unchanged, a valid value of the type ``hint``."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return (*pass_through(inner[0]), type(None)) if len(inner) == 1 else ()
+    return _PASS_THROUGH.get(hint, ())
 
 
 def decoder(hint: Any) -> Decoder:
@@ -86,9 +132,9 @@ def decoder(hint: Any) -> Decoder:
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return _enum(hint)
     if origin in (tuple, list) and (origin is list or (len(args) == 2 and args[1] is Ellipsis)):
-        return _sequence(decoder(args[0]), origin)
+        return _sequence(decoder(args[0]), pass_through(args[0]), origin)
     if origin is dict and args[0] is str:
-        return _mapping(decoder(args[1]))
+        return _mapping(decoder(args[1]), pass_through(args[1]))
     if hint in _SCALARS:
         return _SCALARS[hint]
     raise TypeError(f"{hint!r} is not a type a Record can decode")
@@ -118,19 +164,23 @@ def _enum(cls: type[enum.Enum]) -> Decoder:
     return decode
 
 
-def _sequence(item: Decoder, kind: type) -> Decoder:
+def _sequence(item: Decoder, passes: tuple[type, ...], kind: type) -> Decoder:
     def decode(value: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise _wrong(where, "a list", value)
+        if all(type(v) in passes for v in value):  # a copy: the record must not share the caller's list
+            return tuple(value) if kind is tuple else list(value)
         items = [item(v, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if kind is tuple else items
     return decode
 
 
-def _mapping(item: Decoder) -> Decoder:
+def _mapping(item: Decoder, passes: tuple[type, ...]) -> Decoder:
     def decode(value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise _wrong(where, "an object", value)
+        if all(type(v) in passes for v in value.values()):
+            return dict(value)
         return {k: item(v, f"{where}[{k!r}]") for k, v in value.items()}
     return decode
 
@@ -175,8 +225,13 @@ def _json_name(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
 def encode(value: Any) -> Any:
     """JSON-ready form of a field value: records as objects, enums as their values."""
+    if type(value) in _PLAIN:  # most values: checked first
+        return value
     if isinstance(value, Record):
         return Record.to_dict(value)  # nested: its fields only, without a wire message's version
     if isinstance(value, enum.Enum):

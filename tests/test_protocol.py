@@ -169,6 +169,16 @@ def test_a_float_field_takes_an_integer_and_holds_a_float() -> None:
     assert gate.bench_seconds == 2.0 and isinstance(gate.bench_seconds, float)
 
 
+def test_integers_in_a_float_tuple_or_mapping_become_floats() -> None:
+    data = wire(MESSAGES[8], counters__latency_buckets_ms=[1, 2.5], counters__latency_counts=[1, 2, 3])
+    counters = Telemetry.from_dict(data).counters
+    assert counters is not None
+    assert counters.latency_buckets_ms == (1.0, 2.5) and all(type(b) is float for b in counters.latency_buckets_ms)
+    assert counters.latency_counts == (1, 2, 3) and isinstance(counters.latency_counts, tuple)
+    accuracy = TargetInfo.from_dict(wire(MESSAGES[-1], accuracy={"top1": 1})).accuracy
+    assert accuracy == {"top1": 1.0} and type(accuracy["top1"]) is float
+
+
 def test_decode_checks_the_device_against_the_topic_and_types_the_payload() -> None:
     message = MESSAGES[8]
     device, channel, parsed = decode(topic("d1", Channel.TELEMETRY), message.to_json())
