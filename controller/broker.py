@@ -55,6 +55,9 @@ class BridgeOptions:
     client_id: str = field(default_factory=lambda: controller_client_id(fleet_home()))
     session_expiry_s: int = 86400
     batch_max: int = 500              # messages per transaction
+    # A batch waits this long for more messages: under a steady stream the per-transaction
+    # cost (statements, commit, handing the GIL back and forth) is then shared by many.
+    batch_linger_s: float = 0.005
     buffer_max: int = 20000           # received, not yet committed; when full the network thread waits
     retry: Backoff = Backoff(0.2, 10.0)
     publish_timeout_s: float = 10.0
@@ -331,12 +334,25 @@ class Bridge:
             batch = [self._buffer.get(timeout=0.2)]
         except queue.Empty:
             return []
+        deadline = time.monotonic() + self.options.batch_linger_s
         while len(batch) < self.options.batch_max:
             try:
                 batch.append(self._buffer.get_nowait())
             except queue.Empty:
-                break
+                if not self._wait_for_more(batch, deadline):
+                    break
         return batch
+
+    def _wait_for_more(self, batch: list[_Received], deadline: float) -> bool:
+        """Append the next message if one arrives before ``deadline``; False if none did."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        try:
+            batch.append(self._buffer.get(timeout=remaining))
+        except queue.Empty:
+            return False
+        return True
 
     def _commit(self, batch: list[_Received]) -> bool:
         """Apply the batch, retrying while the database is unavailable; False if stopped first."""

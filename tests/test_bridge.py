@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import cast
@@ -30,7 +31,7 @@ from edgefleet.common.protocol import (
     TelemetryKind,
 )
 from edgefleet.common.retry import Backoff
-from edgefleet.controller.broker import Bridge, BridgeOptions
+from edgefleet.controller.broker import Bridge, BridgeOptions, _Received
 from edgefleet.controller.db.models import (
     Benchmark,
     Device,
@@ -115,6 +116,26 @@ def count(db: Database, table, **where) -> int:
 def device_row(db: Database, device: str) -> Device:
     with db.unit_of_work() as s:
         return s.get(Device, device)
+
+
+def test_a_batch_waits_its_linger_for_messages_that_follow_the_first(db):
+    def bridge(linger_s: float) -> Bridge:  # never started: only its batching is used
+        options = BridgeOptions(url="mqtt://127.0.0.1:1", client_id="ctl-linger", batch_max=3, batch_linger_s=linger_s)
+        return Bridge(options, Ingest(db), seal)
+
+    def put(b: Bridge) -> None:
+        b._buffer.put(_Received(Status(device="d1", boot=1, online=True), mid=1, qos=1, epoch=1, at=0.0))
+
+    lingering = bridge(linger_s=0.5)
+    put(lingering)
+    for delay in (0.05, 0.1, 0.15):
+        threading.Timer(delay, put, (lingering,)).start()
+    assert len(lingering._take()) == 3  # batch_max ends the wait; the fourth opens the next batch
+    assert len(lingering._take()) == 1
+    hasty = bridge(linger_s=0.05)
+    put(hasty)
+    threading.Timer(0.5, put, (hasty,)).start()
+    assert len(hasty._take()) == 1  # the linger ran out first
 
 
 def test_round_trip_desired_out_reports_events_telemetry_in(broker_url, db, bridge):
