@@ -125,9 +125,6 @@ class Units:
         units = self._units
         return iter([units[name] for name in sorted(units)])
 
-    def __len__(self) -> int:
-        return len(self._units)
-
     def on_inference(self, inputs: dict, outputs: dict, loaded: LoadedModel) -> None:
         """The servers' sampling hook: the sampler of the model that answered."""
         unit = self._units.get(loaded.name)
