@@ -43,6 +43,8 @@ class AgentConfig:
     # Dynamic batching of concurrent requests (models with a batch dimension); 0 or 1: off.
     max_batch_size: int = field(default=0, metadata=COUNT)
     max_queue_delay_us: int = field(default=0, metadata=COUNT)  # an unfilled batch waits for its oldest to be this old
+    # Per model, over the two above: {digits = {max_batch_size = 8, max_queue_delay_us = 200}}
+    model_batching: dict = field(default_factory=dict)
     heartbeat_s: float = field(default=30.0, metadata=POSITIVE)
     # A stalled download is abandoned after this, resumed later.
     download_timeout_s: float = field(default=30.0, metadata=POSITIVE)

@@ -33,7 +33,7 @@ from .link import AgentLink
 from .metrics import agent_registry
 from .probe import probe
 from .reconcile import Reconciler
-from .runtime import ModelRuntime, RuntimeOptions, rss_kb
+from .runtime import ModelRuntime, RuntimeOptions, largest_batch, rss_kb
 from .sampler import Sampler, controller_poster
 from .serve import InferenceServer, limits_for, start_grpc
 from .slots import Slots
@@ -109,7 +109,7 @@ class Agent:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.boot = next_boot(state_dir)
         self.profile = hardware_profile(config)
-        self.runtime_options = RuntimeOptions.from_config(config, self.profile.providers)
+        self.batch_limits = limits_for(largest_batch(config))  # checks every model_batching entry at start
         self.link = AgentLink(config, self.boot, self._on_desired)
         self.report = DeviceReport(self.link, self.profile.to_dict(), agent_version())
         self.renewer = _renewer(config, self.link)
@@ -122,7 +122,7 @@ class Agent:
         self.server = InferenceServer(
             self.units.served, config.serve, config.max_request_bytes, on_inference=self.units.on_inference,
             registry=agent_registry(self.units, config.device_id, agent_version()),
-            limits=limits_for(config.max_batch_size),
+            limits=self.batch_limits,
         )
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -133,7 +133,7 @@ class Agent:
 
     def _make_unit(self, model: str, directory: Path) -> ModelUnit:
         slots = Slots(directory)
-        runtime = ModelRuntime(self.runtime_options)
+        runtime = ModelRuntime(RuntimeOptions.from_config(self.config, self.profile.providers, model))
         journal = slots.journal()
         sampler = Sampler(
             journal.desired.sampling if journal else SamplingPolicy(), directory / "samples",
@@ -184,7 +184,7 @@ class Agent:
             self.serve_active(unit)
         # gRPC first: once REST answers (what health checks wait for), gRPC does too
         grpc_server = (start_grpc(self.units.served, self.config.serve_grpc, self.config.max_request_bytes,
-                                  limits_for(self.config.max_batch_size), self.units.on_inference)
+                                  self.batch_limits, self.units.on_inference)
                        if self.config.serve_grpc else None)
         try:
             self.server.start()

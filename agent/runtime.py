@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgefleet.common.protocol import CounterSnapshot, ModelCounters, ModelRef
+from edgefleet.common.settings import ConfigError
 
 from .batching import Batcher, BatchPolicy
 from .config import AgentConfig
@@ -75,14 +76,15 @@ class RuntimeOptions:
     batching: BatchPolicy | None = None      # dynamic batching for models with a batch dimension; None: off
 
     @classmethod
-    def from_config(cls, config: AgentConfig, providers: tuple[str, ...] | None = None) -> RuntimeOptions:
+    def from_config(cls, config: AgentConfig, providers: tuple[str, ...] | None = None,
+                    model: str | None = None) -> RuntimeOptions:
+        """The options of ``model``'s runtime (its ``model_batching`` entry, if any)."""
         return cls(
             intra_op_threads=config.intra_op_threads,
             inter_op_threads=config.inter_op_threads,
             allow_spinning=config.allow_spinning,
             providers=providers or cls.providers,
-            batching=(BatchPolicy(config.max_batch_size, config.max_queue_delay_us)
-                      if config.max_batch_size > 1 else None),
+            batching=batch_policy(config, model),
         )
 
     def session_options(self) -> ort.SessionOptions:
@@ -294,6 +296,31 @@ class SwapOutcome:
     loaded: LoadedModel
     previous: ModelRef | None
     preserved: bool  # True: requests were held while the old session made room for the new one
+
+
+_BATCH_KEYS = ("max_batch_size", "max_queue_delay_us")
+
+
+def batch_policy(config: AgentConfig, model: str | None = None) -> BatchPolicy | None:
+    """How ``model`` batches: its ``model_batching`` entry over the agent-wide settings; None: off.
+    A malformed entry raises ConfigError naming it."""
+    entry = config.model_batching.get(model, {}) if model else {}
+    where = f"model_batching.{model}"
+    if not isinstance(entry, dict) or set(entry) - set(_BATCH_KEYS):
+        raise ConfigError(f"{where} must be a table of {' and '.join(_BATCH_KEYS)}, got {entry!r}")
+    size = entry.get("max_batch_size", config.max_batch_size)
+    delay = entry.get("max_queue_delay_us", config.max_queue_delay_us)
+    for key, value in zip(_BATCH_KEYS, (size, delay), strict=True):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{where}.{key} must be an integer of 0 or more, got {value!r}")
+    return BatchPolicy(size, delay) if size > 1 else None
+
+
+def largest_batch(config: AgentConfig) -> int:
+    """The most rows any model batches (every ``model_batching`` entry checked on the way)."""
+    sizes = [policy.max_batch_size for model in (None, *config.model_batching)
+             if (policy := batch_policy(config, model)) is not None]
+    return max(sizes, default=0)
 
 
 def rss_kb() -> int | None:

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from edgefleet.agent.batching import BatchPolicy
 from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.runtime import RuntimeOptions, batch_policy, largest_batch
 from edgefleet.common.settings import ConfigError
 
 FLEET_AGENT = str(Path(sys.executable).parent / "fleet-agent")
@@ -124,3 +126,27 @@ def test_fleet_agent_run_help_lists_the_variables_and_the_precedence():
     assert "flag > environment > agent.toml > default" in done.stdout
     for variable in ("EDGEFLEET_AGENT_HEARTBEAT_S", "EDGEFLEET_AGENT_STATE_DIR", "EDGEFLEET_AGENT_HARDWARE_OVERRIDE"):
         assert variable in done.stdout
+
+
+def test_batching_is_per_model_over_the_agent_wide_default(tmp_path):
+    path = write(tmp_path, 'max_batch_size = 4\nmax_queue_delay_us = 100\n'
+                           'model_batching = {textdir = {max_batch_size = 16}, detector = {max_batch_size = 0}}\n')
+    config = AgentConfig.load(path, environ={})
+    assert batch_policy(config, "textdir") == BatchPolicy(16, 100)  # its own size, the default delay
+    assert batch_policy(config, "digits") == BatchPolicy(4, 100)    # no entry: the agent-wide settings
+    assert batch_policy(config, "detector") is None                 # batching off for this model only
+    assert largest_batch(config) == 16                               # the server's body limit follows it
+    assert RuntimeOptions.from_config(config, model="textdir").batching == BatchPolicy(16, 100)
+
+
+@pytest.mark.parametrize("entry, error", [
+    ('{max_batch = 8}', "model_batching.digits must be a table of max_batch_size and max_queue_delay_us"),
+    ('{max_batch_size = "8"}', "model_batching.digits.max_batch_size must be an integer of 0 or more, got '8'"),
+    ('{max_queue_delay_us = -1}', "model_batching.digits.max_queue_delay_us must be an integer of 0 or more"),
+])
+def test_a_bad_model_batching_entry_stops_the_agent_at_start_in_one_line(tmp_path, entry, error):
+    path = write(tmp_path, AgentConfig(device_id="d1", state_dir=tmp_path / "state").to_toml().replace(
+        "model_batching = {}", f"model_batching = {{digits = {entry}}}"))
+    done = subprocess.run([FLEET_AGENT, "run", "--config", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert error in done.stderr
