@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from click.testing import CliRunner
@@ -158,10 +159,18 @@ class Refreshes(ModelUpdater):
         super().refresh()
 
 
+U = TypeVar("U", bound=ModelUpdater)
+
+
+def first_boot(fleet: SignedRepo, state: Path, updater: type[U]) -> U:
+    """``updater`` over a device state that trusts the root and has no targets metadata yet."""
+    fleet.updater(state / "tuf")
+    return updater(state / "tuf", fleet.metadata_url, fleet.target_base_url, 5.0)
+
+
 def test_director_refreshes_first_persists_the_floor_and_refreshes_once_per_rotation(fleet, signer, tmp_path):
     state = tmp_path / "state"
-    fleet.updater(state / "tuf")  # trusts the root: no targets metadata yet
-    updater = Refreshes(state / "tuf", fleet.metadata_url, fleet.target_base_url, 5.0)
+    updater = first_boot(fleet, state, Refreshes)
     clock = [100.0]
     d = Director(state, DEVICE, updater, clock=lambda: clock[0])
     assert d.admit(signer.seal(command(2)), received=clock[0]) == command(2)
@@ -230,8 +239,7 @@ class FailsOnce(Refreshes):
 
 def test_a_refresh_that_failed_in_transport_does_not_refuse_the_command(fleet, signer, tmp_path):
     state = tmp_path / "state"
-    fleet.updater(state / "tuf")  # trusts the root: no targets metadata yet
-    updater = FailsOnce(state / "tuf", fleet.metadata_url, fleet.target_base_url, 5.0)
+    updater = first_boot(fleet, state, FailsOnce)
     clock = [100.0]
     d = Director(state, DEVICE, updater, clock=lambda: clock[0])
     raw = signer.seal(command(1))
