@@ -204,8 +204,8 @@ def test_past_the_cached_timestamp_nothing_is_obeyed_until_fresh_metadata_arrive
     state = tmp_path / "state"
     fleet.updater(state / "tuf").refresh()
     compromised = fleet.repository.director_signers()
+    expiry = trust_of(fleet).fresh_until  # what the device cached, before the rotation re-signs it
     fleet.repository.rotate_key("director")  # the device is cut off before it learns of the rotation
-    expiry = trust_of(fleet).fresh_until
     clock, later = [100.0], [expiry - timedelta(seconds=1)]
     cut_off = Director(state, DEVICE, Unreachable(), clock=lambda: clock[0], now=lambda: later[0])
     assert cut_off.admit(director.seal(command(2), compromised), received=clock[0]) == command(2)  # the TUF window
