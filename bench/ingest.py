@@ -8,8 +8,8 @@ controller's Bridge + Ingest (this process) into PostgreSQL, then into SQLite.
 
 The publishers are flow-controlled end to end (at most WINDOW messages published
 but not yet consumed): Mosquitto drops QoS 1 messages beyond a subscriber's queue
-limit (max_queued_messages, 1000 by default), so an open-loop publisher faster
-than the consumer measures the broker's drops, not the consumer. The rate is
+limit (max_queued_messages, 1000 by default; the run's own Mosquitto has none), so an
+open-loop publisher faster than the consumer measures the broker's drops, not the consumer. The rate is
 messages consumed (received, or committed to the database) per second of the
 phase; zero lost means the database holds exactly as many rows as were published.
 
@@ -56,7 +56,10 @@ from edgefleet.controller.db.session import Database
 from edgefleet.controller.ingest import Ingest
 
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432"
-WINDOW = 500  # published but not yet consumed, over all devices
+# Published but not yet consumed, over all devices. Devices publish regardless of the controller's
+# commits, so the window must hold several of its batches (BridgeOptions.batch_max): at one batch the
+# publisher waited on every commit and the run measured their lockstep, not the consumer.
+WINDOW = 2000
 DRAIN_TIMEOUT_S = 60.0  # after the publishers stop, everything must be consumed by then
 BENCH_MODEL = ModelRef(model="bench", version="1", variant="cpu-fp32")  # what the counters name
 
