@@ -17,10 +17,14 @@ run no model and report a fixed benchmark. They are registered in bulk (rows
 written to the controller's database, as an enrollment would leave them:
 enrollment is setup, not the measurement) and spread over ``--processes``
 simulator processes, each connecting from its own loopback address (one
-address has ~28,000 ephemeral ports). The table adds the controller's and
-the broker's CPU time per device update (from /proc, deploy to finish), and
-checks that every event the devices sent was stored (or its execution
-settled from the device's report).
+address has ~28,000 ephemeral ports).
+
+The table gives the CPU time per device update (from /proc, deploy to finish)
+of the controller, the broker, the simulators and a local PostgreSQL server,
+and how much of the machine's cores they used together: the wall time of a run
+whose processes share these cores is bound by that sum. It checks that every
+event the devices sent was stored (or its execution settled from the device's
+report).
 
     python -m bench.fanout --devices 1000
     python -m bench.fanout --devices 10000 --thin --database-url postgresql://postgres@127.0.0.1:5432/fanout \
@@ -42,6 +46,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -74,6 +79,9 @@ class FanoutResult:
     processes: int = 1               # simulator processes
     controller_cpu_s: float = 0.0    # the controller process's CPU time (user+system), deploy to finish
     broker_cpu_s: float = 0.0        # Mosquitto's
+    simulator_cpu_s: float = 0.0     # the simulator processes'
+    database_cpu_s: float | None = None  # every process of the local PostgreSQL server (run nothing else on
+    #                                      it meanwhile); None: SQLite, or a server on another machine
     events_sent: int = 0             # execution events the devices published for the rollout
     events_stored: int = 0           # of them, stored by the controller
     settled_from_report: int = 0     # executions settled from the device's report, not their events
@@ -84,6 +92,12 @@ class FanoutResult:
 
     def cpu_ms_per_device(self, seconds: float) -> float:
         return seconds * 1000.0 / self.devices
+
+    @property
+    def cores_used(self) -> float:
+        """CPU seconds of all the run's processes per second of the deploy."""
+        total = self.controller_cpu_s + self.broker_cpu_s + self.simulator_cpu_s + (self.database_cpu_s or 0.0)
+        return total / self.deploy_s
 
 
 def raise_file_limit(wanted: int) -> None:
@@ -103,6 +117,52 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_seconds() -> dict[int, float]:
+    """CPU time so far of each process of a PostgreSQL server on this machine (backends, WAL writer,
+    checkpointer, autovacuum); empty if none runs here."""
+    seconds = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/comm") as f:
+                if f.read().strip() == "postgres":
+                    seconds[int(entry.name)] = cpu_seconds(int(entry.name))
+        except OSError:  # it exited meanwhile
+            continue
+    return seconds
+
+
+def local_postgres(database_url: str) -> bool:
+    """Whether the run's database is a PostgreSQL server on this machine (its CPU is then measured)."""
+    import sqlalchemy as sa
+
+    if not database_url:
+        return False
+    url = sa.make_url(database_url)
+    return url.get_backend_name() == "postgresql" and url.host in (None, "localhost", "127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    controller: float
+    broker: float
+    simulators: float
+    database: dict[int, float]
+
+    @classmethod
+    def take(cls, controller: int, broker: int, simulators: list[int], postgres: bool) -> CpuSnapshot:
+        return cls(cpu_seconds(controller), cpu_seconds(broker), sum(cpu_seconds(pid) for pid in simulators),
+                   postgres_cpu_seconds() if postgres else {})
+
+    def database_since(self, before: CpuSnapshot) -> float | None:
+        """The server's CPU between the two snapshots; a process started meanwhile counts from zero,
+        one that exited meanwhile is not counted (the controller's pooled connections stay open)."""
+        if not self.database:
+            return None
+        return sum(now - before.database.get(pid, 0.0) for pid, now in self.database.items())
 
 
 @contextmanager
@@ -396,7 +456,9 @@ def run(devices: int, classes: str, workers: int, database_url: str, timeout: fl
 
         spec = RolloutSpec(model=MODEL, version=VERSION, selector=f"fleet={PREFIX}", stages=(1.0,), bake_s=0.0,
                            bench_seconds=0.05, min_devices_per_stage=1, device_timeout_s=timeout)
-        cpu_before = cpu_seconds(controller.pid), cpu_seconds(broker.pid)
+        cpu = partial(CpuSnapshot.take, controller.pid, broker.pid, [p.pid for p in sims.procs],
+                      local_postgres(database_url))
+        cpu_before = cpu()
         started = time.monotonic()
         created = client.post("/v1/rollouts", {"manifest": spec.to_manifest(f"fanout-{devices}"), "dry_run": False})
         device_done: list[float] = []
@@ -420,15 +482,15 @@ def run(devices: int, classes: str, workers: int, database_url: str, timeout: fl
             raise RuntimeError(f"{e} (the controller had recorded {recorded[0]} of {devices} SUCCEEDED"
                                f"{devices_side})") from e
         deploy_s = time.monotonic() - started
-        cpu_after = cpu_seconds(controller.pid), cpu_seconds(broker.pid)
+        cpu_after = cpu()
         device_side = (device_done[0] if device_done else time.monotonic()) - started
-        sent = stored = settled = 0
-        if thin:
-            sent, stored, settled = event_accounting(database_url, created["id"], devices, sims)
+        sent, stored, settled = event_accounting(database_url or f"sqlite:///{home / 'controller.db'}",
+                                                 created["id"], devices, sims)
         totals = sims.totals()
     return FanoutResult(devices, enroll_s, deploy_s, device_side, broker_s, totals["rss_per_device_kb"],
-                        totals["threads"], thin, len(sims.procs), cpu_after[0] - cpu_before[0],
-                        cpu_after[1] - cpu_before[1], sent, stored, settled)
+                        totals["threads"], thin, len(sims.procs), cpu_after.controller - cpu_before.controller,
+                        cpu_after.broker - cpu_before.broker, cpu_after.simulators - cpu_before.simulators,
+                        cpu_after.database_since(cpu_before), sent, stored, settled)
 
 
 def event_accounting(database_url: str, rollout_id: str, devices: int, sims: Simulators) -> tuple[int, int, int]:
@@ -470,15 +532,19 @@ def render(results: list[FanoutResult]) -> str:
     rows = [(r.devices, f"{r.deploy_s:.1f}", f"{r.device_side_s:.1f}", f"{r.per_minute:,.0f}",
              f"{r.per_minute / AWS_IOT_JOBS_PER_MIN:.2f}", f"{r.broker_s:.2f}", f"{r.deploy_s / r.broker_s:.1f}",
              f"{r.cpu_ms_per_device(r.controller_cpu_s):.2f}", f"{r.cpu_ms_per_device(r.broker_cpu_s):.2f}",
+             f"{r.cpu_ms_per_device(r.simulator_cpu_s):.2f}",
+             "—" if r.database_cpu_s is None else f"{r.cpu_ms_per_device(r.database_cpu_s):.2f}",
+             f"{r.cores_used:.2f} of {os.cpu_count()}",
              "thin (no model run, fixed benchmark)" if r.thin else "full (real model work)", r.processes,
-             f"{r.events_stored:,} of {r.events_sent:,}; {r.settled_from_report} settled from report" if r.thin
-             else "—", f"{r.rss_per_device_kb:.0f}", r.threads, f"{r.enroll_s:.0f}")
+             f"{r.events_stored:,} of {r.events_sent:,}; {r.settled_from_report} settled from report",
+             f"{r.rss_per_device_kb:.0f}", r.threads, f"{r.enroll_s:.0f}")
             for r in results]
     return "\n".join([
         "Fan-out: deploy (API) -> every device SUCCEEDED, Mosquitto, digits model, simulated fleet", "",
         table(["devices", "deploy→all SUCCEEDED s", "last device event s", "devices/min",
                "vs AWS IoT Jobs (1,000/min)", "bare broker fan-out s", "deploy / bare broker",
-               "controller CPU-ms/device", "broker CPU-ms/device", "device kind", "simulator processes",
+               "controller CPU-ms/device", "broker CPU-ms/device", "simulator CPU-ms/device",
+               "PostgreSQL CPU-ms/device", "cores used", "device kind", "simulator processes",
                "events stored", "simulator RSS/device KiB", "simulator threads", "setup s"], rows),
     ])
 

@@ -106,8 +106,9 @@ THIN_NOTE = ("Separate processes: a dedicated Mosquitto, `fleetctl controller ru
              "recreated for the run) and two simulator processes of thin devices (simulator/thin.py: each device its "
              "own MQTT session, the director's check, a real TUF refresh and verified download from the controller, "
              "every event, heartbeats and counters; no ONNX model, golden set or benchmark: a fixed benchmark is "
-             "reported). CPU-ms/device: the controller's and Mosquitto's CPU time from the deploy to the last "
-             "SUCCEEDED, over the devices. PostgreSQL's own CPU is not counted. All on this one machine.")
+             "reported). CPU-ms/device: each one's CPU time from the deploy to the last SUCCEEDED, over the devices "
+             "(PostgreSQL: every process of the local server); cores used: their sum over the deploy's wall time. "
+             "All on this one machine.")
 REPLICAS_NOTE = ("Its own PostgreSQL cluster and its own Mosquitto with persistence, two `fleetctl controller run` on "
                  "one fleet home, thin devices in two processes; replica A leads, the devices fetch from replica B. "
                  "The hand-over is the time from the leader's SIGKILL until replica B holds the leader lock.")

@@ -20,6 +20,8 @@ def test_fanout_script_rolls_out_to_a_small_fleet(digits, model_cache):
                           cwd=REPO, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"^\| 6 \| \d+\.\d \| \d+\.\d \| [\d,]+ \| \d+\.\d\d \|", done.stdout, re.M), done.stdout
+    events = re.search(r"\| full \(real model work\) \| 1 \| (\d+) of (\d+); \d+ settled from report \|", done.stdout)
+    assert events and int(events[2]) >= 6 and events[1] == events[2], done.stdout  # every event sent was stored
 
 
 @pytest.mark.slow
@@ -32,7 +34,10 @@ def test_thin_fanout_accounts_for_every_event_and_the_controllers_cpu(digits, mo
                            "--workers", "4", "--database-url", url, "--cache", str(model_cache)],
                           cwd=REPO, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stderr[-3000:]
-    row = re.search(r"^\| 12 \|.*\| ([\d.]+) \| ([\d.]+) \| thin \(no model run, fixed benchmark\) \| 2 \| "
-                    r"60 of 60; 0 settled from report \|", done.stdout, re.M)
+    row = re.search(r"^\| 12 \|.*\| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) of \d+ \| "
+                    r"thin \(no model run, fixed benchmark\) \| 2 \| 60 of 60; 0 settled from report \|", done.stdout, re.M)
     assert row, done.stdout
-    assert float(row[1]) > 0, "the controller's CPU time was not measured"
+    controller, _broker, simulators, database, cores = map(float, row.groups())
+    assert controller > 0, "the controller's CPU time was not measured"
+    assert simulators > 0 and database > 0, "the simulators' or PostgreSQL's CPU time was not measured"
+    assert cores > 0
