@@ -12,8 +12,8 @@ from edgefleet.controller.rollout.planner import (
     ClassObservation,
     DeviceView,
     Evidence,
-    ExecutionView,
     StageDecision,
+    StateCount,
     VariantView,
 )
 from edgefleet.controller.rollout.states import Verdict
@@ -114,8 +114,9 @@ def test_devices_no_variant_fits_are_listed_with_reasons():
     assert plan.to_dict()["unfit"][0]["variant"] is None
 
 
-def execs(cls: str, *states: E) -> list[ExecutionView]:
-    return [ExecutionView(f"{cls}-{i}", cls, s) for i, s in enumerate(states)]
+def execs(cls: str, *states: E) -> list[StateCount]:
+    """The stage's counts for these executions on ``cls``, one state each."""
+    return [StateCount(cls, state, n) for state, n in Counter(states).items()]
 
 
 def test_gate_verdicts_per_class():

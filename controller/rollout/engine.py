@@ -57,8 +57,8 @@ from .planner import (
     ClassObservation,
     DeviceView,
     Evidence,
-    ExecutionView,
     StageDecision,
+    StateCount,
     VariantView,
 )
 from .spec import RolloutSpec
@@ -354,7 +354,7 @@ def _decide(session: Session, rollout: Rollout, now: datetime, report: PassRepor
     _expire(session, rollout, spec, now, report)
     _add_members(session, rollout, spec, now, report)
     stage = stage_snapshot(session, rollout, now)
-    outcome = planner.decide_stage(spec, stage.views, stage.observations, stage.since_finished_s)
+    outcome = planner.decide_stage(spec, stage.counts, stage.observations, stage.since_finished_s)
     if outcome.decision is StageDecision.WAIT:
         # a wait with verdicts is one for evidence (NO_DATA, min_samples): the operator sees why in the
         # rollout's detail; other waits (devices updating, baking) show in its progress
@@ -362,9 +362,9 @@ def _decide(session: Session, rollout: Rollout, now: datetime, report: PassRepor
             rollout.detail = outcome.reason
             report.transitions.append(f"rollout {rollout.id} {rollout.state.value}: {rollout.detail}")
         return
-    stage_execs = stage.executions
+    stage_execs, classes = stage.executions, stage.classes
     if stage_execs is None:  # an early failure: its executions name the variants to mark bad
-        stage_execs = list(session.scalars(_executions(rollout.id, rollout.stage)))
+        stage_execs, classes = _members(session, rollout)
     for verdict in outcome.verdicts:
         session.add(GateResult(
             rollout_id=rollout.id, stage=rollout.stage, hardware_class=verdict.hardware_class, gate=verdict.gate,
@@ -376,7 +376,7 @@ def _decide(session: Session, rollout: Rollout, now: datetime, report: PassRepor
     else:
         _apply(session, rollout, Trigger.GATE_FAILED, f"stage {label} failed: {outcome.reason}", now)
         failed = planner.failed_classes(outcome.verdicts)
-        _mark_bad(session, rollout, stage_execs, stage.classes, failed, outcome.reason, now)
+        _mark_bad(session, rollout, stage_execs, classes, failed, outcome.reason, now)
     report.transitions.append(f"rollout {rollout.id} {rollout.state.value}: {rollout.detail}")
 
 
@@ -384,29 +384,38 @@ def _decide(session: Session, rollout: Rollout, now: datetime, report: PassRepor
 class StageSnapshot:
     """The current stage as the engine judges it (and the dashboard shows it)."""
 
-    views: list[ExecutionView]
-    classes: dict[str, str | None]           # device -> hardware class
+    counts: list[StateCount]
     since_finished_s: float | None           # since the stage's last device finished; None while any is pending
-    executions: list[Execution] | None       # read only once every device of the stage finished
+    # read only once every device of the stage finished (the evidence behind the gates):
+    executions: list[Execution] | None
+    classes: dict[str, str | None]           # device -> hardware class
     observations: dict[str, ClassObservation]
 
 
 def stage_snapshot(session: Session, rollout: Rollout, now: datetime) -> StageSnapshot:
-    # Plain rows, not ORM objects: this runs every pass over every device of the stage.
+    # Counts, not a row per device: this runs every pass, and a stage may hold the whole fleet.
     rows = session.execute(
-        sa.select(Execution.device_id, Device.hardware_class, Execution.state, Execution.updated_at)
+        sa.select(Device.hardware_class, Execution.state, sa.func.count(), sa.func.max(Execution.updated_at))
         .join(Device, Device.id == Execution.device_id)
         .where(Execution.rollout_id == rollout.id, Execution.stage == rollout.stage)
+        .group_by(Device.hardware_class, Execution.state)
     ).all()
-    classes = {device: cls for device, cls, _, _ in rows}
-    views = [ExecutionView(device, cls or "unknown", state) for device, cls, state, _ in rows]
+    counts = [StateCount(cls or "unknown", state, n) for cls, state, n, _ in rows]
     finished = max((updated for *_, updated in rows), default=None)
-    settled = all(view.state.terminal for view in views)
-    since = (now - finished).total_seconds() if finished and settled else None
-    # the evidence behind the gates is read only once it can decide: every device of the stage finished
-    stage_execs = list(session.scalars(_executions(rollout.id, rollout.stage))) if settled else None
-    observations = _observe(session, rollout, stage_execs, classes) if stage_execs is not None else {}
-    return StageSnapshot(views, classes, since, stage_execs, observations)
+    if not all(count.state.terminal for count in counts):
+        return StageSnapshot(counts, None, None, {}, {})
+    since = (now - finished).total_seconds() if finished else None
+    executions, classes = _members(session, rollout)
+    return StageSnapshot(counts, since, executions, classes, _observe(session, rollout, executions, classes))
+
+
+def _members(session: Session, rollout: Rollout) -> tuple[list[Execution], dict[str, str | None]]:
+    """The current stage's executions, and each device's hardware class."""
+    rows = session.execute(
+        _executions(rollout.id, rollout.stage).add_columns(Device.hardware_class)
+        .join(Device, Device.id == Execution.device_id)
+    ).all()
+    return [execution for execution, _ in rows], {execution.device_id: cls for execution, cls in rows}
 
 
 def _expire(session: Session, rollout: Rollout, spec: RolloutSpec, now: datetime, report: PassReport) -> None:

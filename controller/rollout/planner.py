@@ -281,10 +281,13 @@ def plan(
 
 
 @dataclass(frozen=True)
-class ExecutionView:
-    device: str
+class StateCount:
+    """How many of a stage's executions on one hardware class are in one state: the gates and
+    the stage's decision need no more, so a pass reads counts, not a row per device."""
+
     hardware_class: str
     state: ExecutionState
+    count: int
 
 
 @dataclass(frozen=True)
@@ -372,7 +375,7 @@ def _required(verdict: GateVerdict, min_samples: int) -> GateVerdict:
 
 
 def gate_verdicts(
-    spec: RolloutSpec, executions: Sequence[ExecutionView], observations: Mapping[str, ClassObservation]
+    spec: RolloutSpec, executions: Sequence[StateCount], observations: Mapping[str, ClassObservation]
 ) -> list[GateVerdict]:
     """Every gate per hardware class present in the stage. A gate without data is NO_DATA:
     shown, not failing, when no evidence is coming (no previous version to compare with, no
@@ -382,11 +385,12 @@ def gate_verdicts(
     classes = sorted({e.hardware_class for e in executions})
     for cls in classes:
         mine = [e for e in executions if e.hardware_class == cls and e.state is not ExecutionState.CANCELED]
-        failed = sum(1 for e in mine if e.state in FAILURE_STATES)
+        total = sum(e.count for e in mine)
+        failed = sum(e.count for e in mine if e.state in FAILURE_STATES)
         seen = observations.get(cls, ClassObservation())
         error_rate = seen.errors / seen.requests if seen.requests else None
         verdicts += [_required(v, spec.min_samples) for v in (
-            _judge("failure_rate", cls, failed / len(mine) if mine else None, spec.max_failure_rate, len(mine)),
+            _judge("failure_rate", cls, failed / total if total else None, spec.max_failure_rate, total),
             _p99_verdict(cls, seen, spec.max_p99_regression),
             _judge("error_rate", cls, error_rate, spec.max_error_rate, seen.requests),
             _confidence_verdict(cls, seen, spec.max_confidence_shift),
@@ -411,7 +415,7 @@ IN_FLIGHT = frozenset({
 
 def decide_stage(
     spec: RolloutSpec,
-    executions: Sequence[ExecutionView],
+    executions: Sequence[StateCount],
     observations: Mapping[str, ClassObservation],
     seconds_since_finished: float | None,
 ) -> StageOutcome:
@@ -427,16 +431,16 @@ def decide_stage(
     behind their own on-device gate, and their outcome completes the verdict for every
     hardware class (and which variants get marked bad). Devices not yet started are
     cancelled."""
-    pending = [e for e in executions if not e.state.terminal]
+    pending = sum(e.count for e in executions if not e.state.terminal)
     if pending:
         early = [
             v for v in gate_verdicts(spec, executions, {})
             if v.gate == "failure_rate" and v.verdict is Verdict.FAIL
         ]
-        in_flight = [e for e in pending if e.state in IN_FLIGHT]
+        in_flight = any(e.count for e in executions if e.state in IN_FLIGHT)
         if early and not in_flight:
             return StageOutcome(StageDecision.FAIL, early, "; ".join(v.describe() for v in early))
-        return StageOutcome(StageDecision.WAIT, [], f"{len(pending)} device(s) still updating")
+        return StageOutcome(StageDecision.WAIT, [], f"{pending} device(s) still updating")
     verdicts = gate_verdicts(spec, executions, observations)
     failed = [v for v in verdicts if not v.passed]
     if failed:  # bad news does not wait for the bake time

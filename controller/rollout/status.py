@@ -125,6 +125,6 @@ def live_stage(session: Session, rollout_id: str, now: datetime) -> dict[str, An
         live["gates"] = [
             {"hardware_class": v.hardware_class, "gate": v.gate, "value": v.value, "threshold": v.threshold,
              "verdict": v.verdict.value, "awaiting": v.awaiting}
-            for v in planner.gate_verdicts(spec, stage.views, stage.observations)
+            for v in planner.gate_verdicts(spec, stage.counts, stage.observations)
         ]
     return live
