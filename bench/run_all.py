@@ -131,6 +131,7 @@ def run_one(benchmark: Benchmark, small: bool) -> Run:
     """Run one benchmark to completion (or its timeout), sampling the machine's load meanwhile;
     never raises for the benchmark's own failure."""
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    code = code_version()  # what its processes load as they start
     load_before, clock = load_average(), time.monotonic()
     peak, note = load_before[0], ""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -148,10 +149,12 @@ def run_one(benchmark: Benchmark, small: bool) -> Run:
                     break
         stdout, stderr = (_read(f) for f in (out, err))
     load_after = load_average()
+    if (now := code_version()) != code:
+        code = f"{code} (then {now.removeprefix('commit ')} by its end)"
     return Run(key=benchmark.key, command=["python", "-m", benchmark.module, *benchmark.args(small)],
                returncode=returncode, stdout=stdout, stderr_tail=(stderr + note)[-STDERR_TAIL:], started=started,
                seconds=time.monotonic() - clock, load_before=load_before, load_after=load_after,
-               size="small" if small else "full", code=code_version(), load_peak=max(peak, load_after[0]))
+               size="small" if small else "full", code=code, load_peak=max(peak, load_after[0]))
 
 
 def _read(file: IO[bytes]) -> str:
