@@ -217,6 +217,8 @@ def test_repository_missing_or_escaping_paths_are_404(shared_api, path):
     response = httpx.get(f"{shared_api.url}/{path}")
     assert response.status_code == 404
     assert "\n" not in error_of(response) and len(error_of(response)) < 200
+    routed = httpx.get(f"{shared_api.url}/{path}", headers={"Range": "bytes=0-"})  # past the fast path, to the route
+    assert (routed.status_code, routed.content) == (404, response.content)
 
 
 @pytest.mark.parametrize("path, status", [

@@ -5,6 +5,7 @@ that can presign (S3) answer with a redirect so devices fetch the bytes directly
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..errors import ControllerError
+from ..errors import ControllerError, NotFound
 from ..store import REPOSITORY_PREFIX, ArtifactStore, check_key
 from ..store.local import LocalStore
 from .deps import get_store
@@ -99,10 +100,11 @@ def download(path: str, request: Request, store: ArtifactStore = Depends(get_sto
 
 
 class WholeFiles:
-    """ASGI middleware: a plain GET of a whole repository file from a local store, answered before
-    routing, dependencies and the thread pool (a fleet fetching an update asks for thousands of
-    them at once). Anything else (a Range, a large or missing file, another store) goes on to
-    ``download``, which answers it in full.
+    """ASGI middleware: a plain GET of a whole repository file from a local store, or of a missing
+    one, answered before routing, dependencies and the thread pool (a fleet fetching an update asks
+    for thousands of them at once, and every TUF refresh probes for a newer root that is not there).
+    Anything else (a Range, a large file, an invalid path, another store) goes on to ``download``,
+    which answers it in full.
     """
 
     PREFIX = "/repository/"
@@ -112,18 +114,19 @@ class WholeFiles:
         self.store = store if isinstance(store, LocalStore) else None  # other stores' I/O would block the loop
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = self._whole(scope)
-        if body is None:
+        answer = self._answer(scope)
+        if answer is None:
             await self.app(scope, receive, send)
             return
-        path, data = body
-        headers = {**_headers(path), "Content-Length": str(len(data)), "Content-Type": _media_type(path)}
-        await send({"type": "http.response.start", "status": 200,
+        status, headers, body = answer
+        headers["Content-Length"] = str(len(body))
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]})
-        await send({"type": "http.response.body", "body": data})
+        await send({"type": "http.response.body", "body": body})
 
-    def _whole(self, scope: Scope) -> tuple[str, bytes] | None:
-        """(path, bytes) of a small file this request asks for whole, or None to let the route answer."""
+    def _answer(self, scope: Scope) -> tuple[int, dict[str, str], bytes] | None:
+        """(status, headers, body) for a small file asked for whole, or for a missing one; None to
+        let the route answer."""
         if (self.store is None or scope["type"] != "http" or scope["method"] != "GET"
                 or not scope["path"].startswith(self.PREFIX)
                 or any(name == b"range" for name, _ in scope["headers"])):
@@ -134,6 +137,10 @@ class WholeFiles:
             size = self.store.size(key)
             if size > INLINE_MAX:
                 return None
-            return path, b"".join(self.store.open_range(key, 0, size - 1)) if size else b""
-        except ControllerError:  # not there, or not a valid key: the route says so in the API's words
+            data = b"".join(self.store.open_range(key, 0, size - 1)) if size else b""
+        except NotFound as e:  # missing, or not a valid key: the 404 the route's error handler gives (api/app.py)
+            error = json.dumps({"error": str(e)}, ensure_ascii=False, separators=(",", ":")).encode()
+            return 404, {"Content-Type": "application/json"}, error
+        except ControllerError:  # e.g. the store is unavailable: the route says so in the API's words
             return None
+        return 200, {**_headers(path), "Content-Type": _media_type(path)}, data
