@@ -134,13 +134,16 @@ class WholeFiles:
         path = scope["path"][len(self.PREFIX):]
         try:
             key = check_key(f"{REPOSITORY_PREFIX}/{path}")
+        except ControllerError:  # not a valid key: the route says so in the API's words
+            return None
+        try:
             size = self.store.size(key)
             if size > INLINE_MAX:
                 return None
             data = b"".join(self.store.open_range(key, 0, size - 1)) if size else b""
-        except NotFound as e:  # missing, or not a valid key: the 404 the route's error handler gives (api/app.py)
+        except NotFound as e:  # the 404 the route's error handler gives (api/app.py)
             error = json.dumps({"error": str(e)}, ensure_ascii=False, separators=(",", ":")).encode()
             return 404, {"Content-Type": "application/json"}, error
-        except ControllerError:  # e.g. the store is unavailable: the route says so in the API's words
+        except ControllerError:  # e.g. the store is unavailable: the route answers
             return None
         return 200, {**_headers(path), "Content-Type": _media_type(path)}, data
