@@ -375,16 +375,16 @@ def _required(verdict: GateVerdict, min_samples: int) -> GateVerdict:
 
 
 def gate_verdicts(
-    spec: RolloutSpec, executions: Sequence[StateCount], observations: Mapping[str, ClassObservation]
+    spec: RolloutSpec, counts: Sequence[StateCount], observations: Mapping[str, ClassObservation]
 ) -> list[GateVerdict]:
     """Every gate per hardware class present in the stage. A gate without data is NO_DATA:
     shown, not failing, when no evidence is coming (no previous version to compare with, no
     traffic, sampling off, every device cancelled); ``awaiting`` when it is still arriving
     (the new version's samples short of MIN_CONFIDENCE_SAMPLES), and then the stage waits."""
     verdicts = []
-    classes = sorted({e.hardware_class for e in executions})
+    classes = sorted({e.hardware_class for e in counts})
     for cls in classes:
-        mine = [e for e in executions if e.hardware_class == cls and e.state is not ExecutionState.CANCELED]
+        mine = [e for e in counts if e.hardware_class == cls and e.state is not ExecutionState.CANCELED]
         total = sum(e.count for e in mine)
         failed = sum(e.count for e in mine if e.state in FAILURE_STATES)
         seen = observations.get(cls, ClassObservation())
@@ -415,7 +415,7 @@ IN_FLIGHT = frozenset({
 
 def decide_stage(
     spec: RolloutSpec,
-    executions: Sequence[StateCount],
+    counts: Sequence[StateCount],
     observations: Mapping[str, ClassObservation],
     seconds_since_finished: float | None,
 ) -> StageOutcome:
@@ -431,17 +431,17 @@ def decide_stage(
     behind their own on-device gate, and their outcome completes the verdict for every
     hardware class (and which variants get marked bad). Devices not yet started are
     cancelled."""
-    pending = sum(e.count for e in executions if not e.state.terminal)
+    pending = sum(e.count for e in counts if not e.state.terminal)
     if pending:
         early = [
-            v for v in gate_verdicts(spec, executions, {})
+            v for v in gate_verdicts(spec, counts, {})
             if v.gate == "failure_rate" and v.verdict is Verdict.FAIL
         ]
-        in_flight = any(e.count for e in executions if e.state in IN_FLIGHT)
+        in_flight = any(e.count for e in counts if e.state in IN_FLIGHT)
         if early and not in_flight:
             return StageOutcome(StageDecision.FAIL, early, "; ".join(v.describe() for v in early))
         return StageOutcome(StageDecision.WAIT, [], f"{pending} device(s) still updating")
-    verdicts = gate_verdicts(spec, executions, observations)
+    verdicts = gate_verdicts(spec, counts, observations)
     failed = [v for v in verdicts if not v.passed]
     if failed:  # bad news does not wait for the bake time
         return StageOutcome(StageDecision.FAIL, verdicts, "; ".join(v.describe() for v in failed))
