@@ -11,7 +11,8 @@ executions). No ORM object is built per message.
 Every rule below makes a redelivered or late message harmless:
 
 - Status: an offline will with an older boot than the device's current one is ignored.
-- Reported: a report older (boot, seq) than the stored one is ignored.
+- Reported: a report older (boot, seq) than the stored one is ignored; the stored one, read again,
+  may settle an execution but is not written again nor taken as a sign of life.
 - Event: unique per (device, boot, seq), checked before insert and by the UNIQUE constraint.
 - Telemetry: unique per (device, boot, seq); looked up only below the device's high-water mark.
 Messages from devices that are not enrolled (or were removed meanwhile) are dropped
@@ -267,10 +268,18 @@ class _Batch:
         self.result.applied += 1
 
     def _reported(self, device: DeviceState, message: Reported) -> None:
-        if (message.boot, message.seq) < device.report_mark:
+        mark = (message.boot, message.seq)
+        if mark < device.report_mark:
             self.result.stale += 1
             return
-        device.report_mark, device.reported = (message.boot, message.seq), message.to_dict()
+        if mark == device.report_mark:
+            # The stored report again: a QoS 1 redelivery, or the leader's sweep re-reading a silent
+            # (often offline) device's retained report. Nothing to write and no sign of life.
+            for status in message.models:
+                self._settle(device, status)
+            self.result.duplicates += 1
+            return
+        device.report_mark, device.reported = mark, message.to_dict()
         if message.hardware is not None:
             try:
                 profile = HardwareProfile.from_dict(message.hardware)

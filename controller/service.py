@@ -126,8 +126,7 @@ class ControllerService:
         scheduler.add_job("mirror-targets", partial(mirror_targets, self.db, self.repository), MIRROR_INTERVAL_S)
         scheduler.add_job("rollout-stepping", partial(engine.step_all, self.db, self.bridge),
                           config.scheduler_interval_s)
-        scheduler.add_job("reread-reports",
-                          partial(reread.reread_reports, self.db, self.bridge, config.report_reread_s),
+        scheduler.add_job("reread-reports", reread.ReportSweep(self.db, self.bridge, config.report_reread_s),
                           config.report_reread_s / 2)
         add_housekeeping(scheduler, self.db, config)
         return scheduler

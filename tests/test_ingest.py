@@ -77,6 +77,32 @@ def test_a_report_settles_an_execution_whose_events_were_lost(database_url):
     assert execution(db, rid, "p2").state is E.ROLLED_BACK
 
 
+def test_the_stored_report_read_again_is_no_sign_of_life(database_url):
+    """The leader's sweep re-reads the retained reports of silent devices, most of them offline: the
+    stored report, delivered again, must not bring its device back online nor be written again."""
+    db = fleet_db(database_url)
+    rid, sent = started(db)
+    ingest = Ingest(db)
+    done = report("p1", sent["p1"], E.SUCCEEDED)
+    assert ingest.apply([done]).settled == 1
+    ingest.apply([Status(device="p1", boot=1, online=False)])  # its will: gone
+    with db.unit_of_work() as session:
+        before = session.get(Device, "p1")
+        assert before is not None and not before.online
+        seen, stored = before.last_seen, before.reported
+    again = ingest.apply([done])
+    assert (again.duplicates, again.applied) == (1, 0)
+    with db.unit_of_work() as session:
+        after = session.get(Device, "p1")
+        assert after is not None and not after.online, "a re-read report brought an offline device online"
+        assert (after.last_seen, after.reported) == (seen, stored)
+    newer = ingest.apply([report("p1", sent["p1"], E.SUCCEEDED)])  # a report it sends later is news
+    assert newer.applied == 1
+    with db.unit_of_work() as session:
+        device = session.get(Device, "p1")
+        assert device is not None and device.online
+
+
 def test_a_report_never_settles_early_or_on_a_claim_that_does_not_add_up(database_url):
     db = fleet_db(database_url)
     rid, sent = started(db)
