@@ -81,7 +81,7 @@ def test_the_stored_report_read_again_is_no_sign_of_life(database_url):
     """The leader's sweep re-reads the retained reports of silent devices, most of them offline: the
     stored report, delivered again, must not bring its device back online nor be written again."""
     db = fleet_db(database_url)
-    rid, sent = started(db)
+    _rid, sent = started(db)
     ingest = Ingest(db)
     done = report("p1", sent["p1"], E.SUCCEEDED)
     assert ingest.apply([done]).settled == 1
