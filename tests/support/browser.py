@@ -90,10 +90,15 @@ class Page:
     def text(self, selector: str = "body") -> str:
         return self.evaluate(f"document.querySelector({json.dumps(selector)})?.innerText ?? ''")
 
-    def click(self, selector: str) -> None:
-        if not self.evaluate(f"(() => {{ const el = document.querySelector({json.dumps(selector)});"
-                             " if (!el || el.disabled) return false; el.click(); return true; })()"):
-            raise BrowserError(f"nothing enabled to click at {selector}\npage: {self.text()[:2000]}")
+    def click(self, selector: str, timeout: float = 20.0) -> None:
+        """Click the element once it is there and enabled (a page renders after its API calls return)."""
+        deadline = time.monotonic() + timeout
+        while not self.evaluate(f"(() => {{ const el = document.querySelector({json.dumps(selector)});"
+                                " if (!el || el.disabled) return false; el.click(); return true; })()"):
+            if time.monotonic() > deadline:
+                raise BrowserError(f"nothing enabled to click at {selector} after {timeout:.0f}s\n"
+                                   f"page: {self.text()[:2000]}")
+            time.sleep(0.2)
 
     def fill(self, selector: str, value: str) -> None:
         self.evaluate(f"document.querySelector({json.dumps(selector)}).value = {json.dumps(value)}")
